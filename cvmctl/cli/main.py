@@ -1,0 +1,76 @@
+"""Entry point of ``cvmctl``.
+
+Each command group lives in its own module under :mod:`cvmctl.cli` and exposes
+``register(subparsers)``, which adds its parser and sets ``func`` to a handler
+``(argparse.Namespace) -> int``. Handlers report a user's mistake or an unreachable peer
+by raising :class:`cvmctl.errors.CvmError`; this module turns it into one line on stderr
+and the error's exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from cvmctl import __version__
+from cvmctl.errors import CvmError
+
+# Modules under cvmctl.cli that provide a command group, in --help order.
+COMMAND_MODULES: tuple[str, ...] = ("agent", "attest")
+
+EPILOG = """\
+examples:
+  cvmctl agent health --connect unix:///run/cvm-agent.sock
+  cvmctl agent info --connect vsock://3:1024 --json
+
+addresses:
+  unix:///path/to.sock          a unix socket
+  tcp://HOST:PORT               TCP (use 127.0.0.1 or [::1] for local agents)
+  vsock://CID:PORT              AF_VSOCK (from a host to a guest with that CID)
+  hvsock:///path/to.sock:PORT   hybrid vsock: the host-side unix socket of a
+                                Firecracker / Cloud Hypervisor / vhost-device-vsock VM
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cvmctl",
+        description="Run, measure and monitor confidential VMs (SEV-SNP, TDX) beside normal VMs.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"cvmctl {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"cvmctl.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"cvmctl.cli.{name}":
+                continue  # a command group not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "func", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        result: int = handler(args)
+    except CvmError as exc:
+        print(f"cvmctl: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("cvmctl: interrupted", file=sys.stderr)
+        return 130
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The GuestAgent gRPC service: async methods run in trio through the bridge.
+
+Every method treats its request as hostile (in a confidential VM the host is
+untrusted): sizes are bounded by the server options, fields are validated here, and
+nothing from a request ever reaches a shell.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import trio
+
+from cvm.v1 import agent_pb2, common_pb2
+from cvmctl import __version__
+from cvmctl.grpc_bridge import CallInfo, GrpcBridge, service_handler
+from guest_agent.system import read_system_facts
+from guest_agent.tee import TeeVerdict
+
+SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["GuestAgent"].full_name
+
+TEE_ENUM = {
+    "none": common_pb2.TEE_NONE,
+    "sev-snp": common_pb2.TEE_SEV_SNP,
+    "tdx": common_pb2.TEE_TDX,
+}
+
+
+TeeDetector = Callable[[], TeeVerdict]
+
+
+class GuestAgentService:
+    """Implements cvm.v1.GuestAgent. ``root`` is the filesystem the agent inspects."""
+
+    def __init__(self, *, root: Path, detect_tee: TeeDetector) -> None:
+        self._root = root
+        self._detect_tee = detect_tee
+
+    async def GetInfo(self, request: agent_pb2.GetInfoRequest, call: CallInfo) -> agent_pb2.GetInfoResponse:
+        facts = await trio.to_thread.run_sync(read_system_facts, self._root)
+        verdict = await trio.to_thread.run_sync(self._detect_tee)
+        return agent_pb2.GetInfoResponse(
+            agent_version=__version__,
+            kernel_release=facts.kernel_release,
+            tee=TEE_ENUM.get(verdict.tee, common_pb2.TEE_UNSPECIFIED),
+            uptime_seconds=facts.uptime_seconds,
+            hostname=facts.hostname,
+            boot_id=facts.boot_id,
+            kernel_cmdline=facts.kernel_cmdline,
+            tee_evidence=verdict.evidence,
+        )
+
+
+def agent_handlers(
+    service: GuestAgentService,
+) -> Callable[[GrpcBridge], Iterable[tuple[str, grpc.GenericRpcHandler[Any, Any]]]]:
+    def make(bridge: GrpcBridge) -> Iterable[tuple[str, grpc.GenericRpcHandler[Any, Any]]]:
+        descriptor = agent_pb2.DESCRIPTOR.services_by_name["GuestAgent"]
+        yield SERVICE_NAME, service_handler(descriptor, bridge, service)
+
+    return make

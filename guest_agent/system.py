@@ -1,0 +1,53 @@
+"""Facts about the running guest, read from procfs under an injectable root.
+
+Each reader takes ``root`` (``/`` in production, a fixture tree in tests) and returns a
+plain value; a missing file gives an empty value rather than an exception, because an
+agent must answer GetInfo on any kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def uptime_seconds(root: Path) -> float:
+    """Seconds since boot: the first field of /proc/uptime."""
+    fields = _read_text(root / "proc/uptime").split()
+    try:
+        return float(fields[0]) if fields else 0.0
+    except ValueError:
+        return 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SystemFacts:
+    kernel_release: str
+    hostname: str
+    boot_id: str
+    kernel_cmdline: str
+    uptime_seconds: float
+
+
+def read_system_facts(root: Path = Path("/")) -> SystemFacts:
+    release = _read_text(root / "proc/sys/kernel/osrelease")
+    hostname = _read_text(root / "proc/sys/kernel/hostname")
+    if root == Path("/"):
+        release = release or os.uname().release
+        hostname = hostname or socket.gethostname()
+    return SystemFacts(
+        kernel_release=release,
+        hostname=hostname,
+        boot_id=_read_text(root / "proc/sys/kernel/random/boot_id"),
+        kernel_cmdline=_read_text(root / "proc/cmdline"),
+        uptime_seconds=uptime_seconds(root),
+    )

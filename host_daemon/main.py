@@ -1,0 +1,83 @@
+"""``cvm-hostd``: the host daemon's entry point."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cvmctl import __version__
+from cvmctl.address import Address, UnixAddress, parse_address
+from cvmctl.daemon import add_logging_arguments, run_daemon
+from cvmctl.errors import CvmError, UsageError
+from cvmctl.serve import ServerOptions, serve_grpc
+from host_daemon.server import HostDaemonService, daemon_handlers
+
+DEFAULT_STATE_DIR = Path("/var/lib/cvm-hostd")
+DEFAULT_LISTEN = "unix:///run/cvm-hostd/hostd.sock"
+
+DESCRIPTION = """\
+The cvmctl host daemon: launches and watches normal, SEV-SNP and TDX guests under
+QEMU/KVM, measures their boot, and reaches the agent inside each over vsock.
+The cvmctl CLI talks to it over a unix socket (mode 0660).
+"""
+
+EPILOG = f"""\
+examples:
+  cvm-hostd                                            # {DEFAULT_LISTEN}
+  cvm-hostd --state-dir ~/.local/state/cvm-hostd --listen unix:///tmp/hostd.sock
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cvm-hostd",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"cvm-hostd {__version__}")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help=f"where VM state, consoles and the database live (default: {DEFAULT_STATE_DIR})",
+    )
+    parser.add_argument(
+        "--listen",
+        action="append",
+        metavar="ADDR",
+        help=f"API address, repeatable (default: {DEFAULT_LISTEN})",
+    )
+    add_logging_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        listen: list[Address] = [parse_address(a, listening=True) for a in (args.listen or [DEFAULT_LISTEN])]
+        state_dir: Path = args.state_dir.expanduser().resolve()
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+            for address in listen:
+                if isinstance(address, UnixAddress):
+                    os.makedirs(os.path.dirname(address.path), mode=0o750, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create {exc.filename}: {exc.strerror}") from exc
+    except CvmError as exc:
+        print(f"cvm-hostd: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    service = HostDaemonService(state_dir=state_dir)
+    options = ServerOptions(listen=listen, max_receive_bytes=4 * 1024 * 1024)
+
+    async def body() -> None:
+        await serve_grpc(daemon_handlers(service), options)
+
+    return run_daemon("cvm-hostd", args, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The trio/grpcio bridge: status mapping, deadlines, cancellation when the client leaves, streams."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import trio
+
+from cvmctl.address import UnixAddress
+from cvmctl.client import connect
+from cvmctl.errors import DeadlineExceeded, RemoteError, UsageError
+from cvmctl.grpc_bridge import CallInfo, GrpcBridge, RpcAbort
+from cvmctl.serve import ServerOptions, serve_grpc
+
+SERVICE = "test.Bridge"
+
+
+def identity(data: bytes) -> bytes:
+    return data
+
+
+class Behaviour:
+    """Async handlers whose outcome depends on the request bytes."""
+
+    def __init__(self) -> None:
+        self.cancelled = trio.Event()
+        self.observed: list[tuple[str, str]] = []
+
+    async def unary(self, request: bytes, call: CallInfo) -> bytes:
+        if request == b"usage":
+            raise UsageError("bad field x")
+        if request == b"abort":
+            raise RpcAbort(grpc.StatusCode.PERMISSION_DENIED, "no")
+        if request == b"crash":
+            raise RuntimeError("secret internals")
+        if request == b"hang":
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.cancelled.set()
+        return request.upper()
+
+    async def stream(self, request: bytes, call: CallInfo) -> AsyncIterator[bytes]:
+        for n in range(int(request)):
+            yield str(n).encode()
+        if int(request) == 0:
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.cancelled.set()
+
+
+def handlers(behaviour: Behaviour) -> Callable[[GrpcBridge], Iterable[tuple[str, Any]]]:
+    def make(bridge: GrpcBridge) -> Iterable[tuple[str, Any]]:
+        yield (
+            SERVICE,
+            grpc.method_handlers_generic_handler(
+                SERVICE,
+                {
+                    "Unary": grpc.unary_unary_rpc_method_handler(
+                        bridge.unary_unary("/test.Bridge/Unary", behaviour.unary), identity, identity
+                    ),
+                    "Stream": grpc.unary_stream_rpc_method_handler(
+                        bridge.unary_stream("/test.Bridge/Stream", behaviour.stream), identity, identity
+                    ),
+                },
+            ),
+        )
+
+    return make
+
+
+@pytest.fixture
+async def bridge_server(tmp_path: Path) -> AsyncIterator[tuple[UnixAddress, Behaviour]]:
+    behaviour = Behaviour()
+    address = UnixAddress(str(tmp_path / "bridge.sock"))
+    options = ServerOptions(
+        listen=[address],
+        stop_grace=0.5,
+        max_rpc_seconds=2.0,
+        observer=lambda method, code, seconds: behaviour.observed.append((method, code)),
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_grpc, handlers(behaviour), options)
+        yield address, behaviour
+        nursery.cancel_scope.cancel()
+
+
+def unary(channel: grpc.Channel) -> Callable[..., bytes]:
+    return channel.unary_unary("/test.Bridge/Unary", identity, identity)
+
+
+async def test_ok_and_status_mapping(bridge_server: tuple[UnixAddress, Behaviour]) -> None:
+    address, behaviour = bridge_server
+    async with connect(address, timeout=5) as client:
+        assert await client.call(unary(client.channel), b"hi") == b"HI"
+        with pytest.raises(UsageError, match="bad field x"):
+            await client.call(unary(client.channel), b"usage")
+        with pytest.raises(RemoteError, match="PERMISSION_DENIED: no"):
+            await client.call(unary(client.channel), b"abort")
+        with pytest.raises(RemoteError) as info:
+            await client.call(unary(client.channel), b"crash")
+    assert "INTERNAL: internal error" in str(info.value)
+    assert "secret" not in str(info.value)  # a possibly hostile peer learns nothing
+    assert behaviour.observed == [
+        ("/test.Bridge/Unary", "OK"),
+        ("/test.Bridge/Unary", "INVALID_ARGUMENT"),
+        ("/test.Bridge/Unary", "PERMISSION_DENIED"),
+        ("/test.Bridge/Unary", "INTERNAL"),
+    ]
+
+
+async def test_client_deadline_cancels_the_trio_work(bridge_server: tuple[UnixAddress, Behaviour]) -> None:
+    address, behaviour = bridge_server
+    async with connect(address, timeout=0.3) as client:
+        with pytest.raises(DeadlineExceeded, match=r"no answer to Unary within 0\.3 s"):
+            await client.call(unary(client.channel), b"hang")
+    with trio.fail_after(2):
+        await behaviour.cancelled.wait()
+
+
+async def test_server_side_deadline_caps_every_rpc(bridge_server: tuple[UnixAddress, Behaviour]) -> None:
+    address, behaviour = bridge_server  # max_rpc_seconds=2, client allows 10
+    async with connect(address, timeout=10) as client:
+        with trio.fail_after(5), pytest.raises(DeadlineExceeded):
+            await client.call(unary(client.channel), b"hang")
+    assert behaviour.cancelled.is_set()
+
+
+async def test_server_streaming(bridge_server: tuple[UnixAddress, Behaviour]) -> None:
+    address, _ = bridge_server
+    async with connect(address, timeout=5) as client:
+        method = client.channel.unary_stream("/test.Bridge/Stream", identity, identity)
+        items = [item async for item in client.stream(method, b"40")]
+    assert items == [str(n).encode() for n in range(40)]
+
+
+async def test_stream_cancelled_by_client_stops_the_producer(
+    bridge_server: tuple[UnixAddress, Behaviour],
+) -> None:
+    address, behaviour = bridge_server
+    async with connect(address, timeout=5) as client:
+        method = client.channel.unary_stream("/test.Bridge/Stream", identity, identity)
+        call: Any = method(b"0", timeout=5)
+        await trio.sleep(0.3)
+        call.cancel()
+        with trio.fail_after(3):
+            await behaviour.cancelled.wait()

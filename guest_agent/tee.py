@@ -1,0 +1,140 @@
+"""Which trusted execution environment is this guest running in: ``sev-snp``, ``tdx`` or ``none``?
+
+The verdict is reported in GetInfo and in the ``cvm_guest_info{tee=...}`` metric, so it must
+be cheap: a handful of ``stat`` calls and two small reads, no ioctl, no configfs ``mkdir``,
+no attestation request. Each signal the kernel offers is weighed:
+
+* ``/proc/cpuinfo`` flags: ``sev_snp`` or ``tdx_guest`` (X86_FEATURE_TDX_GUEST, set only in a
+  TD). An SNP-capable *host* lists ``sev_snp`` as well, so that flag counts only together
+  with ``hypervisor`` (CPUID.1:ECX[31], set for guests);
+* the configfs-tsm provider of a report entry: ``sev_guest`` or ``tdx_guest``;
+* the guest device node: ``/dev/sev-guest`` or ``/dev/tdx_guest``;
+* the boot messages: ``Memory Encryption Features active: AMD SEV SEV-ES SEV-SNP`` or
+  ``tdx: Guest detected``.
+
+Sources: arch/x86/include/asm/cpufeatures.h (flag names), Documentation/ABI/testing/configfs-tsm
+(``/sys/kernel/config/tsm/report/$name/provider`` names the provider of a report entry),
+Documentation/virt/coco/sev-guest.rst (``/dev/sev-guest``), Documentation/arch/x86/tdx.rst
+(``/dev/tdx_guest`` and the boot message), arch/x86/mm/mem_encrypt.c (the SEV message).
+
+configfs-tsm only names its provider inside a report entry, and creating one is a write, so
+this module reads the ``provider`` of entries that already exist and otherwise relies on the
+other signals. ``/dev/kmsg`` is hard to fake in tests and may be restricted
+(``kernel.dmesg_restrict``), so the boot messages come from an injectable text.
+
+A verdict needs one strong signal (a CPU flag, a provider, a device node); the boot message
+alone only counts when nothing contradicts it. Conflicting strong signals (SNP and TDX at
+once) yield ``none`` with evidence saying why: the caller should not guess.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class TeeKind(enum.StrEnum):
+    SEV_SNP = "sev-snp"
+    TDX = "tdx"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class TeeVerdict:
+    """The detected TEE and a short human-readable reason."""
+
+    tee: TeeKind
+    evidence: str
+
+
+CPUINFO = "proc/cpuinfo"
+TSM_REPORT_DIR = "sys/kernel/config/tsm/report"
+
+_CPU_FLAG = {TeeKind.SEV_SNP: "sev_snp", TeeKind.TDX: "tdx_guest"}
+_TSM_PROVIDER = {TeeKind.SEV_SNP: "sev_guest", TeeKind.TDX: "tdx_guest"}
+_DEVICE = {TeeKind.SEV_SNP: "dev/sev-guest", TeeKind.TDX: "dev/tdx_guest"}
+_BOOT_MESSAGE = {
+    TeeKind.SEV_SNP: "Memory Encryption Features active: AMD SEV SEV-ES SEV-SNP",
+    TeeKind.TDX: "tdx: Guest detected",
+}
+
+
+def cpu_flags(cpuinfo: str) -> frozenset[str]:
+    """The flags of the first processor in ``/proc/cpuinfo`` text (all CPUs share them)."""
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def _read_cpuinfo_head(path: Path, limit: int = 64 * 1024) -> str:
+    """The first processor's block is enough; reading all of cpuinfo on a 256-vCPU guest is not cheap."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(limit).decode("latin-1")
+    except OSError:
+        return ""
+
+
+def tsm_providers(root: Path) -> frozenset[str]:
+    """Provider names of existing configfs-tsm report entries (never creates one)."""
+    report_dir = root / TSM_REPORT_DIR
+    names: set[str] = set()
+    try:
+        entries = list(report_dir.iterdir())
+    except OSError:
+        return frozenset()
+    for entry in entries[:16]:
+        try:
+            names.add((entry / "provider").read_text().strip())
+        except OSError:
+            continue
+    return frozenset(names)
+
+
+def classify(
+    flags: frozenset[str],
+    providers: frozenset[str],
+    devices: Iterable[TeeKind],
+    boot_messages: str,
+) -> TeeVerdict:
+    """Pure decision from the collected signals."""
+    strong: dict[TeeKind, list[str]] = {TeeKind.SEV_SNP: [], TeeKind.TDX: []}
+    for kind, flag in _CPU_FLAG.items():
+        # An SNP-capable *host* shows sev_snp too; only a guest (hypervisor flag) counts.
+        if flag in flags and (kind is TeeKind.TDX or "hypervisor" in flags):
+            strong[kind].append(f"cpu flag {flag}")
+    for kind, provider in _TSM_PROVIDER.items():
+        if provider in providers:
+            strong[kind].append(f"tsm provider {provider}")
+    for kind in devices:
+        strong[kind].append(f"/{_DEVICE[kind]}")
+    weak = {kind: message in boot_messages for kind, message in _BOOT_MESSAGE.items()}
+
+    found = [kind for kind, reasons in strong.items() if reasons]
+    if len(found) > 1:
+        listed = "; ".join(f"{kind}: {', '.join(strong[kind])}" for kind in found)
+        return TeeVerdict(TeeKind.NONE, f"conflicting signals ({listed})")
+    if found:
+        kind = found[0]
+        reasons = strong[kind] + (["boot message"] if weak[kind] else [])
+        return TeeVerdict(kind, ", ".join(reasons))
+    weak_found = [kind for kind, seen in weak.items() if seen]
+    if len(weak_found) == 1:
+        kind = weak_found[0]
+        return TeeVerdict(kind, f"boot message {_BOOT_MESSAGE[kind]!r} only")
+    if weak_found:
+        return TeeVerdict(TeeKind.NONE, "conflicting boot messages (SNP and TDX)")
+    return TeeVerdict(
+        TeeKind.NONE, "no sev_snp/tdx_guest cpu flag, tsm provider, guest device or boot message"
+    )
+
+
+def detect_tee(root: Path = Path("/"), boot_messages: str = "") -> TeeVerdict:
+    """Detect the TEE under ``root``; ``boot_messages`` is dmesg text if the caller has it."""
+    flags = cpu_flags(_read_cpuinfo_head(root / CPUINFO))
+    devices = [kind for kind, device in _DEVICE.items() if (root / device).exists()]
+    return classify(flags, tsm_providers(root), devices, boot_messages)

@@ -1,0 +1,72 @@
+"""TEE detection on every fixture variant, and the decision rules on synthetic signals."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from guest_agent.tee import TeeKind, TeeVerdict, classify, cpu_flags, detect_tee
+
+Sysroot = Callable[[str], Path]
+
+
+def detect(root: Path) -> TeeVerdict:
+    dmesg = root / "dmesg.txt"
+    return detect_tee(root, dmesg.read_text() if dmesg.exists() else "")
+
+
+def test_snp_guest(sysroot: Sysroot) -> None:
+    verdict = detect(sysroot("snp-guest"))
+    assert verdict == TeeVerdict(
+        TeeKind.SEV_SNP, "cpu flag sev_snp, tsm provider sev_guest, /dev/sev-guest, boot message"
+    )
+
+
+def test_tdx_guest(sysroot: Sysroot) -> None:
+    verdict = detect(sysroot("tdx-guest"))
+    assert verdict == TeeVerdict(
+        TeeKind.TDX, "cpu flag tdx_guest, tsm provider tdx_guest, /dev/tdx_guest, boot message"
+    )
+
+
+@pytest.mark.parametrize("tree", ["kvm-guest-6.18", "kvm-guest-default"])
+def test_normal_kvm_guest(sysroot: Sysroot, tree: str) -> None:
+    verdict = detect(sysroot(tree))
+    assert verdict.tee is TeeKind.NONE
+    assert verdict.evidence.startswith("no sev_snp/tdx_guest")
+
+
+def test_this_machine_is_not_a_cvm() -> None:
+    # Reads the real /proc/cpuinfo and /dev (read-only); the platform notes say: no TEE here.
+    assert detect_tee().tee is TeeKind.NONE
+
+
+def test_the_device_node_alone_is_enough(sysroot: Sysroot) -> None:
+    root = sysroot("kvm-guest-default")
+    (root / "dev").mkdir()
+    (root / "dev/tdx_guest").touch()
+    assert detect_tee(root) == TeeVerdict(TeeKind.TDX, "/dev/tdx_guest")
+
+
+def test_an_snp_host_is_not_an_snp_guest() -> None:
+    host_flags = cpu_flags("processor\t: 0\nflags\t\t: fpu sev sev_es sev_snp svm\n")
+    assert classify(host_flags, frozenset(), [], "").tee is TeeKind.NONE
+
+
+def test_boot_message_alone_is_a_weak_verdict() -> None:
+    verdict = classify(frozenset(), frozenset(), [], "[0.1] tdx: Guest detected\n")
+    assert verdict == TeeVerdict(TeeKind.TDX, "boot message 'tdx: Guest detected' only")
+
+
+def test_conflicting_signals_give_none() -> None:
+    verdict = classify(frozenset({"hypervisor", "sev_snp"}), frozenset({"tdx_guest"}), [], "")
+    assert verdict.tee is TeeKind.NONE
+    assert verdict.evidence == "conflicting signals (sev-snp: cpu flag sev_snp; tdx: tsm provider tdx_guest)"
+    both = "Memory Encryption Features active: AMD SEV SEV-ES SEV-SNP\ntdx: Guest detected"
+    assert classify(frozenset(), frozenset(), [], both).tee is TeeKind.NONE
+
+
+def test_missing_files_are_no_evidence(tmp_path: Path) -> None:
+    assert detect_tee(tmp_path).tee is TeeKind.NONE

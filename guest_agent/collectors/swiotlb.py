@@ -13,9 +13,9 @@ The known bogus value: ``io_tlb_used`` and ``io_tlb_used_hiwater`` can read as
 18446744073709551615 (all ones, -1 as a signed 64-bit number) because the counters were reset
 in a late initcall after built-in drivers had already mapped buffers, so the first unmaps
 drove them below zero (reported with a fix on LKML by Dexuan Cui, 29 March 2024, for the
-debugfs readouts of io_tlb_used and io_tlb_used_hiwater; older kernels still show it). Values are read as signed and clamped
-to ``[0, io_tlb_nslabs]`` (and the high-water mark to at least the current use);
-:attr:`SwiotlbSnapshot.clamped` says whether that happened.
+debugfs readouts of io_tlb_used and io_tlb_used_hiwater; older kernels still show it).
+Values are read as signed and clamped to ``[0, io_tlb_nslabs]`` (and the high-water mark to
+at least the current use); :attr:`SwiotlbSnapshot.clamped` says whether that happened.
 
 debugfs is often not mounted. If a ``mount`` function is given, the collector mounts it
 read-only (once) through the injected function; otherwise, or if it still has no

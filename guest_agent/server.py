@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import trio
 
 from cvm.v1 import agent_pb2, common_pb2
 from cvmctl import __version__
 from cvmctl.grpc_bridge import CallInfo, GrpcBridge, service_handler
-from guest_agent.system import read_system_facts
+from guest_agent.system import hostname, read_system_facts, uptime_seconds
 from guest_agent.tee import TeeVerdict
 
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["GuestAgent"].full_name
@@ -32,26 +31,41 @@ TEE_ENUM = {
 TeeDetector = Callable[[], TeeVerdict]
 
 
+class GuestInfo:
+    """Builds GetInfo answers. What cannot change during a boot (kernel, boot id, command
+    line, TEE) is read once; uptime and hostname are read per call from procfs, whose
+    reads are served from memory and never wait on a device."""
+
+    def __init__(self, root: Path, detect_tee: TeeDetector) -> None:
+        self._root = root
+        facts = read_system_facts(root)
+        verdict = detect_tee()
+        self._static = agent_pb2.GetInfoResponse(
+            agent_version=__version__,
+            kernel_release=facts.kernel_release,
+            tee=TEE_ENUM.get(verdict.tee, common_pb2.TEE_UNSPECIFIED),
+            boot_id=facts.boot_id,
+            kernel_cmdline=facts.kernel_cmdline,
+            tee_evidence=verdict.evidence,
+        )
+
+    def response(self) -> agent_pb2.GetInfoResponse:
+        response = agent_pb2.GetInfoResponse()
+        response.CopyFrom(self._static)
+        response.uptime_seconds = uptime_seconds(self._root)
+        response.hostname = hostname(self._root)
+        return response
+
+
 class GuestAgentService:
     """Implements cvm.v1.GuestAgent. ``root`` is the filesystem the agent inspects."""
 
     def __init__(self, *, root: Path, detect_tee: TeeDetector) -> None:
         self._root = root
-        self._detect_tee = detect_tee
+        self.info = GuestInfo(root, detect_tee)
 
     async def GetInfo(self, request: agent_pb2.GetInfoRequest, call: CallInfo) -> agent_pb2.GetInfoResponse:
-        facts = await trio.to_thread.run_sync(read_system_facts, self._root)
-        verdict = await trio.to_thread.run_sync(self._detect_tee)
-        return agent_pb2.GetInfoResponse(
-            agent_version=__version__,
-            kernel_release=facts.kernel_release,
-            tee=TEE_ENUM.get(verdict.tee, common_pb2.TEE_UNSPECIFIED),
-            uptime_seconds=facts.uptime_seconds,
-            hostname=facts.hostname,
-            boot_id=facts.boot_id,
-            kernel_cmdline=facts.kernel_cmdline,
-            tee_evidence=verdict.evidence,
-        )
+        return self.info.response()
 
 
 def agent_handlers(

@@ -29,6 +29,11 @@ def uptime_seconds(root: Path) -> float:
         return 0.0
 
 
+def hostname(root: Path) -> str:
+    name = _read_text(root / "proc/sys/kernel/hostname")
+    return name or (socket.gethostname() if root == Path("/") else "")
+
+
 @dataclass(frozen=True, slots=True)
 class SystemFacts:
     kernel_release: str
@@ -40,13 +45,11 @@ class SystemFacts:
 
 def read_system_facts(root: Path = Path("/")) -> SystemFacts:
     release = _read_text(root / "proc/sys/kernel/osrelease")
-    hostname = _read_text(root / "proc/sys/kernel/hostname")
     if root == Path("/"):
         release = release or os.uname().release
-        hostname = hostname or socket.gethostname()
     return SystemFacts(
         kernel_release=release,
-        hostname=hostname,
+        hostname=hostname(root),
         boot_id=_read_text(root / "proc/sys/kernel/random/boot_id"),
         kernel_cmdline=_read_text(root / "proc/cmdline"),
         uptime_seconds=uptime_seconds(root),

@@ -25,17 +25,39 @@ _sym_db = _symbol_database.Default()
 from cvm.v1 import common_pb2 as cvm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x63vm/v1/agent.proto\x12\x06\x63vm.v1\x1a\x13\x63vm/v1/common.proto\"\x10\n\x0eGetInfoRequest\"\xc3\x01\n\x0fGetInfoResponse\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x16\n\x0ekernel_release\x18\x02 \x01(\t\x12\x18\n\x03tee\x18\x03 \x01(\x0e\x32\x0b.cvm.v1.Tee\x12\x16\n\x0euptime_seconds\x18\x04 \x01(\x01\x12\x10\n\x08hostname\x18\x05 \x01(\t\x12\x0f\n\x07\x62oot_id\x18\x06 \x01(\t\x12\x16\n\x0ekernel_cmdline\x18\x07 \x01(\t\x12\x14\n\x0ctee_evidence\x18\x08 \x01(\t2H\n\nGuestAgent\x12:\n\x07GetInfo\x12\x16.cvm.v1.GetInfoRequest\x1a\x17.cvm.v1.GetInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x63vm/v1/agent.proto\x12\x06\x63vm.v1\x1a\x13\x63vm/v1/common.proto\"\x10\n\x0eGetInfoRequest\"\xc3\x01\n\x0fGetInfoResponse\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x16\n\x0ekernel_release\x18\x02 \x01(\t\x12\x18\n\x03tee\x18\x03 \x01(\x0e\x32\x0b.cvm.v1.Tee\x12\x16\n\x0euptime_seconds\x18\x04 \x01(\x01\x12\x10\n\x08hostname\x18\x05 \x01(\t\x12\x0f\n\x07\x62oot_id\x18\x06 \x01(\t\x12\x16\n\x0ekernel_cmdline\x18\x07 \x01(\t\x12\x14\n\x0ctee_evidence\x18\x08 \x01(\t\"\xd8\x02\n\x0eHaltpollParams\x12\x1f\n\x12guest_halt_poll_ns\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12!\n\x14guest_halt_poll_grow\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\'\n\x1aguest_halt_poll_grow_start\x18\x03 \x01(\x04H\x02\x88\x01\x01\x12#\n\x16guest_halt_poll_shrink\x18\x04 \x01(\rH\x03\x88\x01\x01\x12)\n\x1cguest_halt_poll_allow_shrink\x18\x05 \x01(\x08H\x04\x88\x01\x01\x42\x15\n\x13_guest_halt_poll_nsB\x17\n\x15_guest_halt_poll_growB\x1d\n\x1b_guest_halt_poll_grow_startB\x19\n\x17_guest_halt_poll_shrinkB\x1f\n\x1d_guest_halt_poll_allow_shrink\"\xf2\x01\n\x10IdlePollingState\x12\x1e\n\x04mode\x18\x01 \x01(\x0e\x32\x10.cvm.v1.IdleMode\x12\x0e\n\x06\x64river\x18\x02 \x01(\t\x12\x10\n\x08governor\x18\x03 \x01(\t\x12\x1b\n\x13\x61vailable_governors\x18\x04 \x03(\t\x12&\n\x06params\x18\x05 \x01(\x0b\x32\x16.cvm.v1.HaltpollParams\x12&\n\x0c\x61pplied_mode\x18\x06 \x01(\x0e\x32\x10.cvm.v1.IdleMode\x12 \n\x18kernel_cmdline_idle_poll\x18\x07 \x01(\x08\x12\r\n\x05notes\x18\x08 \x03(\t\"\x17\n\x15GetIdlePollingRequest\"_\n\x15SetIdlePollingRequest\x12\x1e\n\x04mode\x18\x01 \x01(\x0e\x32\x10.cvm.v1.IdleMode\x12&\n\x06params\x18\x02 \x01(\x0b\x32\x16.cvm.v1.HaltpollParams\"\x1a\n\x18RevertIdlePollingRequest\"\x13\n\x11GetMetricsRequest\"8\n\x12GetMetricsResponse\x12\x14\n\x0c\x63ontent_type\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\x0c\"a\n\x1bGetAttestationReportRequest\x12\x13\n\x0breport_data\x18\x01 \x01(\x0c\x12\x11\n\x04vmpl\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x11\n\tinterface\x18\x03 \x01(\tB\x07\n\x05_vmpl\"0\n\x0f\x41ttestationStep\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\xb2\x01\n\x1cGetAttestationReportResponse\x12\x18\n\x03tee\x18\x01 \x01(\x0e\x32\x0b.cvm.v1.Tee\x12\x11\n\tinterface\x18\x02 \x01(\t\x12\x15\n\revidence_kind\x18\x03 \x01(\t\x12\x10\n\x08\x65vidence\x18\x04 \x01(\x0c\x12\x14\n\x0c\x63\x65rtificates\x18\x05 \x01(\x0c\x12&\n\x05steps\x18\x06 \x03(\x0b\x32\x17.cvm.v1.AttestationStep*h\n\x08IdleMode\x12\x19\n\x15IDLE_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11IDLE_MODE_DEFAULT\x10\x01\x12\x16\n\x12IDLE_MODE_HALTPOLL\x10\x02\x12\x12\n\x0eIDLE_MODE_POLL\x10\x03\x32\xd7\x03\n\nGuestAgent\x12:\n\x07GetInfo\x12\x16.cvm.v1.GetInfoRequest\x1a\x17.cvm.v1.GetInfoResponse\x12I\n\x0eGetIdlePolling\x12\x1d.cvm.v1.GetIdlePollingRequest\x1a\x18.cvm.v1.IdlePollingState\x12I\n\x0eSetIdlePolling\x12\x1d.cvm.v1.SetIdlePollingRequest\x1a\x18.cvm.v1.IdlePollingState\x12O\n\x11RevertIdlePolling\x12 .cvm.v1.RevertIdlePollingRequest\x1a\x18.cvm.v1.IdlePollingState\x12\x43\n\nGetMetrics\x12\x19.cvm.v1.GetMetricsRequest\x1a\x1a.cvm.v1.GetMetricsResponse\x12\x61\n\x14GetAttestationReport\x12#.cvm.v1.GetAttestationReportRequest\x1a$.cvm.v1.GetAttestationReportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cvm.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_IDLEMODE']._serialized_start=1418
+  _globals['_IDLEMODE']._serialized_end=1522
   _globals['_GETINFOREQUEST']._serialized_start=51
   _globals['_GETINFOREQUEST']._serialized_end=67
   _globals['_GETINFORESPONSE']._serialized_start=70
   _globals['_GETINFORESPONSE']._serialized_end=265
-  _globals['_GUESTAGENT']._serialized_start=267
-  _globals['_GUESTAGENT']._serialized_end=339
+  _globals['_HALTPOLLPARAMS']._serialized_start=268
+  _globals['_HALTPOLLPARAMS']._serialized_end=612
+  _globals['_IDLEPOLLINGSTATE']._serialized_start=615
+  _globals['_IDLEPOLLINGSTATE']._serialized_end=857
+  _globals['_GETIDLEPOLLINGREQUEST']._serialized_start=859
+  _globals['_GETIDLEPOLLINGREQUEST']._serialized_end=882
+  _globals['_SETIDLEPOLLINGREQUEST']._serialized_start=884
+  _globals['_SETIDLEPOLLINGREQUEST']._serialized_end=979
+  _globals['_REVERTIDLEPOLLINGREQUEST']._serialized_start=981
+  _globals['_REVERTIDLEPOLLINGREQUEST']._serialized_end=1007
+  _globals['_GETMETRICSREQUEST']._serialized_start=1009
+  _globals['_GETMETRICSREQUEST']._serialized_end=1028
+  _globals['_GETMETRICSRESPONSE']._serialized_start=1030
+  _globals['_GETMETRICSRESPONSE']._serialized_end=1086
+  _globals['_GETATTESTATIONREPORTREQUEST']._serialized_start=1088
+  _globals['_GETATTESTATIONREPORTREQUEST']._serialized_end=1185
+  _globals['_ATTESTATIONSTEP']._serialized_start=1187
+  _globals['_ATTESTATIONSTEP']._serialized_end=1235
+  _globals['_GETATTESTATIONREPORTRESPONSE']._serialized_start=1238
+  _globals['_GETATTESTATIONREPORTRESPONSE']._serialized_end=1416
+  _globals['_GUESTAGENT']._serialized_start=1525
+  _globals['_GUESTAGENT']._serialized_end=1996
 # @@protoc_insertion_point(module_scope)

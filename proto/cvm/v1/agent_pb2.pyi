@@ -7,9 +7,12 @@ In a confidential VM the caller (the host) is untrusted: every request is
 validated and bounded by the agent.
 """
 
+from collections import abc as _abc
 from cvm.v1 import common_pb2 as _common_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,6 +23,31 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _IdleMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _IdleModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_IdleMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    IDLE_MODE_UNSPECIFIED: _IdleMode.ValueType  # 0
+    IDLE_MODE_DEFAULT: _IdleMode.ValueType  # 1
+    """the kernel's own cpuidle driver and governor"""
+    IDLE_MODE_HALTPOLL: _IdleMode.ValueType  # 2
+    """cpuidle-haltpoll driver + haltpoll governor"""
+    IDLE_MODE_POLL: _IdleMode.ValueType  # 3
+    """idle=poll: kernel command line only"""
+
+class IdleMode(_IdleMode, metaclass=_IdleModeEnumTypeWrapper): ...
+
+IDLE_MODE_UNSPECIFIED: IdleMode.ValueType  # 0
+IDLE_MODE_DEFAULT: IdleMode.ValueType  # 1
+"""the kernel's own cpuidle driver and governor"""
+IDLE_MODE_HALTPOLL: IdleMode.ValueType  # 2
+"""cpuidle-haltpoll driver + haltpoll governor"""
+IDLE_MODE_POLL: IdleMode.ValueType  # 3
+"""idle=poll: kernel command line only"""
+Global___IdleMode: _TypeAlias = IdleMode  # noqa: Y015
 
 @_typing.final
 class GetInfoRequest(_message.Message):
@@ -81,3 +109,285 @@ class GetInfoResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetInfoResponse: _TypeAlias = GetInfoResponse  # noqa: Y015
+
+@_typing.final
+class HaltpollParams(_message.Message):
+    """The haltpoll governor's parameters (/sys/module/haltpoll/parameters/). Unset
+    fields are left as they are by SetIdlePolling, and were absent when read.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GUEST_HALT_POLL_NS_FIELD_NUMBER: _builtins.int
+    GUEST_HALT_POLL_GROW_FIELD_NUMBER: _builtins.int
+    GUEST_HALT_POLL_GROW_START_FIELD_NUMBER: _builtins.int
+    GUEST_HALT_POLL_SHRINK_FIELD_NUMBER: _builtins.int
+    GUEST_HALT_POLL_ALLOW_SHRINK_FIELD_NUMBER: _builtins.int
+    guest_halt_poll_ns: _builtins.int
+    guest_halt_poll_grow: _builtins.int
+    guest_halt_poll_grow_start: _builtins.int
+    guest_halt_poll_shrink: _builtins.int
+    guest_halt_poll_allow_shrink: _builtins.bool
+    def __init__(
+        self,
+        *,
+        guest_halt_poll_ns: _builtins.int | None = ...,
+        guest_halt_poll_grow: _builtins.int | None = ...,
+        guest_halt_poll_grow_start: _builtins.int | None = ...,
+        guest_halt_poll_shrink: _builtins.int | None = ...,
+        guest_halt_poll_allow_shrink: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_guest_halt_poll_allow_shrink", b"_guest_halt_poll_allow_shrink", "_guest_halt_poll_grow", b"_guest_halt_poll_grow", "_guest_halt_poll_grow_start", b"_guest_halt_poll_grow_start", "_guest_halt_poll_ns", b"_guest_halt_poll_ns", "_guest_halt_poll_shrink", b"_guest_halt_poll_shrink", "guest_halt_poll_allow_shrink", b"guest_halt_poll_allow_shrink", "guest_halt_poll_grow", b"guest_halt_poll_grow", "guest_halt_poll_grow_start", b"guest_halt_poll_grow_start", "guest_halt_poll_ns", b"guest_halt_poll_ns", "guest_halt_poll_shrink", b"guest_halt_poll_shrink"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guest_halt_poll_allow_shrink", b"_guest_halt_poll_allow_shrink", "_guest_halt_poll_grow", b"_guest_halt_poll_grow", "_guest_halt_poll_grow_start", b"_guest_halt_poll_grow_start", "_guest_halt_poll_ns", b"_guest_halt_poll_ns", "_guest_halt_poll_shrink", b"_guest_halt_poll_shrink", "guest_halt_poll_allow_shrink", b"guest_halt_poll_allow_shrink", "guest_halt_poll_grow", b"guest_halt_poll_grow", "guest_halt_poll_grow_start", b"guest_halt_poll_grow_start", "guest_halt_poll_ns", b"guest_halt_poll_ns", "guest_halt_poll_shrink", b"guest_halt_poll_shrink"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__guest_halt_poll_allow_shrink: _TypeAlias = _typing.Literal["guest_halt_poll_allow_shrink"]  # noqa: Y015
+    _WhichOneofArgType__guest_halt_poll_allow_shrink: _TypeAlias = _typing.Literal["_guest_halt_poll_allow_shrink", b"_guest_halt_poll_allow_shrink"]  # noqa: Y015
+    _WhichOneofReturnType__guest_halt_poll_grow: _TypeAlias = _typing.Literal["guest_halt_poll_grow"]  # noqa: Y015
+    _WhichOneofArgType__guest_halt_poll_grow: _TypeAlias = _typing.Literal["_guest_halt_poll_grow", b"_guest_halt_poll_grow"]  # noqa: Y015
+    _WhichOneofReturnType__guest_halt_poll_grow_start: _TypeAlias = _typing.Literal["guest_halt_poll_grow_start"]  # noqa: Y015
+    _WhichOneofArgType__guest_halt_poll_grow_start: _TypeAlias = _typing.Literal["_guest_halt_poll_grow_start", b"_guest_halt_poll_grow_start"]  # noqa: Y015
+    _WhichOneofReturnType__guest_halt_poll_ns: _TypeAlias = _typing.Literal["guest_halt_poll_ns"]  # noqa: Y015
+    _WhichOneofArgType__guest_halt_poll_ns: _TypeAlias = _typing.Literal["_guest_halt_poll_ns", b"_guest_halt_poll_ns"]  # noqa: Y015
+    _WhichOneofReturnType__guest_halt_poll_shrink: _TypeAlias = _typing.Literal["guest_halt_poll_shrink"]  # noqa: Y015
+    _WhichOneofArgType__guest_halt_poll_shrink: _TypeAlias = _typing.Literal["_guest_halt_poll_shrink", b"_guest_halt_poll_shrink"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__guest_halt_poll_allow_shrink) -> _WhichOneofReturnType__guest_halt_poll_allow_shrink | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__guest_halt_poll_grow) -> _WhichOneofReturnType__guest_halt_poll_grow | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__guest_halt_poll_grow_start) -> _WhichOneofReturnType__guest_halt_poll_grow_start | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__guest_halt_poll_ns) -> _WhichOneofReturnType__guest_halt_poll_ns | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__guest_halt_poll_shrink) -> _WhichOneofReturnType__guest_halt_poll_shrink | None: ...
+
+Global___HaltpollParams: _TypeAlias = HaltpollParams  # noqa: Y015
+
+@_typing.final
+class IdlePollingState(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    DRIVER_FIELD_NUMBER: _builtins.int
+    GOVERNOR_FIELD_NUMBER: _builtins.int
+    AVAILABLE_GOVERNORS_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    APPLIED_MODE_FIELD_NUMBER: _builtins.int
+    KERNEL_CMDLINE_IDLE_POLL_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
+    mode: Global___IdleMode.ValueType
+    """observed now"""
+    driver: _builtins.str
+    governor: _builtins.str
+    applied_mode: Global___IdleMode.ValueType
+    """what the agent applied and holds; UNSPECIFIED = nothing"""
+    kernel_cmdline_idle_poll: _builtins.bool
+    @_builtins.property
+    def available_governors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def params(self) -> Global___HaltpollParams: ...
+    @_builtins.property
+    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        mode: Global___IdleMode.ValueType = ...,
+        driver: _builtins.str = ...,
+        governor: _builtins.str = ...,
+        available_governors: _abc.Iterable[_builtins.str] | None = ...,
+        params: Global___HaltpollParams | None = ...,
+        applied_mode: Global___IdleMode.ValueType = ...,
+        kernel_cmdline_idle_poll: _builtins.bool = ...,
+        notes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_mode", b"applied_mode", "available_governors", b"available_governors", "driver", b"driver", "governor", b"governor", "kernel_cmdline_idle_poll", b"kernel_cmdline_idle_poll", "mode", b"mode", "notes", b"notes", "params", b"params"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IdlePollingState: _TypeAlias = IdlePollingState  # noqa: Y015
+
+@_typing.final
+class GetIdlePollingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetIdlePollingRequest: _TypeAlias = GetIdlePollingRequest  # noqa: Y015
+
+@_typing.final
+class SetIdlePollingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    mode: Global___IdleMode.ValueType
+    @_builtins.property
+    def params(self) -> Global___HaltpollParams: ...
+    def __init__(
+        self,
+        *,
+        mode: Global___IdleMode.ValueType = ...,
+        params: Global___HaltpollParams | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "params", b"params"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetIdlePollingRequest: _TypeAlias = SetIdlePollingRequest  # noqa: Y015
+
+@_typing.final
+class RevertIdlePollingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevertIdlePollingRequest: _TypeAlias = RevertIdlePollingRequest  # noqa: Y015
+
+@_typing.final
+class GetMetricsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMetricsRequest: _TypeAlias = GetMetricsRequest  # noqa: Y015
+
+@_typing.final
+class GetMetricsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTENT_TYPE_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    content_type: _builtins.str
+    """text/plain; version=0.0.4"""
+    text: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        content_type: _builtins.str = ...,
+        text: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMetricsResponse: _TypeAlias = GetMetricsResponse  # noqa: Y015
+
+@_typing.final
+class GetAttestationReportRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPORT_DATA_FIELD_NUMBER: _builtins.int
+    VMPL_FIELD_NUMBER: _builtins.int
+    INTERFACE_FIELD_NUMBER: _builtins.int
+    report_data: _builtins.bytes
+    """Exactly 64 bytes, placed in the report's REPORT_DATA: the verifier's nonce or a
+    hash of what it binds. The agent never invents it.
+    """
+    vmpl: _builtins.int
+    """SEV-SNP only: the VMPL to request the report at (0-3). Unset: the agent's default."""
+    interface: _builtins.str
+    """"auto" (default), "configfs-tsm", "sev-guest" or "tdx-guest"."""
+    def __init__(
+        self,
+        *,
+        report_data: _builtins.bytes = ...,
+        vmpl: _builtins.int | None = ...,
+        interface: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_vmpl", b"_vmpl", "vmpl", b"vmpl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_vmpl", b"_vmpl", "interface", b"interface", "report_data", b"report_data", "vmpl", b"vmpl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__vmpl: _TypeAlias = _typing.Literal["vmpl"]  # noqa: Y015
+    _WhichOneofArgType__vmpl: _TypeAlias = _typing.Literal["_vmpl", b"_vmpl"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__vmpl) -> _WhichOneofReturnType__vmpl | None: ...
+
+Global___GetAttestationReportRequest: _TypeAlias = GetAttestationReportRequest  # noqa: Y015
+
+@_typing.final
+class AttestationStep(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    seconds: _builtins.float
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "seconds", b"seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttestationStep: _TypeAlias = AttestationStep  # noqa: Y015
+
+@_typing.final
+class GetAttestationReportResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEE_FIELD_NUMBER: _builtins.int
+    INTERFACE_FIELD_NUMBER: _builtins.int
+    EVIDENCE_KIND_FIELD_NUMBER: _builtins.int
+    EVIDENCE_FIELD_NUMBER: _builtins.int
+    CERTIFICATES_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    tee: _common_pb2.Tee.ValueType
+    interface: _builtins.str
+    """the interface that produced the evidence"""
+    evidence_kind: _builtins.str
+    """"sev-snp-report", "tdx-quote" or "tdx-report" """
+    evidence: _builtins.bytes
+    certificates: _builtins.bytes
+    """SNP extended-report certificate table (auxblob), if any"""
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttestationStep]: ...
+    def __init__(
+        self,
+        *,
+        tee: _common_pb2.Tee.ValueType = ...,
+        interface: _builtins.str = ...,
+        evidence_kind: _builtins.str = ...,
+        evidence: _builtins.bytes = ...,
+        certificates: _builtins.bytes = ...,
+        steps: _abc.Iterable[Global___AttestationStep] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificates", b"certificates", "evidence", b"evidence", "evidence_kind", b"evidence_kind", "interface", b"interface", "steps", b"steps", "tee", b"tee"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAttestationReportResponse: _TypeAlias = GetAttestationReportResponse  # noqa: Y015

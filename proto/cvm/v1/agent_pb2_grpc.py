@@ -39,6 +39,31 @@ class GuestAgentStub:
                 request_serializer=cvm_dot_v1_dot_agent__pb2.GetInfoRequest.SerializeToString,
                 response_deserializer=cvm_dot_v1_dot_agent__pb2.GetInfoResponse.FromString,
                 _registered_method=True)
+        self.GetIdlePolling = channel.unary_unary(
+                '/cvm.v1.GuestAgent/GetIdlePolling',
+                request_serializer=cvm_dot_v1_dot_agent__pb2.GetIdlePollingRequest.SerializeToString,
+                response_deserializer=cvm_dot_v1_dot_agent__pb2.IdlePollingState.FromString,
+                _registered_method=True)
+        self.SetIdlePolling = channel.unary_unary(
+                '/cvm.v1.GuestAgent/SetIdlePolling',
+                request_serializer=cvm_dot_v1_dot_agent__pb2.SetIdlePollingRequest.SerializeToString,
+                response_deserializer=cvm_dot_v1_dot_agent__pb2.IdlePollingState.FromString,
+                _registered_method=True)
+        self.RevertIdlePolling = channel.unary_unary(
+                '/cvm.v1.GuestAgent/RevertIdlePolling',
+                request_serializer=cvm_dot_v1_dot_agent__pb2.RevertIdlePollingRequest.SerializeToString,
+                response_deserializer=cvm_dot_v1_dot_agent__pb2.IdlePollingState.FromString,
+                _registered_method=True)
+        self.GetMetrics = channel.unary_unary(
+                '/cvm.v1.GuestAgent/GetMetrics',
+                request_serializer=cvm_dot_v1_dot_agent__pb2.GetMetricsRequest.SerializeToString,
+                response_deserializer=cvm_dot_v1_dot_agent__pb2.GetMetricsResponse.FromString,
+                _registered_method=True)
+        self.GetAttestationReport = channel.unary_unary(
+                '/cvm.v1.GuestAgent/GetAttestationReport',
+                request_serializer=cvm_dot_v1_dot_agent__pb2.GetAttestationReportRequest.SerializeToString,
+                response_deserializer=cvm_dot_v1_dot_agent__pb2.GetAttestationReportResponse.FromString,
+                _registered_method=True)
 
 
 class GuestAgentServicer:
@@ -51,6 +76,41 @@ class GuestAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetIdlePolling(self, request, context):
+        """Guest idle polling (cpuidle haltpoll), with apply / verify / revert semantics:
+        the agent records the original values before its first write and restores them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetIdlePolling(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevertIdlePolling(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMetrics(self, request, context):
+        """The guest's Prometheus metrics in the text exposition format, for hosts that
+        re-export them (label vm) when the guest network is not reachable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAttestationReport(self, request, context):
+        """Attestation evidence (SNP report, TDX quote) bound to the caller's report data.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GuestAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +118,31 @@ def add_GuestAgentServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=cvm_dot_v1_dot_agent__pb2.GetInfoRequest.FromString,
                     response_serializer=cvm_dot_v1_dot_agent__pb2.GetInfoResponse.SerializeToString,
+            ),
+            'GetIdlePolling': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetIdlePolling,
+                    request_deserializer=cvm_dot_v1_dot_agent__pb2.GetIdlePollingRequest.FromString,
+                    response_serializer=cvm_dot_v1_dot_agent__pb2.IdlePollingState.SerializeToString,
+            ),
+            'SetIdlePolling': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetIdlePolling,
+                    request_deserializer=cvm_dot_v1_dot_agent__pb2.SetIdlePollingRequest.FromString,
+                    response_serializer=cvm_dot_v1_dot_agent__pb2.IdlePollingState.SerializeToString,
+            ),
+            'RevertIdlePolling': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevertIdlePolling,
+                    request_deserializer=cvm_dot_v1_dot_agent__pb2.RevertIdlePollingRequest.FromString,
+                    response_serializer=cvm_dot_v1_dot_agent__pb2.IdlePollingState.SerializeToString,
+            ),
+            'GetMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMetrics,
+                    request_deserializer=cvm_dot_v1_dot_agent__pb2.GetMetricsRequest.FromString,
+                    response_serializer=cvm_dot_v1_dot_agent__pb2.GetMetricsResponse.SerializeToString,
+            ),
+            'GetAttestationReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAttestationReport,
+                    request_deserializer=cvm_dot_v1_dot_agent__pb2.GetAttestationReportRequest.FromString,
+                    response_serializer=cvm_dot_v1_dot_agent__pb2.GetAttestationReportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +172,141 @@ class GuestAgent:
             '/cvm.v1.GuestAgent/GetInfo',
             cvm_dot_v1_dot_agent__pb2.GetInfoRequest.SerializeToString,
             cvm_dot_v1_dot_agent__pb2.GetInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetIdlePolling(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cvm.v1.GuestAgent/GetIdlePolling',
+            cvm_dot_v1_dot_agent__pb2.GetIdlePollingRequest.SerializeToString,
+            cvm_dot_v1_dot_agent__pb2.IdlePollingState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetIdlePolling(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cvm.v1.GuestAgent/SetIdlePolling',
+            cvm_dot_v1_dot_agent__pb2.SetIdlePollingRequest.SerializeToString,
+            cvm_dot_v1_dot_agent__pb2.IdlePollingState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevertIdlePolling(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cvm.v1.GuestAgent/RevertIdlePolling',
+            cvm_dot_v1_dot_agent__pb2.RevertIdlePollingRequest.SerializeToString,
+            cvm_dot_v1_dot_agent__pb2.IdlePollingState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cvm.v1.GuestAgent/GetMetrics',
+            cvm_dot_v1_dot_agent__pb2.GetMetricsRequest.SerializeToString,
+            cvm_dot_v1_dot_agent__pb2.GetMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAttestationReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cvm.v1.GuestAgent/GetAttestationReport',
+            cvm_dot_v1_dot_agent__pb2.GetAttestationReportRequest.SerializeToString,
+            cvm_dot_v1_dot_agent__pb2.GetAttestationReportResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,12 +37,36 @@ class GuestAgentStub:
     def __new__(cls, channel: _aio.Channel) -> GuestAgentAsyncStub: ...
     GetInfo: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GetInfoRequest, _agent_pb2.GetInfoResponse]
     """Identity and state of the guest and the agent."""
+    GetIdlePolling: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GetIdlePollingRequest, _agent_pb2.IdlePollingState]
+    """Guest idle polling (cpuidle haltpoll), with apply / verify / revert semantics:
+    the agent records the original values before its first write and restores them.
+    """
+    SetIdlePolling: _grpc.UnaryUnaryMultiCallable[_agent_pb2.SetIdlePollingRequest, _agent_pb2.IdlePollingState]
+    RevertIdlePolling: _grpc.UnaryUnaryMultiCallable[_agent_pb2.RevertIdlePollingRequest, _agent_pb2.IdlePollingState]
+    GetMetrics: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GetMetricsRequest, _agent_pb2.GetMetricsResponse]
+    """The guest's Prometheus metrics in the text exposition format, for hosts that
+    re-export them (label vm) when the guest network is not reachable.
+    """
+    GetAttestationReport: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GetAttestationReportRequest, _agent_pb2.GetAttestationReportResponse]
+    """Attestation evidence (SNP report, TDX quote) bound to the caller's report data."""
 
 @_typing.type_check_only
 class GuestAgentAsyncStub(GuestAgentStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetInfo: _aio.UnaryUnaryMultiCallable[_agent_pb2.GetInfoRequest, _agent_pb2.GetInfoResponse]  # type: ignore[assignment]
     """Identity and state of the guest and the agent."""
+    GetIdlePolling: _aio.UnaryUnaryMultiCallable[_agent_pb2.GetIdlePollingRequest, _agent_pb2.IdlePollingState]  # type: ignore[assignment]
+    """Guest idle polling (cpuidle haltpoll), with apply / verify / revert semantics:
+    the agent records the original values before its first write and restores them.
+    """
+    SetIdlePolling: _aio.UnaryUnaryMultiCallable[_agent_pb2.SetIdlePollingRequest, _agent_pb2.IdlePollingState]  # type: ignore[assignment]
+    RevertIdlePolling: _aio.UnaryUnaryMultiCallable[_agent_pb2.RevertIdlePollingRequest, _agent_pb2.IdlePollingState]  # type: ignore[assignment]
+    GetMetrics: _aio.UnaryUnaryMultiCallable[_agent_pb2.GetMetricsRequest, _agent_pb2.GetMetricsResponse]  # type: ignore[assignment]
+    """The guest's Prometheus metrics in the text exposition format, for hosts that
+    re-export them (label vm) when the guest network is not reachable.
+    """
+    GetAttestationReport: _aio.UnaryUnaryMultiCallable[_agent_pb2.GetAttestationReportRequest, _agent_pb2.GetAttestationReportResponse]  # type: ignore[assignment]
+    """Attestation evidence (SNP report, TDX quote) bound to the caller's report data."""
 
 class GuestAgentServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -52,5 +76,47 @@ class GuestAgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.GetInfoResponse, _abc.Awaitable[_agent_pb2.GetInfoResponse]]:
         """Identity and state of the guest and the agent."""
+
+    @_abc_1.abstractmethod
+    def GetIdlePolling(
+        self,
+        request: _agent_pb2.GetIdlePollingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.IdlePollingState, _abc.Awaitable[_agent_pb2.IdlePollingState]]:
+        """Guest idle polling (cpuidle haltpoll), with apply / verify / revert semantics:
+        the agent records the original values before its first write and restores them.
+        """
+
+    @_abc_1.abstractmethod
+    def SetIdlePolling(
+        self,
+        request: _agent_pb2.SetIdlePollingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.IdlePollingState, _abc.Awaitable[_agent_pb2.IdlePollingState]]: ...
+
+    @_abc_1.abstractmethod
+    def RevertIdlePolling(
+        self,
+        request: _agent_pb2.RevertIdlePollingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.IdlePollingState, _abc.Awaitable[_agent_pb2.IdlePollingState]]: ...
+
+    @_abc_1.abstractmethod
+    def GetMetrics(
+        self,
+        request: _agent_pb2.GetMetricsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.GetMetricsResponse, _abc.Awaitable[_agent_pb2.GetMetricsResponse]]:
+        """The guest's Prometheus metrics in the text exposition format, for hosts that
+        re-export them (label vm) when the guest network is not reachable.
+        """
+
+    @_abc_1.abstractmethod
+    def GetAttestationReport(
+        self,
+        request: _agent_pb2.GetAttestationReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.GetAttestationReportResponse, _abc.Awaitable[_agent_pb2.GetAttestationReportResponse]]:
+        """Attestation evidence (SNP report, TDX quote) bound to the caller's report data."""
 
 def add_GuestAgentServicer_to_server(servicer: GuestAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

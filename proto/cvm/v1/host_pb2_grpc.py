@@ -39,6 +39,46 @@ class HostDaemonStub:
                 request_serializer=cvm_dot_v1_dot_host__pb2.GetDaemonInfoRequest.SerializeToString,
                 response_deserializer=cvm_dot_v1_dot_host__pb2.GetDaemonInfoResponse.FromString,
                 _registered_method=True)
+        self.CreateVM = channel.unary_unary(
+                '/cvm.v1.HostDaemon/CreateVM',
+                request_serializer=cvm_dot_v1_dot_host__pb2.CreateVMRequest.SerializeToString,
+                response_deserializer=cvm_dot_v1_dot_host__pb2.VM.FromString,
+                _registered_method=True)
+        self.StartVM = channel.unary_unary(
+                '/cvm.v1.HostDaemon/StartVM',
+                request_serializer=cvm_dot_v1_dot_host__pb2.VMRef.SerializeToString,
+                response_deserializer=cvm_dot_v1_dot_host__pb2.VM.FromString,
+                _registered_method=True)
+        self.StopVM = channel.unary_unary(
+                '/cvm.v1.HostDaemon/StopVM',
+                request_serializer=cvm_dot_v1_dot_host__pb2.StopVMRequest.SerializeToString,
+                response_deserializer=cvm_dot_v1_dot_host__pb2.VM.FromString,
+                _registered_method=True)
+        self.KillVM = channel.unary_unary(
+                '/cvm.v1.HostDaemon/KillVM',
+                request_serializer=cvm_dot_v1_dot_host__pb2.VMRef.SerializeToString,
+                response_deserializer=cvm_dot_v1_dot_host__pb2.VM.FromString,
+                _registered_method=True)
+        self.DestroyVM = channel.unary_unary(
+                '/cvm.v1.HostDaemon/DestroyVM',
+                request_serializer=cvm_dot_v1_dot_host__pb2.VMRef.SerializeToString,
+                response_deserializer=cvm_dot_v1_dot_host__pb2.DestroyVMResponse.FromString,
+                _registered_method=True)
+        self.ListVMs = channel.unary_unary(
+                '/cvm.v1.HostDaemon/ListVMs',
+                request_serializer=cvm_dot_v1_dot_host__pb2.ListVMsRequest.SerializeToString,
+                response_deserializer=cvm_dot_v1_dot_host__pb2.ListVMsResponse.FromString,
+                _registered_method=True)
+        self.GetVM = channel.unary_unary(
+                '/cvm.v1.HostDaemon/GetVM',
+                request_serializer=cvm_dot_v1_dot_host__pb2.VMRef.SerializeToString,
+                response_deserializer=cvm_dot_v1_dot_host__pb2.VM.FromString,
+                _registered_method=True)
+        self.WatchVMs = channel.unary_stream(
+                '/cvm.v1.HostDaemon/WatchVMs',
+                request_serializer=cvm_dot_v1_dot_host__pb2.WatchVMsRequest.SerializeToString,
+                response_deserializer=cvm_dot_v1_dot_host__pb2.VMEvent.FromString,
+                _registered_method=True)
 
 
 class HostDaemonServicer:
@@ -51,6 +91,58 @@ class HostDaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateVM(self, request, context):
+        """VM lifecycle. A VM is created from a TOML spec (state DEFINED), started (STARTING
+        until the agent answers, then RUNNING), stopped gracefully (ACPI powerdown, then
+        quit after a timeout) or killed, and destroyed (its state removed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartVM(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopVM(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def KillVM(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DestroyVM(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListVMs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetVM(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchVMs(self, request, context):
+        """The current state of every VM, then one event per change, until cancelled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HostDaemonServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +150,46 @@ def add_HostDaemonServicer_to_server(servicer, server):
                     servicer.GetDaemonInfo,
                     request_deserializer=cvm_dot_v1_dot_host__pb2.GetDaemonInfoRequest.FromString,
                     response_serializer=cvm_dot_v1_dot_host__pb2.GetDaemonInfoResponse.SerializeToString,
+            ),
+            'CreateVM': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateVM,
+                    request_deserializer=cvm_dot_v1_dot_host__pb2.CreateVMRequest.FromString,
+                    response_serializer=cvm_dot_v1_dot_host__pb2.VM.SerializeToString,
+            ),
+            'StartVM': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartVM,
+                    request_deserializer=cvm_dot_v1_dot_host__pb2.VMRef.FromString,
+                    response_serializer=cvm_dot_v1_dot_host__pb2.VM.SerializeToString,
+            ),
+            'StopVM': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopVM,
+                    request_deserializer=cvm_dot_v1_dot_host__pb2.StopVMRequest.FromString,
+                    response_serializer=cvm_dot_v1_dot_host__pb2.VM.SerializeToString,
+            ),
+            'KillVM': grpc.unary_unary_rpc_method_handler(
+                    servicer.KillVM,
+                    request_deserializer=cvm_dot_v1_dot_host__pb2.VMRef.FromString,
+                    response_serializer=cvm_dot_v1_dot_host__pb2.VM.SerializeToString,
+            ),
+            'DestroyVM': grpc.unary_unary_rpc_method_handler(
+                    servicer.DestroyVM,
+                    request_deserializer=cvm_dot_v1_dot_host__pb2.VMRef.FromString,
+                    response_serializer=cvm_dot_v1_dot_host__pb2.DestroyVMResponse.SerializeToString,
+            ),
+            'ListVMs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVMs,
+                    request_deserializer=cvm_dot_v1_dot_host__pb2.ListVMsRequest.FromString,
+                    response_serializer=cvm_dot_v1_dot_host__pb2.ListVMsResponse.SerializeToString,
+            ),
+            'GetVM': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVM,
+                    request_deserializer=cvm_dot_v1_dot_host__pb2.VMRef.FromString,
+                    response_serializer=cvm_dot_v1_dot_host__pb2.VM.SerializeToString,
+            ),
+            'WatchVMs': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchVMs,
+                    request_deserializer=cvm_dot_v1_dot_host__pb2.WatchVMsRequest.FromString,
+                    response_serializer=cvm_dot_v1_dot_host__pb2.VMEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +219,222 @@ class HostDaemon:
             '/cvm.v1.HostDaemon/GetDaemonInfo',
             cvm_dot_v1_dot_host__pb2.GetDaemonInfoRequest.SerializeToString,
             cvm_dot_v1_dot_host__pb2.GetDaemonInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateVM(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cvm.v1.HostDaemon/CreateVM',
+            cvm_dot_v1_dot_host__pb2.CreateVMRequest.SerializeToString,
+            cvm_dot_v1_dot_host__pb2.VM.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartVM(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cvm.v1.HostDaemon/StartVM',
+            cvm_dot_v1_dot_host__pb2.VMRef.SerializeToString,
+            cvm_dot_v1_dot_host__pb2.VM.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopVM(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cvm.v1.HostDaemon/StopVM',
+            cvm_dot_v1_dot_host__pb2.StopVMRequest.SerializeToString,
+            cvm_dot_v1_dot_host__pb2.VM.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KillVM(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cvm.v1.HostDaemon/KillVM',
+            cvm_dot_v1_dot_host__pb2.VMRef.SerializeToString,
+            cvm_dot_v1_dot_host__pb2.VM.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DestroyVM(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cvm.v1.HostDaemon/DestroyVM',
+            cvm_dot_v1_dot_host__pb2.VMRef.SerializeToString,
+            cvm_dot_v1_dot_host__pb2.DestroyVMResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVMs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cvm.v1.HostDaemon/ListVMs',
+            cvm_dot_v1_dot_host__pb2.ListVMsRequest.SerializeToString,
+            cvm_dot_v1_dot_host__pb2.ListVMsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVM(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cvm.v1.HostDaemon/GetVM',
+            cvm_dot_v1_dot_host__pb2.VMRef.SerializeToString,
+            cvm_dot_v1_dot_host__pb2.VM.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchVMs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cvm.v1.HostDaemon/WatchVMs',
+            cvm_dot_v1_dot_host__pb2.WatchVMsRequest.SerializeToString,
+            cvm_dot_v1_dot_host__pb2.VMEvent.FromString,
             options,
             channel_credentials,
             insecure,

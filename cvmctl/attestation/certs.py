@@ -36,7 +36,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.utils import CryptographyDeprecationWarning
 
-from cvmctl.attestation.snp import Product
+from cvmctl.attestation.binary import MalformedEvidence
+from cvmctl.attestation.snp import Product, parse_cert_table
 from cvmctl.errors import UsageError
 
 AMD_OID_PREFIX = "1.3.6.1.4.1.3704.1"
@@ -86,6 +87,25 @@ def load_certificates(data: bytes, source: str = "certificate file") -> list[x50
         pem = b"-----BEGIN CERTIFICATE-----" + block[: end + len(b"-----END CERTIFICATE-----")] + b"\n"
         certs.append(load_certificate(pem, f"{source} (certificate #{index + 1})"))
     return certs
+
+
+def load_certificate_file(data: bytes, source: str) -> list[x509.Certificate]:
+    """Certificates from a file: a PEM bundle, one DER certificate, or an SNP certificate table.
+
+    The certificate table is what configfs-tsm's ``auxblob`` and ``SNP_GET_EXT_REPORT`` give.
+    """
+    if b"-----BEGIN" in data:
+        return load_certificates(data, source)
+    try:
+        return [load_certificate(data, source)]
+    except CertificateError as not_der:
+        try:
+            entries = parse_cert_table(data)
+        except MalformedEvidence:
+            raise not_der from None
+        if not entries:
+            raise CertificateError(f"{source}: an empty SNP certificate table") from None
+        return [load_certificate(e.data, f"{source} ({e.kind} entry)") for e in entries]
 
 
 def common_name(cert: x509.Certificate) -> str:

@@ -1,0 +1,188 @@
+"""``cvmctl attest``: decode and verify attestation evidence offline.
+
+``show FILE`` prints every decoded field of an SNP report, TDX quote or TDREPORT (the kind
+is told from the bytes; ASCII-hex files are accepted). ``verify FILE`` runs every check
+and exits 0 when the evidence verified, 1 when it was rejected (the first failed check is
+named on the last line) and 2 when the input is unusable (unreadable, malformed, or
+missing what verification needs, such as the VCEK).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from cvmctl.attestation.certs import load_certificate_file
+from cvmctl.attestation.detect import TEES, Evidence, parse_evidence
+from cvmctl.attestation.result import CheckStatus, VerificationResult
+from cvmctl.attestation.snp import SnpReport
+from cvmctl.attestation.verify import verify_evidence
+from cvmctl.cli.output import print_table
+from cvmctl.errors import UsageError
+
+STATUS_MARKS = {CheckStatus.PASSED: "ok", CheckStatus.FAILED: "FAILED", CheckStatus.SKIPPED: "skipped"}
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "attest",
+        help="decode and verify SEV-SNP / TDX attestation evidence",
+        description="Decode and verify attestation evidence (SEV-SNP reports, TDX quotes, TDREPORTs).",
+    )
+    commands = parser.add_subparsers(title="attest commands", metavar="COMMAND", required=True)
+
+    show = commands.add_parser(
+        "show",
+        help="print the decoded fields of a report or quote",
+        description="Print every field of an SNP report, TDX quote or TDREPORT (the kind is detected).",
+    )
+    show.add_argument("file", type=Path, metavar="FILE", help="the evidence: binary, or ASCII hex")
+    show.add_argument("--tee", choices=TEES, help="the TEE, if detection should not decide")
+    show.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    show.set_defaults(func=run_show)
+
+    verify = commands.add_parser(
+        "verify",
+        help="verify a report or quote; exit 0 verified, 1 rejected, 2 unusable input",
+        description=(
+            "Verify evidence against AMD's / Intel's roots pinned in cvmctl. SEV-SNP needs the VCEK or VLEK "
+            "(--certs; ASK/ASVK come from cvmctl if not given). TDX quotes carry their PCK chain. "
+            "Exit status: 0 verified, 1 rejected (the failed check is named), 2 unusable input."
+        ),
+    )
+    verify.add_argument("file", type=Path, metavar="FILE", help="the evidence: binary, or ASCII hex")
+    verify.add_argument("--tee", choices=TEES, help="the TEE, if detection should not decide")
+    verify.add_argument(
+        "--certs",
+        type=Path,
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="PATH",
+        help="certificates: PEM bundles, DER files or an SNP certificate table (auxblob)",
+    )
+    verify.add_argument(
+        "--at",
+        metavar="ISO-8601",
+        help="verify as of this time (default: now; a time without zone is UTC), e.g. 2025-06-01T00:00:00Z",
+    )
+    verify.add_argument(
+        "--nonce", metavar="HEX", help="require report data equal to this (zero-padded to 64 bytes)"
+    )
+    verify.add_argument(
+        "--measurement",
+        metavar="HEX",
+        action="append",
+        help="allowed launch measurement (SNP) or MRTD (TDX); repeat for several",
+    )
+    verify.add_argument(
+        "--min-tcb",
+        metavar="NAME=SPL",
+        action="append",
+        help="SNP: minimum SPL of a reported_tcb component (bootloader, tee, snp, microcode, fmc)",
+    )
+    verify.add_argument("--forbid-debug", action="store_true", help="reject evidence from a debuggable guest")
+    verify.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    verify.set_defaults(func=run_verify)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+
+
+def load_evidence(path: Path, tee: str | None) -> Evidence:
+    return parse_evidence(_read(path, "evidence"), tee)
+
+
+def parse_time(text: str | None) -> datetime:
+    if text is None:
+        return datetime.now(UTC)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise UsageError(f"--at {text!r} is not an ISO-8601 time (e.g. 2025-06-01T00:00:00Z)") from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def parse_hex(text: str, option: str) -> bytes:
+    try:
+        return bytes.fromhex(text.removeprefix("0x"))
+    except ValueError as exc:
+        raise UsageError(f"{option} {text!r} is not hex") from exc
+
+
+def parse_min_tcb(items: list[str] | None) -> dict[str, int]:
+    minimum: dict[str, int] = {}
+    for item in items or []:
+        name, _, value = item.partition("=")
+        if not value.isdigit() or name not in ("bootloader", "tee", "snp", "microcode", "fmc"):
+            raise UsageError(
+                f"--min-tcb {item!r}: expected NAME=SPL with NAME bootloader, tee, snp, microcode or fmc"
+            )
+        minimum[name] = int(value)
+    return minimum
+
+
+def _evidence_rows(data: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            rows.extend(_evidence_rows(value, f"{prefix}{key}."))
+        elif isinstance(value, list):
+            rows.append((prefix + key, ", ".join(map(str, value)) or "-"))
+        else:
+            rows.append((prefix + key, "-" if value is None else str(value)))
+    return rows
+
+
+def run_show(args: argparse.Namespace) -> int:
+    evidence = load_evidence(args.file, args.tee)
+    data = evidence.to_dict()
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print_table(_evidence_rows(data))
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    evidence = load_evidence(args.file, args.tee)
+    certificates: list[x509.Certificate] = []
+    for path in args.certs:
+        certificates += load_certificate_file(_read(path, "certificate file"), str(path))
+    if isinstance(evidence, SnpReport) and not certificates:
+        raise UsageError(
+            "an SNP report is verified with its VCEK or VLEK: pass --certs FILE "
+            "(from the extended report, the host, or AMD KDS)"
+        )
+    result = verify_evidence(
+        evidence,
+        certificates,
+        at=parse_time(args.at),
+        nonce=None if args.nonce is None else parse_hex(args.nonce, "--nonce"),
+        allowed_measurements=(
+            None
+            if not args.measurement
+            else frozenset(parse_hex(m, "--measurement") for m in args.measurement)
+        ),
+        forbid_debug=args.forbid_debug,
+        minimum_tcb=parse_min_tcb(args.min_tcb),
+    )
+    print_result(result, as_json=args.json)
+    return 0 if result.verified else 1
+
+
+def print_result(result: VerificationResult, *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    print_table([(check.name, f"{STATUS_MARKS[check.status]:<7}  {check.detail}") for check in result.checks])
+    print(f"{result.evidence_type}: {result.summary()}")

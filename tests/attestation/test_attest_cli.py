@@ -1,0 +1,140 @@
+"""``cvmctl attest show|verify``: exit 0 verified, 1 rejected (naming the check), 2 unusable input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cvmctl.attestation.certs import load_certificates
+from cvmctl.attestation.snp import build_cert_table
+from cvmctl.cli.main import main
+from tests.attestation.vectors import SNP_NAMES, TDX_QUOTE_NAMES, expected_json
+
+AT = "2026-11-26T00:00:00Z"
+
+
+def _snp_args(root: Path, name: str) -> list[str]:
+    sources = expected_json(root)["snp"][name]["verifies_with"]
+    at = "2025-06-01T00:00:00Z" if "vlek" in name else AT
+    return ["attest", "verify", str(root / name), "--certs", str(root / sources["leaf"]), "--at", at]
+
+
+@pytest.mark.parametrize("name", SNP_NAMES)
+def test_verify_snp_exit_0(attestation_testdata: Path, name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(_snp_args(attestation_testdata, name)) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == "sev-snp-report: verified (12 checks)"
+
+
+@pytest.mark.parametrize("name", TDX_QUOTE_NAMES)
+def test_verify_tdx_exit_0_json(
+    attestation_testdata: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["attest", "verify", str(attestation_testdata / name), "--at", AT, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["verified"] is True
+    assert data["tee"] == "tdx"
+    assert all(check["status"] == "passed" for check in data["checks"])
+
+
+def test_verify_rejected_exit_1_names_the_check(
+    attestation_testdata: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = _snp_args(attestation_testdata, "snp/milan_v3_vlek_aws_report.bin")
+    args[args.index("--at") + 1] = AT  # after the VLEK expired
+    assert main(args) == 1
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == "sev-snp-report: rejected: validity: SEV-VLEK expired 2025-12-10T22:14:21+00:00"
+
+
+def test_verify_with_nonce_and_policy(attestation_testdata: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = _snp_args(attestation_testdata, "snp/milan_v2_gosevguest_report.bin")
+    assert main([*args, "--nonce", "0102030405", "--min-tcb", "snp=5"]) == 0
+    assert main([*args, "--nonce", "0102030406"]) == 1
+    assert "rejected: report_data" in capsys.readouterr().out
+    assert main([*args, "--forbid-debug"]) == 1
+    assert "rejected: debug: the guest policy allows debugging" in capsys.readouterr().out
+
+
+def test_verify_another_generations_chain_exit_1(
+    attestation_testdata: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = attestation_testdata
+    args = ["attest", "verify", str(root / "snp/genoa_v3_msft_report.bin"), "--at", AT]
+    args += ["--certs", str(root / "snp/milan_v3_msft_vcek.pem"), str(root / "snp/ask_ark_milan.pem")]
+    assert main(args) == 1
+    assert "rejected: product: the report comes from Genoa (CPUID) but the certificate is for Milan" in (
+        capsys.readouterr().out
+    )
+
+
+def test_verify_certificate_table_as_certs(
+    attestation_testdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    root = attestation_testdata
+    vcek = (root / "snp/genoa_v3_msft_vcek.pem").read_bytes()
+    ask, ark = load_certificates((root / "snp/ask_ark_genoa.pem").read_bytes())
+    table = build_cert_table(
+        {
+            "VCEK": load_certificates(vcek)[0].public_bytes(Encoding.DER),
+            "ASK": ask.public_bytes(Encoding.DER),
+            "ARK": ark.public_bytes(Encoding.DER),
+        }
+    )
+    (tmp_path / "auxblob").write_bytes(table + bytes(512))
+    args = ["attest", "verify", str(root / "snp/genoa_v3_msft_report.bin"), "--at", AT]
+    assert main([*args, "--certs", str(tmp_path / "auxblob")]) == 0
+
+
+def test_unusable_input_exit_2(
+    attestation_testdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = (attestation_testdata / "snp/turin_v5_msft_report.bin").read_bytes()
+    (tmp_path / "cut.bin").write_bytes(report[:500])
+    vcek = str(attestation_testdata / "snp/turin_v5_msft_vcek.pem")
+    assert main(["attest", "verify", str(tmp_path / "cut.bin"), "--certs", vcek]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "cvmctl: error: SNP report: field 'launch_tcb' at offset 0x1f0 (8 bytes) is truncated: "
+        "the input ends at 0x1f4"
+    )
+    assert main(["attest", "verify", str(attestation_testdata / "snp/turin_v5_msft_report.bin")]) == 2
+    assert "pass --certs" in capsys.readouterr().err
+    assert main(["attest", "show", str(tmp_path / "missing.bin")]) == 2
+    assert "cannot read evidence" in capsys.readouterr().err
+    (tmp_path / "junk").write_bytes(b"\xff" * 64)
+    assert main(["attest", "show", str(tmp_path / "junk")]) == 2
+    assert (
+        "starts ffffffffffffffff, which is not an SNP report, TDX quote or TDREPORT"
+        in capsys.readouterr().err
+    )
+    assert (
+        main(["attest", "verify", str(attestation_testdata / TDX_QUOTE_NAMES[0]), "--at", "yesterday"]) == 2
+    )
+    (tmp_path / "notcert").write_bytes(b"hello")
+    assert main(["attest", "verify", str(tmp_path / "cut.bin"), "--certs", str(tmp_path / "notcert")]) == 2
+
+
+def test_tdreport_cannot_be_verified_off_platform(
+    attestation_testdata: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["attest", "verify", str(attestation_testdata / "tdx/tdreport_guestcomponents.bin")]) == 1
+    assert "rejected: mac: a TDREPORT's MAC is keyed to the CPU" in capsys.readouterr().out
+
+
+def test_show_detects_each_kind(attestation_testdata: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    kinds = {
+        "snp/milan_v2_virtee_report.hex": "sev-snp-report",
+        "tdx/quote_v4_spr_e4_gotdxguest.dat": "tdx-quote",
+        "tdx/tdreport_guestcomponents.bin": "tdx-tdreport",
+    }
+    for name, kind in kinds.items():
+        assert main(["attest", "show", str(attestation_testdata / name), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["type"] == kind
+    assert main(["attest", "show", str(attestation_testdata / "snp/turin_v5_msft_report.bin")]) == 0
+    out = capsys.readouterr().out
+    assert "reported_tcb.fmc" in out
+    assert "product                   Turin" in out

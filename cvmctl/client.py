@@ -50,6 +50,8 @@ def error_from_rpc(exc: grpc.RpcError, address: Address, timeout: float, what: s
         return DeadlineExceeded(f"{address}: no answer to {what} within {timeout:g} s")
     if code is grpc.StatusCode.INVALID_ARGUMENT:
         return UsageError(f"{what}: {details}")
+    if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
+        return RemoteError(f"{what}: {details}")
     return RemoteError(f"{what} failed at {address}: {code.name}: {details}")
 
 

@@ -12,12 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import structlog
+import trio
 
 from cvm.v1 import agent_pb2, common_pb2
 from cvmctl import __version__
-from cvmctl.grpc_bridge import CallInfo, GrpcBridge, service_handler
+from cvmctl.grpc_bridge import CallInfo, GrpcBridge, RpcAbort, service_handler
+from guest_agent import idle_rpc
+from guest_agent.idle_polling import IdlePollingController
+from guest_agent.idle_rpc import mode_from_proto, status_to_proto
 from guest_agent.system import hostname, read_system_facts, uptime_seconds
 from guest_agent.tee import TeeVerdict
+
+log = structlog.get_logger("guest_agent")
 
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["GuestAgent"].full_name
 
@@ -60,12 +67,50 @@ class GuestInfo:
 class GuestAgentService:
     """Implements cvm.v1.GuestAgent. ``root`` is the filesystem the agent inspects."""
 
-    def __init__(self, *, root: Path, detect_tee: TeeDetector) -> None:
+    def __init__(
+        self, *, root: Path, detect_tee: TeeDetector, idle_polling: IdlePollingController | None = None
+    ) -> None:
         self._root = root
         self.info = GuestInfo(root, detect_tee)
+        self._idle_polling = idle_polling
+        # One idle-polling change at a time: apply and revert must not interleave.
+        self._idle_lock = trio.Lock()
 
     async def GetInfo(self, request: agent_pb2.GetInfoRequest, call: CallInfo) -> agent_pb2.GetInfoResponse:
         return self.info.response()
+
+    def _idle(self) -> IdlePollingController:
+        if self._idle_polling is None:
+            raise RpcAbort(grpc.StatusCode.UNIMPLEMENTED, "idle polling is not enabled in this agent")
+        return self._idle_polling
+
+    async def GetIdlePolling(
+        self, request: agent_pb2.GetIdlePollingRequest, call: CallInfo
+    ) -> agent_pb2.IdlePollingState:
+        return status_to_proto(await trio.to_thread.run_sync(self._idle().status))
+
+    async def SetIdlePolling(
+        self, request: agent_pb2.SetIdlePollingRequest, call: CallInfo
+    ) -> agent_pb2.IdlePollingState:
+        controller = self._idle()
+        mode = mode_from_proto(request.mode)
+        params = idle_rpc.params_from_proto(request.params)
+        async with self._idle_lock:
+            # Shielded: a client that goes away must not leave a half-applied change.
+            with trio.CancelScope(shield=True):
+                status = await trio.to_thread.run_sync(controller.apply, mode, params)
+        log.info("idle_polling_applied", mode=str(mode), peer=call.peer)
+        return status_to_proto(status)
+
+    async def RevertIdlePolling(
+        self, request: agent_pb2.RevertIdlePollingRequest, call: CallInfo
+    ) -> agent_pb2.IdlePollingState:
+        controller = self._idle()
+        async with self._idle_lock:
+            with trio.CancelScope(shield=True):
+                status = await trio.to_thread.run_sync(controller.revert)
+        log.info("idle_polling_reverted", peer=call.peer)
+        return status_to_proto(status)
 
 
 def agent_handlers(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -18,7 +19,7 @@ from cvmctl import __version__
 from cvmctl.errors import CvmError
 
 # Modules under cvmctl.cli that provide a command group, in --help order.
-COMMAND_MODULES: tuple[str, ...] = ("agent", "attest")
+COMMAND_MODULES: tuple[str, ...] = ("agent", "idle_poll", "attest", "image")
 
 EPILOG = """\
 examples:
@@ -69,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cvmctl: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return result
 
 

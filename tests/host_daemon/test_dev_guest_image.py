@@ -369,3 +369,40 @@ def test_missing_required_module_fails_the_build(tmp_path: Path) -> None:
     busybox.write_bytes(STATIC_BUSYBOX)
     with pytest.raises(ImageError, match="netfs not found \\(needed by 9p\\)"):
         build_dev_guest(kernel=kernel, busybox=busybox, cache_dir=tmp_path / "c", required_modules=("9p",))
+
+
+# --- cvmctl image -------------------------------------------------------------------------
+
+
+def run_cli(argv: list[str]) -> int:
+    import argparse
+
+    from cvmctl.cli import image as image_cli
+
+    parser = argparse.ArgumentParser(prog="cvmctl")
+    image_cli.register(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+def test_cli_build_prints_json_then_finds_it_cached(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_kernel(tmp_path / "k", dict.fromkeys(image.REQUIRED_MODULES, ""))
+    busybox = tmp_path / "busybox"
+    busybox.write_bytes(STATIC_BUSYBOX)
+    common = ["image", "build", "--kernel-tree", str(tmp_path / "k"), "--busybox", str(busybox)]
+    common += ["--cache-dir", str(tmp_path / "cache"), "--agent", "/opt/agent", "--json"]
+    assert run_cli(common) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["cached"] is False and first["kernel_release"] == "9.9-test"
+    assert "cvm.agent=/opt/agent cvm.port=1024" in first["cmdline"]
+    assert Path(first["initrd"]).is_file()
+    assert run_cli(common) == 0
+    assert json.loads(capsys.readouterr().out)["cached"] is True
+
+
+def test_cli_build_rejects_a_relative_agent(tmp_path: Path) -> None:
+    with pytest.raises(UsageError):
+        run_cli(["image", "build", "--agent", "cvm-agent", "--cache-dir", str(tmp_path)])

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
-from cvmctl.attestation.certs import load_certificate_file
+from cvmctl.attestation.certs import classify_amd_certificates, load_certificate_file, load_certificates
 from cvmctl.attestation.detect import TEES, Evidence, parse_evidence
+from cvmctl.attestation.kds import DEFAULT_KDS_URL, KdsClient
 from cvmctl.attestation.result import CheckStatus, VerificationResult
-from cvmctl.attestation.snp import SnpReport
+from cvmctl.attestation.snp import Product, SnpReport
 from cvmctl.attestation.verify import verify_evidence
 from cvmctl.cli.output import print_table
 from cvmctl.errors import UsageError
@@ -65,6 +67,25 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=[],
         metavar="PATH",
         help="certificates: PEM bundles, DER files or an SNP certificate table (auxblob)",
+    )
+    verify.add_argument(
+        "--kds",
+        nargs="?",
+        const=DEFAULT_KDS_URL,
+        metavar="URL",
+        help=f"SNP: fetch the VCEK and chain from AMD KDS if --certs has none (default: {DEFAULT_KDS_URL})",
+    )
+    verify.add_argument(
+        "--kds-cache",
+        type=Path,
+        default=default_kds_cache(),
+        metavar="DIR",
+        help="where fetched certificates are kept (default: %(default)s)",
+    )
+    verify.add_argument(
+        "--product",
+        choices=[p.value for p in Product],
+        help="SNP: the product of a version-2 report, for --kds (v3+ reports name it themselves)",
     )
     verify.add_argument(
         "--at",
@@ -158,10 +179,12 @@ def run_verify(args: argparse.Namespace) -> int:
     certificates: list[x509.Certificate] = []
     for path in args.certs:
         certificates += load_certificate_file(_read(path, "certificate file"), str(path))
+    if isinstance(evidence, SnpReport) and args.kds and not classify_amd_certificates(certificates)[0]:
+        certificates += fetch_from_kds(evidence, args)
     if isinstance(evidence, SnpReport) and not certificates:
         raise UsageError(
             "an SNP report is verified with its VCEK or VLEK: pass --certs FILE "
-            "(from the extended report, the host, or AMD KDS)"
+            "(from the extended report or the host) or fetch it with --kds"
         )
     result = verify_evidence(
         evidence,
@@ -178,6 +201,21 @@ def run_verify(args: argparse.Namespace) -> int:
     )
     print_result(result, as_json=args.json)
     return 0 if result.verified else 1
+
+
+def default_kds_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cvmctl" / "kds"
+
+
+def fetch_from_kds(report: SnpReport, args: argparse.Namespace) -> list[x509.Certificate]:
+    """The VCEK and its chain for ``report`` from KDS (or the cache)."""
+    product = report.product or (Product(args.product) if args.product else None)
+    client = KdsClient(base_url=args.kds, cache_dir=args.kds_cache)
+    vcek = client.vcek_for_report(report, product)
+    assert product is not None  # vcek_for_report refuses a report without one
+    chain = client.cert_chain(product)
+    return load_certificates(vcek, "VCEK from KDS") + load_certificates(chain, "cert_chain from KDS")
 
 
 def print_result(result: VerificationResult, *, as_json: bool) -> None:

@@ -138,3 +138,46 @@ def test_show_detects_each_kind(attestation_testdata: Path, capsys: pytest.Captu
     out = capsys.readouterr().out
     assert "reported_tcb.fmc" in out
     assert "product                   Turin" in out
+
+
+def test_verify_fetches_the_vcek_from_kds(
+    attestation_testdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--kds URL: the VCEK and chain come from a KDS-layout server (here on loopback), then the cache."""
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from cvmctl.attestation.kds import vcek_path
+    from cvmctl.attestation.snp import Product, parse_snp_report
+
+    root = attestation_testdata
+    report = parse_snp_report((root / "snp/genoa_v3_msft_report.bin").read_bytes())
+    site = tmp_path / "site"
+    vcek_file = site / vcek_path(Product.GENOA, report.chip_id, report.reported_tcb).lstrip("/").split("?")[0]
+    vcek_file.parent.mkdir(parents=True)
+    vcek_file.write_bytes(
+        load_certificates((root / "snp/genoa_v3_msft_vcek.pem").read_bytes())[0].public_bytes(Encoding.DER)
+    )
+    (site / "vcek/v1/Genoa/cert_chain").write_bytes((root / "snp/ask_ark_genoa.pem").read_bytes())
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(site)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        args = ["attest", "verify", str(root / "snp/genoa_v3_msft_report.bin"), "--at", AT]
+        cache = ["--kds-cache", str(tmp_path / "cache")]
+        assert main([*args, "--kds", url, *cache]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert main([*args, "--kds", url, *cache]) == 0  # the server is gone: the cache answers
+    assert capsys.readouterr().out.splitlines()[-1] == "sev-snp-report: verified (12 checks)"

@@ -1,0 +1,397 @@
+"""From a VM spec to a QEMU command line: one pure function, :func:`build_qemu_argv`.
+
+The spec (:mod:`host_daemon.spec`) says what the VM is; the :class:`Runtime` says what the
+daemon decided for this boot: the QEMU binary, the resolved accelerator and agent channel
+(:mod:`host_daemon.accel`), and where QEMU's control socket, pidfile and console log go.
+Nothing here touches the file system or the clock, so the same inputs always give the same
+argv; golden files under ``tests/host_daemon/golden`` pin it, case by case.
+
+The argv is built in a fixed order: identity and defaults, accelerator and machine, CPU and
+memory, the TEE object, firmware and kernel, console and control, then devices (disks,
+network, 9p shares, the agent channel). Every group below names the upstream QEMU document
+that defines its options:
+
+* ``qemu-options.hx`` - the reference of every command-line option (rendered as
+  docs/system/invocation.rst and ``qemu-system-x86_64 -help``);
+* ``docs/system/i386/amd-memory-encryption.rst`` - SEV / SEV-ES / SEV-SNP launch;
+* ``docs/system/i386/tdx.rst`` - TDX launch and the Quote Generation Service socket;
+* ``qapi/qom.json`` - the properties of ``-object`` types (``sev-snp-guest``, ``tdx-guest``,
+  ``memory-backend-*``, ``iothread``);
+* ``docs/system/devices/virtio/vhost-user.rst`` - vhost-user devices and their shared memory.
+
+Study-specific choices (``-cpu EPYC-v4`` for SNP, the Intel baseline mirroring the TD's
+``pmu=off``, ``kernel_irqchip=split``, ``hpet=off``, forced bounce buffers) follow
+shared/reference/study.md, which records how the study ran its guests.
+
+Quoting: in ``key=value,...`` option strings QEMU escapes a comma in a value by doubling it;
+every path or user string placed in such a value goes through :func:`opt_value`. Options that
+take a plain string (``-kernel``, ``-initrd``, ``-append``, ``-bios``, ``-pidfile``) are passed
+as their own argv element, unquoted: QEMU is exec'd without a shell.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cvmctl.errors import UsageError
+
+from .accel import ResolvedAccel, ResolvedChannel
+from .spec import VMSpec, snp_kernel_hashes
+
+MEMORY_BACKEND_ID = "ram1"
+SEV_ID = "sev0"
+TDX_ID = "tdx0"
+SERIAL_CHARDEV_ID = "serial0"
+VIRTIO_SERIAL_PORT_NAME = "org.cvmctl.agent.0"
+"""The virtserialport name of the agent channel; the guest sees /dev/virtio-ports/<name>."""
+
+RESTRICTED_VIRTIO = "iommu_platform=on,disable-modern=off,disable-legacy=on"
+"""Virtio device flags that make the device honour the DMA API (VIRTIO_F_ACCESS_PLATFORM) and
+be modern-only. A memory-encrypted Linux guest refuses virtio devices without
+ACCESS_PLATFORM; on a normal VM these flags plus ``swiotlb=<slabs>,force`` reproduce the
+CVM's bounce buffering (study.md, "Forcing bounce buffers in a normal VM"). Properties as
+listed by ``-device virtio-net-pci,help`` (hw/virtio/virtio-pci.c)."""
+
+UNIX_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+
+
+class ArgvError(UsageError):
+    """The spec and runtime together cannot make a command line (e.g. a needed path is missing)."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What the daemon decided for one boot of a VM."""
+
+    accel: ResolvedAccel
+    qmp_socket: Path
+    pidfile: Path
+    serial_log: Path
+    qemu_binary: str = "qemu-system-x86_64"
+    agent_channel: ResolvedChannel | None = None  # required when the spec says channel = "auto"
+    agent_socket: Path | None = None  # vhost-user-vsock / virtio-serial socket, unless the spec names one
+    guest_cid: int | None = None  # vhost-vsock guest CID, unless the spec sets one
+
+
+def opt_value(value: str | Path) -> str:
+    """Escape a value for a QEMU ``key=value,...`` option string: a comma becomes ``,,``."""
+    return str(value).replace(",", ",,")
+
+
+def kernel_cmdline(spec: VMSpec) -> str:
+    """The guest kernel command line: the spec's (default ``console=ttyS0``) plus the study's knobs.
+
+    * ``swiotlb=<slabs>,force`` bounces all DMA through swiotlb (kernel-parameters.txt), as a
+      CVM must; used on a normal VM together with :data:`RESTRICTED_VIRTIO` devices.
+    * ``cpuidle_haltpoll.force=Y`` loads the haltpoll cpuidle driver even without the KVM
+      "realtime" hint, which CVMs do not advertise (Documentation/virt/guest-halt-polling.rst).
+    * ``idle=poll`` makes idle CPUs spin instead of halting (kernel-parameters.txt).
+    """
+    parts = [spec.boot.cmdline or "console=ttyS0"]
+    if spec.guest.swiotlb_force is not None:
+        parts.append(f"swiotlb={spec.guest.swiotlb_force},force")
+    if spec.guest.haltpoll:
+        parts.append("cpuidle_haltpoll.force=Y")
+    if spec.guest.idle_poll:
+        parts.append("idle=poll")
+    return " ".join(parts)
+
+
+def memory_backend_type(spec: VMSpec, channel: ResolvedChannel) -> str:
+    """``ram``, ``memfd`` or ``file``: the spec's choice, or for ``auto`` what the VM needs.
+
+    SEV-SNP (and its baseline) uses a shared memfd as in the upstream SNP examples and the
+    study; a vhost-user backend must map guest RAM, so it needs memfd (or a shared file).
+    """
+    if spec.memory_backend != "auto":
+        if channel == "vhost-user-vsock" and spec.memory_backend == "ram":
+            raise ArgvError(
+                'memory_backend: "ram" cannot be shared with the vhost-user-vsock backend; '
+                'use "auto", "memfd" or "file"'
+            )
+        return spec.memory_backend
+    if spec.flavour == "sev-snp" or channel == "vhost-user-vsock":
+        return "memfd"
+    return "ram"
+
+
+def cpu_model(spec: VMSpec, accel: ResolvedAccel) -> str:
+    """The ``-cpu`` value: the spec's, else per platform as the study ran it.
+
+    SEV-SNP: ``EPYC-v4`` (study; a named model keeps the CPUID page the firmware validates
+    stable). TDX and its baseline: ``host,pmu=off`` (tdx.rst launches with ``-cpu host``; the
+    study turns the PMU off on both). Otherwise ``host`` under KVM and ``max`` (every feature
+    TCG emulates) under TCG.
+    """
+    if spec.cpu:
+        return spec.cpu
+    base = "host" if accel == "kvm" else "max"
+    if spec.tee == "sev-snp":
+        return "EPYC-v4"
+    if spec.flavour == "tdx":
+        return f"{base},pmu=off"
+    return base
+
+
+def build_qemu_argv(spec: VMSpec, runtime: Runtime) -> list[str]:
+    """The complete argv (``argv[0]`` is the QEMU binary) to start ``spec`` as ``runtime`` says.
+
+    Pure. Raises :class:`ArgvError` when the two do not fit together (a TEE under TCG, a
+    channel that needs a socket or CID nobody supplied, a socket path too long for AF_UNIX).
+    """
+    if spec.tee != "none" and runtime.accel != "kvm":
+        raise ArgvError(f'accel: a {spec.tee} guest needs KVM, but this boot resolved to "{runtime.accel}"')
+    channel = _resolved_channel(spec, runtime)
+    argv = [runtime.qemu_binary]
+    for group in (
+        _identity(spec),
+        _accel_and_machine(spec, runtime),
+        _cpu_and_memory(spec, runtime, channel),
+        _tee_object(spec),
+        _firmware_and_kernel(spec),
+        _console_and_control(runtime),
+        _disks(spec),
+        _network(spec),
+        _shares(spec),
+        _agent_channel(spec, runtime, channel),
+    ):
+        argv.extend(group)
+    return argv
+
+
+def format_argv(argv: list[str]) -> str:
+    """One argument per line (the golden-file format), ending in a newline."""
+    return "".join(f"{arg}\n" for arg in argv)
+
+
+# --------------------------------------------------------------------------------------------
+# Groups. Each yields argv elements.
+
+
+def _resolved_channel(spec: VMSpec, runtime: Runtime) -> ResolvedChannel:
+    if spec.agent.channel != "auto":
+        return spec.agent.channel
+    if runtime.agent_channel is None:
+        raise ArgvError('agent.channel: "auto" must be resolved by the daemon (Runtime.agent_channel)')
+    return runtime.agent_channel
+
+
+def _virtio(spec: VMSpec, device: str) -> str:
+    """A virtio PCI device string, restricted (DMA API, modern only) on CVMs and forced-swiotlb VMs."""
+    if spec.confidential or spec.guest.swiotlb_force is not None:
+        return f"{device},{RESTRICTED_VIRTIO}"
+    return device
+
+
+def _unix_path(what: str, path: Path) -> str:
+    if len(str(path).encode()) > UNIX_PATH_MAX:
+        raise ArgvError(
+            f"{what}: socket path {str(path)!r} is longer than {UNIX_PATH_MAX} bytes (AF_UNIX limit)"
+        )
+    return opt_value(path)
+
+
+def _identity(spec: VMSpec) -> Iterator[str]:
+    # qemu-options.hx: -name (debug-threads=on names vCPU threads "CPU n/KVM", handy when
+    # pinning), -nodefaults (no default NIC, VGA, serial, parallel, monitor, CD-ROM, floppy),
+    # -no-user-config (no qemu.conf from /etc), -display none, -no-reboot (a guest reboot
+    # exits QEMU with a SHUTDOWN event: SEV-ES/SNP guests cannot be reset, see
+    # amd-memory-encryption.rst, and every flavour behaves alike so baselines match).
+    yield from ("-name", f"guest={spec.name},debug-threads=on")
+    yield from ("-nodefaults", "-no-user-config", "-display", "none", "-no-reboot")
+
+
+def _accel_and_machine(spec: VMSpec, runtime: Runtime) -> Iterator[str]:
+    # qemu-options.hx: -accel; -machine q35 with kernel_irqchip=, hpet=, vmport=,
+    # memory-backend= and confidential-guest-support=.
+    # tdx.rst: a TD needs kernel-irqchip split and confidential-guest-support=<tdx-guest id>;
+    # the study adds hpet=off and mirrors all three on the Intel baseline.
+    # amd-memory-encryption.rst: confidential-guest-support=<sev-snp-guest id>; vmport=off and
+    # memory-backend= as in the study's SNP line, mirrored on the AMD baseline.
+    yield from ("-accel", runtime.accel)
+    machine = ["q35"]
+    if spec.flavour == "tdx":
+        machine += ["kernel_irqchip=split", "hpet=off"]
+    if spec.tee == "sev-snp":
+        machine.append(f"confidential-guest-support={SEV_ID}")
+    elif spec.tee == "tdx":
+        machine.append(f"confidential-guest-support={TDX_ID}")
+    machine.append(f"memory-backend={MEMORY_BACKEND_ID}")
+    if spec.flavour == "sev-snp":
+        machine.append("vmport=off")
+    yield from ("-machine", ",".join(machine))
+
+
+def _cpu_and_memory(spec: VMSpec, runtime: Runtime, channel: ResolvedChannel) -> Iterator[str]:
+    # qemu-options.hx: -cpu, -smp, -m. qapi/qom.json: memory-backend-ram / -memfd / -file with
+    # size, share, prealloc, host-nodes + policy=bind (a host NUMA node), mem-path (file).
+    # vhost-user.rst ("Shared memory object"): a vhost-user daemon maps guest RAM, so the
+    # backend is memfd (or file) with share=on and sized like -m.
+    yield from ("-cpu", cpu_model(spec, runtime.accel))
+    yield from ("-smp", str(spec.vcpus))
+    size = f"{spec.memory_mib}M"
+    yield from ("-m", size)
+    kind = memory_backend_type(spec, channel)
+    props = [f"memory-backend-{kind}", f"id={MEMORY_BACKEND_ID}", f"size={size}"]
+    if kind == "file":
+        assert spec.memory_path is not None  # checked by the spec
+        props.append(f"mem-path={opt_value(spec.memory_path)}")
+    if kind in ("memfd", "file"):
+        props.append("share=on")
+    props.append(f"prealloc={'on' if spec.prealloc else 'off'}")
+    if spec.pinning.numa_node is not None:
+        props += [f"host-nodes={spec.pinning.numa_node}", "policy=bind"]
+    yield from ("-object", ",".join(props))
+
+
+def _tee_object(spec: VMSpec) -> Iterator[str]:
+    if spec.tee == "sev-snp":
+        # amd-memory-encryption.rst, "Launching (SEV-SNP)", and qapi/qom.json
+        # SevSnpGuestProperties: cbitpos, reduced-phys-bits, policy (SNP_LAUNCH_START),
+        # kernel-hashes (measured direct boot), host-data (32 bytes, base64; SNP_LAUNCH_FINISH).
+        o = spec.sev_snp
+        props = [
+            "sev-snp-guest",
+            f"id={SEV_ID}",
+            f"cbitpos={o.cbitpos}",
+            f"reduced-phys-bits={o.reduced_phys_bits}",
+            f"policy={o.policy:#x}",
+        ]
+        if snp_kernel_hashes(spec):
+            props.append("kernel-hashes=on")
+        if o.host_data:
+            props.append(f"host-data={o.host_data}")
+        yield from ("-object", ",".join(props))
+    elif spec.tee == "tdx":
+        # tdx.rst, "Launching a TD" and "TD attestation": -object tdx-guest,id=...; the
+        # quote-generation-socket property is a QAPI SocketAddress, so the object is given in
+        # JSON form, e.g. {"type":"unix","path":"/var/run/tdx-qgs/qgs.socket"} or
+        # {"type":"vsock","cid":"2","port":"4050"} (cid and port are strings there).
+        qgs = spec.tdx.quote_generation_socket
+        if qgs is None:
+            yield from ("-object", f"tdx-guest,id={TDX_ID}")
+            return
+        addr = (
+            {"type": "unix", "path": qgs.path}
+            if qgs.kind == "unix"
+            else {"type": "vsock", "cid": str(qgs.cid), "port": str(qgs.port)}
+        )
+        obj = {"qom-type": "tdx-guest", "id": TDX_ID, "quote-generation-socket": addr}
+        yield from ("-object", json.dumps(obj, separators=(",", ":")))
+
+
+def _firmware_and_kernel(spec: VMSpec) -> Iterator[str]:
+    # qemu-options.hx: -bios, -kernel, -initrd, -append. SEV-SNP and TDX load OVMF / TDVF
+    # with -bios (tdx.rst: "TDVF cannot be mapped as pflash"; amd-memory-encryption.rst).
+    if spec.boot.firmware is not None:
+        yield from ("-bios", str(spec.boot.firmware))
+    if spec.boot.kernel is not None:
+        yield from ("-kernel", str(spec.boot.kernel))
+        if spec.boot.initrd is not None:
+            yield from ("-initrd", str(spec.boot.initrd))
+        yield from ("-append", kernel_cmdline(spec))
+
+
+def _console_and_control(runtime: Runtime) -> Iterator[str]:
+    # qemu-options.hx: -chardev file,id=,path= and -serial chardev:<id> (the first serial port,
+    # ttyS0, written to a per-boot log); -qmp unix:<path>,server=on,wait=off (QMP, QEMU
+    # listening, not waiting for a client before starting); -pidfile.
+    yield from ("-chardev", f"file,id={SERIAL_CHARDEV_ID},path={opt_value(runtime.serial_log)}")
+    yield from ("-serial", f"chardev:{SERIAL_CHARDEV_ID}")
+    yield from ("-qmp", f"unix:{_unix_path('qmp_socket', runtime.qmp_socket)},server=on,wait=off")
+    yield from ("-pidfile", str(runtime.pidfile))
+
+
+def _disks(spec: VMSpec) -> Iterator[str]:
+    # qemu-options.hx: -object iothread,id= ; -drive file=,if=none,id=,format=,aio=,cache=,
+    # readonly= (aio=native needs cache.direct=on, i.e. cache=none or directsync);
+    # -device virtio-blk-pci,drive=,iothread= (properties per -device virtio-blk-pci,help).
+    for i, disk in enumerate(spec.disks):
+        drive = [
+            f"file={opt_value(disk.path)}",
+            "if=none",
+            f"id=disk{i}",
+            f"format={disk.format}",
+            f"aio={disk.aio}",
+            f"cache={disk.cache}",
+        ]
+        if disk.readonly:
+            drive.append("readonly=on")
+        device = f"virtio-blk-pci,drive=disk{i}"
+        if disk.iothread:
+            yield from ("-object", f"iothread,id=iothread{i}")
+            device += f",iothread=iothread{i}"
+        yield from ("-drive", ",".join(drive))
+        yield from ("-device", _virtio(spec, device))
+
+
+def _network(spec: VMSpec) -> Iterator[str]:
+    # qemu-options.hx: -netdev user,id=,hostfwd=[tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport
+    # (the spec only allows loopback host addresses); -netdev tap,id=,ifname=,script=no,
+    # downscript=no,vhost=on|off,queues=n ("queues=n ... for multiqueue TAP").
+    # virtio-net-pci mq=on and vectors=2*queues+2 (a vector per rx and tx queue, plus config
+    # and control: the study's 8-queue NIC used vectors=18).
+    net = spec.network
+    if net.mode == "none":
+        return
+    if net.mode == "user":
+        props = ["user", "id=net0"]
+        props += [f"hostfwd={f.proto}:{f.host_addr}:{f.host_port}-:{f.guest_port}" for f in net.forwards]
+        yield from ("-netdev", ",".join(props))
+        yield from ("-device", _virtio(spec, "virtio-net-pci,netdev=net0"))
+        return
+    assert net.ifname is not None  # checked by the spec
+    props = ["tap", "id=net0", f"ifname={net.ifname}", "script=no", "downscript=no"]
+    props.append(f"vhost={'on' if net.vhost else 'off'}")
+    device = "virtio-net-pci,netdev=net0"
+    if net.queues > 1:
+        props.append(f"queues={net.queues}")
+        device += f",mq=on,vectors={2 * net.queues + 2}"
+    yield from ("-netdev", ",".join(props))
+    yield from ("-device", _virtio(spec, device))
+
+
+def _shares(spec: VMSpec) -> Iterator[str]:
+    # qemu-options.hx: -fsdev local,id=,path=,security_model=none,readonly=on and
+    # -device virtio-9p-pci,fsdev=,mount_tag= (the long form of -virtfs, used so that the
+    # device can carry the virtio flags).
+    for i, share in enumerate(spec.shares):
+        fsdev = ["local", f"id=fs{i}", f"path={opt_value(share.path)}", "security_model=none"]
+        if share.readonly:
+            fsdev.append("readonly=on")
+        yield from ("-fsdev", ",".join(fsdev))
+        yield from ("-device", _virtio(spec, f"virtio-9p-pci,fsdev=fs{i},mount_tag={share.tag}"))
+
+
+def _agent_channel(spec: VMSpec, runtime: Runtime, channel: ResolvedChannel) -> Iterator[str]:
+    # vhost-vsock-pci,guest-cid= (in-kernel vhost, /dev/vhost-vsock; -device vhost-vsock-pci,help).
+    # vhost-user-vsock-pci,chardev= with -chardev socket,path= (vhost-user.rst: QEMU connects to
+    # the back end's socket, e.g. vhost-device-vsock --socket; the guest CID is the back end's).
+    # virtio-serial-pci + virtserialport,chardev=,name= with -chardev socket,server=on,wait=off
+    # (qemu-options.hx -chardev socket; QEMU listens and the daemon dials).
+    if channel == "none":
+        return
+    if channel == "vhost-vsock":
+        cid = spec.agent.cid if spec.agent.cid is not None else runtime.guest_cid
+        if cid is None:
+            raise ArgvError(
+                "agent.cid: vhost-vsock needs a guest CID and neither the spec nor the daemon set one"
+            )
+        yield from ("-device", _virtio(spec, f"vhost-vsock-pci,id=vsock0,guest-cid={cid}"))
+        return
+    socket = spec.agent.socket or runtime.agent_socket
+    if socket is None:
+        raise ArgvError(
+            f"agent.socket: {channel} needs a socket path and neither the spec nor the daemon set one"
+        )
+    path = _unix_path("agent.socket", socket)
+    if channel == "vhost-user-vsock":
+        yield from ("-chardev", f"socket,id=vsock0,path={path}")
+        yield from ("-device", _virtio(spec, "vhost-user-vsock-pci,chardev=vsock0"))
+        return
+    yield from ("-chardev", f"socket,id=agent0,path={path},server=on,wait=off")
+    yield from ("-device", _virtio(spec, "virtio-serial-pci,id=vser0"))
+    yield from ("-device", f"virtserialport,bus=vser0.0,chardev=agent0,name={VIRTIO_SERIAL_PORT_NAME}")

@@ -1,0 +1,348 @@
+"""The QEMU command line: golden files per case, rules of the builder, and the real QEMU.
+
+Golden files (in the spirit of libvirt's ``.args`` fixtures): each ``golden/<case>.toml`` is
+a spec and ``golden/<case>.args`` the argv it must produce, one argument per line. After an
+intended change, rewrite them with ``CVM_UPDATE_GOLDEN=1 pytest tests/host_daemon`` and
+review the diff.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from host_daemon.accel import ResolvedChannel
+from host_daemon.qemu_args import (
+    RESTRICTED_VIRTIO,
+    ArgvError,
+    Runtime,
+    build_qemu_argv,
+    format_argv,
+    kernel_cmdline,
+    opt_value,
+)
+from host_daemon.spec import GuestKnobs, VMSpec, load_spec, parse_spec
+
+GOLDEN = Path(__file__).parent / "golden"
+CASES = sorted(p.stem for p in GOLDEN.glob("*.toml"))
+QEMU = shutil.which("qemu-system-x86_64")
+
+
+def golden_runtime(spec: VMSpec) -> Runtime:
+    """The paths a daemon with state dir /run/cvmctl would choose for this VM's first boot."""
+    vm_dir = Path("/run/cvmctl/vms") / spec.name
+    return Runtime(
+        accel="tcg" if spec.accel == "tcg" else "kvm",
+        qmp_socket=vm_dir / "qmp.sock",
+        pidfile=vm_dir / "qemu.pid",
+        serial_log=vm_dir / "boot-1" / "console.log",
+        agent_socket=vm_dir / "agent.sock",
+        guest_cid=3,
+    )
+
+
+def test_every_case_has_both_files() -> None:
+    assert {p.stem for p in GOLDEN.glob("*.args")} == set(CASES)
+    assert len(CASES) >= 8
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_golden_args(case: str) -> None:
+    spec = load_spec(GOLDEN / f"{case}.toml")
+    got = format_argv(build_qemu_argv(spec, golden_runtime(spec)))
+    path = GOLDEN / f"{case}.args"
+    if os.environ.get("CVM_UPDATE_GOLDEN") == "1":
+        path.write_text(got)
+    assert got == path.read_text(), f"argv for {case} changed; CVM_UPDATE_GOLDEN=1 rewrites the golden files"
+
+
+def _argv(text: str, **runtime: Any) -> list[str]:
+    spec = parse_spec(text)
+    return build_qemu_argv(spec, dataclasses.replace(golden_runtime(spec), **runtime))
+
+
+def _after(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_minimal_spec_is_a_complete_command_line() -> None:
+    argv = _argv('name = "x"', agent_channel="none")
+    assert argv[0] == "qemu-system-x86_64"
+    for flag in ("-nodefaults", "-no-user-config", "-no-reboot"):
+        assert flag in argv
+    assert "-daemonize" not in argv
+    assert _after(argv, "-display") == ["none"]
+    assert _after(argv, "-machine") == ["q35,memory-backend=ram1"]
+    assert _after(argv, "-object") == ["memory-backend-ram,id=ram1,size=512M,prealloc=off"]
+    assert _after(argv, "-qmp") == ["unix:/run/cvmctl/vms/x/qmp.sock,server=on,wait=off"]
+    assert _after(argv, "-pidfile") == ["/run/cvmctl/vms/x/qemu.pid"]
+    assert _after(argv, "-serial") == ["chardev:serial0"]
+    assert "-kernel" not in argv and "-device" not in argv
+
+
+def test_cpu_model_follows_accel_and_platform() -> None:
+    assert _after(_argv('name = "x"', agent_channel="none", accel="tcg"), "-cpu") == ["max"]
+    assert _after(_argv('name = "x"', agent_channel="none"), "-cpu") == ["host"]
+    tdx_base = 'name = "x"\nbaseline_for = "tdx"'
+    assert _after(_argv(tdx_base, agent_channel="none"), "-cpu") == ["host,pmu=off"]
+    assert _after(_argv(tdx_base, agent_channel="none", accel="tcg"), "-cpu") == ["max,pmu=off"]
+    assert _after(_argv('name = "x"\ncpu = "EPYC-v4,+avx512f"', agent_channel="none"), "-cpu") == [
+        "EPYC-v4,+avx512f"
+    ]
+
+
+def test_commas_in_paths_are_doubled_in_option_values() -> None:
+    assert opt_value("/a,b/c") == "/a,,b/c"
+    argv = _argv('name = "x"\n[[share]]\npath = "/srv/a,b"\ntag = "t"', agent_channel="none")
+    assert _after(argv, "-fsdev") == ["local,id=fs0,path=/srv/a,,b,security_model=none,readonly=on"]
+    argv = _argv('name = "x"\n[boot]\nkernel = "/k,1"', agent_channel="none")
+    assert _after(argv, "-kernel") == ["/k,1"]  # a plain-string option: not escaped
+
+
+def test_kernel_cmdline_knobs() -> None:
+    base = 'name = "x"\n[boot]\nkernel = "/k"\n'
+    assert kernel_cmdline(parse_spec(base)) == "console=ttyS0"
+    spec = parse_spec(base + "[guest]\nswiotlb_force = 524288\nhaltpoll = true\n")
+    assert kernel_cmdline(spec) == "console=ttyS0 swiotlb=524288,force cpuidle_haltpoll.force=Y"
+    assert kernel_cmdline(parse_spec(base + "[guest]\nidle_poll = true\n")) == "console=ttyS0 idle=poll"
+
+
+def test_forced_swiotlb_restricts_every_virtio_device() -> None:
+    text = """name = "x"
+[boot]
+kernel = "/k"
+[guest]
+swiotlb_force = 1024
+[network]
+mode = "user"
+[[disk]]
+path = "/d.img"
+[[share]]
+path = "/"
+tag = "root"
+"""
+    devices = _after(_argv(text, agent_channel="virtio-serial"), "-device")
+    virtio = [d for d in devices if d.startswith("virtio-") or d.startswith("vhost-")]
+    assert len(virtio) == 4
+    assert all(d.endswith(RESTRICTED_VIRTIO) for d in virtio)
+    plain = _after(
+        _argv(text.replace("[guest]\nswiotlb_force = 1024\n", ""), agent_channel="none"), "-device"
+    )
+    assert not any(RESTRICTED_VIRTIO in d for d in plain)
+
+
+@pytest.mark.parametrize(
+    ("text", "channel", "backend"),
+    [
+        ('name = "x"', "none", "memory-backend-ram,id=ram1,size=512M,prealloc=off"),
+        ('name = "x"', "vhost-user-vsock", "memory-backend-memfd,id=ram1,size=512M,share=on,prealloc=off"),
+        (
+            'name = "x"\nmemory_backend = "file"\nmemory_path = "/dev/hugepages"\nprealloc = true',
+            "none",
+            "memory-backend-file,id=ram1,size=512M,mem-path=/dev/hugepages,share=on,prealloc=on",
+        ),
+        (
+            'name = "x"\n[pinning]\nnuma_node = 1',
+            "none",
+            "memory-backend-ram,id=ram1,size=512M,prealloc=off,host-nodes=1,policy=bind",
+        ),
+    ],
+)
+def test_memory_backend(text: str, channel: ResolvedChannel, backend: str) -> None:
+    assert _after(_argv(text, agent_channel=channel), "-object") == [backend]
+
+
+def test_builder_refusals() -> None:
+    snp = 'name = "x"\ntee = "sev-snp"\n[boot]\nfirmware = "/fw"'
+    with pytest.raises(ArgvError, match="needs KVM"):
+        _argv(snp, accel="tcg", agent_channel="none")
+    with pytest.raises(ArgvError, match="resolved by the daemon"):
+        _argv('name = "x"')
+    with pytest.raises(ArgvError, match="guest CID"):
+        _argv('name = "x"\n[agent]\nchannel = "vhost-vsock"', guest_cid=None)
+    with pytest.raises(ArgvError, match="needs a socket path"):
+        _argv('name = "x"\n[agent]\nchannel = "virtio-serial"', agent_socket=None)
+    with pytest.raises(ArgvError, match="AF_UNIX"):
+        _argv('name = "x"', agent_channel="none", qmp_socket=Path("/" + "q" * 120))
+    with pytest.raises(ArgvError, match="cannot be shared"):
+        _argv('name = "x"\nmemory_backend = "ram"', agent_channel="vhost-user-vsock")
+
+
+def test_tdx_quote_generation_socket_forms() -> None:
+    base = 'name = "x"\ntee = "tdx"\n[boot]\nfirmware = "/fw"\n[tdx]\n'
+    assert _after(_argv(base, agent_channel="none"), "-object")[1] == "tdx-guest,id=tdx0"
+    vsock = _after(_argv(base + 'quote_generation_socket = "vsock:2:4050"', agent_channel="none"), "-object")
+    assert vsock[1] == (
+        '{"qom-type":"tdx-guest","id":"tdx0","quote-generation-socket":{"type":"vsock","cid":"2","port":"4050"}}'
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Against the installed QEMU
+
+OPTION_PARSE_ERRORS = re.compile(
+    r"Parameter '|Invalid parameter|does not accept value|Property '.*' not found|invalid option"
+    r"|unrecognized option|is not a valid|Invalid argument: |Expected '|could not load"
+)
+NEEDS_HARDWARE = re.compile(
+    r"not supported by KVM|KVM required|/dev/sev|Could not access KVM kernel module|failed to initialize kvm"
+    r"|sev_.*init|SEV",
+    re.IGNORECASE,
+)
+
+
+def qemu_knows_object(qom_type: str) -> bool:
+    assert QEMU is not None
+    out = subprocess.run(
+        [QEMU, "-object", f"{qom_type},help"], capture_output=True, text=True, timeout=30, check=False
+    )
+    return out.stdout.startswith(f"{qom_type} options")
+
+
+def qemu_version() -> str:
+    assert QEMU is not None
+    out = subprocess.run([QEMU, "--version"], capture_output=True, text=True, timeout=30, check=False)
+    return out.stdout.splitlines()[0] if out.stdout else "unknown"
+
+
+async def run_qemu(argv: list[str], deadline: float = 30.0) -> tuple[int | None, str]:
+    """Run QEMU (stopped before the first instruction with -S); None = still running at the deadline."""
+    with trio.move_on_after(deadline):
+        done = await trio.run_process([*argv, "-S"], capture_stdout=True, capture_stderr=True, check=False)
+        return done.returncode, done.stderr.decode(errors="replace")
+    return None, ""
+
+
+def _qemu_knowing(qom_type: str, since: str) -> str:
+    """The QEMU binary if it knows ``qom_type``, else skip (from sync fixtures, so reasons show)."""
+    if QEMU is None:
+        pytest.skip("qemu-system-x86_64 is not installed (scripts/install-qemu.sh)")
+    if not qemu_knows_object(qom_type):
+        pytest.skip(f"{qemu_version()} does not know -object {qom_type} (QEMU >= {since} does)")
+    return QEMU
+
+
+@pytest.fixture
+def qemu_with_snp() -> str:
+    return _qemu_knowing("sev-snp-guest", "9.1")
+
+
+@pytest.fixture
+def qemu_with_tdx() -> str:
+    return _qemu_knowing("tdx-guest", "10.1")
+
+
+def _real_files_runtime(spec_text: str, tmp_path: Path) -> tuple[VMSpec, Runtime]:
+    for name in ("OVMF.fd", "bzImage", "initrd.img"):
+        (tmp_path / name).write_bytes(b"\0" * 4096)
+    spec_file = tmp_path / "vm.toml"
+    spec_file.write_text(spec_text)
+    spec = load_spec(spec_file)
+    assert QEMU is not None
+    runtime = Runtime(
+        accel="kvm",
+        qmp_socket=tmp_path / "qmp.sock",
+        pidfile=tmp_path / "qemu.pid",
+        serial_log=tmp_path / "console.log",
+        qemu_binary=QEMU,
+        guest_cid=3,
+    )
+    return spec, runtime
+
+
+async def test_snp_command_line_is_accepted_by_qemu(tmp_path: Path, qemu_with_snp: str) -> None:
+    text = (GOLDEN / "sev-snp.toml").read_text()
+    text = re.sub(r'"/srv/cvm/(firmware|kernel)/([^"]+)"', lambda m: f'"{m.group(2)}"', text)
+    text = text.replace('"/srv/cvm/images/root.qcow2"', '"root.img"').replace(
+        'format = "qcow2"', 'format = "raw"'
+    )
+    text = text.replace('memory = "64G"', 'memory = "256M"').replace("prealloc = true", "prealloc = false")
+    text = text.replace("vcpus = 8", "vcpus = 1").replace("host_cpus = [8, 9, 10, 11, 12, 13, 14, 15]", "")
+    text = text.replace('cmdline = "root=/dev/vda console=ttyS0"', 'cmdline = "console=ttyS0"')
+    (tmp_path / "root.img").write_bytes(b"\0" * 65536)
+    spec, runtime = _real_files_runtime(text, tmp_path)
+    assert spec.tee == "sev-snp"
+    argv = build_qemu_argv(spec, runtime)
+    assert any(a.startswith("sev-snp-guest,") for a in argv)
+    rc, stderr = await run_qemu(argv)
+    print(f"{qemu_version()}: exit {rc}: {stderr.strip()}")
+    if rc is None:
+        return  # it started: this host has SEV-SNP, so everything parsed
+    assert rc != 0
+    assert not OPTION_PARSE_ERRORS.search(stderr), f"QEMU rejected the command line:\n{stderr}"
+    assert NEEDS_HARDWARE.search(stderr), f"QEMU failed, but not for want of SEV-SNP hardware:\n{stderr}"
+
+
+async def test_tdx_command_line_is_accepted_by_qemu(tmp_path: Path, qemu_with_tdx: str) -> None:
+    text = """name = "td"
+tee = "tdx"
+memory = "256M"
+[boot]
+firmware = "OVMF.fd"
+kernel = "bzImage"
+[tdx]
+quote_generation_socket = "/var/run/tdx-qgs/qgs.socket"
+[agent]
+channel = "none"
+"""
+    spec, runtime = _real_files_runtime(text, tmp_path)
+    rc, stderr = await run_qemu(build_qemu_argv(spec, runtime))
+    if rc is None:
+        return
+    assert not OPTION_PARSE_ERRORS.search(stderr), f"QEMU rejected the command line:\n{stderr}"
+    assert re.search(r"TDX|KVM|kvm", stderr), f"QEMU failed, but not for want of TDX hardware:\n{stderr}"
+
+
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed (scripts/install-qemu.sh)")
+async def test_normal_tcg_command_line_starts(tmp_path: Path) -> None:
+    """The dev-guest-like argv (under TCG, every device but the vhost-user backend) starts and stays up."""
+    text = (GOLDEN / "normal-tcg-devguest.toml").read_text()
+    # No kernel (QEMU would load it before -S takes effect), no host port, a private share.
+    text = re.sub(r"\[boot\][^\[]*", "", text)
+    text = re.sub(r"forwards = .*", "", text)
+    text = text.replace('path = "/"', f'path = "{tmp_path}"')
+    spec, runtime = _real_files_runtime(text, tmp_path)
+    runtime = dataclasses.replace(runtime, accel="tcg", agent_socket=tmp_path / "agent.sock")
+    rc, stderr = await run_qemu(build_qemu_argv(spec, runtime), deadline=3.0)
+    assert rc is None, f"QEMU exited ({rc}):\n{stderr}"
+
+
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed (scripts/install-qemu.sh)")
+async def test_restricted_devices_and_disks_start_under_tcg(tmp_path: Path) -> None:
+    """Device options are checked only after accelerator init, which the SNP test never passes.
+
+    So the device strings of a CVM (virtio with iommu_platform etc.), an iothread disk with
+    native AIO and O_DIRECT, user networking and 9p are started here under TCG. The spec is
+    changed after parsing (dataclasses.replace) to force bounce buffering without a kernel,
+    which QEMU would otherwise load before the devices are created.
+    """
+    text = f"""name = "restricted"
+[[disk]]
+path = "{tmp_path}/data.img"
+iothread = true
+aio = "native"
+cache = "none"
+[network]
+mode = "user"
+[[share]]
+path = "{tmp_path}"
+tag = "share"
+"""
+    (tmp_path / "data.img").write_bytes(b"\0" * 1024 * 1024)
+    spec, runtime = _real_files_runtime(text, tmp_path)
+    spec = dataclasses.replace(spec, guest=GuestKnobs(swiotlb_force=1024))
+    runtime = dataclasses.replace(
+        runtime, accel="tcg", agent_channel="virtio-serial", agent_socket=tmp_path / "agent.sock"
+    )
+    argv = build_qemu_argv(spec, runtime)
+    assert sum(RESTRICTED_VIRTIO in a for a in argv) == 4
+    rc, stderr = await run_qemu(argv, deadline=3.0)
+    assert rc is None, f"QEMU exited ({rc}):\n{stderr}"

@@ -56,6 +56,7 @@ import errno as errno_module
 import json
 import os
 import subprocess
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -447,6 +448,9 @@ class IdlePollingController:
         self._modules: KernelModules = modules if modules is not None else Modprobe()
         self._realtime_hint = realtime_hint if realtime_hint is not None else lambda: kvm_realtime_hint(root)
         self._write = writer
+        # apply/revert/recover are read-modify-write sequences over files and the state
+        # file: one at a time (gRPC handlers run on a thread pool).
+        self._lock = threading.RLock()
 
     # ---- reading ---------------------------------------------------------------------------
 
@@ -519,6 +523,10 @@ class IdlePollingController:
 
         ``default`` means "as before the agent changed anything": it is :meth:`revert`.
         """
+        with self._lock:
+            return self._apply(mode, params)
+
+    def _apply(self, mode: IdleMode, params: HaltpollParams | None) -> IdlePollingStatus:
         params = params or HaltpollParams()
         if mode is IdleMode.DEFAULT:
             if params != HaltpollParams():
@@ -666,6 +674,10 @@ class IdlePollingController:
         The state file is removed only when everything was restored, so a failed revert can
         be retried (and is retried by :meth:`recover` on the next start).
         """
+        with self._lock:
+            return self._revert()
+
+    def _revert(self) -> IdlePollingStatus:
         record = self._read_record()
         if record is None:
             return self.status()
@@ -683,11 +695,16 @@ class IdlePollingController:
         return self.status()
 
     def recover(self, *, keep: bool = False) -> RecoveryOutcome:
-        """On agent start: undo changes a previous agent left applied, unless ``keep``."""
-        record = self._read_record()
-        if record is None:
-            return RecoveryOutcome.NOTHING_TO_RECOVER
-        if keep:
-            return RecoveryOutcome.KEPT
-        self.revert()
-        return RecoveryOutcome.RESTORED
+        """On agent start: undo changes a previous agent left applied, unless ``keep``.
+
+        Raises :class:`StateFileError` if the record is unreadable (nothing is changed then)
+        and :class:`IdlePollingError` if a restore failed (the record is kept for a retry).
+        """
+        with self._lock:
+            record = self._read_record()
+            if record is None:
+                return RecoveryOutcome.NOTHING_TO_RECOVER
+            if keep:
+                return RecoveryOutcome.KEPT
+            self._revert()
+            return RecoveryOutcome.RESTORED

@@ -16,8 +16,10 @@ A source that cannot read (file missing, debugfs not mounted, permission) raises
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from prometheus_client.core import GaugeMetricFamily
@@ -25,6 +27,37 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 SnapshotT = TypeVar("SnapshotT")
+
+
+def read_kernel_file(path: Path | str) -> str:
+    """The whole content of a sysfs/procfs/debugfs file, with plain syscalls.
+
+    ``os.open`` + ``os.read`` until EOF costs a fraction of ``Path.read_text`` (no buffered
+    text wrapper), which matters when a refresh reads hundreds of cpuidle attributes. Bytes
+    decode as latin-1, which never fails. Raises ``OSError`` like ``open``.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = [os.read(fd, 65536)]
+        while chunks[-1]:
+            chunks.append(os.read(fd, 65536))
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("latin-1")
+
+
+def read_sysfs_attribute(path: Path | str) -> str:
+    """A sysfs attribute in one ``read``: the kernel formats it whole (at most one page).
+
+    Documentation/filesystems/sysfs.rst: an attribute's ``show()`` fills one PAGE_SIZE buffer
+    at the first read, so a single read of a page returns all of it. Half the syscalls of
+    :func:`read_kernel_file`, for the hundreds of cpuidle attributes of a large guest.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 8192).decode("latin-1")
+    finally:
+        os.close(fd)
 
 
 class CollectorUnavailable(Exception):

@@ -28,7 +28,7 @@ from pathlib import Path
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from guest_agent.collectors.base import CollectorUnavailable, SnapshotSource
+from guest_agent.collectors.base import CollectorUnavailable, SnapshotSource, read_sysfs_attribute
 
 CPUIDLE_DIR = "sys/devices/system/cpu/cpuidle"
 CPU_DIR = "sys/devices/system/cpu"
@@ -107,7 +107,7 @@ class CpuidleCollector(SnapshotSource[CpuidleSnapshot]):
 
     def _read_text(self, path: Path) -> str | None:
         try:
-            return path.read_text(encoding="latin-1").strip()
+            return read_sysfs_attribute(path).strip()
         except OSError:
             return None
 

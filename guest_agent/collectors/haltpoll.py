@@ -15,7 +15,7 @@ from pathlib import Path
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from guest_agent.collectors.base import CollectorUnavailable, SnapshotSource
+from guest_agent.collectors.base import CollectorUnavailable, SnapshotSource, read_sysfs_attribute
 from guest_agent.idle_polling import (
     HALTPOLL_PARAM_NAMES,
     HALTPOLL_PARAMS_DIR,
@@ -37,7 +37,7 @@ class HaltpollCollector(SnapshotSource[HaltpollParams]):
         files: dict[str, str] = {}
         for name in HALTPOLL_PARAM_NAMES:
             try:
-                files[name] = (directory / name).read_text(encoding="latin-1")
+                files[name] = read_sysfs_attribute(directory / name)
             except FileNotFoundError:
                 continue
         if not files:

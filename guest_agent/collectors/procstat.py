@@ -18,7 +18,7 @@ from pathlib import Path
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from guest_agent.collectors.base import CollectorUnavailable, SnapshotSource
+from guest_agent.collectors.base import CollectorUnavailable, SnapshotSource, read_kernel_file
 
 MODES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 GUEST_MODES = ("user", "nice")
@@ -59,7 +59,7 @@ class ProcStatCollector(SnapshotSource[ProcStatSnapshot]):
 
     def read(self) -> ProcStatSnapshot:
         try:
-            text = self.path.read_text()
+            text = read_kernel_file(self.path)
         except OSError as exc:
             raise CollectorUnavailable(f"{self.path}: {exc}") from exc
         return parse_proc_stat(text, self.user_hz)

@@ -16,7 +16,7 @@ from pathlib import Path
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from guest_agent.collectors.base import CollectorUnavailable, SnapshotSource
+from guest_agent.collectors.base import CollectorUnavailable, SnapshotSource, read_kernel_file
 
 RESOURCES = ("cpu", "memory", "io")
 
@@ -49,7 +49,7 @@ class PressureCollector(SnapshotSource[tuple[PressureTotal, ...]]):
         totals: list[PressureTotal] = []
         for resource in RESOURCES:
             try:
-                text = (self.directory / resource).read_text()
+                text = read_kernel_file(self.directory / resource)
             except OSError:
                 continue  # e.g. EOPNOTSUPP when booted with psi=0
             totals.extend(parse_pressure(resource, text))

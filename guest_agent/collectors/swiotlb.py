@@ -33,7 +33,7 @@ from pathlib import Path
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from guest_agent.collectors.base import CollectorUnavailable, SnapshotSource
+from guest_agent.collectors.base import CollectorUnavailable, SnapshotSource, read_kernel_file
 
 IO_TLB_SHIFT = 11
 IO_TLB_SIZE_BYTES = 1 << IO_TLB_SHIFT
@@ -112,13 +112,13 @@ class SwiotlbCollector(SnapshotSource[SwiotlbSnapshot]):
             except OSError as exc:
                 self.mount_error = str(exc)
         try:
-            nslabs = (directory / "io_tlb_nslabs").read_text()
-            used = (directory / "io_tlb_used").read_text()
+            nslabs = read_kernel_file(directory / "io_tlb_nslabs")
+            used = read_kernel_file(directory / "io_tlb_used")
         except OSError as exc:
             why = f" (mount failed: {self.mount_error})" if self.mount_error else ""
             raise CollectorUnavailable(f"swiotlb statistics not readable in {directory}{why}: {exc}") from exc
         try:
-            hiwater: str | None = (directory / "io_tlb_used_hiwater").read_text()
+            hiwater: str | None = read_kernel_file(directory / "io_tlb_used_hiwater")
         except OSError:
             hiwater = None  # before Linux 6.3 there is no high-water mark
         return parse_swiotlb(nslabs, used, hiwater)

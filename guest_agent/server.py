@@ -7,6 +7,7 @@ nothing from a request ever reaches a shell.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ import trio
 
 from cvm.v1 import agent_pb2, common_pb2
 from cvmctl import __version__
+from cvmctl.attestation.guest import INTERFACES, NONCE_SIZE, fetch_evidence
+from cvmctl.errors import CvmError, UsageError
 from cvmctl.grpc_bridge import CallInfo, GrpcBridge, RpcAbort, service_handler
 from guest_agent import idle_rpc
 from guest_agent.idle_polling import IdlePollingController
@@ -75,9 +78,46 @@ class GuestAgentService:
         self._idle_polling = idle_polling
         # One idle-polling change at a time: apply and revert must not interleave.
         self._idle_lock = trio.Lock()
+        self._attestation_lock = trio.Lock()
+        self.attestation_failures = 0
 
     async def GetInfo(self, request: agent_pb2.GetInfoRequest, call: CallInfo) -> agent_pb2.GetInfoResponse:
         return self.info.response()
+
+    async def GetAttestationReport(
+        self, request: agent_pb2.GetAttestationReportRequest, call: CallInfo
+    ) -> agent_pb2.GetAttestationReportResponse:
+        report_data = bytes(request.report_data)
+        if len(report_data) != NONCE_SIZE:
+            raise UsageError(f"report_data must be exactly {NONCE_SIZE} bytes, got {len(report_data)}")
+        interface = request.interface or "auto"
+        if interface not in INTERFACES:
+            raise UsageError(f"unknown interface {interface[:40]!r}; one of {', '.join(INTERFACES)}")
+        vmpl = request.vmpl if request.HasField("vmpl") else None
+        fetch = functools.partial(
+            fetch_evidence, report_data, interface=interface, vmpl=vmpl, root=self._root
+        )
+        async with self._attestation_lock:  # one request at a time: the interfaces are per-guest
+            try:
+                evidence = await trio.to_thread.run_sync(fetch)
+            except CvmError:
+                self.attestation_failures += 1
+                raise
+        log.info(
+            "attestation_report",
+            interface=evidence.interface,
+            tee=evidence.tee,
+            seconds=round(evidence.total_seconds, 6),
+            peer=call.peer,
+        )
+        return agent_pb2.GetAttestationReportResponse(
+            tee=TEE_ENUM.get(evidence.tee, common_pb2.TEE_UNSPECIFIED),
+            interface=evidence.interface,
+            evidence_kind=evidence.kind.value,
+            evidence=evidence.data,
+            certificates=evidence.certificates or b"",
+            steps=[agent_pb2.AttestationStep(name=t.step, seconds=t.seconds) for t in evidence.timings],
+        )
 
     def _idle(self) -> IdlePollingController:
         if self._idle_polling is None:

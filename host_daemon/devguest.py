@@ -1,0 +1,41 @@
+"""Completing a spec that names no guest image with the built-in dev guest.
+
+A spec with neither ``boot.firmware`` nor ``boot.kernel`` gets the dev guest
+(:mod:`host_daemon.image`): the cached kernel and initramfs, the host's root shared
+read-only over 9p (tag ``hostroot``) and a kernel command line that starts this very
+installation's ``cvm-agent`` on vsock port 1024. Everything else in the spec is kept, so
+``name = "dev"`` alone is a bootable VM and the paper's knobs (forced swiotlb, haltpoll)
+still apply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from host_daemon.image import DEFAULT_AGENT_PORT, HOST_ROOT_TAG, build_dev_guest, dev_guest_cmdline
+from host_daemon.spec import Share, VMSpec
+
+
+def agent_executable() -> Path:
+    """The cvm-agent beside the running interpreter (the project's venv)."""
+    return Path(sys.executable).parent / "cvm-agent"
+
+
+def wants_dev_guest(spec: VMSpec) -> bool:
+    return spec.boot.firmware is None and spec.boot.kernel is None
+
+
+def complete_with_dev_guest(spec: VMSpec) -> VMSpec:
+    if not wants_dev_guest(spec):
+        return spec
+    image = build_dev_guest()
+    cmdline = dev_guest_cmdline(str(agent_executable()), port=DEFAULT_AGENT_PORT)
+    if spec.boot.cmdline:
+        cmdline = f"{cmdline} {spec.boot.cmdline}"
+    boot = dataclasses.replace(spec.boot, kernel=image.kernel, initrd=image.initrd, cmdline=cmdline)
+    shares = spec.shares
+    if not any(share.tag == HOST_ROOT_TAG for share in shares):
+        shares = (*shares, Share(path=Path("/"), tag=HOST_ROOT_TAG, readonly=True))
+    return dataclasses.replace(spec, boot=boot, shares=shares)

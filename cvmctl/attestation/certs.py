@@ -203,10 +203,10 @@ def verify_x509_signature(cert: x509.Certificate, issuer: x509.Certificate) -> s
     """Check that ``issuer`` signed ``cert`` with the algorithm ``cert`` names (Intel: ECDSA)."""
     try:
         cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature) as exc:
-        return f"signature by {common_name(issuer)} does not verify ({type(exc).__name__}: {exc})".replace(
-            " ()", ""
-        )
+    except InvalidSignature:
+        return f"the signature by {common_name(issuer)} does not verify"
+    except (ValueError, TypeError) as exc:  # issuer name mismatch, unsupported algorithm
+        return f"{common_name(cert)} is not issued by {common_name(issuer)}: {exc}"
     return None
 
 

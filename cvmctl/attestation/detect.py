@@ -19,7 +19,7 @@ from cvmctl.attestation.binary import MalformedEvidence
 from cvmctl.attestation.snp import SUPPORTED_VERSIONS, SnpReport, parse_snp_report
 from cvmctl.attestation.tdx import TEE_TYPE_TDX, TdReport, TdxQuote, parse_tdreport, parse_tdx_quote
 
-Evidence: TypeAlias = SnpReport | TdxQuote | TdReport
+ParsedEvidence: TypeAlias = SnpReport | TdxQuote | TdReport
 
 
 class EvidenceKind(enum.Enum):
@@ -65,7 +65,7 @@ def detect_kind(data: bytes, tee: str | None = None) -> EvidenceKind:
     raise MalformedEvidence("evidence", "header", 0, f"starts {head.hex()}, which is not {wanted}")
 
 
-def parse_evidence(data: bytes, tee: str | None = None) -> Evidence:
+def parse_evidence(data: bytes, tee: str | None = None) -> ParsedEvidence:
     """Detect and parse any supported evidence (hex text accepted)."""
     data = unhex_if_text(data)
     kind = detect_kind(data, tee)

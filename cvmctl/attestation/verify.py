@@ -14,7 +14,7 @@ from datetime import datetime
 
 from cryptography import x509
 
-from cvmctl.attestation.detect import Evidence
+from cvmctl.attestation.detect import ParsedEvidence
 from cvmctl.attestation.result import VerificationResult
 from cvmctl.attestation.snp import SnpReport
 from cvmctl.attestation.tdx import TdxQuote
@@ -33,7 +33,7 @@ def expected_report_data(nonce: bytes) -> bytes:
 
 
 def verify_evidence(
-    evidence: Evidence,
+    evidence: ParsedEvidence,
     certificates: Sequence[x509.Certificate] = (),
     *,
     at: datetime,

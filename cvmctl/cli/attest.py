@@ -19,7 +19,7 @@ from typing import Any
 from cryptography import x509
 
 from cvmctl.attestation.certs import classify_amd_certificates, load_certificate_file, load_certificates
-from cvmctl.attestation.detect import TEES, Evidence, parse_evidence
+from cvmctl.attestation.detect import TEES, ParsedEvidence, parse_evidence
 from cvmctl.attestation.kds import DEFAULT_KDS_URL, KdsClient
 from cvmctl.attestation.result import CheckStatus, VerificationResult
 from cvmctl.attestation.snp import Product, SnpReport
@@ -119,7 +119,7 @@ def _read(path: Path, what: str) -> bytes:
         raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
 
 
-def load_evidence(path: Path, tee: str | None) -> Evidence:
+def load_evidence(path: Path, tee: str | None) -> ParsedEvidence:
     return parse_evidence(_read(path, "evidence"), tee)
 
 

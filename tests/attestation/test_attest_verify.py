@@ -301,3 +301,28 @@ def test_tdreport_hashes_pass_and_mac_is_named(attestation_testdata: Path) -> No
     assert verify_tdreport(parse_tdreport(tampered), at=VERIFIED_ON).check("tee_info_hash").status is (
         CheckStatus.FAILED
     )
+
+
+def test_amd_serial_zero_certificates_load_without_warnings(attestation_testdata: Path) -> None:
+    """AMD's VCEK/VLEK have serial 0: cvmctl silences exactly that deprecation warning."""
+    from cvmctl.attestation.certs import load_certificate
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vcek = load_certificate((attestation_testdata / "snp/milan_v2_gosevguest_vcek.der").read_bytes())
+        vlek = load_certificate((attestation_testdata / "snp/milan_v3_vlek_aws_vlek.der").read_bytes())
+        report = parse_snp_report((attestation_testdata / "snp/milan_v2_gosevguest_report.bin").read_bytes())
+        assert verify_snp_report(report, [vcek], at=VERIFIED_ON).verified
+    assert vlek.not_valid_after_utc.year == 2025
+    # other warnings still reach the caller: the filter is scoped to the load
+    with pytest.warns(UserWarning, match="still here"):
+        warnings.warn("still here", UserWarning, stacklevel=1)
+
+
+def test_pck_signed_by_the_wrong_ca_names_both(attestation_testdata: Path) -> None:
+    quote = parse_tdx_quote(tdx_vector(attestation_testdata, "tdx/quote_v4_trustee.dat").quote)
+    pck, _platform_ca, root = load_certificates(quote.pck_chain_pem)
+    result = verify_tdx_quote(quote, at=VERIFIED_ON, pck_chain=[pck, root, root])
+    assert result.check("pck").detail.startswith(
+        "Intel SGX PCK Certificate is not issued by Intel SGX Root CA"
+    )

@@ -21,10 +21,12 @@ Missing prerequisites (QEMU, the guest kernel, vhost-device-vsock) fail the run 
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +35,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import pytest
 import trio
@@ -124,7 +127,7 @@ class Console:
 class BootedGuest:
     console: Console
     vsock_path: Path
-    qemu: trio.Process
+    qemu: subprocess.Popen[bytes]
 
 
 async def _read_lines(stream: trio.abc.ReceiveStream, console: Console) -> None:
@@ -139,21 +142,56 @@ async def _read_lines(stream: trio.abc.ReceiveStream, console: Console) -> None:
     console.close()
 
 
-async def _wait_for_path(path: Path, deadline: float, proc: trio.Process, what: str) -> None:
+async def _wait_for_path(path: Path, deadline: float, proc: subprocess.Popen[bytes], what: str) -> None:
     with trio.move_on_after(deadline):
         while not path.exists():
-            if proc.returncode is not None:
+            if proc.poll() is not None:
                 pytest.fail(f"{what} exited with status {proc.returncode} before creating {path}")
             await trio.sleep(0.02)
     if not path.exists():
         pytest.fail(f"{what} did not create {path} within {deadline} s")
 
 
-async def _stop(proc: trio.Process) -> None:
-    if proc.returncode is None:
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when the test process dies, even by SIGKILL.
+
+    prctl(PR_SET_PDEATHSIG = 1, SIGKILL), see prctl(2). Teardown kills both processes too;
+    this covers the runner itself being killed, which no ``finally`` survives. The signal
+    comes when the *thread* that forked exits, so the children are forked from the main
+    thread (:func:`_spawn`), never from a worker thread that may retire mid-test.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
+def _spawn(argv: list[str], stdout: int | IO[bytes]) -> subprocess.Popen[bytes]:
+    """Fork and exec on the calling (main) thread; see :func:`_die_with_parent`. Takes milliseconds."""
+    return subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+    )
+
+
+async def _wait_exit(proc: subprocess.Popen[bytes], deadline: float) -> int | None:
+    """The exit status, or None if the process is still running after ``deadline`` seconds.
+
+    Waits on a pidfd (readable once the process has exited; pidfd_open(2)), as trio does.
+    """
+    if proc.poll() is not None:
+        return proc.returncode
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        with trio.move_on_after(deadline):
+            await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+    return proc.poll()
+
+
+async def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
         proc.kill()
-    with trio.move_on_after(10), trio.CancelScope(shield=True):
-        await proc.wait()
+    with trio.CancelScope(shield=True):
+        await _wait_exit(proc, 10)
 
 
 @asynccontextmanager
@@ -169,17 +207,11 @@ async def boot_dev_guest(
     vhost_socket = sockets / "vhost-user.sock"
     vsock_path = sockets / "vm.vsock"
     vhost_log = (workdir / "vhost-device-vsock.log").open("wb")
-    vhost = await trio.lowlevel.open_process(
-        [
-            "vhost-device-vsock",
-            "--vm",
-            f"guest-cid={GUEST_CID},socket={vhost_socket},uds-path={vsock_path}",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=vhost_log,
-        stderr=vhost_log,
+    vhost = _spawn(
+        ["vhost-device-vsock", "--vm", f"guest-cid={GUEST_CID},socket={vhost_socket},uds-path={vsock_path}"],
+        vhost_log,
     )
-    qemu: trio.Process | None = None
+    qemu: subprocess.Popen[bytes] | None = None
     try:
         await _wait_for_path(vhost_socket, 10.0, vhost, "vhost-device-vsock")
         argv = [
@@ -203,14 +235,14 @@ async def boot_dev_guest(
             "-device", "vhost-user-vsock-pci,chardev=vsock0",
         ]  # fmt: skip
         started = trio.current_time()
-        qemu = await trio.lowlevel.open_process(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
-        console = Console(started)
+        qemu = _spawn(argv, subprocess.PIPE)
         assert qemu.stdout is not None
+        stdout = trio.lowlevel.FdStream(os.dup(qemu.stdout.fileno()))
+        qemu.stdout.close()
+        console = Console(started)
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_read_lines, qemu.stdout, console)
+            async with stdout, trio.open_nursery() as nursery:
+                nursery.start_soon(_read_lines, stdout, console)
                 try:
                     yield BootedGuest(console, vsock_path, qemu)
                 finally:
@@ -337,8 +369,7 @@ async def test_dev_guest_boots_and_reaches_a_vsock_listener(dev_guest: DevGuestI
         exit_marker = await guest.console.wait_for("agent-exit", 30)
         assert exit_marker[1].detail == "0", guest.console.tail()
         await guest.console.wait_for("poweroff", POWEROFF_DEADLINE)
-        with trio.fail_after(POWEROFF_DEADLINE):
-            status = await guest.qemu.wait()
+        status = await _wait_exit(guest.qemu, POWEROFF_DEADLINE)
         assert status == 0, guest.console.tail()
         _assert_phases(guest.console, (*BOOT_PHASES, "agent-exit", "poweroff"))
         print(_report(guest.console))

@@ -165,7 +165,9 @@ def tsm_get_report(
                     ) from exc
             auxblob = None
             if want_auxblob and tee == "sev-snp":
-                with timer.step("read_auxblob"):
+                with timer.step("read_auxblob"), contextlib.suppress(OSError):
+                    # Empty, or unreadable on kernels without auxblob: no host certificates,
+                    # and the verifier gets the VCEK elsewhere (KDS).
                     auxblob = ops.read(entry / "auxblob") or None
             if _read_int(ops, entry / "generation") == generation and _report_data_of(tee, outblob) == nonce:
                 return TsmReport(tee, provider, outblob, auxblob, vmpl, generation, attempt)

@@ -50,7 +50,13 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from cvmctl.attestation import certs as certmod
 from cvmctl.attestation.result import VerificationResult
-from cvmctl.attestation.snp import SIGNATURE_ALGO_ECDSA_P384_SHA384, Product, SigningKey, SnpReport
+from cvmctl.attestation.snp import (
+    SIGNATURE_ALGO_ECDSA_P384_SHA384,
+    Product,
+    SigningKey,
+    SnpReport,
+    parse_snp_report,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +148,10 @@ def verify_snp_report(
     if product is None:
         _check_policy(report, policy, result)
         return result
+    if report.product is None and product.uses_turin_tcb_layout:
+        # A v3+ report from a CPU model this code does not know, certified as Turin: read its
+        # TCB fields with the Turin layout the certificate implies.
+        report = parse_snp_report(report.raw, product=product)
 
     ark = certmod.amd_ark(product)
     foreign_roots = [r for r in roots if not certmod.same_certificate(r, ark)]
@@ -199,7 +209,7 @@ def _check_product(
     product = from_report or from_cert
     assert product is not None
     source = "report CPUID" if from_report else "certificate"
-    if from_report is None and product.uses_turin_tcb_layout:
+    if report.version == 2 and product.uses_turin_tcb_layout:
         result.failed(
             "product", "a version-2 report cannot come from Turin, yet the certificate is for Turin"
         )

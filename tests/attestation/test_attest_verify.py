@@ -326,3 +326,15 @@ def test_pck_signed_by_the_wrong_ca_names_both(attestation_testdata: Path) -> No
     assert result.check("pck").detail.startswith(
         "Intel SGX PCK Certificate is not issued by Intel SGX Root CA"
     )
+
+
+def test_unknown_cpu_model_certified_as_turin_uses_the_turin_layout(attestation_testdata: Path) -> None:
+    vector = snp_vector(attestation_testdata, "snp/turin_v5_msft_report.bin")
+    data = bytearray(vector.report)
+    data[0x188] = 0x1B  # a CPU family this code does not know: the report names no product
+    report = parse_snp_report(bytes(data))
+    assert report.product is None
+    result = verify_snp_report(report, vector.certificates, at=vector.at)
+    assert result.check("product").detail == "Turin (from the certificate)"
+    assert result.check("tcb").passed  # read with the Turin layout, so fmc=1 etc. match
+    assert [c.name for c in result.failures] == ["report_signature"]  # the CPUID byte is signed

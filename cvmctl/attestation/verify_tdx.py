@@ -43,7 +43,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from cvmctl.attestation import certs as certmod
+from cvmctl.attestation.binary import MalformedEvidence
 from cvmctl.attestation.result import VerificationResult
+from cvmctl.attestation.sgx_pck import read_pck_platform
 from cvmctl.attestation.tdx import TdReport, TdxQuote
 
 INTEL_QE_MRSIGNER = bytes.fromhex("dc9e2a7c6f948f17474e34a7fc43ed030f7c1563f1babddf6340c82e0e54a8c5")
@@ -78,6 +80,13 @@ def _attestation_key(raw: bytes) -> ec.EllipticCurvePublicKey | None:
         return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + raw)
     except ValueError:
         return None
+
+
+def _fmspc_note(pck: x509.Certificate) -> str:
+    try:
+        return f" (FMSPC {read_pck_platform(pck).fmspc.hex()})"
+    except MalformedEvidence:
+        return ""
 
 
 def _chain_problem(chain: Sequence[x509.Certificate]) -> str | None:
@@ -122,7 +131,9 @@ def verify_tdx_quote(
             f"{certmod.common_name(ca)} signed by the root",
         )
         result.record(
-            "pck", certmod.verify_x509_signature(pck, ca), f"PCK signed by {certmod.common_name(ca)}"
+            "pck",
+            certmod.verify_x509_signature(pck, ca),
+            f"PCK{_fmspc_note(pck)} signed by {certmod.common_name(ca)}",
         )
         problems = [p for p in (certmod.validity_problem(c, at) for c in (pinned, ca, pck)) if p]
         result.record("validity", "; ".join(problems) or None, f"3 certificates valid at {at.isoformat()}")

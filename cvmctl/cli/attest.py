@@ -18,11 +18,18 @@ from typing import Any
 
 from cryptography import x509
 
-from cvmctl.attestation.certs import classify_amd_certificates, load_certificate_file, load_certificates
+from cvmctl.attestation.certs import (
+    classify_amd_certificates,
+    common_name,
+    load_certificate_file,
+    load_certificates,
+)
 from cvmctl.attestation.detect import TEES, ParsedEvidence, parse_evidence
 from cvmctl.attestation.kds import DEFAULT_KDS_URL, KdsClient
 from cvmctl.attestation.result import CheckStatus, VerificationResult
+from cvmctl.attestation.sgx_pck import read_pck_platform
 from cvmctl.attestation.snp import Product, SnpReport
+from cvmctl.attestation.tdx import TdxQuote
 from cvmctl.attestation.verify import verify_evidence
 from cvmctl.cli.output import print_table
 from cvmctl.errors import UsageError
@@ -167,6 +174,11 @@ def _evidence_rows(data: dict[str, Any], prefix: str = "") -> list[tuple[str, st
 def run_show(args: argparse.Namespace) -> int:
     evidence = load_evidence(args.file, args.tee)
     data = evidence.to_dict()
+    if isinstance(evidence, TdxQuote):
+        chain = load_certificates(evidence.pck_chain_pem, "the quote's PCK chain")
+        data["pck_chain"] = [common_name(cert) for cert in chain]
+        if chain:
+            data["pck"] = read_pck_platform(chain[0]).to_dict()
     if args.json:
         print(json.dumps(data, indent=2))
     else:

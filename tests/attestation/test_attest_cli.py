@@ -181,3 +181,20 @@ def test_verify_fetches_the_vcek_from_kds(
         thread.join()
     assert main([*args, "--kds", url, *cache]) == 0  # the server is gone: the cache answers
     assert capsys.readouterr().out.splitlines()[-1] == "sev-snp-report: verified (12 checks)"
+
+
+def test_show_tdx_quote_includes_pck_platform(
+    attestation_testdata: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        main(["attest", "show", str(attestation_testdata / "tdx/quote_v5_tdx15_gotdxguest.dat"), "--json"])
+        == 0
+    )
+    data = json.loads(capsys.readouterr().out)
+    assert data["pck"]["fmspc"] == "90c06f000000"
+    assert data["pck_chain"] == [
+        "Intel SGX PCK Certificate",
+        "Intel SGX PCK Platform CA",
+        "Intel SGX Root CA",
+    ]
+    assert data["body"]["mr_servicetd"] == "00" * 48

@@ -270,3 +270,43 @@ def test_cert_table_entry_past_the_end() -> None:
         parse_cert_table(table[:60])
     with pytest.raises(MalformedEvidence, match=r"'entry\[0\].guid' at offset 0x0"):
         parse_cert_table(b"\x01\x02")
+
+
+@pytest.mark.parametrize(
+    ("name", "fmspc"),
+    [
+        ("tdx/quote_v4_spr_e4_gotdxguest.dat", "50806f000000"),
+        ("tdx/quote_v4_trustee.dat", "50806f000000"),
+        ("tdx/quote_v5_tdx15_gotdxguest.dat", "90c06f000000"),
+    ],
+)
+def test_pck_platform_fmspc(attestation_testdata: Path, name: str, fmspc: str) -> None:
+    from cvmctl.attestation.sgx_pck import read_pck_platform
+
+    quote = parse_tdx_quote((attestation_testdata / name).read_bytes())
+    platform = read_pck_platform(load_certificates(quote.pck_chain_pem)[0])
+    assert platform.fmspc.hex() == fmspc
+    assert platform.pce_id == bytes(2)
+    assert len(platform.cpusvn) == 16 and list(platform.cpusvn) == list(platform.sgx_tcb_components)
+
+
+def test_pck_platform_of_a_non_pck_certificate(attestation_testdata: Path) -> None:
+    from cvmctl.attestation.sgx_pck import read_pck_platform
+
+    ark = load_certificates((attestation_testdata / "snp/ask_ark_milan.pem").read_bytes())[1]
+    with pytest.raises(MalformedEvidence, match="is missing: not a PCK certificate"):
+        read_pck_platform(ark)
+
+
+def test_pck_der_walker_rejects_truncation_precisely() -> None:
+    from cvmctl.attestation.sgx_pck import _der_elements
+
+    assert list(_der_elements(bytes.fromhex("0403aabbcc0500"))) == [
+        (0x04, b"\xaa\xbb\xcc", 2),
+        (0x05, b"", 7),
+    ]
+    assert list(_der_elements(bytes.fromhex("0481020102"))) == [(0x04, b"\x01\x02", 3)]
+    with pytest.raises(MalformedEvidence, match=r"'element tag 0x4' at offset 0x0 runs past its parent"):
+        list(_der_elements(bytes.fromhex("0405aabb")))
+    with pytest.raises(MalformedEvidence, match=r"'length' at offset 0x1 is not a usable DER length"):
+        list(_der_elements(bytes.fromhex("0480")))

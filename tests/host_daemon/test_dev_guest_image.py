@@ -243,13 +243,24 @@ def test_init_loads_modules_in_order_and_marks_phases_in_order(tmp_path: Path) -
         [
             InitModule("netfs", "lib/modules/k/netfs.ko", True),
             InitModule("9p", "lib/modules/k/9p.ko", True),
-            InitModule("sev_guest", "lib/modules/k/sev-guest.ko", False),
+            InitModule("tsm", "lib/modules/k/tsm.ko", False, "sev_snp"),
+            InitModule("sev_guest", "lib/modules/k/sev-guest.ko", False, "sev_snp"),
+            InitModule("tdx_guest", "lib/modules/k/tdx-guest.ko", False, "tdx_guest"),
         ]
     )
+    sev_block = (
+        'case "$cpuflags" in *" sev_snp "*)\n'
+        "    insmod /lib/modules/k/tsm.ko 2>/dev/null || mark module-skipped tsm\n"
+        "    insmod /lib/modules/k/sev-guest.ko 2>/dev/null || mark module-skipped sev_guest\n"
+        "    ;;\nesac\n"
+        'case "$cpuflags" in *" tdx_guest "*)\n'
+    )
+    assert sev_block in text
     assert text.startswith("#!/bin/busybox sh\n")
     netfs = text.index('insmod /lib/modules/k/netfs.ko || fail "insmod netfs"')
     ninep = text.index('insmod /lib/modules/k/9p.ko || fail "insmod 9p"')
     sev = text.index("insmod /lib/modules/k/sev-guest.ko 2>/dev/null || mark module-skipped sev_guest")
+    assert text.index("cpuflags=") < netfs
     assert netfs < ninep < sev < text.index("mark modules-loaded")
     positions = [text.index(f"mark {phase}") for phase in BOOT_PHASES]
     assert positions == sorted(positions)
@@ -319,9 +330,8 @@ def fake_kernel(root: Path, modules: dict[str, str], builtin: tuple[str, ...] = 
 
 
 def test_build_then_cache_hit_then_new_key_on_change(tmp_path: Path) -> None:
-    kernel = fake_kernel(
-        tmp_path / "k", {"netfs": "", "9pnet": "", "9p": "netfs,9pnet", "opt": "netfs"}, ("virtio",)
-    )
+    modules = {"netfs": "", "9pnet": "", "9p": "netfs,9pnet", "opt": "netfs", "tsm": "", "flagged": "tsm"}
+    kernel = fake_kernel(tmp_path / "k", modules, ("virtio",))
     busybox = tmp_path / "busybox"
     busybox.write_bytes(STATIC_BUSYBOX)
     cache = tmp_path / "cache"
@@ -332,12 +342,12 @@ def test_build_then_cache_hit_then_new_key_on_change(tmp_path: Path) -> None:
             busybox=busybox,
             cache_dir=cache,
             required_modules=required,
-            optional_modules=("opt", "absent"),
+            optional_modules={"opt": None, "absent": None, "flagged": "sev_snp"},
         )
 
     first = build(("9p", "virtio"))
     assert not first.cached
-    assert first.modules == ("netfs", "9pnet", "9p", "opt")
+    assert first.modules == ("netfs", "9pnet", "9p", "opt", "tsm", "flagged")
     assert first.kernel.read_bytes() == kernel.vmlinuz.read_bytes()
     archive = parse_newc(gzip.decompress(first.initrd.read_bytes()))
     members = {e.name: e for e in archive}

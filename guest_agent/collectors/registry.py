@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 
@@ -54,8 +54,10 @@ T = TypeVar("T")
 ReadRunner = Callable[[Callable[[], Any]], Awaitable[Any]]
 """Runs a blocking read and returns its result (a worker thread in production)."""
 
-#: The exposition content type to send with :func:`render_text` output.
-METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
+#: The content type of :func:`render_text` output: the text format 0.0.4 (every name here is a
+#: classic Prometheus name, so no UTF-8 escaping is involved). Spelled out rather than taken
+#: from client_python, whose ``CONTENT_TYPE_LATEST`` became ``version=1.0.0`` in 0.22.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @dataclass(frozen=True)

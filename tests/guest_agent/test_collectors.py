@@ -15,7 +15,14 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
 from guest_agent.collectors import AgentStats, Roots, build_registry, render_text
-from guest_agent.collectors.base import CollectorUnavailable, SlotState, SnapshotExporter, SnapshotSource
+from guest_agent.collectors.base import (
+    CollectorUnavailable,
+    SlotState,
+    SnapshotExporter,
+    SnapshotSource,
+    read_kernel_file,
+    read_sysfs_attribute,
+)
 from guest_agent.collectors.cpuidle import IdleState, state_labels
 from guest_agent.collectors.procstat import parse_proc_stat
 from guest_agent.collectors.psi import PressureTotal, parse_pressure
@@ -331,3 +338,14 @@ async def test_promtool_check_metrics_reports_nothing(tree: str) -> None:
         [promtool, "check", "metrics"], stdin=text, capture_stdout=True, capture_stderr=True, check=False
     )
     assert (done.returncode, done.stdout, done.stderr) == (0, b"", b""), text.decode()
+
+
+def test_kernel_files_larger_than_one_read(tmp_path: Path) -> None:
+    big = tmp_path / "stat"
+    text = "intr " + " 0" * 100_000 + "\n"
+    big.write_text(text)
+    assert read_kernel_file(big) == text
+    assert (
+        read_sysfs_attribute(SYSROOTS / "kvm-guest-6.18/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+        == "0\n"
+    )

@@ -20,6 +20,7 @@ from guest_agent.idle_polling import (
     CPUIDLE_DIR,
     HALTPOLL_DRIVER_MODULE_DIR,
     HALTPOLL_PARAMS_DIR,
+    KVM_CPUID_SIGNATURE_LEAF,
     STATE_FILE_NAME,
     HaltpollParams,
     HaltpollUnavailable,
@@ -33,6 +34,7 @@ from guest_agent.idle_polling import (
     StateFileError,
     SysfsWriteError,
     cmdline_has_idle_poll,
+    kvm_realtime_hint,
     parse_haltpoll_params,
     write_attribute,
 )
@@ -470,3 +472,21 @@ def test_modprobe_failure_becomes_a_module_error() -> None:
     with pytest.raises(ModuleError, match="could not run"):
         Modprobe(executable="/nonexistent/modprobe").unload("cpuidle_haltpoll")
     Modprobe(executable="true").load("cpuidle_haltpoll", {"force": "1"})
+
+
+# ---- the realtime hint (through a stand-in for /dev/cpu/0/cpuid) ---------------------------------
+
+
+def test_realtime_hint_from_the_cpuid_device(tmp_path: Path) -> None:
+    assert kvm_realtime_hint(tmp_path) is None  # no cpuid driver: unknown
+    device = tmp_path / "dev/cpu/0/cpuid"
+    device.parent.mkdir(parents=True)
+    with device.open("wb") as handle:  # sparse: the file offset is the CPUID leaf
+        handle.seek(KVM_CPUID_SIGNATURE_LEAF)
+        handle.write((0x40000001).to_bytes(4, "little") + b"KVMKVMKVM\0\0\0" + b"\0")
+    # In a regular file leaf 0x40000001 overlaps the signature: its EDX bytes are zero.
+    assert kvm_realtime_hint(tmp_path) is False
+    with device.open("r+b") as handle:
+        handle.seek(KVM_CPUID_SIGNATURE_LEAF + 4)
+        handle.write(b"Microsoft Hv")
+    assert kvm_realtime_hint(tmp_path) is None  # not KVM

@@ -11,7 +11,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +21,22 @@ from prometheus_client.registry import CollectorRegistry
 from guest_agent.collectors import AgentStats, Roots, build_registry
 from guest_agent.collectors.base import SlotState, SnapshotExporter, SnapshotSource
 from guest_agent.collectors.registry import Refresher
-from guest_agent.metrics_http import MetricsHttpServer, serve_metrics_http
+from guest_agent.metrics_http import MetricsEndpoint, parse_request_line, serve_metrics_http
 
 SYSROOTS = Path(__file__).resolve().parent.parent / "fixtures" / "sysroots"
 
 
-def fetch(url: str, timeout: float = 5.0) -> tuple[int, str, str]:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return response.status, response.headers["Content-Type"], response.read().decode()
+def fetch(url: str, timeout: float = 5.0, method: str = "GET") -> tuple[int, str, str]:
+    request = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["Content-Type"], error.read().decode()
+
+
+async def afetch(url: str, timeout: float = 5.0, method: str = "GET") -> tuple[int, str, str]:
+    return await trio.to_thread.run_sync(fetch, url, timeout, method)
 
 
 async def fixture_registry() -> CollectorRegistry:
@@ -40,53 +47,55 @@ async def fixture_registry() -> CollectorRegistry:
     return registry
 
 
-@pytest.fixture
-def server() -> Iterator[MetricsHttpServer]:
-    running = MetricsHttpServer(trio.run(fixture_registry), host="127.0.0.1", port=0)
-    try:
-        yield running
-    finally:
-        running.stop()
+def test_request_line_parsing() -> None:
+    assert parse_request_line(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n") == ("GET", "/metrics")
+    assert parse_request_line(b"garbage\r\n\r\n") is None
 
 
-def test_serves_metrics_and_stops_cleanly(server: MetricsHttpServer) -> None:
-    status, content_type, body = fetch(server.url)
-    assert status == 200
-    assert content_type.startswith("text/plain; version=0.0.4")
-    assert 'cvm_guest_cpuidle_info{driver="haltpoll",governor="haltpoll"} 1.0' in body
-    server.stop()
-    server.stop()  # idempotent
-    with pytest.raises(urllib.error.URLError):
-        fetch(server.url, timeout=2)
-    with socket.socket() as probe:  # nothing listens there any more (TIME_WAIT aside)
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind(("127.0.0.1", server.port))
-
-
-def test_ipv6_loopback() -> None:
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6 in this Python")
-    try:
-        running = MetricsHttpServer(CollectorRegistry(), host="::1", port=0)
-    except OSError as exc:
-        pytest.skip(f"no IPv6 loopback here: {exc}")
-    try:
-        assert running.url.startswith("http://[::1]:")
-        assert fetch(running.url)[0] == 200
-    finally:
-        running.stop()
-
-
-async def test_trio_form_runs_until_cancelled() -> None:
+async def test_serves_metrics_and_stops_cleanly() -> None:
     async with trio.open_nursery() as nursery:
-        running: MetricsHttpServer = await nursery.start(
+        endpoint: MetricsEndpoint = await nursery.start(
             serve_metrics_http, await fixture_registry(), "127.0.0.1", 0
         )
-        status, _, body = await trio.to_thread.run_sync(fetch, running.url)
-        assert status == 200 and "cvm_guest_info" in body
+        status, content_type, body = await afetch(endpoint.url)
+        assert status == 200
+        assert content_type.startswith("text/plain; version=0.0.4")
+        assert 'cvm_guest_cpuidle_info{driver="haltpoll",governor="haltpoll"} 1.0' in body
+        assert await afetch(endpoint.url, method="HEAD") == (200, content_type, "")
+        assert (await afetch(endpoint.url.replace("/metrics", "/other")))[0] == 404
+        assert (await afetch(endpoint.url, method="POST"))[0] == 405
         nursery.cancel_scope.cancel()
     with pytest.raises(urllib.error.URLError):
-        await trio.to_thread.run_sync(fetch, running.url, 2.0)
+        await afetch(endpoint.url, 2.0)
+    with socket.socket() as probe:  # nothing listens there any more (TIME_WAIT aside)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", endpoint.port))
+
+
+async def test_a_silent_client_cannot_pin_the_server(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        endpoint: MetricsEndpoint = await nursery.start(
+            serve_metrics_http, CollectorRegistry(), "127.0.0.1", 0
+        )
+        stream = await trio.open_tcp_stream("127.0.0.1", endpoint.port)
+        async with stream:
+            await stream.send_all(b"GET /metrics HTTP/1.1\r\n")  # ... and never finishes the head
+            with trio.fail_after(60):
+                assert await stream.receive_some(100) == b""  # closed after the request timeout
+        nursery.cancel_scope.cancel()
+
+
+async def test_ipv6_loopback() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this Python")
+    async with trio.open_nursery() as nursery:
+        try:
+            endpoint: MetricsEndpoint = await nursery.start(serve_metrics_http, CollectorRegistry(), "::1", 0)
+        except OSError as exc:
+            pytest.skip(f"no IPv6 loopback here: {exc}")
+        assert endpoint.url.startswith("http://[::1]:")
+        assert (await afetch(endpoint.url))[0] == 200
+        nursery.cancel_scope.cancel()
 
 
 class StuckSource(SnapshotSource[int]):
@@ -111,18 +120,17 @@ async def test_a_hung_read_never_stalls_a_scrape() -> None:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotExporter([slot]))
     refresher = Refresher([slot], interval=0.1, read_deadline=0.2)
-    running = MetricsHttpServer(registry, port=0)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(refresher.run)  # the first refresh gives up after 0.2 s
+            endpoint: MetricsEndpoint = await nursery.start(serve_metrics_http, registry, "127.0.0.1", 0)
             started = time.monotonic()
-            _, _, body = await trio.to_thread.run_sync(fetch, running.url)
+            _, _, body = await afetch(endpoint.url)
             assert time.monotonic() - started < 1.0
             assert 'cvm_scrape_collector_success{collector="stuck"} 0.0' in body
             nursery.cancel_scope.cancel()
     finally:
         source.release.set()
-        running.stop()
 
 
 def free_port() -> int:
@@ -132,47 +140,55 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_a_real_prometheus_scrapes_the_agent(server: MetricsHttpServer, tmp_path: Path) -> None:
+async def test_a_real_prometheus_scrapes_the_agent(tmp_path: Path) -> None:
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         pytest.skip("prometheus not installed (Debian package: prometheus)")
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        "  - job_name: cvm-agent\n"
-        f"    static_configs: [{{targets: ['127.0.0.1:{server.port}']}}]\n"
-    )
     port = free_port()
-    process = subprocess.Popen(
-        [
-            prometheus,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
     query = urllib.parse.urlencode({"query": "cvm_guest_cpuidle_state_time_seconds_total"})
     url = f"http://127.0.0.1:{port}/api/v1/query?{query}"
     result: list[dict[str, Any]] = []
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not result:
-            time.sleep(0.5)
-            try:
-                result = json.loads(fetch(url, timeout=2)[2])["data"]["result"]
-            except (urllib.error.URLError, ConnectionError):
-                continue
-    finally:
-        process.terminate()
+    async with trio.open_nursery() as nursery:
+        endpoint: MetricsEndpoint = await nursery.start(
+            serve_metrics_http, await fixture_registry(), "127.0.0.1", 0
+        )
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            "scrape_configs:\n"
+            "  - job_name: cvm-agent\n"
+            f"    static_configs: [{{targets: ['127.0.0.1:{endpoint.port}']}}]\n"
+        )
+        log = (tmp_path / "prometheus.log").open("wb")
+        process = await trio.lowlevel.open_process(
+            [
+                prometheus,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
         try:
-            _, stderr = process.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            _, stderr = process.communicate()
-    assert result, f"no cvm_guest_cpuidle series in Prometheus; its log:\n{stderr.decode()[-2000:]}"
+            with trio.move_on_after(60):
+                while not result:
+                    await trio.sleep(0.5)
+                    try:
+                        result = json.loads((await afetch(url, 2.0))[2])["data"]["result"]
+                    except (urllib.error.URLError, ConnectionError, KeyError, ValueError):
+                        continue
+        finally:
+            process.terminate()
+            with trio.move_on_after(20) as waited:
+                await process.wait()
+            if waited.cancelled_caught:
+                process.kill()
+                await process.wait()
+            log.close()
+        nursery.cancel_scope.cancel()
+    log_tail = (tmp_path / "prometheus.log").read_text()[-2000:]
+    assert result, f"no cvm_guest_cpuidle series in Prometheus; its log:\n{log_tail}"
     series = {(r["metric"]["cpu"], r["metric"]["state"]): float(r["value"][1]) for r in result}
     assert series[("0", "haltpoll idle")] == 434.883613
     assert {r["metric"]["job"] for r in result} == {"cvm-agent"}

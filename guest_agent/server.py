@@ -18,7 +18,7 @@ import trio
 
 from cvm.v1 import agent_pb2, common_pb2
 from cvmctl import __version__
-from cvmctl.attestation.guest import INTERFACES, NONCE_SIZE, fetch_evidence
+from cvmctl.attestation.guest import INTERFACES, NONCE_SIZE, Evidence, fetch_evidence
 from cvmctl.errors import CvmError, UsageError
 from cvmctl.grpc_bridge import CallInfo, GrpcBridge, RpcAbort, service_handler
 from guest_agent import idle_rpc
@@ -71,9 +71,15 @@ class GuestAgentService:
     """Implements cvm.v1.GuestAgent. ``root`` is the filesystem the agent inspects."""
 
     def __init__(
-        self, *, root: Path, detect_tee: TeeDetector, idle_polling: IdlePollingController | None = None
+        self,
+        *,
+        root: Path,
+        detect_tee: TeeDetector,
+        idle_polling: IdlePollingController | None = None,
+        attestation_fetch: Callable[..., Evidence] = fetch_evidence,
     ) -> None:
         self._root = root
+        self._fetch_evidence = attestation_fetch
         self.info = GuestInfo(root, detect_tee)
         self._idle_polling = idle_polling
         # One idle-polling change at a time: apply and revert must not interleave.
@@ -95,7 +101,7 @@ class GuestAgentService:
             raise UsageError(f"unknown interface {interface[:40]!r}; one of {', '.join(INTERFACES)}")
         vmpl = request.vmpl if request.HasField("vmpl") else None
         fetch = functools.partial(
-            fetch_evidence, report_data, interface=interface, vmpl=vmpl, root=self._root
+            self._fetch_evidence, report_data, interface=interface, vmpl=vmpl, root=self._root
         )
         async with self._attestation_lock:  # one request at a time: the interfaces are per-guest
             try:

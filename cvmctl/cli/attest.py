@@ -55,6 +55,35 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     show.add_argument("--json", action="store_true", help="print JSON instead of a table")
     show.set_defaults(func=run_show)
 
+    fetch = commands.add_parser(
+        "fetch",
+        help="ask a guest agent for evidence bound to your nonce",
+        description=(
+            "Ask the agent in a confidential VM for an SNP report or TDX quote whose report data is "
+            "NONCE (64 bytes, as 128 hex digits; shorter values are zero-padded). Writes the evidence "
+            "to -o and, for SNP, the host's certificate table to --certs-out when the host supplies one. "
+            "Verify the result with: cvmctl attest verify FILE --nonce HEX [--certs CERTS]"
+        ),
+    )
+    fetch.add_argument("--connect", required=True, metavar="ADDR", help="the agent's address")
+    fetch.add_argument("--nonce", required=True, metavar="HEX", help="up to 64 bytes in hex")
+    fetch.add_argument(
+        "-o", "--output", required=True, type=Path, metavar="FILE", help="where the evidence goes"
+    )
+    fetch.add_argument("--certs-out", type=Path, metavar="FILE", help="where the certificate table goes")
+    fetch.add_argument(
+        "--vmpl", type=int, choices=range(4), metavar="0-3", help="SEV-SNP: the VMPL to ask at"
+    )
+    fetch.add_argument(
+        "--interface",
+        choices=("auto", "configfs-tsm", "sev-guest", "tdx-guest"),
+        default="auto",
+        help="the guest kernel interface (default: auto)",
+    )
+    fetch.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="default 30")
+    fetch.add_argument("--json", action="store_true", help="print what was fetched as JSON")
+    fetch.set_defaults(func=run_fetch)
+
     verify = commands.add_parser(
         "verify",
         help="verify a report or quote; exit 0 verified, 1 rejected, 2 unusable input",
@@ -236,3 +265,83 @@ def print_result(result: VerificationResult, *, as_json: bool) -> None:
         return
     print_table([(check.name, f"{STATUS_MARKS[check.status]:<7}  {check.detail}") for check in result.checks])
     print(f"{result.evidence_type}: {result.summary()}")
+
+
+def nonce_from_hex(text: str) -> bytes:
+    """64 bytes of report data from hex; shorter values are zero-padded as verify compares them."""
+    cleaned = text.strip().removeprefix("0x")
+    try:
+        raw = bytes.fromhex(cleaned)
+    except ValueError:
+        raise UsageError(f"--nonce {text[:20]!r}... is not hexadecimal") from None
+    if len(raw) > 64:
+        raise UsageError(f"--nonce is {len(raw)} bytes; the report data holds 64 (hash longer values)")
+    return raw.ljust(64, b"\0")
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    import trio
+
+    from cvm.v1 import agent_pb2, agent_pb2_grpc
+    from cvmctl.address import parse_address
+    from cvmctl.client import connect
+
+    address = parse_address(args.connect)
+    request = agent_pb2.GetAttestationReportRequest(
+        report_data=nonce_from_hex(args.nonce), interface=args.interface
+    )
+    if args.vmpl is not None:
+        request.vmpl = args.vmpl
+
+    async def ask() -> agent_pb2.GetAttestationReportResponse:
+        async with connect(address, timeout=args.timeout) as client:
+            stub = agent_pb2_grpc.GuestAgentStub(client.channel)
+            response: agent_pb2.GetAttestationReportResponse = await client.call(
+                stub.GetAttestationReport, request
+            )
+            return response
+
+    response = trio.run(ask)
+    _write_atomically(args.output, response.evidence)
+    written = [str(args.output)]
+    if response.certificates and args.certs_out is not None:
+        _write_atomically(args.certs_out, response.certificates)
+        written.append(str(args.certs_out))
+    steps = {step.name: step.seconds for step in response.steps}
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "interface": response.interface,
+                    "evidence_kind": response.evidence_kind,
+                    "evidence_bytes": len(response.evidence),
+                    "certificate_bytes": len(response.certificates),
+                    "files": written,
+                    "steps_seconds": steps,
+                },
+                indent=2,
+                sort_keys=True,
+            )
+        )
+    else:
+        rows = [
+            (
+                "evidence",
+                f"{response.evidence_kind} via {response.interface}, {len(response.evidence)} bytes",
+            ),
+            ("written", ", ".join(written)),
+        ]
+        if response.certificates and args.certs_out is None:
+            rows.append(("certificates", f"{len(response.certificates)} bytes not saved (use --certs-out)"))
+        rows += [(f"step {name}", f"{seconds * 1e3:.3f} ms") for name, seconds in steps.items()]
+        print_table(rows)
+    return 0
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from exc

@@ -21,7 +21,7 @@
 #     with --upgrade.
 #
 # Layout (root: $CVM_GUEST_KERNEL_DIR, default /var/cache/cvmctl/guest-kernel):
-#   debs/                      the downloaded .deb files
+#   debs/                      where the .deb files are downloaded (deleted once extracted)
 #   kernel-<version>/          the kernel package extracted (boot/vmlinuz-*, lib/modules/*)
 #   busybox-<version>/         busybox-static extracted (bin/busybox or usr/bin/busybox)
 #   kernel -> kernel-<version> what host_daemon.image uses
@@ -92,6 +92,7 @@ fetch() {
         dpkg-deb -x "$deb" "$dir.tmp"
         mv "$dir.tmp" "$dir"
     fi
+    rm -f "$deb"  # the extracted tree is what is used; apt can fetch the .deb again
     ln -sfn "$(basename "$dir")" "$root/$link.new"
     mv -T "$root/$link.new" "$root/$link"
     echo "install-guest-kernel.sh: $link -> $(basename "$dir")"

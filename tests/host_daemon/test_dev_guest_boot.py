@@ -27,11 +27,12 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,9 +197,16 @@ async def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @asynccontextmanager
 async def boot_dev_guest(
-    image: DevGuestImage, workdir: Path, agent: str | None
+    image: DevGuestImage,
+    workdir: Path,
+    agent: str | None,
+    *,
+    ip: str | None = None,
+    extra_qemu: Sequence[str] = (),
 ) -> AsyncIterator[BootedGuest]:
     """Start vhost-device-vsock and QEMU; yield while the console is being read; kill both.
+
+    ``ip`` goes to the guest as ``cvm.ip``; ``extra_qemu`` is appended to QEMU's argv.
 
     The sockets live in a short directory of their own: a unix socket path has at most 107
     bytes, and pytest's ``tmp_path`` can come near that.
@@ -227,12 +235,13 @@ async def boot_dev_guest(
             "-no-reboot",
             "-kernel", str(image.kernel),
             "-initrd", str(image.initrd),
-            "-append", dev_guest_cmdline(agent, port=AGENT_PORT),
+            "-append", dev_guest_cmdline(agent, port=AGENT_PORT, ip=ip),
             "-virtfs", f"local,path=/,mount_tag={HOST_ROOT_TAG},security_model=none,readonly=on",
             "-chardev", f"socket,id=vsock0,path={vhost_socket}",
             # The CID belongs to the backend (vhost-device-vsock --vm guest-cid=...); the
             # vhost-user device has no guest-cid property of its own.
             "-device", "vhost-user-vsock-pci,chardev=vsock0",
+            *extra_qemu,
         ]  # fmt: skip
         started = trio.current_time()
         qemu = _spawn(argv, subprocess.PIPE)
@@ -416,3 +425,59 @@ async def test_dev_guest_agent_answers_over_hybrid_vsock(dev_guest: DevGuestImag
         _assert_phases(guest.console, BOOT_PHASES)
         assert ready > exec_time
         print(f"{_report(guest.console)}; agent SERVING host {ready:.2f}s")
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def _http_get(port: int, path: str, deadline: float) -> bytes:
+    """GET over loopback, retried until it answers (the guest's server may not be up yet)."""
+    last = "nothing tried"
+    with trio.move_on_after(deadline):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                async with stream:
+                    await stream.send_all(f"GET {path} HTTP/1.0\r\nHost: guest\r\n\r\n".encode())
+                    reply = await _receive_until(stream, b"\0never", 10)
+                if reply.startswith(b"HTTP/"):
+                    return reply
+                last = f"reply {reply[:60]!r}"
+            except (OSError, trio.BrokenResourceError) as exc:  # slirp resets until the guest listens
+                last = str(exc)
+            await trio.sleep(0.5)
+    pytest.fail(f"http://127.0.0.1:{port}{path}: no answer within {deadline} s ({last})")
+
+
+async def test_dev_guest_runs_a_host_program_as_a_network_workload(
+    dev_guest: DevGuestImage, tmp_path: Path
+) -> None:
+    """A server from the host root runs in the guest and answers through user networking.
+
+    The "agent" here is a shell script that serves ``tmp_path`` with ``python3 -m
+    http.server`` on the static address ``cvm.ip`` gives eth0 (QEMU user networking's
+    10.0.2.15); QEMU forwards a loopback port to it. This is the path a workload (nginx,
+    memcached, iperf3 installed on the host) takes: binaries and config from the 9p root,
+    writes into the overlay, traffic over virtio-net.
+    """
+    (tmp_path / "hello.txt").write_text("hello from the host root\n")
+    agent = tmp_path / "serve"
+    agent.write_text(f"#!/bin/sh\ncd {tmp_path} && exec python3 -m http.server --bind 10.0.2.15 8080\n")
+    agent.chmod(0o755)
+    port = _free_loopback_port()
+    netdev = [
+        "-netdev", f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-10.0.2.15:8080",
+        "-device", "virtio-net-pci,netdev=net0",
+    ]  # fmt: skip
+    async with boot_dev_guest(
+        dev_guest, tmp_path, str(agent), ip="10.0.2.15/24,10.0.2.2", extra_qemu=netdev
+    ) as guest:
+        await guest.console.wait_for("agent-exec", BOOT_DEADLINE)
+        reply = await _http_get(port, "/hello.txt", AGENT_DEADLINE)
+        assert reply.split(b"\r\n", 1)[0].endswith(b"200 OK"), reply
+        assert reply.endswith(b"hello from the host root\n")
+        assert guest.console.marker("net-failed") is None, guest.console.tail()

@@ -50,7 +50,7 @@ and a fuller one reads::
     readonly = true
 
     [guest]                    # the study's knobs, all on the guest kernel command line
-    swiotlb_force = 524288     # normal VM only: bounce every DMA through 524288 x 2 KiB slabs
+    # swiotlb_force = 524288   # normal VM only: bounce every DMA through 524288 x 2 KiB slabs
     haltpoll = false           # cpuidle_haltpoll.force=Y
     idle_poll = false          # idle=poll
 
@@ -64,10 +64,10 @@ and a fuller one reads::
     reduced_phys_bits = 1
     policy = 0x30000
     kernel_hashes = true       # default: on when boot.kernel is set
-    host_data = ""             # base64 of exactly 32 bytes
+    host_data = ""             # base64 of exactly 32 bytes; empty = none
 
-    [tdx]                      # only with tee = "tdx"
-    quote_generation_socket = "/var/run/tdx-qgs/qgs.socket"   # or "vsock:2:4050"
+    # [tdx]                    # only with tee = "tdx"
+    # quote_generation_socket = "/var/run/tdx-qgs/qgs.socket"   # or "vsock:2:4050"
 
 Errors: every problem in a spec is collected (not just the first) into one
 :class:`SpecError`, whose message names each field, the bad value and what is allowed, e.g.
@@ -655,7 +655,7 @@ def _parse_policy(value: object) -> int | None:
 
 
 def _parse_host_data(value: object) -> str | None:
-    if not isinstance(value, str):
+    if not isinstance(value, str) or not value:
         return None
     try:
         raw = base64.b64decode(value, validate=True)
@@ -678,7 +678,13 @@ def _read_sev_snp(t: _Table) -> SevSnpOptions:
         kernel_hashes=t.custom(
             "kernel_hashes", None, lambda v: v if isinstance(v, bool) else None, "true or false"
         ),
-        host_data=t.custom("host_data", None, _parse_host_data, "expected base64 of exactly 32 bytes"),
+        host_data=t.custom(
+            "host_data",
+            "",
+            lambda v: "" if v == "" else _parse_host_data(v),
+            "expected base64 of exactly 32 bytes (or empty for none)",
+        )
+        or None,
     )
     t.finish()
     return opts

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import pytest
 
+import host_daemon.spec as spec_module
 from cvmctl.errors import UsageError
 from host_daemon.spec import (
     UNKNOWN_KEY,
@@ -272,3 +274,13 @@ RULES = [
 @pytest.mark.parametrize(("body", "field"), RULES)
 def test_rule_names_the_field(body: str, field: str) -> None:
     assert field in problems(f'name = "x"\n{body}')
+
+
+def test_the_module_docstring_examples_are_valid_specs(tmp_path: Path) -> None:
+    doc = spec_module.__doc__ or ""
+    fuller = doc.split("and a fuller one reads::\n", 1)[1].split("\nErrors:", 1)[0]
+    spec_file = tmp_path / "vm.toml"
+    spec_file.write_text(textwrap.dedent(fuller))
+    spec = load_spec(spec_file)
+    assert spec.tee == "sev-snp" and spec.boot.kernel == tmp_path / "bzImage"
+    assert spec.sev_snp.host_data is None

@@ -21,7 +21,10 @@ The kernel interface (facts, with their sources)
   hint, so in a CVM it must be forced (Documentation/virt/guest-halt-polling.rst; the study
   booted with ``cpuidle_haltpoll.force=Y``). Only one cpuidle driver can be registered, so
   loading it fails where another driver (``acpi_idle``, ``intel_idle``) is already active.
-* The haltpoll *governor* parameters live in ``/sys/module/haltpoll/parameters/``:
+* The haltpoll *governor* registers only when the kernel runs under KVM
+  (``kvm_para_available()`` in drivers/cpuidle/governors/haltpoll.c): under QEMU TCG
+  ``available_governors`` reads ``ladder menu`` (recorded in tests/fixtures/sysroots/tcg-guest-6.12).
+  Its parameters live in ``/sys/module/haltpoll/parameters/``:
   ``guest_halt_poll_ns`` (default 200000), ``guest_halt_poll_grow`` (2),
   ``guest_halt_poll_grow_start`` (50000), ``guest_halt_poll_shrink`` (2) and
   ``guest_halt_poll_allow_shrink`` (Y) (Documentation/virt/guest-halt-polling.rst).
@@ -545,7 +548,8 @@ class IdlePollingController:
             raise HaltpollUnavailable(
                 "the haltpoll governor is not in "
                 f"{self._path(CPUIDLE_DIR + '/available_governors')} ({' '.join(available) or 'empty'}): "
-                "this kernel lacks CONFIG_CPU_IDLE_GOV_HALTPOLL"
+                "it needs CONFIG_CPU_IDLE_GOV_HALTPOLL and registers only under KVM (not under TCG "
+                "or another hypervisor)"
             )
         missing = [n for n in param_values if not self._path(f"{HALTPOLL_PARAMS_DIR}/{n}").exists()]
         if missing:

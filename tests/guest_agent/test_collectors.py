@@ -323,7 +323,7 @@ def test_method_label_is_bounded() -> None:
 # ---- the exposition ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tree", ["kvm-guest-6.18", "snp-guest", "tdx-guest"])
+@pytest.mark.parametrize("tree", ["kvm-guest-6.18", "tcg-guest-6.12", "snp-guest", "tdx-guest"])
 async def test_promtool_check_metrics_reports_nothing(tree: str) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
@@ -349,3 +349,18 @@ def test_kernel_files_larger_than_one_read(tmp_path: Path) -> None:
         read_sysfs_attribute(SYSROOTS / "kvm-guest-6.18/sys/module/haltpoll/parameters/guest_halt_poll_ns")
         == "0\n"
     )
+
+
+async def test_recorded_tcg_guest_6_12() -> None:
+    """The dev guest under TCG: no cpuidle driver, a forced 64 MiB swiotlb pool, PSI."""
+    registry = await registry_for(SYSROOTS / "tcg-guest-6.12")
+    assert value(registry, "cvm_guest_cpuidle_info", driver="none", governor="menu") == 1.0
+    assert value(registry, "cvm_guest_haltpoll_max_poll_seconds") == 0.0002
+    assert value(registry, "cvm_guest_swiotlb_size_bytes") == 32768 * 2048 == 64 << 20
+    assert value(registry, "cvm_guest_swiotlb_used_bytes") == 0
+    assert value(registry, "cvm_guest_swiotlb_used_max_bytes") == 0
+    assert value(registry, "cvm_guest_pressure_stalled_seconds_total", resource="cpu", kind="some") == 1.00823
+    user_hz = os.sysconf("SC_CLK_TCK")
+    assert value(registry, "cvm_guest_cpu_seconds_total", cpu="1", mode="system") == 444 / user_hz
+    for collector in ("cpuidle", "haltpoll", "swiotlb", "procstat", "pressure"):
+        assert value(registry, "cvm_scrape_collector_success", collector=collector) == 1.0

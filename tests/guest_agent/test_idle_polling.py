@@ -283,7 +283,11 @@ def test_built_in_driver_that_did_not_register(sysroot: Sysroot, tmp_path: Path)
     ("file", "content", "message"),
     [
         ("current_driver", "acpi_idle\n", "'acpi_idle' is registered"),
-        ("available_governors", "ladder menu \n", "CONFIG_CPU_IDLE_GOV_HALTPOLL"),
+        (
+            "available_governors",
+            "ladder menu \n",
+            "CONFIG_CPU_IDLE_GOV_HALTPOLL and registers only under KVM",
+        ),
     ],
     ids=["another-driver-registered", "no-haltpoll-governor"],
 )
@@ -490,3 +494,17 @@ def test_realtime_hint_from_the_cpuid_device(tmp_path: Path) -> None:
         handle.seek(KVM_CPUID_SIGNATURE_LEAF + 4)
         handle.write(b"Microsoft Hv")
     assert kvm_realtime_hint(tmp_path) is None  # not KVM
+
+
+def test_haltpoll_under_tcg_is_explained(sysroot: Sysroot, tmp_path: Path) -> None:
+    """Recorded 6.12 guest under TCG: no haltpoll governor (it registers only under KVM)."""
+    root = sysroot("tcg-guest-6.12")
+    before = tree_bytes(root)
+    ctl, modules = controller(root, tmp_path / "state")
+    status = ctl.status()
+    assert (status.mode, status.driver, status.governor) == (IdleMode.DEFAULT, "none", "menu")
+    assert status.available_governors == ("ladder", "menu")
+    with pytest.raises(HaltpollUnavailable, match="registers only under KVM"):
+        ctl.apply(IdleMode.HALTPOLL)
+    assert modules.calls == []
+    assert tree_bytes(root) == before

@@ -31,7 +31,7 @@ def test_tdx_guest(sysroot: Sysroot) -> None:
     )
 
 
-@pytest.mark.parametrize("tree", ["kvm-guest-6.18", "kvm-guest-default"])
+@pytest.mark.parametrize("tree", ["kvm-guest-6.18", "kvm-guest-default", "tcg-guest-6.12"])
 def test_normal_kvm_guest(sysroot: Sysroot, tree: str) -> None:
     verdict = detect(sysroot(tree))
     assert verdict.tee is TeeKind.NONE

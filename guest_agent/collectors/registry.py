@@ -119,7 +119,9 @@ class Refresher:
                 snapshot = await self._run_read(read)
             except CollectorUnavailable as exc:
                 error = str(exc)
-            except (OSError, ValueError, IndexError, KeyError) as exc:
+            except Exception as exc:
+                # Unparseable kernel output or a bug in one collector must cost that
+                # collector's series, not the agent: the error is kept for logs.
                 error = f"{type(exc).__name__}: {exc}"
         if scope.cancelled_caught:
             error = f"read missed its {self.read_deadline:g} s deadline"

@@ -257,6 +257,25 @@ async def test_a_read_past_its_deadline_fails_that_collector_only(
     assert trio.current_time() == 2.0
 
 
+class BrokenSource(CountingSource):
+    name = "broken"
+
+    def read(self) -> int:
+        raise RuntimeError("a bug in one collector")
+
+
+async def test_a_failing_collector_costs_only_its_own_series() -> None:
+    good, broken = SlotState(CountingSource()), SlotState(BrokenSource())
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotExporter([good, broken]))
+    refresher = Refresher([good, broken], interval=5.0, read_deadline=2.0, run_read=inline)
+    await refresher.refresh_once()
+    assert refresher.errors() == {"broken": "RuntimeError: a bug in one collector"}
+    assert registry.get_sample_value("test_reads") == 1
+    assert registry.get_sample_value("cvm_scrape_collector_success", {"collector": "broken"}) == 0.0
+    assert registry.get_sample_value("cvm_scrape_collector_success", {"collector": "counting"}) == 1.0
+
+
 async def test_a_read_still_stuck_in_the_kernel_is_not_started_again(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

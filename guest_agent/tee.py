@@ -20,7 +20,9 @@ Documentation/virt/coco/sev-guest.rst (``/dev/sev-guest``), Documentation/arch/x
 configfs-tsm only names its provider inside a report entry, and creating one is a write, so
 this module reads the ``provider`` of entries that already exist and otherwise relies on the
 other signals. ``/dev/kmsg`` is hard to fake in tests and may be restricted
-(``kernel.dmesg_restrict``), so the boot messages come from an injectable text.
+(``kernel.dmesg_restrict``), so the boot messages come from an injectable text;
+:func:`read_boot_messages` reads them once from ``/dev/kmsg`` (about 1 ms for 20 KB here): call
+it at agent start and keep the text.
 
 A verdict needs one strong signal (a CPU flag, a provider, a device node); the boot message
 alone only counts when nothing contradicts it. Conflicting strong signals (SNP and TDX at
@@ -30,6 +32,8 @@ once) yield ``none`` with evidence saying why: the caller should not guess.
 from __future__ import annotations
 
 import enum
+import errno
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +135,54 @@ def classify(
     return TeeVerdict(
         TeeKind.NONE, "no sev_snp/tdx_guest cpu flag, tsm provider, guest device or boot message"
     )
+
+
+def parse_kmsg(raw: str) -> str:
+    """The message text of ``/dev/kmsg`` records (``prio,seq,usec,flags;text``), one per line.
+
+    Continuation lines (a leading space, ``KEY=value`` device metadata) are dropped
+    (Documentation/ABI/testing/dev-kmsg).
+    """
+    lines = []
+    for record in raw.splitlines():
+        if not record or record.startswith(" "):
+            continue
+        _, sep, text = record.partition(";")
+        if sep:
+            lines.append(text)
+    return "\n".join(lines)
+
+
+def read_boot_messages(root: Path = Path("/"), max_bytes: int = 1 << 20) -> str:
+    """The kernel log as text, read once from ``/dev/kmsg`` without blocking; ``""`` if denied.
+
+    Each ``read`` returns one record; ``EAGAIN`` means the end; ``EPIPE`` means records were
+    overwritten while reading (skip on). Call it once at agent start and keep the text: the
+    boot messages the TEE verdict needs do not change, and the ring buffer may wrap later.
+    """
+    try:
+        fd = os.open(root / "dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        while total < max_bytes:
+            try:
+                chunk = os.read(fd, 8192)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EPIPE:
+                    continue
+                break
+            if not chunk:
+                break
+            chunks.append(chunk if chunk.endswith(b"\n") else chunk + b"\n")
+            total += len(chunk)
+    finally:
+        os.close(fd)
+    return parse_kmsg(b"".join(chunks).decode("utf-8", "replace"))
 
 
 def detect_tee(root: Path = Path("/"), boot_messages: str = "") -> TeeVerdict:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from guest_agent.tee import TeeKind, TeeVerdict, classify, cpu_flags, detect_tee
+from guest_agent.tee import (
+    TeeKind,
+    TeeVerdict,
+    classify,
+    cpu_flags,
+    detect_tee,
+    parse_kmsg,
+    read_boot_messages,
+)
 
 Sysroot = Callable[[str], Path]
 
@@ -70,3 +79,30 @@ def test_conflicting_signals_give_none() -> None:
 
 def test_missing_files_are_no_evidence(tmp_path: Path) -> None:
     assert detect_tee(tmp_path).tee is TeeKind.NONE
+
+
+def test_kmsg_records_become_message_lines(tmp_path: Path) -> None:
+    raw = (
+        "6,1,0,-;Linux version 6.12.48\n"
+        "6,2,170000,-;Memory Encryption Features active: AMD SEV SEV-ES SEV-SNP\n"
+        " SUBSYSTEM=platform\n"
+        "6,3,180000,c;sev-guest sev-guest: Initialized SEV guest driver\n"
+    )
+    assert parse_kmsg(raw) == (
+        "Linux version 6.12.48\n"
+        "Memory Encryption Features active: AMD SEV SEV-ES SEV-SNP\n"
+        "sev-guest sev-guest: Initialized SEV guest driver"
+    )
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev/kmsg").write_text(raw)
+    messages = read_boot_messages(tmp_path)
+    assert classify(frozenset(), frozenset(), [], messages).tee is TeeKind.SEV_SNP
+    assert read_boot_messages(tmp_path / "missing") == ""
+
+
+def test_this_machines_kmsg_reads_without_blocking() -> None:
+    started = time.monotonic()
+    text = read_boot_messages()  # O_NONBLOCK: returns at the end of the ring buffer
+    assert time.monotonic() - started < 10
+    if text:  # readable here (root, no dmesg_restrict problem): a normal KVM guest
+        assert classify(frozenset(), frozenset(), [], text).tee is TeeKind.NONE

@@ -31,7 +31,10 @@ Kernel command line (see :func:`dev_guest_cmdline`): ``cvm.agent=PATH`` (an exec
 host root), ``cvm.port=N`` (its vsock port, passed as ``--listen vsock://any:N``),
 ``cvm.root=TAG`` (the 9p mount tag, default ``hostroot``), ``cvm.ip=ADDR/LEN,GATEWAY`` (static
 address for ``eth0``, e.g. QEMU user networking's ``10.0.2.15/24,10.0.2.2``),
-``cvm.debug=shell`` (a shell on the console instead of powering off). Keys with a dot are
+``cvm.debug=shell`` (a shell on the console instead of powering off), ``cvm.9pcache=MODE``
+(the 9p ``cache=`` option, default ``loose``: the host root is read-only to the guest, and
+measured ~1.5 s faster to a serving agent than ``none``), ``cvm.overlay=off`` (skip the
+overlay, use the fallback root). Keys with a dot are
 kept from init's argv and environment by the kernel but stay readable in ``/proc/cmdline``.
 The matching QEMU options: ``-virtfs local,path=/,mount_tag=hostroot,security_model=none,
 readonly=on`` and a vsock device with a guest CID.
@@ -403,7 +406,7 @@ export PATH=/bin HOME=/root
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 
-agent= port=1024 tag=hostroot ip= debug= cache=loose
+agent= port=1024 tag=hostroot ip= debug= cache=loose overlay=on
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         cvm.agent=*) agent=${arg#*=} ;;
@@ -412,6 +415,7 @@ for arg in $(cat /proc/cmdline); do
         cvm.ip=*) ip=${arg#*=} ;;
         cvm.debug=*) debug=${arg#*=} ;;
         cvm.9pcache=*) cache=${arg#*=} ;;
+        cvm.overlay=*) overlay=${arg#*=} ;;
     esac
 done
 
@@ -439,7 +443,8 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache="$cache",ro "$ta
     || fail "mount 9p $tag"
 mount -t tmpfs -o mode=0755 rw /rw
 mkdir -p /rw/upper /rw/work
-if mount -t overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work overlay /newroot 2>/dev/null; then
+if [ "$overlay" = on ] && mount -t overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work \
+    overlay /newroot 2>/dev/null; then
     rootmode=overlay
 else
     rootmode=tmpfs-dirs

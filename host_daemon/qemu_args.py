@@ -7,8 +7,8 @@ Nothing here touches the file system or the clock, so the same inputs always giv
 argv; golden files under ``tests/host_daemon/golden`` pin it, case by case.
 
 The argv is built in a fixed order: identity and defaults, accelerator and machine, CPU and
-memory, the TEE object, firmware and kernel, console and control, then devices (disks,
-network, 9p shares, the agent channel). Every group below names the upstream QEMU document
+memory, the TEE object, firmware and kernel, console and control, then devices (the panic
+device, disks, network, 9p shares, the agent channel). Every group below names the upstream QEMU document
 that defines its options:
 
 * ``qemu-options.hx`` - the reference of every command-line option (rendered as
@@ -17,7 +17,8 @@ that defines its options:
 * ``docs/system/i386/tdx.rst`` - TDX launch and the Quote Generation Service socket;
 * ``qapi/qom.json`` - the properties of ``-object`` types (``sev-snp-guest``, ``tdx-guest``,
   ``memory-backend-*``, ``iothread``);
-* ``docs/system/devices/virtio/vhost-user.rst`` - vhost-user devices and their shared memory.
+* ``docs/system/devices/virtio/vhost-user.rst`` - vhost-user devices and their shared memory;
+* ``docs/specs/pvpanic.rst`` - the panic device behind the GUEST_PANICKED event.
 
 Study-specific choices (``-cpu EPYC-v4`` for SNP, the Intel baseline mirroring the TD's
 ``pmu=off``, ``kernel_irqchip=split``, ``hpet=off``, forced bounce buffers) follow
@@ -153,6 +154,7 @@ def build_qemu_argv(spec: VMSpec, runtime: Runtime) -> list[str]:
         _tee_object(spec),
         _firmware_and_kernel(spec),
         _console_and_control(runtime),
+        _panic_device(),
         _disks(spec),
         _network(spec),
         _shares(spec),
@@ -303,6 +305,13 @@ def _console_and_control(runtime: Runtime) -> Iterator[str]:
     yield from ("-serial", f"chardev:{SERIAL_CHARDEV_ID}")
     yield from ("-qmp", f"unix:{_unix_path('qmp_socket', runtime.qmp_socket)},server=on,wait=off")
     yield from ("-pidfile", str(runtime.pidfile))
+
+
+def _panic_device() -> Iterator[str]:
+    # docs/specs/pvpanic.rst: a guest with the pvpanic driver reports a kernel panic through
+    # this device, which QMP announces as GUEST_PANICKED before the default -action
+    # panic=shutdown (qemu-options.hx) ends QEMU; the daemon then records the VM as crashed.
+    yield from ("-device", "pvpanic-pci")
 
 
 def _disks(spec: VMSpec) -> Iterator[str]:

@@ -85,7 +85,8 @@ def test_minimal_spec_is_a_complete_command_line() -> None:
     assert _after(argv, "-qmp") == ["unix:/run/cvmctl/vms/x/qmp.sock,server=on,wait=off"]
     assert _after(argv, "-pidfile") == ["/run/cvmctl/vms/x/qemu.pid"]
     assert _after(argv, "-serial") == ["chardev:serial0"]
-    assert "-kernel" not in argv and "-device" not in argv
+    assert "-kernel" not in argv
+    assert _after(argv, "-device") == ["pvpanic-pci"]  # only the panic device
 
 
 def test_cpu_model_follows_accel_and_platform() -> None:

@@ -201,6 +201,12 @@ async def open_hybrid_vsock_stream(path: str, port: int) -> trio.SocketStream:
         if not line.startswith(b"OK "):
             reply = line.decode("ascii", "replace").strip()
             raise ConnectError(f"hvsock://{path}:{port}: handshake refused: {reply!r}")
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        await trio.aclose_forcefully(stream)
+        raise ConnectError(
+            f"hvsock://{path}:{port}: the VMM reset the connection during the handshake "
+            f"(nothing listening on guest port {port}?)"
+        ) from exc
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise

@@ -8,12 +8,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import trio
+
 from cvmctl import __version__
 from cvmctl.address import Address, UnixAddress, parse_address
 from cvmctl.daemon import add_logging_arguments, run_daemon
 from cvmctl.errors import CvmError, UsageError
 from cvmctl.serve import ServerOptions, serve_grpc
+from host_daemon.devguest import complete_with_dev_guest
 from host_daemon.server import HostDaemonService, daemon_handlers
+from host_daemon.vms import VMManager
 
 DEFAULT_STATE_DIR = Path("/var/lib/cvm-hostd")
 DEFAULT_LISTEN = "unix:///run/cvm-hostd/hostd.sock"
@@ -51,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         help=f"API address, repeatable (default: {DEFAULT_LISTEN})",
     )
+    parser.add_argument(
+        "--qemu", default="qemu-system-x86_64", metavar="BINARY", help="the QEMU binary (default: from PATH)"
+    )
     add_logging_arguments(parser)
     return parser
 
@@ -70,11 +77,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CvmError as exc:
         print(f"cvm-hostd: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    service = HostDaemonService(state_dir=state_dir)
     options = ServerOptions(listen=listen, max_receive_bytes=4 * 1024 * 1024)
 
     async def body() -> None:
-        await serve_grpc(daemon_handlers(service), options)
+        manager = VMManager(state_dir, qemu_binary=args.qemu, dev_guest=complete_with_dev_guest)
+        service = HostDaemonService(state_dir=state_dir, manager=manager)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(manager.run)
+            await serve_grpc(daemon_handlers(service), options)
+            nursery.cancel_scope.cancel()
 
     return run_daemon("cvm-hostd", args, body)
 

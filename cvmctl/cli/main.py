@@ -19,7 +19,7 @@ from cvmctl import __version__
 from cvmctl.errors import CvmError
 
 # Modules under cvmctl.cli that provide a command group, in --help order.
-COMMAND_MODULES: tuple[str, ...] = ("agent", "idle_poll", "attest", "image")
+COMMAND_MODULES: tuple[str, ...] = ("vm", "agent", "idle_poll", "attest", "image")
 
 EPILOG = """\
 examples:

@@ -1,0 +1,590 @@
+"""The VM lifecycle: create, start, watch, stop, kill, destroy, and reattach after a restart.
+
+States (:class:`~host_daemon.store.VMState`)::
+
+    defined --start--> starting --agent answers--> running --stop--> stopping --> stopped
+                          |                          |                             ^
+                          +---- QEMU dies unasked ---+--> crashed                  |
+                          +---- kill / guest powers off ---------------------------+
+
+Each started VM owns a run directory ``<state_dir>/vms/<name>/`` (QMP socket, pidfile,
+console log per boot, the hybrid vsock socket) and, while live, three trio tasks in the
+manager's nursery: the **boot** task (connect QMP, read the console, ask the agent for
+health, recording the boot phases), the **exit** task (a pidfd that wakes when QEMU exits,
+for the exit status and the verdict stopped or crashed) and, for ``vhost-user-vsock``, the
+backend process it follows.
+
+Boot phases, as the study split a boot (QEMU / firmware / kernel / init) plus the agent:
+
+    spawn      exec of QEMU -> QMP greeting
+    firmware   QMP greeting -> the kernel's first console line ("Linux version")
+    kernel     -> the init's first marker (``cvm-boot: init-start``)
+    userspace  -> the agent answering the gRPC health check over its channel
+
+QEMU runs in its own session, so a daemon crash leaves VMs running; on start the daemon
+reattaches to every live VM whose pid still names the same process (pid + start time) and
+marks the others crashed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import structlog
+import trio
+
+from cvmctl.address import HybridVsockAddress, VsockAddress, parse_address
+from cvmctl.client import connect
+from cvmctl.errors import CvmError, UsageError
+from host_daemon import process as proc
+from host_daemon.accel import decide_channel, probe_channel, resolve_accel
+from host_daemon.qemu_args import Runtime, build_qemu_argv
+from host_daemon.qmp import EventListener, QMPClient, QMPError, connect_qmp
+from host_daemon.spec import VMSpec, parse_spec
+from host_daemon.store import VMRecord, VMState, VMStore, now
+
+log = structlog.get_logger("host_daemon.vms")
+
+AGENT_PORT: Final = 1024
+QMP_CONNECT_SECONDS: Final = 30.0
+DEFAULT_BOOT_SECONDS: Final = 180.0
+DEFAULT_STOP_SECONDS: Final = 10.0
+CONSOLE_TAIL_LINES: Final = 20
+KERNEL_FIRST_LINE: Final = re.compile(r"Linux version \d")
+INIT_MARKER: Final = "cvm-boot: init-start"
+PHASES: Final = ("spawn", "firmware", "kernel", "userspace")
+
+
+class VMNotFound(UsageError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no VM named {name!r}")
+
+
+class VMConflict(CvmError):
+    """The VM is not in a state that allows the operation."""
+
+
+@dataclass
+class LiveVM:
+    """What the daemon holds for a VM whose QEMU runs."""
+
+    name: str
+    run_dir: Path
+    qemu: proc.Spawned
+    helpers: list[proc.Spawned] = field(default_factory=list)
+    qmp: QMPClient | None = None
+    qmp_events: EventListener | None = None
+    stop_requested: str = ""  # why, when the daemon itself ended the VM
+    guest_shutdown: bool = False
+    guest_panicked: bool = False
+    exited: trio.Event = field(default_factory=trio.Event)
+    boot_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+def _run_dir_for(state_dir: Path, name: str) -> Path:
+    return state_dir / "vms" / name
+
+
+def tail_lines(path: Path, count: int = CONSOLE_TAIL_LINES, max_bytes: int = 64 * 1024) -> tuple[str, ...]:
+    """The last ``count`` lines of a console log, decoded leniently."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - max_bytes))
+            data = handle.read()
+    except OSError:
+        return ()
+    lines = data.decode("utf-8", "replace").replace("\r", "").splitlines()
+    return tuple(line for line in lines if line.strip())[-count:]
+
+
+class VMManager:
+    """Owns every VM of one daemon. Call :meth:`run` in a nursery before anything else."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        qemu_binary: str = "qemu-system-x86_64",
+        boot_seconds: float = DEFAULT_BOOT_SECONDS,
+        dev_guest: Callable[[VMSpec], VMSpec] | None = None,
+    ) -> None:
+        self.state_dir = state_dir
+        self.qemu_binary = qemu_binary
+        self.boot_seconds = boot_seconds
+        self._complete_spec = dev_guest
+        (state_dir / "vms").mkdir(parents=True, exist_ok=True)
+        self.store = VMStore(state_dir / "hostd.db")
+        self._live: dict[str, LiveVM] = {}
+        self._nursery: trio.Nursery | None = None
+        self._watchers: set[trio.MemorySendChannel[tuple[str, VMRecord | None]]] = set()
+        self._lock = trio.Lock()
+
+    # -- running ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Reattach to live VMs, then keep their tasks until cancelled (VMs keep running)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await self._reattach_all()
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            for live in self._live.values():
+                if live.qmp is not None:
+                    with trio.CancelScope(shield=True):
+                        await live.qmp.aclose()
+                live.qemu.close()
+            self.store.close()
+
+    def _spawn_task(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run a per-VM task; its failure is logged and contained, never the daemon's end."""
+        assert self._nursery is not None, "VMManager.run() is not running"
+
+        async def contained() -> None:
+            try:
+                await fn(*args)
+            except Exception:
+                log.exception("vm_task_failed", task=getattr(fn, "__name__", repr(fn)))
+
+        self._nursery.start_soon(contained)
+
+    # -- records and events -------------------------------------------------------------
+
+    def _save(self, record: VMRecord, event: str = "state") -> VMRecord:
+        self.store.save(record)
+        log.info("vm_" + event, vm=record.name, state=str(record.state), reason=record.state_reason)
+        for channel in list(self._watchers):
+            try:
+                channel.send_nowait((event, record))
+            except trio.WouldBlock:
+                pass  # a slow watcher misses intermediate events; it still gets the next
+            except trio.BrokenResourceError:
+                self._watchers.discard(channel)
+        return record
+
+    def get(self, name: str) -> VMRecord:
+        record = self.store.get(name)
+        if record is None:
+            raise VMNotFound(name)
+        return record
+
+    def list(self) -> list[VMRecord]:
+        return self.store.all()
+
+    async def watch(self) -> AsyncIterator[tuple[str, VMRecord | None]]:
+        """The current records as ``snapshot`` events, then every change, until cancelled."""
+        send, receive = trio.open_memory_channel[tuple[str, VMRecord | None]](256)
+        self._watchers.add(send)
+        try:
+            for record in self.store.all():
+                yield "snapshot", record
+            async with receive:
+                async for item in receive:
+                    yield item
+        finally:
+            self._watchers.discard(send)
+            send.close()
+
+    # -- create and destroy -------------------------------------------------------------
+
+    def create(self, spec_toml: str, source: str = "<spec>") -> VMRecord:
+        spec = parse_spec(spec_toml, source=source or "<spec>")
+        record = VMRecord(name=spec.name, spec_toml=spec_toml, created_at=now())
+        try:
+            self.store.insert(record)
+        except KeyError:
+            raise VMConflict(f"a VM named {spec.name!r} exists already (cvmctl vm rm {spec.name})") from None
+        log.info("vm_created", vm=spec.name, tee=spec.tee)
+        return self._save(record, "created")
+
+    async def destroy(self, name: str) -> None:
+        async with self._lock:
+            record = self.get(name)
+            if record.state.live:
+                raise VMConflict(f"VM {name!r} is {record.state}: stop or kill it first")
+            self.store.delete(name)
+            shutil.rmtree(_run_dir_for(self.state_dir, name), ignore_errors=True)
+        for channel in list(self._watchers):
+            with suppress(trio.WouldBlock, trio.BrokenResourceError):
+                channel.send_nowait(("destroyed", dataclasses.replace(record)))
+        log.info("vm_destroyed", vm=name)
+
+    # -- start --------------------------------------------------------------------------
+
+    def _spec(self, record: VMRecord) -> VMSpec:
+        spec = parse_spec(record.spec_toml, source=f"VM {record.name}")
+        if self._complete_spec is not None:
+            spec = self._complete_spec(spec)
+        return spec
+
+    async def start(self, name: str) -> VMRecord:
+        async with self._lock:
+            record = self.get(name)
+            if record.state.live:
+                raise VMConflict(f"VM {name!r} is {record.state} already")
+            spec = await trio.to_thread.run_sync(self._spec, record)
+            accel = resolve_accel(spec.accel, spec.tee)
+            channel = decide_channel(spec.agent.channel, probe_channel()).channel
+            run_dir = _run_dir_for(self.state_dir, name)
+            run_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+            boot = record.boot_count + 1
+            console = run_dir / f"console-{boot}.log"
+            for stale in ("qmp.sock", "vm.vsock", "vhost-user.sock", f"vm.vsock_{AGENT_PORT}"):
+                (run_dir / stale).unlink(missing_ok=True)
+            console.write_bytes(b"")
+            runtime = Runtime(
+                accel=accel.accel,
+                qmp_socket=run_dir / "qmp.sock",
+                pidfile=run_dir / "qemu.pid",
+                serial_log=console,
+                qemu_binary=self.qemu_binary,
+                agent_channel=channel,
+                agent_socket=run_dir / "vhost-user.sock" if channel == "vhost-user-vsock" else None,
+                guest_cid=self._free_cid() if channel == "vhost-vsock" else None,
+            )
+            argv = build_qemu_argv(spec, runtime)
+            helpers: list[proc.Spawned] = []
+            agent_address = ""
+            if channel == "vhost-user-vsock":
+                helpers.append(await self._start_vhost_device_vsock(run_dir))
+                agent_address = str(HybridVsockAddress(str(run_dir / "vm.vsock"), AGENT_PORT))
+            elif channel == "vhost-vsock" and runtime.guest_cid is not None:
+                agent_address = str(VsockAddress(spec.agent.cid or runtime.guest_cid, AGENT_PORT))
+            (run_dir / "qemu.argv").write_text("".join(f"{arg}\n" for arg in argv))
+            spawned_at = time.monotonic()
+            try:
+                qemu = proc.spawn(argv, run_dir / "qemu.log")
+            except OSError as exc:
+                for helper in helpers:
+                    proc.send_signal(helper, signal.SIGKILL)
+                    helper.close()
+                raise UsageError(f"cannot start QEMU ({argv[0]}): {exc.strerror}") from exc
+            live = LiveVM(name, run_dir, qemu, helpers)
+            self._live[name] = live
+            record = self._save(
+                record.with_state(
+                    VMState.STARTING,
+                    f"booting under {accel.accel} ({accel.reason})",
+                    accel=accel.accel,
+                    qemu_pid=qemu.pid,
+                    qemu_start_ticks=qemu.start_ticks,
+                    exit_status=None,
+                    started_at=now(),
+                    boot_count=boot,
+                    agent_address=agent_address,
+                    console_path=str(console),
+                    boot_phases={},
+                    vcpu_thread_ids=(),
+                    last_console_lines=(),
+                    helper_pids=tuple((h.pid, h.start_ticks) for h in helpers),
+                )
+            )
+            self._spawn_task(self._follow_exit, live)
+            self._spawn_task(self._boot, live, spawned_at, console, agent_address)
+            return record
+
+    def _free_cid(self) -> int:
+        used = {
+            parse_address(r.agent_address).cid  # type: ignore[union-attr]
+            for r in self.store.all()
+            if r.state.live and r.agent_address.startswith("vsock://")
+        }
+        cid = 3
+        while cid in used:
+            cid += 1
+        return cid
+
+    async def _start_vhost_device_vsock(self, run_dir: Path) -> proc.Spawned:
+        """The vhost-user backend of the guest's vsock device; QEMU connects to its socket."""
+        socket_path = run_dir / "vhost-user.sock"
+        argv = [
+            "vhost-device-vsock",
+            "--vm",
+            f"guest-cid=3,socket={socket_path},uds-path={run_dir / 'vm.vsock'}",
+        ]
+        try:
+            helper = proc.spawn(argv, run_dir / "vhost-device-vsock.log")
+        except OSError as exc:
+            raise UsageError(
+                f"cannot start vhost-device-vsock: {exc.strerror} (install it with "
+                "scripts/install-vhost-device-vsock.sh)"
+            ) from exc
+        with trio.move_on_after(10):
+            while not socket_path.exists():
+                if helper.pidfd >= 0 and proc.process_start_ticks(helper.pid) is None:
+                    break
+                await trio.sleep(0.01)
+        if not socket_path.exists():
+            proc.send_signal(helper, signal.SIGKILL)
+            helper.close()
+            detail = " ".join(tail_lines(run_dir / "vhost-device-vsock.log", 3))
+            raise CvmError(f"vhost-device-vsock did not create its socket: {detail}")
+        return helper
+
+    # -- the boot task ------------------------------------------------------------------
+
+    async def _boot(self, live: LiveVM, spawned_at: float, console: Path, agent_address: str) -> None:
+        phases: dict[str, float] = {}
+        marks: dict[str, float] = {"exec": spawned_at}
+
+        def record_phase(name: str, start: str, end: str) -> None:
+            phases[name] = round(marks[end] - marks[start], 6)
+            record = self.get(live.name)
+            self._save(dataclasses.replace(record, boot_phases=dict(phases)), "boot-phase")
+
+        with live.boot_scope:
+            try:
+                with trio.fail_after(self.boot_seconds):
+                    live.qmp = await self._connect_qmp(live)
+                    marks["qmp"] = time.monotonic()
+                    record_phase("spawn", "exec", "qmp")
+                    await self._note_vcpus(live)
+                    self._spawn_task(self._follow_events, live)
+                    async for mark in self._console_marks(console):
+                        marks[mark] = time.monotonic()
+                        if mark == "kernel":
+                            record_phase("firmware", "qmp", "kernel")
+                        elif mark == "init":
+                            if "kernel" in marks:
+                                record_phase("kernel", "kernel", "init")
+                            break
+                    if agent_address:
+                        await self._wait_for_agent(agent_address)
+                        marks["agent"] = time.monotonic()
+                        if "init" in marks:
+                            record_phase("userspace", "init", "agent")
+                        reason = "the agent answers health"
+                    else:
+                        reason = "no agent channel; QEMU runs"
+                    record = self.get(live.name)
+                    if record.state is VMState.STARTING:
+                        self._save(record.with_state(VMState.RUNNING, reason))
+            except trio.TooSlowError:
+                record = self.get(live.name)
+                if record.state is VMState.STARTING:
+                    self._save(
+                        record.with_state(
+                            VMState.STARTING,
+                            f"not ready after {self.boot_seconds:g} s: see {console} "
+                            '(under KVM on a nested host, try accel = "tcg")',
+                        )
+                    )
+
+    async def _connect_qmp(self, live: LiveVM) -> QMPClient:
+        """Connect (retrying while QEMU creates the socket) and subscribe to events at once."""
+        assert self._nursery is not None
+        client = await connect_qmp(
+            live.run_dir / "qmp.sock", self._nursery, deadline=QMP_CONNECT_SECONDS, retry=True, name=live.name
+        )
+        live.qmp_events = client.listen({"SHUTDOWN", "GUEST_PANICKED", "RESET"})
+        return client
+
+    async def _note_vcpus(self, live: LiveVM) -> None:
+        assert live.qmp is not None
+        try:
+            cpus = await live.qmp.execute("query-cpus-fast", deadline=5)
+        except QMPError as exc:
+            log.warning("query_cpus_failed", vm=live.name, error=str(exc))
+            return
+        tids = tuple(int(cpu["thread-id"]) for cpu in cpus if "thread-id" in cpu)
+        record = self.get(live.name)
+        self._save(dataclasses.replace(record, vcpu_thread_ids=tids), "vcpus")
+
+    async def _follow_events(self, live: LiveVM) -> None:
+        if live.qmp_events is None:
+            return
+        try:
+            async for event in live.qmp_events:
+                if event.name == "SHUTDOWN" and event.data.get("guest"):
+                    live.guest_shutdown = True
+                elif event.name == "GUEST_PANICKED":
+                    live.guest_panicked = True
+                    log.warning("guest_panicked", vm=live.name, info=dict(event.data))
+        except QMPError:
+            pass  # QEMU went away: the exit task tells the rest
+
+    async def _console_marks(self, console: Path) -> AsyncIterator[str]:
+        """Yield "kernel" at the kernel's first line and "init" at the init's first marker."""
+        seen_kernel = False
+        offset = 0
+        pending = b""
+        while True:
+            try:
+                with console.open("rb") as handle:
+                    handle.seek(offset)
+                    data = handle.read(1 << 20)
+            except OSError:
+                data = b""
+            offset += len(data)
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                line = raw.decode("utf-8", "replace")
+                if not seen_kernel and KERNEL_FIRST_LINE.search(line):
+                    seen_kernel = True
+                    yield "kernel"
+                if INIT_MARKER in line:
+                    if not seen_kernel:
+                        seen_kernel = True
+                        yield "kernel"
+                    yield "init"
+                    return
+            await trio.sleep(0.01)
+
+    async def _wait_for_agent(self, agent_address: str) -> None:
+        address = parse_address(agent_address)
+        while True:
+            try:
+                async with connect(address, timeout=2) as client:
+                    if await client.health() == "SERVING":
+                        return
+            except CvmError:
+                pass
+            await trio.sleep(0.05)
+
+    # -- the exit task ------------------------------------------------------------------
+
+    async def _follow_exit(self, live: LiveVM) -> None:
+        status = await proc.wait_exit(live.qemu)
+        live.boot_scope.cancel()
+        for helper in live.helpers:
+            proc.send_signal(helper, signal.SIGKILL)
+            helper.close()
+        live.qemu.close()
+        if live.qmp is not None:
+            with trio.CancelScope(shield=True):
+                await live.qmp.aclose()
+        self._live.pop(live.name, None)
+        record = self.store.get(live.name)
+        if record is None:
+            live.exited.set()
+            return
+        console_tail = tail_lines(Path(record.console_path)) if record.console_path else ()
+        qemu_log_tail = tail_lines(live.run_dir / "qemu.log", 5)
+        described = "unknown (QEMU was started by an earlier daemon)" if status is None else str(status)
+        if live.stop_requested:
+            state, reason = VMState.STOPPED, live.stop_requested
+        elif live.guest_panicked:
+            state, reason = VMState.CRASHED, "the guest kernel panicked"
+        elif live.guest_shutdown or status == 0:
+            state, reason = VMState.STOPPED, "the guest powered off"
+        else:
+            detail = f": {qemu_log_tail[-1]}" if qemu_log_tail else ""
+            how = (
+                f"killed by signal {-status}"
+                if status is not None and status < 0
+                else f"exit status {described}"
+            )
+            state, reason = VMState.CRASHED, f"QEMU died unexpectedly ({how}){detail}"
+        self._save(
+            record.with_state(
+                state,
+                reason,
+                qemu_pid=0,
+                qemu_start_ticks=0,
+                exit_status=status,
+                last_console_lines=console_tail,
+                helper_pids=(),
+            )
+        )
+        live.exited.set()  # only now: whoever waits for the exit sees the final record
+
+    # -- stop and kill ------------------------------------------------------------------
+
+    async def stop(self, name: str, timeout: float = DEFAULT_STOP_SECONDS) -> VMRecord:
+        """ACPI powerdown; after ``timeout`` QMP quit; after 5 more seconds SIGKILL."""
+        live = self._live.get(name)
+        record = self.get(name)
+        if live is None or not record.state.live:
+            raise VMConflict(f"VM {name!r} is {record.state}, not running")
+        live.stop_requested = "stopped on request"
+        self._save(record.with_state(VMState.STOPPING, f"ACPI powerdown, quit after {timeout:g} s"))
+        if live.qmp is not None:
+            try:
+                await live.qmp.execute("system_powerdown", deadline=5)
+            except QMPError as exc:
+                log.info("powerdown_failed", vm=name, error=str(exc))
+        with trio.move_on_after(timeout):
+            await live.exited.wait()
+        if not live.exited.is_set():
+            live.stop_requested = f"stopped on request (no ACPI shutdown within {timeout:g} s: QMP quit)"
+            if live.qmp is not None:
+                with suppress(QMPError):
+                    await live.qmp.execute("quit", deadline=5)
+            with trio.move_on_after(5):
+                await live.exited.wait()
+        if not live.exited.is_set():
+            live.stop_requested = "stopped on request (QEMU ignored quit: killed)"
+            proc.send_signal(live.qemu, signal.SIGKILL)
+            with trio.move_on_after(5):
+                await live.exited.wait()
+        return self.get(name)
+
+    async def kill(self, name: str) -> VMRecord:
+        live = self._live.get(name)
+        record = self.get(name)
+        if live is None or not record.state.live:
+            raise VMConflict(f"VM {name!r} is {record.state}, not running")
+        live.stop_requested = "killed on request"
+        proc.send_signal(live.qemu, signal.SIGKILL)
+        with trio.move_on_after(5):
+            await live.exited.wait()
+        return self.get(name)
+
+    # -- reattach after a daemon restart ------------------------------------------------
+
+    async def _reattach_all(self) -> None:
+        for record in self.store.all():
+            if not record.state.live:
+                continue
+            qemu = proc.adopt(record.qemu_pid, record.qemu_start_ticks)
+            if qemu is None:
+                for pid, ticks in record.helper_pids:
+                    proc.kill_pid_if_same(pid, ticks)
+                self._save(
+                    record.with_state(
+                        VMState.CRASHED,
+                        "QEMU exited while the daemon was not running",
+                        qemu_pid=0,
+                        qemu_start_ticks=0,
+                        last_console_lines=tail_lines(Path(record.console_path))
+                        if record.console_path
+                        else (),
+                        helper_pids=(),
+                    )
+                )
+                continue
+            helpers = [h for pid, ticks in record.helper_pids if (h := proc.adopt(pid, ticks)) is not None]
+            live = LiveVM(record.name, _run_dir_for(self.state_dir, record.name), qemu, helpers)
+            self._live[record.name] = live
+            log.info("vm_reattached", vm=record.name, pid=qemu.pid)
+            self._spawn_task(self._follow_exit, live)
+            self._spawn_task(self._reconnect, live, record)
+
+    async def _reconnect(self, live: LiveVM, record: VMRecord) -> None:
+        with live.boot_scope:
+            with trio.move_on_after(QMP_CONNECT_SECONDS):
+                live.qmp = await self._connect_qmp(live)
+                self._spawn_task(self._follow_events, live)
+            if record.state is VMState.STARTING and record.agent_address:
+                with trio.move_on_after(self.boot_seconds):
+                    await self._wait_for_agent(record.agent_address)
+                    current = self.get(live.name)
+                    if current.state is VMState.STARTING:
+                        self._save(current.with_state(VMState.RUNNING, "the agent answers health"))
+            elif record.state is VMState.STOPPING:
+                # The stop was cut short by the daemon's death: finish it.
+                self._spawn_task(self.stop, live.name, DEFAULT_STOP_SECONDS)

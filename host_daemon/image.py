@@ -7,7 +7,8 @@ TSM_REPORTS, the haltpoll governor) with an initramfs made here from three thing
 * ``busybox-static`` as the only userspace binary (``/bin/busybox``, a shell for ``/init``);
 * the kernel modules the guest needs that the Debian kernel builds as modules (9p over
   virtio, overlayfs, vsock over virtio, virtio-net, virtio-blk; the SNP and TDX guest
-  drivers best-effort), decompressed, with every module they depend on;
+  drivers only when the CPU flags show SNP or TDX), decompressed, with every module they
+  depend on;
 * ``/init``, a shell script that mounts the host's root read-only over 9p with a tmpfs
   overlay on top, switches into it with ``chroot`` and runs the agent from the project's
   venv. Because the whole host root is visible, workloads (nginx, fio, iperf3...) installed
@@ -23,9 +24,13 @@ Guest console protocol
 ----------------------
 ``/init`` prints one line per phase on the console, ``cvm-boot: <phase> <uptime> [detail]``
 where ``<uptime>`` is the first field of ``/proc/uptime`` (seconds since the kernel started,
-10 ms resolution). Phases, in order: ``init-start``, ``modules-loaded``, ``root-mounted``,
-``agent-exec``; then ``agent-exit <rc>`` and ``poweroff`` when the agent ends (or
-``no-agent`` when no agent was given). :func:`parse_boot_marker` reads such a line.
+10 ms resolution). Phases, in order (:data:`BOOT_PHASES`): ``init-start``,
+``modules-loaded tee=<none|sev-snp|tdx>``, ``root-mounted <overlay|tmpfs-dirs>``,
+``agent-exec <path>``; then ``agent-exit <rc>`` and ``poweroff`` when the agent ends
+(``no-agent`` when none was given). Along the way: ``module-skipped <name>`` (an optional
+module failed), ``net-failed``, and ``fail <what>`` (then ``poweroff``).
+:func:`parse_boot_marker` reads such a line. A daemon gets the "kernel" boot phase from
+QEMU's spawn to ``init-start`` and "userspace" from there to the agent answering over vsock.
 
 Kernel command line (see :func:`dev_guest_cmdline`): ``cvm.agent=PATH`` (an executable in the
 host root), ``cvm.port=N`` (its vsock port, passed as ``--listen vsock://any:N``),
@@ -34,10 +39,11 @@ address for ``eth0``, e.g. QEMU user networking's ``10.0.2.15/24,10.0.2.2``),
 ``cvm.debug=shell`` (a shell on the console instead of powering off), ``cvm.9pcache=MODE``
 (the 9p ``cache=`` option, default ``loose``: the host root is read-only to the guest, and
 measured ~1.5 s faster to a serving agent than ``none``), ``cvm.overlay=off`` (skip the
-overlay, use the fallback root). Keys with a dot are
-kept from init's argv and environment by the kernel but stay readable in ``/proc/cmdline``.
-The matching QEMU options: ``-virtfs local,path=/,mount_tag=hostroot,security_model=none,
-readonly=on`` and a vsock device with a guest CID.
+overlay, use the fallback root). The kernel keeps keys with a dot out of init's argv and
+environment, but they stay readable in ``/proc/cmdline``. The matching QEMU options:
+``-virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on``, a vsock device
+(``vhost-vsock-pci,guest-cid=N``, or ``vhost-user-vsock-pci`` with vhost-device-vsock
+holding the CID), ``-no-reboot`` (a panic then ends QEMU) and ``-serial`` for the console.
 
 Why the initramfs is written in Python rather than with ``cpio``: the newc format is a
 110-byte ASCII header per entry (``Documentation/driver-api/early-userspace/buffer-format.rst``
@@ -91,11 +97,13 @@ REQUIRED_MODULES: tuple[str, ...] = (
     "virtio_net",
     "virtio_blk",
 )
-# Loaded, with their dependencies, only when the guest's /proc/cpuinfo shows the flag (a
-# failure is logged, not fatal): sev-guest serves SNP guests (/dev/sev-guest, configfs-tsm),
-# tdx-guest TDs (X86_FEATURE_TDX_GUEST, "tdx_guest"). Loading them elsewhere only fails, and
-# costs ~0.25 s under TCG. (The guest always shows "hypervisor", so sev_snp means a guest.)
-OPTIONAL_MODULES: Mapping[str, str] = {"sev-guest": "sev_snp", "tdx-guest": "tdx_guest"}
+# Loaded, with their dependencies, only in the TEE named (a failure is logged, not fatal):
+# sev-guest serves SNP guests (/dev/sev-guest, configfs-tsm), tdx-guest TDs. Loading them
+# elsewhere only fails, and costs ~0.25 s under TCG. /init decides the TEE as ``tee=`` in
+# _INIT_TEMPLATE: the cpuinfo flag ``tdx_guest`` (X86_FEATURE_TDX_GUEST, set only in a TD);
+# ``sev_snp`` (in a guest, which is all /init ever runs in) or the ``sev-guest`` platform
+# device that an SNP guest kernel registers.
+OPTIONAL_MODULES: Mapping[str, str] = {"sev-guest": "sev-snp", "tdx-guest": "tdx"}
 
 MARKER_PREFIX = "cvm-boot:"
 BOOT_PHASES: tuple[str, ...] = ("init-start", "modules-loaded", "root-mounted", "agent-exec")
@@ -356,12 +364,12 @@ def resolve_module_order(
 @dataclasses.dataclass(frozen=True)
 class InitModule:
     """A module as ``/init`` loads it: its path in the initramfs, whether failure is fatal, and
-    the ``/proc/cpuinfo`` flag without which it is not even tried (optional modules only)."""
+    the TEE (``sev-snp``, ``tdx``) outside of which it is not even tried (optional only)."""
 
     name: str
     path: str
     required: bool
-    cpu_flag: str | None = None
+    tee: str | None = None
 
 
 def render_init(modules: Sequence[InitModule]) -> str:
@@ -375,20 +383,20 @@ def render_init(modules: Sequence[InitModule]) -> str:
     with ``cvm.ip``); mount configfs (configfs-tsm attestation) when present; run the agent
     chrooted; power off when it exits. Any failure before the agent prints ``cvm-boot: fail
     <uptime> <what>`` and powers off (``cvm.debug=shell``: a shell instead). Optional modules
-    with a CPU flag are grouped in ``case`` blocks on the first CPU's flags, in plan order.
+    for a TEE are grouped in ``if [ "$tee" = ... ]`` blocks, in plan order.
     """
     lines: list[str] = []
-    for flag, group in itertools.groupby(modules, key=lambda m: m.cpu_flag):
-        indent = "    " if flag is not None else ""
-        if flag is not None:
-            lines.append(f'case "$cpuflags" in *" {flag} "*)')
+    for tee, group in itertools.groupby(modules, key=lambda m: m.tee):
+        indent = "    " if tee is not None else ""
+        if tee is not None:
+            lines.append(f'if [ "$tee" = {tee} ]; then')
         for m in group:
             if m.required:
                 lines.append(f'{indent}insmod /{m.path} || fail "insmod {m.name}"')
             else:
                 lines.append(f"{indent}insmod /{m.path} 2>/dev/null || mark module-skipped {m.name}")
-        if flag is not None:
-            lines.append("    ;;\nesac")
+        if tee is not None:
+            lines.append("fi")
     module_block = "\n".join(lines) if lines else ":"
     return _INIT_TEMPLATE.replace("@FORMAT@", str(FORMAT_VERSION)).replace("@MODULES@", module_block)
 
@@ -433,10 +441,15 @@ fail() {
     finish
 }
 
-cpuflags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+tee=none
+case " $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) " in
+    *" tdx_guest "*) tee=tdx ;;
+    *" sev_snp "*) tee=sev-snp ;;
+esac
+[ -e /sys/bus/platform/devices/sev-guest ] && tee=sev-snp
 @MODULES@
 [ -d /sys/kernel/config ] && mount -t configfs configfs /sys/kernel/config
-mark modules-loaded
+mark modules-loaded "tee=$tee"
 
 mkdir -p /host /rw /newroot
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache="$cache",ro "$tag" /host \
@@ -656,9 +669,9 @@ def plan_modules(
 ) -> list[InitModule]:
     """Resolve required and optional modules to a load list; built-in ones are dropped.
 
-    ``optional`` maps a module to the CPU flag that gates it (None: always try). A missing
-    optional module is left out. Each optional module brings its own dependencies, gated by
-    its flag, minus those a required module already loads.
+    ``optional`` maps a module to the TEE that gates it (None: always try). A missing
+    optional module is left out. Each optional module brings its own dependencies, gated
+    alike, minus those a required module already loads.
     """
 
     def loadable(names: Iterable[str]) -> list[str]:
@@ -666,11 +679,11 @@ def plan_modules(
 
     req = resolve_module_order(loadable(required), tree.depends, tree.paths.__contains__)
     plan = [InitModule(n, tree.relpath(n), True) for n in req]
-    for raw, flag in optional.items():
+    for raw, tee in optional.items():
         names = [n for n in loadable([raw]) if n in tree.paths]
         for n in resolve_module_order(names, tree.depends, tree.paths.__contains__):
             if n not in req:
-                plan.append(InitModule(n, tree.relpath(n), False, flag))
+                plan.append(InitModule(n, tree.relpath(n), False, tee))
     return plan
 
 

@@ -381,6 +381,8 @@ async def test_dev_guest_boots_and_reaches_a_vsock_listener(dev_guest: DevGuestI
         status = await _wait_exit(guest.qemu, POWEROFF_DEADLINE)
         assert status == 0, guest.console.tail()
         _assert_phases(guest.console, (*BOOT_PHASES, "agent-exit", "poweroff"))
+        loaded = guest.console.marker("modules-loaded")
+        assert loaded is not None and loaded[1].detail == "tee=none"  # TCG: no SNP, no TDX
         print(_report(guest.console))
 
 

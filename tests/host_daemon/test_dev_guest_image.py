@@ -243,24 +243,24 @@ def test_init_loads_modules_in_order_and_marks_phases_in_order(tmp_path: Path) -
         [
             InitModule("netfs", "lib/modules/k/netfs.ko", True),
             InitModule("9p", "lib/modules/k/9p.ko", True),
-            InitModule("tsm", "lib/modules/k/tsm.ko", False, "sev_snp"),
-            InitModule("sev_guest", "lib/modules/k/sev-guest.ko", False, "sev_snp"),
-            InitModule("tdx_guest", "lib/modules/k/tdx-guest.ko", False, "tdx_guest"),
+            InitModule("tsm", "lib/modules/k/tsm.ko", False, "sev-snp"),
+            InitModule("sev_guest", "lib/modules/k/sev-guest.ko", False, "sev-snp"),
+            InitModule("tdx_guest", "lib/modules/k/tdx-guest.ko", False, "tdx"),
         ]
     )
     sev_block = (
-        'case "$cpuflags" in *" sev_snp "*)\n'
+        'if [ "$tee" = sev-snp ]; then\n'
         "    insmod /lib/modules/k/tsm.ko 2>/dev/null || mark module-skipped tsm\n"
         "    insmod /lib/modules/k/sev-guest.ko 2>/dev/null || mark module-skipped sev_guest\n"
-        "    ;;\nesac\n"
-        'case "$cpuflags" in *" tdx_guest "*)\n'
+        "fi\n"
+        'if [ "$tee" = tdx ]; then\n'
     )
     assert sev_block in text
     assert text.startswith("#!/bin/busybox sh\n")
     netfs = text.index('insmod /lib/modules/k/netfs.ko || fail "insmod netfs"')
     ninep = text.index('insmod /lib/modules/k/9p.ko || fail "insmod 9p"')
     sev = text.index("insmod /lib/modules/k/sev-guest.ko 2>/dev/null || mark module-skipped sev_guest")
-    assert text.index("cpuflags=") < netfs
+    assert text.index("tee=none") < netfs
     assert netfs < ninep < sev < text.index("mark modules-loaded")
     positions = [text.index(f"mark {phase}") for phase in BOOT_PHASES]
     assert positions == sorted(positions)
@@ -342,7 +342,7 @@ def test_build_then_cache_hit_then_new_key_on_change(tmp_path: Path) -> None:
             busybox=busybox,
             cache_dir=cache,
             required_modules=required,
-            optional_modules={"opt": None, "absent": None, "flagged": "sev_snp"},
+            optional_modules={"opt": None, "absent": None, "flagged": "sev-snp"},
         )
 
     first = build(("9p", "virtio"))

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ from host_daemon.qemu_args import (
     kernel_cmdline,
     opt_value,
 )
+from host_daemon.qmp import ConnectError as QMPConnectError
+from host_daemon.qmp import Disconnected, open_qmp
 from host_daemon.spec import GuestKnobs, VMSpec, load_spec, parse_spec
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -231,6 +234,32 @@ def _qemu_knowing(qom_type: str, since: str) -> str:
     return QEMU
 
 
+async def qemu_status_after_init(argv: list[str], qmp_socket: Path, deadline: float = 20.0) -> str:
+    """Start QEMU with -S and return its QMP run status.
+
+    QEMU may greet from its monitor thread while still creating devices, but it runs commands
+    only from its main loop, after every device was created: an answer proves the whole
+    command line was accepted. An early exit fails the test with QEMU's stderr.
+    """
+    errors_file = qmp_socket.with_name("qemu.stderr")
+    with errors_file.open("wb") as stderr, trio.fail_after(deadline):
+        async with trio.open_nursery() as nursery:
+            process: trio.Process = await nursery.start(
+                partial(trio.run_process, [*argv, "-S"], check=False, stderr=stderr)
+            )
+            try:
+                while process.returncode is None:
+                    try:
+                        async with open_qmp(qmp_socket, deadline=2) as qmp:
+                            status = await qmp.execute("query-status", deadline=2)
+                            return str(status["status"])
+                    except (QMPConnectError, Disconnected):  # not listening yet, or gone
+                        await trio.sleep(0.01)
+            finally:
+                process.kill()
+    pytest.fail(f"QEMU exited ({process.returncode}):\n{errors_file.read_text()}")
+
+
 @pytest.fixture
 def qemu_with_snp() -> str:
     return _qemu_knowing("sev-snp-guest", "9.1")
@@ -312,8 +341,7 @@ async def test_normal_tcg_command_line_starts(tmp_path: Path) -> None:
     text = text.replace('path = "/"', f'path = "{tmp_path}"')
     spec, runtime = _real_files_runtime(text, tmp_path)
     runtime = dataclasses.replace(runtime, accel="tcg", agent_socket=tmp_path / "agent.sock")
-    rc, stderr = await run_qemu(build_qemu_argv(spec, runtime), deadline=3.0)
-    assert rc is None, f"QEMU exited ({rc}):\n{stderr}"
+    assert await qemu_status_after_init(build_qemu_argv(spec, runtime), runtime.qmp_socket) == "prelaunch"
 
 
 @pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed (scripts/install-qemu.sh)")
@@ -345,8 +373,7 @@ tag = "share"
     )
     argv = build_qemu_argv(spec, runtime)
     assert sum(RESTRICTED_VIRTIO in a for a in argv) == 4
-    rc, stderr = await run_qemu(argv, deadline=3.0)
-    assert rc is None, f"QEMU exited ({rc}):\n{stderr}"
+    assert await qemu_status_after_init(argv, runtime.qmp_socket) == "prelaunch"
 
 
 @pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed (scripts/install-qemu.sh)")

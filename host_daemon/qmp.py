@@ -15,6 +15,11 @@ goes like this::
         "id": "qmp-3"}
     <- {"event": "STOP", "data": {}, "timestamp": {"seconds": 1700000000, "microseconds": 5}}
 
+QEMU may send the greeting from its monitor I/O thread while it is still creating devices; it
+runs commands, ``qmp_capabilities`` included, only from its main loop once initialisation is
+done. So :attr:`QMPClient.ready_at` (the capabilities reply) marks "QEMU is up", and
+:attr:`QMPClient.greeting_at` only "QEMU is listening".
+
 Every message from QEMU ends with CRLF. Replies carry the id of their command; events arrive
 at any time between replies. Without the ``oob`` capability (never enabled here) QEMU answers
 commands in the order it got them, which is how a reply *without* an id (QEMU could not parse
@@ -329,6 +334,7 @@ class QMPClient:
         self.runstate = Runstate.IDLE
         self.greeting: Greeting | None = None
         self.greeting_at: float | None = None  # time.monotonic() when the greeting arrived
+        self.ready_at: float | None = None  # time.monotonic() of the capabilities reply (QEMU initialised)
         self.disconnect_cause: QMPError | None = None
         self.recent_events: deque[QMPEvent] = deque(maxlen=RECENT_EVENTS)
         self.dropped_replies = 0  # replies to commands nobody waits for any more (deadline passed)
@@ -435,6 +441,7 @@ class QMPClient:
             )
         if "return" not in reply or reply.get("id") != msg_id:
             raise ProtocolError(f"QMP {path}: expected the qmp_capabilities reply, got {_short(reply)}")
+        self.ready_at = time.monotonic()
         self.runstate = Runstate.RUNNING
 
     def _start_reader(self, nursery: trio.Nursery) -> None:

@@ -137,7 +137,8 @@ async def test_greeting_capabilities_and_execute_with_ids(tmp_path: Path) -> Non
     async with fake_qmp(tmp_path, script) as path, open_qmp(path, deadline=5) as qmp:
         assert qmp.runstate is Runstate.RUNNING
         assert qmp.greeting == Greeting((10, 0, 2), "fake", ("oob",))
-        assert qmp.greeting_at is not None
+        assert qmp.greeting_at is not None and qmp.ready_at is not None
+        assert qmp.greeting_at <= qmp.ready_at
         assert await qmp.execute("query-status") == {"status": "running", "running": True}
         assert await qmp.execute("query-x", {"a": 1}, deadline=2) == [1, 2]
     assert runstate(qmp) is Runstate.DISCONNECTED and qmp.disconnect_cause is None

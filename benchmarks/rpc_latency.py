@@ -91,7 +91,16 @@ def main() -> int:
         plain_sock, agent_sock = f"{tmp}/plain.sock", f"{tmp}/agent.sock"
         exec_started = time.perf_counter()
         agent = subprocess.Popen(
-            [str(BIN / "cvm-agent"), "--listen", f"unix://{agent_sock}", "--log-level", "warning"],
+            [
+                str(BIN / "cvm-agent"),
+                "--listen",
+                f"unix://{agent_sock}",
+                "--log-level",
+                "warning",
+                "--no-mount-debugfs",
+                "--state-dir",
+                f"{tmp}/state",
+            ],
             stderr=subprocess.DEVNULL,
         )
         while not Path(agent_sock).exists():

@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import grpc
 import structlog
@@ -61,8 +61,8 @@ class CallInfo:
     metadata: tuple[tuple[str, str | bytes], ...]
 
 
-class RpcObserver(Protocol):
-    def __call__(self, method: str, code: str, seconds: float) -> None: ...
+#: Called once per finished RPC with (full method name, status code name, seconds).
+RpcObserver = Callable[[str, str, float], None]
 
 
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 import structlog
 import trio
@@ -62,7 +62,10 @@ Dialer = Callable[[], Awaitable[trio.abc.Stream]]
 
 @dataclass
 class RelayStats:
-    """Counters of one relay. Only touched from the trio thread."""
+    """Counters of one relay, changed only through its methods (from the trio thread).
+
+    Subclass it to forward the counts elsewhere (the agent feeds its Prometheus metrics).
+    """
 
     connections_total: int = 0
     connections_active: int = 0
@@ -70,19 +73,37 @@ class RelayStats:
     errors_total: int = 0  # connections that ended with an I/O error
     bytes_total: dict[str, int] = field(default_factory=lambda: {"in": 0, "out": 0})
 
+    def accepted(self) -> None:
+        self.connections_total += 1
+
+    def refused(self) -> None:
+        self.refused_total += 1
+
+    def opened(self) -> None:
+        self.connections_active += 1
+
+    def closed(self) -> None:
+        self.connections_active -= 1
+
+    def failed(self) -> None:
+        self.errors_total += 1
+
+    def transferred(self, direction: Literal["in", "out"], nbytes: int) -> None:
+        self.bytes_total[direction] += nbytes
+
 
 async def _pump(
     source: trio.abc.ReceiveStream,
     sink: trio.abc.SendStream,
     stats: RelayStats,
-    direction: str,
+    direction: Literal["in", "out"],
 ) -> None:
     while True:
         data = await source.receive_some(RELAY_BUFFER_BYTES)
         if not data:
             break
         await sink.send_all(data)
-        stats.bytes_total[direction] += len(data)
+        stats.transferred(direction, len(data))
     if isinstance(sink, trio.abc.HalfCloseableStream):
         with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await sink.send_eof()
@@ -118,20 +139,20 @@ async def _relay_one(
         with trio.fail_after(connect_timeout):
             upstream = await dial()
     except (OSError, ConnectError, trio.TooSlowError) as exc:
-        stats.refused_total += 1
+        stats.refused()
         log.warning("relay_dial_failed", error=str(exc))
         await trio.aclose_forcefully(accepted)
         return
-    stats.connections_active += 1
+    stats.opened()
     try:
         await splice(accepted, upstream, stats)
     except BaseException as exc:
         if not _is_io_error(exc):
             raise
-        stats.errors_total += 1
+        stats.failed()
         log.info("relay_connection_error", error=repr(exc))
     finally:
-        stats.connections_active -= 1
+        stats.closed()
 
 
 async def serve_relay(
@@ -155,13 +176,13 @@ async def serve_relay(
                 stream = await listener.accept()
             except OSError as exc:
                 # EMFILE and friends: back off instead of spinning; the listener stays up.
-                stats.errors_total += 1
+                stats.failed()
                 log.warning("relay_accept_failed", error=str(exc))
                 await trio.sleep(0.1)
                 continue
-            stats.connections_total += 1
+            stats.accepted()
             if allow_peer is not None and not allow_peer(stream):
-                stats.refused_total += 1
+                stats.refused()
                 await trio.aclose_forcefully(stream)
                 continue
             nursery.start_soon(_relay_one, stream, dial, stats, connect_timeout)
@@ -330,7 +351,7 @@ async def _answer_hybrid_connect(
             upstream = await dial()
     except (ValueError, UnicodeDecodeError, OSError, trio.TooSlowError) as exc:
         # A real VMM answers a refused CONNECT by closing the socket: do the same.
-        stats.refused_total += 1
+        stats.refused()
         log.info("hvsock_connect_refused", error=str(exc))
         await trio.aclose_forcefully(stream)
         return
@@ -339,15 +360,15 @@ async def _answer_hybrid_connect(
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         await trio.aclose_forcefully(upstream)
         return
-    stats.connections_active += 1
+    stats.opened()
     try:
         await splice(stream, upstream, stats)
     except BaseException as exc:
         if not _is_io_error(exc):
             raise
-        stats.errors_total += 1
+        stats.failed()
     finally:
-        stats.connections_active -= 1
+        stats.closed()
 
 
 async def serve_hybrid_vsock(
@@ -369,7 +390,7 @@ async def serve_hybrid_vsock(
         task_status.started()
         while True:
             stream = await listener.accept()
-            stats.connections_total += 1
+            stats.accepted()
             nursery.start_soon(_answer_hybrid_connect, stream, ports, stats, handshake_timeout)
 
 

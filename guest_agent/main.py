@@ -11,13 +11,18 @@ import structlog
 import trio
 
 from cvmctl import __version__
-from cvmctl.address import DEFAULT_AGENT_VSOCK_PORT, VMADDR_CID_HOST, Address, parse_address
+from cvmctl.address import DEFAULT_AGENT_VSOCK_PORT, VMADDR_CID_HOST, Address, TcpAddress, parse_address
 from cvmctl.daemon import add_logging_arguments, run_daemon
 from cvmctl.errors import CvmError, UsageError
 from cvmctl.serve import ServerOptions, serve_grpc
+from guest_agent.collectors.agent import AgentStats
+from guest_agent.collectors.registry import Roots, build_registry
+from guest_agent.collectors.swiotlb import mount_debugfs_readonly
 from guest_agent.idle_polling import IdlePollingController, RecoveryOutcome
+from guest_agent.metrics_http import serve_metrics_http
+from guest_agent.observability import MeteredRelayStats, rpc_observer
 from guest_agent.server import GuestAgentService, agent_handlers
-from guest_agent.tee import detect_tee
+from guest_agent.tee import detect_tee, read_boot_messages
 
 log = structlog.get_logger("guest_agent")
 
@@ -77,6 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="on start, keep idle-polling changes a previous agent left applied instead of restoring "
         "the originals",
     )
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="ADDR",
+        help="also serve Prometheus /metrics over HTTP at tcp://HOST:PORT (e.g. tcp://0.0.0.0:9464); "
+        "the host can always fetch them with the GetMetrics RPC",
+    )
+    parser.add_argument(
+        "--metrics-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often the kernel-interface collectors refresh their snapshot (default: 5)",
+    )
+    parser.add_argument(
+        "--no-mount-debugfs",
+        action="store_true",
+        help="never mount debugfs (read-only) for the swiotlb collector",
+    )
     parser.add_argument("--max-workers", type=int, default=16, help="concurrent RPCs (default: 16)")
     add_logging_arguments(parser)
     return parser
@@ -98,13 +121,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         if args.max_workers < 1:
             raise UsageError("--max-workers must be at least 1")
+        if not 0.1 <= args.metrics_interval <= 3600:
+            raise UsageError("--metrics-interval must be between 0.1 and 3600 seconds")
+        metrics_address = parse_address(args.metrics_listen, listening=True) if args.metrics_listen else None
+        if metrics_address is not None and not isinstance(metrics_address, TcpAddress):
+            raise UsageError(
+                f"--metrics-listen {args.metrics_listen}: /metrics is served over tcp://HOST:PORT"
+            )
     except CvmError as exc:
         print(f"cvm-agent: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    stats = AgentStats()
     options = ServerOptions(
         listen=listen,
         max_workers=args.max_workers,
         vsock_allowed_cids=frozenset(args.allow_cid or [VMADDR_CID_HOST]),
+        observer=rpc_observer(stats),
+        relay_stats=MeteredRelayStats(stats),
     )
     idle_polling = IdlePollingController(args.root, args.state_dir)
 
@@ -113,10 +146,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcome = await trio.to_thread.run_sync(lambda: idle_polling.recover(keep=args.keep_idle_polling))
         if outcome is not RecoveryOutcome.NOTHING_TO_RECOVER:
             log.warning("idle_polling_recovered", outcome=str(outcome), state_dir=str(args.state_dir))
-        service = GuestAgentService(
-            root=args.root, detect_tee=lambda: detect_tee(args.root), idle_polling=idle_polling
+        boot_messages = await trio.to_thread.run_sync(read_boot_messages, args.root)
+        verdict = detect_tee(args.root, boot_messages)
+        registry, refresher = build_registry(
+            Roots.under(args.root),
+            stats,
+            tee=str(verdict.tee),
+            mount_debugfs=None if args.no_mount_debugfs or args.root != Path("/") else mount_debugfs_readonly,
+            refresh_interval=args.metrics_interval,
         )
-        await serve_grpc(agent_handlers(service), options)
+        service = GuestAgentService(
+            root=args.root,
+            detect_tee=lambda: verdict,
+            idle_polling=idle_polling,
+            metrics=registry,
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(refresher.run)
+            if metrics_address is not None:
+                endpoint = await nursery.start(
+                    serve_metrics_http, registry, metrics_address.host, metrics_address.port
+                )
+                log.info("metrics_http", url=endpoint.url)
+            await serve_grpc(agent_handlers(service), options)
+            nursery.cancel_scope.cancel()
 
     return run_daemon("cvm-agent", args, body)
 

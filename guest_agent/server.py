@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import structlog
 import trio
+from prometheus_client import CollectorRegistry
 
 from cvm.v1 import agent_pb2, common_pb2
 from cvmctl import __version__
@@ -22,6 +23,7 @@ from cvmctl.attestation.guest import INTERFACES, NONCE_SIZE, Evidence, fetch_evi
 from cvmctl.errors import CvmError, UsageError
 from cvmctl.grpc_bridge import CallInfo, GrpcBridge, RpcAbort, service_handler
 from guest_agent import idle_rpc
+from guest_agent.collectors.registry import METRICS_CONTENT_TYPE, render_text
 from guest_agent.idle_polling import IdlePollingController
 from guest_agent.idle_rpc import mode_from_proto, status_to_proto
 from guest_agent.system import hostname, read_system_facts, uptime_seconds
@@ -77,8 +79,10 @@ class GuestAgentService:
         detect_tee: TeeDetector,
         idle_polling: IdlePollingController | None = None,
         attestation_fetch: Callable[..., Evidence] = fetch_evidence,
+        metrics: CollectorRegistry | None = None,
     ) -> None:
         self._root = root
+        self._metrics = metrics
         self._fetch_evidence = attestation_fetch
         self.info = GuestInfo(root, detect_tee)
         self._idle_polling = idle_polling
@@ -124,6 +128,15 @@ class GuestAgentService:
             certificates=evidence.certificates or b"",
             steps=[agent_pb2.AttestationStep(name=t.step, seconds=t.seconds) for t in evidence.timings],
         )
+
+    async def GetMetrics(
+        self, request: agent_pb2.GetMetricsRequest, call: CallInfo
+    ) -> agent_pb2.GetMetricsResponse:
+        if self._metrics is None:
+            raise RpcAbort(grpc.StatusCode.UNIMPLEMENTED, "metrics are not enabled in this agent")
+        # Collectors read snapshots kept fresh by trio tasks: rendering never waits on sysfs.
+        text = await trio.to_thread.run_sync(render_text, self._metrics)
+        return agent_pb2.GetMetricsResponse(content_type=METRICS_CONTENT_TYPE, text=text)
 
     def _idle(self) -> IdlePollingController:
         if self._idle_polling is None:

@@ -252,7 +252,10 @@ class VMManager:
                 serial_log=console,
                 qemu_binary=self.qemu_binary,
                 agent_channel=channel,
-                agent_socket=run_dir / "vhost-user.sock" if channel == "vhost-user-vsock" else None,
+                agent_socket={
+                    "vhost-user-vsock": run_dir / "vhost-user.sock",
+                    "virtio-serial": run_dir / "agent-serial.sock",
+                }.get(channel),
                 guest_cid=self._free_cid() if channel == "vhost-vsock" else None,
             )
             argv = build_qemu_argv(spec, runtime)

@@ -7,7 +7,7 @@ scripts/setup.sh
 
 tmp=$(mktemp -d)
 trap 'kill "$agent" 2>/dev/null; wait "$agent" 2>/dev/null; rm -rf "$tmp"' EXIT
-.venv/bin/cvm-agent --listen "unix://$tmp/agent.sock" --log-format json 2>"$tmp/agent.log" &
+.venv/bin/cvm-agent --listen "unix://$tmp/agent.sock" --log-format json --no-mount-debugfs --state-dir "$tmp/state" 2>"$tmp/agent.log" &
 agent=$!
 for _ in $(seq 100); do [[ -S $tmp/agent.sock ]] && break; sleep 0.05; done
 

@@ -36,7 +36,16 @@ def cvmctl(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
 def agent(tmp_path: Path) -> Iterator[Path]:
     sock = tmp_path / "a.sock"
     process = subprocess.Popen(
-        [str(BIN / "cvm-agent"), "--listen", f"unix://{sock}", "--log-format", "json"],
+        [
+            str(BIN / "cvm-agent"),
+            "--listen",
+            f"unix://{sock}",
+            "--log-format",
+            "json",
+            "--no-mount-debugfs",
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -131,7 +140,14 @@ def test_sigterm_stops_within_5_s_and_sd_notify_ready(tmp_path: Path) -> None:
     notify.settimeout(15)
     sock = tmp_path / "a.sock"
     process = subprocess.Popen(
-        [str(BIN / "cvm-agent"), "--listen", f"unix://{sock}"],
+        [
+            str(BIN / "cvm-agent"),
+            "--listen",
+            f"unix://{sock}",
+            "--no-mount-debugfs",
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
         env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -14,9 +14,11 @@ health, recording the boot phases), the **exit** task (a pidfd that wakes when Q
 for the exit status and the verdict stopped or crashed) and, for ``vhost-user-vsock``, the
 backend process it follows.
 
-Boot phases, as the study split a boot (QEMU / firmware / kernel / init) plus the agent:
+Boot phases, as the study split a boot (QEMU / firmware / kernel / init) plus the agent,
+after the daemon's own share:
 
-    spawn      exec of QEMU -> QMP greeting
+    daemon     the StartVM request -> exec of QEMU (spec, image, helpers, argv)
+    spawn      exec of QEMU -> QMP ready (greeting and capabilities: devices created)
     firmware   QMP greeting -> the kernel's first console line ("Linux version")
     kernel     -> the init's first marker (``cvm-boot: init-start``)
     userspace  -> the agent answering the gRPC health check over its channel
@@ -62,7 +64,7 @@ DEFAULT_STOP_SECONDS: Final = 10.0
 CONSOLE_TAIL_LINES: Final = 20
 KERNEL_FIRST_LINE: Final = re.compile(r"Linux version \d")
 INIT_MARKER: Final = "cvm-boot: init-start"
-PHASES: Final = ("spawn", "firmware", "kernel", "userspace")
+PHASES: Final = ("daemon", "spawn", "firmware", "kernel", "userspace")
 
 
 class VMNotFound(UsageError):
@@ -231,6 +233,7 @@ class VMManager:
         return spec
 
     async def start(self, name: str) -> VMRecord:
+        requested_at = time.monotonic()
         async with self._lock:
             record = self.get(name)
             if record.state.live:
@@ -296,7 +299,7 @@ class VMManager:
                 )
             )
             self._spawn_task(self._follow_exit, live)
-            self._spawn_task(self._boot, live, spawned_at, console, agent_address)
+            self._spawn_task(self._boot, live, requested_at, spawned_at, console, agent_address)
             return record
 
     def _free_cid(self) -> int:
@@ -339,9 +342,11 @@ class VMManager:
 
     # -- the boot task ------------------------------------------------------------------
 
-    async def _boot(self, live: LiveVM, spawned_at: float, console: Path, agent_address: str) -> None:
+    async def _boot(
+        self, live: LiveVM, requested_at: float, spawned_at: float, console: Path, agent_address: str
+    ) -> None:
         phases: dict[str, float] = {}
-        marks: dict[str, float] = {"exec": spawned_at}
+        marks: dict[str, float] = {"request": requested_at, "exec": spawned_at}
 
         def record_phase(name: str, start: str, end: str) -> None:
             phases[name] = round(marks[end] - marks[start], 6)
@@ -351,6 +356,7 @@ class VMManager:
         with live.boot_scope:
             try:
                 with trio.fail_after(self.boot_seconds):
+                    record_phase("daemon", "request", "exec")
                     live.qmp = await self._connect_qmp(live)
                     marks["qmp"] = time.monotonic()
                     record_phase("spawn", "exec", "qmp")

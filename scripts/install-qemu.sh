@@ -16,8 +16,6 @@ if [[ $(id -u) -ne 0 ]]; then
     exit 1
 fi
 
-list=/etc/apt/sources.list.d/bookworm-backports.list
-
 # Skip everything when a backports QEMU (>= 9.1, knows sev-snp-guest) is already installed.
 if command -v qemu-system-x86_64 >/dev/null 2>&1; then
     ver=$(qemu-system-x86_64 --version | sed -n 's/^QEMU emulator version \([0-9]*\)\.\([0-9]*\).*/\1 \2/p')
@@ -28,24 +26,9 @@ if command -v qemu-system-x86_64 >/dev/null 2>&1; then
     fi
 fi
 
-mirror=""
-if [[ -f /etc/apt/sources.list.d/debian.sources ]]; then
-    # First URIs: line of the stanza that lists the bookworm suite.
-    mirror=$(awk '
-        /^URIs:/   { uri = $2 }
-        /^Suites:/ { for (i = 2; i <= NF; i++) if ($i == "bookworm") { print uri; exit } }
-        /^$/       { uri = "" }
-    ' /etc/apt/sources.list.d/debian.sources)
-fi
-if [[ -z "$mirror" && -f /etc/apt/sources.list ]]; then
-    mirror=$(awk '$1 == "deb" && $3 == "bookworm" { print $2; exit }' /etc/apt/sources.list)
-fi
-mirror=${mirror:-http://deb.debian.org/debian}
-
-if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    echo "deb ${mirror} bookworm-backports main" >"$list"
-    echo "install-qemu.sh: added ${list} (${mirror})"
-fi
+# shellcheck source=scripts/lib/apt.sh
+. "$(dirname "$0")/lib/apt.sh"
+ensure_bookworm_backports
 
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q

@@ -50,8 +50,11 @@ if [[ ${CVM_SKIP_SYSTEM:-0} != 1 ]]; then
         log "not root: skipping Debian packages (run as root once, or set CVM_SKIP_SYSTEM=1)"
     else
         apt_install "${APT_PACKAGES[@]}"
-        for script in install-qemu.sh install-guest-kernel.sh install-vhost-device-vsock.sh; do
-            [[ -x scripts/$script ]] && "scripts/$script" >&2
+        for script in install-qemu.sh install-guest-kernel.sh install-vhost-device-vsock.sh \
+            install-workload-tools.sh install-monitoring.sh; do
+            if [[ -f scripts/$script ]]; then
+                bash "scripts/$script" >&2
+            fi
         done
     fi
 fi
@@ -70,7 +73,7 @@ fi
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]] || ! .venv/bin/python -c 'import cvmctl' 2>/dev/null; then
     log "installing cvmctl and its dependencies into .venv"
     .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e "$repo[dev]"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e "$repo[dev,report]"
     echo "$want" >"$stamp"
 fi
 log "ready: $(.venv/bin/cvmctl --version)"

@@ -132,7 +132,13 @@ def test_dev_guest_lifecycle(daemon: Daemon, tmp_path: Path) -> None:
     assert started.returncode == 0, started.stderr + started.stdout
     vm = json.loads(started.stdout)
     assert vm["state"] == "running", vm
-    assert [phase["name"] for phase in vm["boot_phases"]] == ["spawn", "firmware", "kernel", "userspace"]
+    assert [phase["name"] for phase in vm["boot_phases"]] == [
+        "daemon",
+        "spawn",
+        "firmware",
+        "kernel",
+        "userspace",
+    ]
     assert all(phase["seconds"] > 0 for phase in vm["boot_phases"]), vm["boot_phases"]
     address = vm["agent_address"]
     assert address.startswith("hvsock://")

@@ -1,0 +1,534 @@
+"""The host exporter: per-VM snapshots refreshed by trio, served by a client_python collector.
+
+:class:`HostCollector` follows whatever VMs its *provider* (a plain ``Callable[[],
+Iterable[VMView]]``) names at each refresh; :func:`host_daemon.metrics.wiring.manager_views`
+builds one from the daemon's :class:`~host_daemon.vms.VMManager`. Every ``interval`` (1 s by
+default) it refreshes each VM concurrently, each part under its own deadline:
+
+``procfs``  QEMU's CPU seconds by mode and resident memory, each vCPU thread's run and
+            run-queue wait time, the vhost workers' CPU (:mod:`.procfs`, in a worker thread);
+``kvm``     KVM statistics through QMP ``query-stats`` summed over vCPUs (and exits per vCPU),
+            names and units from ``query-stats-schemas`` (asked once per QEMU process).
+            Without a ``kvm`` provider (TCG, QEMU < 7.1) the VM gets
+            ``cvm_vm_kvm_stats_available 0`` and no KVM series: no invented zeros.
+
+and, in a task of its own per VM at ``guest_interval``, ``agent``: the guest agent's
+``GetMetrics`` over its channel (``cvm_agent_up``), kept as text and re-exported with the
+``vm`` label by :meth:`HostCollector.guest_exposition` (parsed only when scraped).
+
+A scrape (:meth:`HostCollector.collect`, called by client_python on the HTTP thread) reads
+only the stored snapshots, so it never waits for a VM. A VM whose QEMU is stuck (SIGSTOP, a
+QMP monitor that never answers) costs its own refresh at most ``deadline`` seconds and shows
+as ``cvm_vm_collector_success{vm,collector="kvm"} 0`` and a growing
+``cvm_vm_collector_timeouts_total``; the other VMs' snapshots stay fresh. A QMP command that
+missed its deadline is not followed by another until QEMU's late reply arrives (the QMP
+client counts it in ``dropped_replies``), so a stopped QEMU never has more than one of our
+commands queued on the monitor it shares with the VM lifecycle.
+
+Self-monitoring follows node_exporter: ``cvm_scrape_collector_duration_seconds{collector}``
+(the longest of the last refresh over the VMs) and ``cvm_scrape_collector_success{collector}``
+(1 when every VM's part succeeded), for ``collector`` in ``procfs``, ``kvm``, ``agent``.
+
+Labels stay bounded: ``vm`` is a VM name (the daemon validates it), ``vcpu`` an index below
+the VM's vCPU count (per-vCPU KVM series only up to :data:`MAX_VCPU_SERIES` vCPUs), ``worker``
+the index of a vhost worker ordered by thread id, ``kind``/``result``/``mode``/``phase``/
+``collector`` fixed sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import trio
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from cvm.v1 import agent_pb2, agent_pb2_grpc
+from cvmctl.address import parse_address
+from cvmctl.client import connect
+from cvmctl.errors import DeadlineExceeded
+from host_daemon.metrics.parse import (
+    GuestTextRejected,
+    KvmStats,
+    StatSchema,
+    parse_stats_schemas,
+    parse_vcpu_stats,
+    relabel_guest_families,
+)
+from host_daemon.metrics.procfs import ProcfsReader, ProcReading, ThreadNames
+from host_daemon.qmp import CommandNotFound, QMPClient, QMPDeadline, QMPError, Runstate
+
+DEFAULT_INTERVAL: Final = 1.0
+DEFAULT_DEADLINE: Final = 0.5
+DEFAULT_GUEST_INTERVAL: Final = 5.0
+DEFAULT_AGENT_TIMEOUT: Final = 2.0
+MAX_VCPU_SERIES: Final = 64
+COLLECTORS: Final = ("procfs", "kvm", "agent")
+VCPU_STATS_ARGS: Final = {"target": "vcpu", "providers": [{"provider": "kvm"}]}
+
+
+@dataclass(frozen=True, eq=False)
+class VMView:
+    """What the exporter needs to know about one VM whose QEMU runs."""
+
+    name: str
+    tee: str = "none"
+    machine: str = ""
+    qemu_version: str = ""
+    pid: int = 0
+    vcpu_tids: tuple[int, ...] = ()
+    qmp: QMPClient | None = None
+    agent_address: str = ""
+    boot_phases: Mapping[str, float] = field(default_factory=dict)
+
+    def same_process(self, other: VMView) -> bool:
+        """Whether ``other`` describes the same QEMU process (cached state stays valid)."""
+        return self.pid == other.pid and self.qmp is other.qmp and self.agent_address == other.agent_address
+
+
+@dataclass(frozen=True)
+class PartResult:
+    """How one part (procfs, kvm, agent) of one VM's last refresh went."""
+
+    success: bool
+    duration_seconds: float
+    error: str = ""
+    timed_out: bool = False
+
+
+@dataclass
+class GuestReading:
+    """The agent's last exposition for one VM and the host-side rendering of it (cached)."""
+
+    up: bool
+    text: bytes = b""
+    error: str = ""
+    rendered: list[Metric] | None = None
+
+
+@dataclass
+class VMState:
+    """Everything the collector keeps per VM; replaced when the VM's QEMU changes."""
+
+    view: VMView
+    names: ThreadNames = field(default_factory=ThreadNames)
+    schemas: dict[str, dict[str, StatSchema]] | None = None
+    qmp_unanswered_mark: int | None = None  # dropped_replies when our last command timed out
+    proc: ProcReading | None = None
+    proc_in_flight: bool = False
+    kvm: KvmStats | None = None
+    parts: dict[str, PartResult] = field(default_factory=dict)
+    timeouts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COLLECTORS, 0))
+    guest: GuestReading | None = None
+    agent_scope: trio.CancelScope | None = None
+
+    @property
+    def kvm_available(self) -> bool | None:
+        """None until the schema is known; then whether QEMU has a ``kvm`` stats provider."""
+        if self.schemas is None:
+            return None
+        return bool(self.schemas.get("vcpu"))
+
+
+GuestFetch = Callable[[], Awaitable[bytes]]
+AgentSession = Callable[[str, float], AbstractAsyncContextManager[GuestFetch]]
+"""Opens a channel to an agent address with a timeout; yields a function that fetches its text."""
+
+
+class HostCollector(Collector):
+    """Per-VM host metrics. Run :meth:`run` in a nursery; register it in a private registry."""
+
+    def __init__(
+        self,
+        provider: Callable[[], Iterable[VMView]],
+        *,
+        interval: float = DEFAULT_INTERVAL,
+        deadline: float = DEFAULT_DEADLINE,
+        guest_interval: float = DEFAULT_GUEST_INTERVAL,
+        agent_timeout: float = DEFAULT_AGENT_TIMEOUT,
+        procfs: ProcfsReader | Path | None = None,
+        agent_session: AgentSession | None = None,
+    ) -> None:
+        self.provider = provider
+        self.interval = interval
+        self.deadline = deadline
+        self.guest_interval = guest_interval
+        self.agent_timeout = agent_timeout
+        self.procfs = procfs if isinstance(procfs, ProcfsReader) else ProcfsReader(procfs or Path("/proc"))
+        self.vms: dict[str, VMState] = {}
+        self.refreshes = 0
+        self._nursery: trio.Nursery | None = None
+        self._threads = trio.CapacityLimiter(4)
+        self._agent_session: AgentSession = agent_session or open_agent_session
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Refresh once, report started, then every ``interval`` until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self.refresh_once()
+            task_status.started()
+            while True:
+                started = trio.current_time()
+                await trio.sleep_until(started + self.interval)
+                await self.refresh_once()
+
+    def sync(self, views: Iterable[VMView]) -> None:
+        """Follow exactly ``views``: new VMs get state (and an agent task), gone ones lose it."""
+        current: dict[str, VMView] = {view.name: view for view in views}
+        for name, old in list(self.vms.items()):
+            view = current.get(name)
+            if view is None or not view.same_process(old.view):
+                if old.agent_scope is not None:
+                    old.agent_scope.cancel()
+                del self.vms[name]
+        for name, view in current.items():
+            known = self.vms.get(name)
+            if known is not None:
+                known.view = view  # the same process: fresher boot phases, vCPU list, version
+                continue
+            state = self.vms[name] = VMState(view)
+            if view.agent_address and self._nursery is not None:
+                state.agent_scope = trio.CancelScope()
+                self._nursery.start_soon(self._follow_agent, state)
+
+    async def refresh_once(self) -> None:
+        """Ask the provider, then refresh every VM concurrently; returns within ``deadline``."""
+        self.sync(self.provider())
+        async with trio.open_nursery() as nursery:
+            for state in list(self.vms.values()):
+                nursery.start_soon(self._refresh_procfs, state)
+                nursery.start_soon(self._refresh_kvm, state)
+        self.refreshes += 1
+
+    def _finish(
+        self, state: VMState, part: str, started: float, error: str = "", timed_out: bool = False
+    ) -> None:
+        state.parts[part] = PartResult(not error, trio.current_time() - started, error, timed_out)
+        if timed_out:
+            state.timeouts[part] += 1
+
+    # -- procfs ----------------------------------------------------------------------------
+
+    async def _refresh_procfs(self, state: VMState) -> None:
+        started = trio.current_time()
+        view = state.view
+        if view.pid <= 0:
+            state.proc = None
+            self._finish(state, "procfs", started, "no QEMU process")
+            return
+        if state.proc_in_flight:
+            state.proc = None
+            self._finish(state, "procfs", started, "the previous procfs read is still running", True)
+            return
+
+        def read() -> ProcReading:
+            try:
+                return self.procfs.read(view.pid, view.vcpu_tids, state.names)
+            finally:
+                state.proc_in_flight = False
+
+        state.proc_in_flight = True
+        error = ""
+        reading: ProcReading | None = None
+        with trio.move_on_after(self.deadline) as scope:
+            try:
+                reading = await trio.to_thread.run_sync(read, abandon_on_cancel=True, limiter=self._threads)
+            except (OSError, ValueError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        if scope.cancelled_caught:
+            error = f"procfs read missed its {self.deadline:g} s deadline"
+        state.proc = reading
+        self._finish(state, "procfs", started, error, scope.cancelled_caught)
+
+    # -- kvm through QMP -------------------------------------------------------------------
+
+    async def _refresh_kvm(self, state: VMState) -> None:
+        started = trio.current_time()
+        qmp = state.view.qmp
+        if qmp is None or qmp.runstate is not Runstate.RUNNING:
+            state.kvm = None
+            self._finish(state, "kvm", started, "no QMP connection")
+            return
+        if state.qmp_unanswered_mark is not None:
+            if qmp.dropped_replies <= state.qmp_unanswered_mark:
+                state.kvm = None
+                self._finish(state, "kvm", started, "QEMU has not answered our previous QMP command", True)
+                return
+            state.qmp_unanswered_mark = None  # the late reply came: QEMU is responsive again
+        try:
+            if state.schemas is None:
+                try:
+                    reply = await qmp.execute("query-stats-schemas", deadline=self.deadline)
+                except CommandNotFound:
+                    reply = []  # QEMU < 7.1: no statistics at all
+                state.schemas = parse_stats_schemas(reply)
+            if not state.kvm_available:
+                state.kvm = None
+                self._finish(state, "kvm", started)
+                return
+            remaining = max(self.deadline - (trio.current_time() - started), 0.01)
+            reply = await qmp.execute("query-stats", VCPU_STATS_ARGS, deadline=remaining)
+            state.kvm = parse_vcpu_stats(reply, state.schemas)
+        except QMPDeadline as exc:
+            state.kvm = None
+            state.qmp_unanswered_mark = qmp.dropped_replies
+            self._finish(state, "kvm", started, str(exc), True)
+            return
+        except (QMPError, ValueError, KeyError, TypeError) as exc:
+            state.kvm = None
+            self._finish(state, "kvm", started, f"{type(exc).__name__}: {exc}")
+            return
+        self._finish(state, "kvm", started)
+
+    # -- the guest agent ---------------------------------------------------------------------
+
+    async def _follow_agent(self, state: VMState) -> None:
+        """Keep a channel to the VM's agent and fetch its metrics every ``guest_interval``."""
+        assert state.agent_scope is not None
+        with state.agent_scope:
+            while True:
+                started = trio.current_time()
+                try:
+                    async with self._agent_session(state.view.agent_address, self.agent_timeout) as fetch:
+                        while True:
+                            started = trio.current_time()
+                            text = await fetch()
+                            state.guest = GuestReading(up=True, text=text)
+                            self._finish(state, "agent", started)
+                            await trio.sleep_until(started + self.guest_interval)
+                except Exception as exc:  # whatever a guest (or its channel) does stays with this VM
+                    timed_out = isinstance(exc, DeadlineExceeded | trio.TooSlowError)
+                    state.guest = GuestReading(up=False, error=f"{type(exc).__name__}: {exc}")
+                    self._finish(state, "agent", started, state.guest.error, timed_out)
+                await trio.sleep_until(started + self.guest_interval)
+
+    def guest_families(self, name: str) -> list[Metric] | None:
+        """The VM's guest series with ``vm=<name>`` (None: no such VM). Parses at most once per reading."""
+        state = self.vms.get(name)
+        if state is None:
+            return None
+        reading = state.guest
+        if reading is None or not reading.up:
+            return []
+        if reading.rendered is None:
+            try:
+                reading.rendered = relabel_guest_families(reading.text.decode("utf-8", "replace"), name)
+            except (GuestTextRejected, ValueError) as exc:
+                reading.error = f"guest exposition rejected: {exc}"
+                reading.rendered = []
+        return reading.rendered
+
+    # -- exposition --------------------------------------------------------------------------
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # registration must not run collect() (client_python rule)
+
+    def collect(self) -> Iterable[Metric]:
+        states = sorted(self.vms.values(), key=lambda s: s.view.name)
+        yield from _info_families(states)
+        yield from _kvm_families(states)
+        yield from _proc_families(states)
+        yield from _status_families(states)
+
+
+# --------------------------------------------------------------------------------------------
+# Families (pure functions of the states)
+
+
+def _info_families(states: list[VMState]) -> Iterator[Metric]:
+    info = GaugeMetricFamily(
+        "cvm_vm_info",
+        "A VM whose QEMU runs: its TEE, machine type and QEMU version (value 1).",
+        labels=["vm", "tee", "machine", "qemu_version"],
+    )
+    phases = GaugeMetricFamily(
+        "cvm_vm_boot_phase_seconds",
+        "Duration of each phase of the VM's last boot (spawn, firmware, kernel, userspace).",
+        labels=["vm", "phase"],
+    )
+    for state in states:
+        view = state.view
+        info.add_metric([view.name, view.tee, view.machine, view.qemu_version], 1.0)
+        for phase, seconds in sorted(view.boot_phases.items()):
+            phases.add_metric([view.name, phase], seconds)
+    yield info
+    yield phases
+
+
+def _kvm_families(states: list[VMState]) -> Iterator[Metric]:
+    available = GaugeMetricFamily(
+        "cvm_vm_kvm_stats_available",
+        "1 if QEMU reports KVM statistics (query-stats, provider kvm); 0 under TCG or QEMU < 7.1.",
+        labels=["vm"],
+    )
+    exits = CounterMetricFamily("cvm_vm_kvm_exits", "VM exits to KVM, summed over vCPUs.", labels=["vm"])
+    by_kind = CounterMetricFamily(
+        "cvm_vm_kvm_exits_by_kind",
+        "VM exits of a KVM exit class (halt, io, mmio, irq, ...), summed over vCPUs; "
+        "classes are not exclusive and do not add up to cvm_vm_kvm_exits_total.",
+        labels=["vm", "kind"],
+    )
+    vcpu_exits = CounterMetricFamily(
+        "cvm_vm_kvm_vcpu_exits", "VM exits to KVM of one vCPU.", labels=["vm", "vcpu"]
+    )
+    vcpu_halts = CounterMetricFamily(
+        "cvm_vm_kvm_vcpu_halt_exits", "HLT exits to KVM of one vCPU.", labels=["vm", "vcpu"]
+    )
+    poll = CounterMetricFamily(
+        "cvm_vm_kvm_halt_poll_seconds",
+        "Time KVM polled a halted vCPU before a wake-up (success) or before giving up (fail); "
+        "halt_poll_success_ns / halt_poll_fail_ns.",
+        labels=["vm", "result"],
+    )
+    wait = CounterMetricFamily(
+        "cvm_vm_kvm_halt_wait_seconds",
+        "Time halted vCPUs slept in KVM after polling (halt_wait_ns), summed over vCPUs.",
+        labels=["vm"],
+    )
+    attempts = CounterMetricFamily(
+        "cvm_vm_kvm_halt_poll_attempts", "Halt polls KVM attempted (halt_attempted_poll).", labels=["vm"]
+    )
+    successes = CounterMetricFamily(
+        "cvm_vm_kvm_halt_poll_successes",
+        "Halt polls that saw a wake-up before the poll ended (halt_successful_poll).",
+        labels=["vm"],
+    )
+    wakeups = CounterMetricFamily(
+        "cvm_vm_kvm_halt_wakeups", "Halted vCPUs woken up (halt_wakeup).", labels=["vm"]
+    )
+    for state in states:
+        name = state.view.name
+        if state.kvm_available is not None:
+            available.add_metric([name], 1.0 if state.kvm_available else 0.0)
+        stats = state.kvm
+        if stats is None:
+            continue
+        exits.add_metric([name], stats.exits)
+        for kind, value in sorted(stats.exits_by_kind.items()):
+            by_kind.add_metric([name, kind], value)
+        if len(stats.vcpu_exits) <= MAX_VCPU_SERIES:
+            for index, value in enumerate(stats.vcpu_exits):
+                vcpu_exits.add_metric([name, str(index)], value)
+            for index, value in enumerate(stats.vcpu_halt_exits):
+                vcpu_halts.add_metric([name, str(index)], value)
+        for result, seconds in sorted(stats.halt_poll_seconds.items()):
+            poll.add_metric([name, result], seconds)
+        wait.add_metric([name], stats.halt_wait_seconds)
+        attempts.add_metric([name], stats.halt_poll_attempts)
+        successes.add_metric([name], stats.halt_poll_successes)
+        wakeups.add_metric([name], stats.halt_wakeups)
+    yield from (available, exits, by_kind, vcpu_exits, vcpu_halts, poll, wait, attempts, successes, wakeups)
+
+
+def _proc_families(states: list[VMState]) -> Iterator[Metric]:
+    run = CounterMetricFamily(
+        "cvm_vm_vcpu_seconds", "Time the vCPU thread ran on a host CPU (schedstat).", labels=["vm", "vcpu"]
+    )
+    delay = CounterMetricFamily(
+        "cvm_vm_vcpu_delay_seconds",
+        "Time the vCPU thread was runnable but waited for a host CPU (schedstat run-queue wait).",
+        labels=["vm", "vcpu"],
+    )
+    vhost = CounterMetricFamily(
+        "cvm_vm_vhost_worker_cpu_seconds",
+        "CPU time of the VM's vhost worker threads (vhost-<qemu pid>), by index in thread-id order.",
+        labels=["vm", "worker"],
+    )
+    cpu = CounterMetricFamily(
+        "cvm_vm_qemu_cpu_seconds",
+        "CPU time of the QEMU process by mode (user includes the guest's time under KVM).",
+        labels=["vm", "mode"],
+    )
+    rss = GaugeMetricFamily("cvm_vm_qemu_resident_memory_bytes", "Resident memory of QEMU.", labels=["vm"])
+    for state in states:
+        reading = state.proc
+        if reading is None:
+            continue
+        name = state.view.name
+        for index, (ran, waited) in enumerate(
+            zip(reading.vcpu_run_seconds, reading.vcpu_wait_seconds, strict=True)
+        ):
+            if ran is not None and waited is not None:
+                run.add_metric([name, str(index)], ran)
+                delay.add_metric([name, str(index)], waited)
+        for index, seconds in enumerate(reading.vhost_seconds):
+            vhost.add_metric([name, str(index)], seconds)
+        for mode, seconds in sorted(reading.cpu_seconds.items()):
+            cpu.add_metric([name, mode], seconds)
+        rss.add_metric([name], reading.resident_bytes)
+    yield from (run, delay, vhost, cpu, rss)
+
+
+def _status_families(states: list[VMState]) -> Iterator[Metric]:
+    agent_up = GaugeMetricFamily(
+        "cvm_agent_up", "1 if the VM's guest agent answered its last GetMetrics.", labels=["vm"]
+    )
+    vm_success = GaugeMetricFamily(
+        "cvm_vm_collector_success",
+        "1 if this part of the VM's last refresh succeeded, 0 if it failed or missed its deadline.",
+        labels=["vm", "collector"],
+    )
+    vm_duration = GaugeMetricFamily(
+        "cvm_vm_collector_duration_seconds",
+        "Seconds this part of the VM's last refresh took.",
+        labels=["vm", "collector"],
+    )
+    timeouts = CounterMetricFamily(
+        "cvm_vm_collector_timeouts",
+        "Refreshes of this part of the VM that missed their deadline (a stuck QEMU or guest).",
+        labels=["vm", "collector"],
+    )
+    duration = GaugeMetricFamily(
+        "cvm_scrape_collector_duration_seconds",
+        "Seconds the collector's last refresh took (the slowest VM).",
+        labels=["collector"],
+    )
+    success = GaugeMetricFamily(
+        "cvm_scrape_collector_success",
+        "1 if the collector's last refresh succeeded for every VM.",
+        labels=["collector"],
+    )
+    followed = GaugeMetricFamily("cvm_hostd_vms_followed", "VMs the host exporter follows.")
+    followed.add_metric([], float(len(states)))
+    for collector in COLLECTORS:
+        results = [s.parts[collector] for s in states if collector in s.parts]
+        duration.add_metric([collector], max((r.duration_seconds for r in results), default=0.0))
+        success.add_metric([collector], 1.0 if all(r.success for r in results) else 0.0)
+    for state in states:
+        name = state.view.name
+        if state.view.agent_address:
+            agent_up.add_metric([name], 1.0 if state.guest is not None and state.guest.up else 0.0)
+        for collector, result in sorted(state.parts.items()):
+            vm_success.add_metric([name, collector], 1.0 if result.success else 0.0)
+            vm_duration.add_metric([name, collector], result.duration_seconds)
+        for collector, count in sorted(state.timeouts.items()):
+            timeouts.add_metric([name, collector], float(count))
+    yield from (agent_up, vm_success, vm_duration, timeouts, duration, success, followed)
+
+
+# --------------------------------------------------------------------------------------------
+# The agent call (I/O at the edge)
+
+
+@asynccontextmanager
+async def open_agent_session(agent_address: str, timeout: float) -> AsyncIterator[GuestFetch]:
+    """A channel to the agent at ``agent_address``; yields a function calling ``GetMetrics``.
+
+    The channel (and, for vsock, its relay) stays open across fetches: a new gRPC connection
+    per fetch would cost more CPU than the fetch. Each call is bounded by ``timeout``.
+    """
+    async with connect(parse_address(agent_address), timeout=timeout) as client:
+        stub = agent_pb2_grpc.GuestAgentStub(client.channel)
+
+        async def fetch() -> bytes:
+            response = await client.call(stub.GetMetrics, agent_pb2.GetMetricsRequest())
+            return bytes(response.text)
+
+        yield fetch

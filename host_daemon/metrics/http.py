@@ -1,0 +1,203 @@
+"""The daemon's metrics endpoint: host series, per-VM guest series, and Prometheus discovery.
+
+Routes (HTTP/1.1 ``GET``/``HEAD``, one request per connection, the same bounds as the guest
+agent's server in :mod:`guest_agent.metrics_http`, whose request parsing this reuses)::
+
+    /metrics             the host side of every VM: cvm_vm_*, cvm_agent_up, self-monitoring
+    /metrics/vm/<name>   the guest's own series of VM <name> as its agent reported them
+                         (GetMetrics), each with vm="<name>"; 404 for an unknown VM
+    /sd                  Prometheus HTTP service discovery: one target per VM
+    /sd/host             the same format, one target: this daemon's /metrics
+
+Why guests are scraped *through the daemon*: a guest is reachable only over vsock (and, in a
+confidential VM, should not open a network port at all), so Prometheus cannot dial it. Each
+VM's target in ``/sd`` is therefore the daemon's own address with ``__metrics_path__`` set to
+``/metrics/vm/<name>`` (Prometheus applies ``__metrics_path__`` from discovered labels,
+docs: "configuration", ``<relabel_config>`` / ``<http_sd_config>``) and labels ``vm``,
+``tee`` and ``host``. Each VM is then its own scrape target, with its own ``up`` series and
+scrape duration, while the daemon holds the only connection to the agent.
+
+http_sd format (prometheus.io/docs/prometheus/latest/http_sd/): a JSON list of
+``{"targets": ["<host>:<port>"], "labels": {...}}``, content type ``application/json``,
+HTTP 200 on every refresh; an empty list is valid.
+
+The guest series are served with ``vm`` already set; the scrape job must keep it with
+``honor_labels: true`` (otherwise Prometheus renames it ``exported_vm``); the examples in
+``deploy/prometheus/`` do.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from http import HTTPStatus
+from urllib.parse import unquote
+
+import trio
+from prometheus_client import generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from guest_agent.collectors.registry import METRICS_CONTENT_TYPE
+from guest_agent.metrics_http import (
+    MAX_CONNECTIONS,
+    REQUEST_TIMEOUT_SECONDS,
+    _read_head,
+    _response,
+    parse_request_line,
+)
+from host_daemon.metrics.collector import HostCollector
+
+DEFAULT_HOST_METRICS_PORT = 9465
+VM_PATH_PREFIX = "/metrics/vm/"
+SD_CONTENT_TYPE = "application/json"
+
+
+@dataclass(frozen=True)
+class HostEndpoint:
+    """Where the server listens, and the ``host:port`` it tells Prometheus to scrape."""
+
+    host: str
+    port: int
+    advertised: str
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.advertised}/metrics"
+
+
+class _Families(Collector):
+    """A collector over a fixed list of families (one VM's guest series)."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self.families = list(families)
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
+
+
+def vm_metrics_path(name: str) -> str:
+    return VM_PATH_PREFIX + name
+
+
+def sd_targets(collector: HostCollector, advertised: str, host_label: str) -> list[dict[str, object]]:
+    """The http_sd list for every VM the collector follows (pure)."""
+    return [
+        {
+            "targets": [advertised],
+            "labels": {
+                "__metrics_path__": vm_metrics_path(state.view.name),
+                "vm": state.view.name,
+                "tee": state.view.tee,
+                "host": host_label,
+            },
+        }
+        for state in sorted(collector.vms.values(), key=lambda s: s.view.name)
+    ]
+
+
+class HostMetricsApp:
+    """Routes a request path to a response body (rendering runs in a worker thread)."""
+
+    def __init__(self, collector: HostCollector, advertised: str, host_label: str) -> None:
+        self.collector = collector
+        self.advertised = advertised
+        self.host_label = host_label
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(collector)
+
+    def render_host(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def render_vm(self, name: str) -> bytes | None:
+        families = self.collector.guest_families(name)
+        return None if families is None else generate_latest(_Families(families))
+
+    async def answer(self, method: str, path: str) -> bytes:
+        if method not in ("GET", "HEAD"):
+            return _response(HTTPStatus.METHOD_NOT_ALLOWED, b"GET or HEAD\n", "text/plain")
+        head = method == "HEAD"
+        if path == "/metrics":
+            body = await trio.to_thread.run_sync(self.render_host)
+            return _response(HTTPStatus.OK, body, METRICS_CONTENT_TYPE, head_only=head)
+        if path.startswith(VM_PATH_PREFIX):
+            name = unquote(path[len(VM_PATH_PREFIX) :])
+            vm_body = await trio.to_thread.run_sync(self.render_vm, name)
+            if vm_body is None:
+                return _response(HTTPStatus.NOT_FOUND, f"no VM named {name!r}\n".encode(), "text/plain")
+            return _response(HTTPStatus.OK, vm_body, METRICS_CONTENT_TYPE, head_only=head)
+        if path in ("/sd", "/sd/host"):
+            if path == "/sd":
+                listing = sd_targets(self.collector, self.advertised, self.host_label)
+            else:
+                listing = [{"targets": [self.advertised], "labels": {"host": self.host_label}}]
+            return _response(HTTPStatus.OK, json.dumps(listing).encode(), SD_CONTENT_TYPE, head_only=head)
+        return _response(HTTPStatus.NOT_FOUND, b"/metrics, /metrics/vm/<name>, /sd, /sd/host\n", "text/plain")
+
+
+async def _serve_connection(
+    app: HostMetricsApp, slots: trio.CapacityLimiter, stream: trio.SocketStream
+) -> None:
+    async with stream:
+        try:
+            slots.acquire_nowait()
+        except trio.WouldBlock:
+            return  # too many at once: close this one rather than queue it
+        try:
+            reply = b""
+            with trio.move_on_after(REQUEST_TIMEOUT_SECONDS):
+                head = await _read_head(stream)
+                request = parse_request_line(head) if head is not None else None
+                if request is None:
+                    reply = _response(HTTPStatus.BAD_REQUEST, b"bad request\n", "text/plain")
+                else:
+                    reply = await app.answer(*request)
+            if reply:
+                await stream.send_all(reply)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away
+        finally:
+            slots.release()
+
+
+def advertised_address(host: str, port: int) -> str:
+    """``host:port`` for Prometheus: a wildcard bind is replaced by this machine's name."""
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.getfqdn()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve_host_metrics_http(
+    collector: HostCollector,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_HOST_METRICS_PORT,
+    *,
+    advertise: str | None = None,
+    host_label: str | None = None,
+    task_status: trio.TaskStatus[HostEndpoint] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``collector`` on ``http://host:port`` until cancelled; ``nursery.start`` returns the endpoint.
+
+    ``advertise`` is the ``host:port`` written into ``/sd`` targets (default: the bound
+    address, or this machine's name for a wildcard bind); ``host_label`` the ``host`` label
+    (default: the short host name).
+    """
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        bound = int(listeners[0].socket.getsockname()[1])
+        advertised = advertise or advertised_address(host, bound)
+        app = HostMetricsApp(collector, advertised, host_label or socket.gethostname().split(".")[0])
+        handler: Callable[[trio.SocketStream], object] = functools.partial(
+            _serve_connection, app, trio.CapacityLimiter(MAX_CONNECTIONS)
+        )
+        task_status.started(HostEndpoint(host, bound, advertised))
+        await trio.serve_listeners(handler, listeners)  # type: ignore[arg-type]
+    finally:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)

@@ -1,0 +1,107 @@
+"""Connecting the host exporter to the daemon's VM manager.
+
+In ``host_daemon/main.py``, with ``--metrics-listen tcp://127.0.0.1:9465``::
+
+    from host_daemon.metrics.wiring import serve_host_metrics
+    ...
+    await nursery.start(manager.run)
+    if args.metrics_listen:
+        await nursery.start(serve_host_metrics, manager, args.metrics_listen)
+
+:func:`manager_views` is the provider: for every live VM (starting, running, stopping) it
+gives the exporter the record's pid, vCPU thread ids, boot phases and agent address, and from
+the manager's live handle the QMP client the lifecycle already holds (a QMP socket serves one
+client at a time, so the exporter shares it rather than opening its own). The TEE comes from
+the VM's spec, the machine type from the QEMU command line the daemon wrote, the QEMU version
+from the QMP greeting; each is worked out once per QEMU process.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from cvmctl.address import TcpAddress, parse_address
+from cvmctl.errors import CvmError, UsageError
+from host_daemon.metrics.collector import DEFAULT_INTERVAL, HostCollector, VMView
+from host_daemon.metrics.http import HostEndpoint, serve_host_metrics_http
+from host_daemon.spec import parse_spec
+from host_daemon.store import VMRecord
+from host_daemon.vms import VMManager
+
+
+@functools.lru_cache(maxsize=256)
+def _tee_of(spec_toml: str) -> str:
+    try:
+        return str(parse_spec(spec_toml, source="<metrics>").tee)
+    except CvmError:
+        return "unknown"
+
+
+@functools.lru_cache(maxsize=256)
+def _machine_of(argv_path: Path, pid: int) -> str:
+    """The machine type from the ``-machine`` argument the daemon wrote (``pid`` keys the cache)."""
+    try:
+        argv = argv_path.read_text().splitlines()
+    except OSError:
+        return ""
+    for flag, value in itertools.pairwise(argv):
+        if flag in ("-machine", "-M"):
+            return value.split(",", 1)[0].removeprefix("type=")
+    return ""
+
+
+def view_of(manager: VMManager, record: VMRecord) -> VMView:
+    live = manager._live.get(record.name)  # the manager's handle: the QMP client it holds
+    qmp = live.qmp if live is not None else None
+    version = ""
+    if qmp is not None and qmp.greeting is not None:
+        version = ".".join(str(part) for part in qmp.greeting.version)
+    run_dir = live.run_dir if live is not None else manager.state_dir / "vms" / record.name
+    return VMView(
+        name=record.name,
+        tee=_tee_of(record.spec_toml),
+        machine=_machine_of(run_dir / "qemu.argv", record.qemu_pid),
+        qemu_version=version,
+        pid=record.qemu_pid,
+        vcpu_tids=record.vcpu_thread_ids,
+        qmp=qmp,
+        agent_address=record.agent_address,
+        boot_phases=dict(record.boot_phases),
+    )
+
+
+def manager_views(manager: VMManager) -> Callable[[], list[VMView]]:
+    """The exporter's provider for ``manager``: a view of each VM whose QEMU runs."""
+
+    def views() -> list[VMView]:
+        return [view_of(manager, record) for record in manager.list() if record.state.live]
+
+    return views
+
+
+async def serve_host_metrics(
+    manager: VMManager,
+    listen: str,
+    *,
+    interval: float = DEFAULT_INTERVAL,
+    advertise: str | None = None,
+    task_status: trio.TaskStatus[HostEndpoint] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the exporter for ``manager`` and serve it at ``listen`` (``tcp://HOST:PORT``) until cancelled."""
+    address = parse_address(listen, listening=True)
+    if not isinstance(address, TcpAddress):
+        raise UsageError(f"--metrics-listen must be tcp://HOST:PORT (Prometheus scrapes TCP), not {listen}")
+    collector = HostCollector(manager_views(manager), interval=interval)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(collector.run)
+        endpoint = await nursery.start(
+            functools.partial(
+                serve_host_metrics_http, collector, address.host, address.port, advertise=advertise
+            )
+        )
+        task_status.started(endpoint)

@@ -1,0 +1,84 @@
+"""Fixtures for the host exporter: procfs trees, fake QMP monitors, real guest agents."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from host_daemon.qmp import QMPClient, connect_qmp
+from tests.agent_rpc.test_metrics_rpc import agent_on_snp_tree
+from tests.host_metrics.fake_qmp import FakeQemu, serve_fake_qmp
+
+# A real cvm-agent on a unix socket reading the recorded SNP guest tree (fixture re-used).
+__all__ = ["agent_on_snp_tree"]
+QEMU_PID = 4242
+VCPU_TIDS = (4250, 4251)
+
+
+def stat_line(pid: int, comm: str, utime: int, stime: int, rss: int) -> str:
+    """A /proc/<pid>/stat line (fields 3..44 as the kernel prints them; the rest zero)."""
+    fields = ["S", "1", str(pid), str(pid), "0", "-1", "4194560", "0", "0", "0", "0"]
+    fields += [str(utime), str(stime), "0", "0", "20", "0", "3", "0", "1000", "123456789", str(rss)]
+    fields += ["0"] * 22
+    return f"{pid} ({comm}) {' '.join(fields)}\n"
+
+
+@dataclass
+class ProcTree:
+    root: Path  # the procfs root (what /proc would be)
+
+    def add_thread(self, pid: int, tid: int, comm: str, utime: int = 0, stime: int = 0) -> None:
+        task = self.root / str(pid) / "task" / str(tid)
+        task.mkdir(parents=True, exist_ok=True)
+        (task / "comm").write_text(comm + "\n")
+        (task / "stat").write_text(stat_line(tid, comm, utime, stime, 0))
+        (task / "schedstat").write_text(f"{tid * 1_000_000} {tid * 1000} 77\n")
+
+
+def make_proc_tree(base: Path, *, release: str = "6.12.0", kernel_vhost: bool = False) -> ProcTree:
+    """A QEMU (pid 4242) with two vCPU threads and one vhost worker (a thread, or a kernel thread)."""
+    root = base / "proc"
+    (root / "sys/kernel").mkdir(parents=True)
+    (root / "sys/kernel/osrelease").write_text(release + "\n")
+    (root / str(QEMU_PID)).mkdir()
+    (root / str(QEMU_PID) / "stat").write_text(stat_line(QEMU_PID, "qemu-system-x86", 250, 50, 1000))
+    (root / str(QEMU_PID) / "comm").write_text("qemu-system-x86\n")
+    tree = ProcTree(root)
+    tree.add_thread(QEMU_PID, QEMU_PID, "qemu-system-x86")
+    for index, tid in enumerate(VCPU_TIDS):
+        tree.add_thread(QEMU_PID, tid, f"CPU {index}/KVM")
+    if kernel_vhost:
+        kthread = root / "4300"
+        kthread.mkdir()
+        (kthread / "comm").write_text(f"vhost-{QEMU_PID}\n")
+        (kthread / "stat").write_text(stat_line(4300, f"vhost-{QEMU_PID}", 30, 70, 0))
+    else:
+        tree.add_thread(QEMU_PID, 4260, f"vhost-{QEMU_PID}", utime=12, stime=88)
+    return tree
+
+
+@pytest.fixture
+def proc_tree(tmp_path: Path) -> ProcTree:
+    return make_proc_tree(tmp_path)
+
+
+FakeQmpFactory = Callable[[FakeQemu], "AsyncIterator[QMPClient]"]
+
+
+@asynccontextmanager
+async def fake_qmp_client(directory: Path, fake: FakeQemu, name: str = "vm") -> AsyncIterator[QMPClient]:
+    """A QMPClient connected to a fake monitor served in the same trio run."""
+    path = directory / f"{name}.qmp"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_fake_qmp, path, fake)
+        client = await connect_qmp(path, nursery, deadline=5, name=name)
+        try:
+            yield client
+        finally:
+            await client.aclose()
+            nursery.cancel_scope.cancel()

@@ -7,10 +7,12 @@ default) it refreshes each VM concurrently, each part under its own deadline:
 
 ``procfs``  QEMU's CPU seconds by mode and resident memory, each vCPU thread's run and
             run-queue wait time, the vhost workers' CPU (:mod:`.procfs`, in a worker thread);
-``kvm``     KVM statistics through QMP ``query-stats`` summed over vCPUs (and exits per vCPU),
+``qmp``     KVM statistics through QMP ``query-stats`` summed over vCPUs (and exits per vCPU),
             names and units from ``query-stats-schemas`` (asked once per QEMU process).
             Without a ``kvm`` provider (TCG, QEMU < 7.1) the VM gets
-            ``cvm_vm_kvm_stats_available 0`` and no KVM series: no invented zeros.
+            ``cvm_vm_kvm_stats_available 0`` and no KVM series (no invented zeros), and the
+            refresh asks ``query-status`` instead: either way one QMP round trip per refresh
+            tells whether QEMU's main loop answers.
 
 and, in a task of its own per VM at ``guest_interval``, ``agent``: the guest agent's
 ``GetMetrics`` over its channel (``cvm_agent_up``), kept as text and re-exported with the
@@ -19,7 +21,7 @@ and, in a task of its own per VM at ``guest_interval``, ``agent``: the guest age
 A scrape (:meth:`HostCollector.collect`, called by client_python on the HTTP thread) reads
 only the stored snapshots, so it never waits for a VM. A VM whose QEMU is stuck (SIGSTOP, a
 QMP monitor that never answers) costs its own refresh at most ``deadline`` seconds and shows
-as ``cvm_vm_collector_success{vm,collector="kvm"} 0`` and a growing
+as ``cvm_vm_collector_success{vm,collector="qmp"} 0`` and a growing
 ``cvm_vm_collector_timeouts_total``; the other VMs' snapshots stay fresh. A QMP command that
 missed its deadline is not followed by another until QEMU's late reply arrives (the QMP
 client counts it in ``dropped_replies``), so a stopped QEMU never has more than one of our
@@ -27,7 +29,7 @@ commands queued on the monitor it shares with the VM lifecycle.
 
 Self-monitoring follows node_exporter: ``cvm_scrape_collector_duration_seconds{collector}``
 (the longest of the last refresh over the VMs) and ``cvm_scrape_collector_success{collector}``
-(1 when every VM's part succeeded), for ``collector`` in ``procfs``, ``kvm``, ``agent``.
+(1 when every VM's part succeeded), for ``collector`` in ``procfs``, ``qmp``, ``agent``.
 
 Labels stay bounded: ``vm`` is a VM name (the daemon validates it), ``vcpu`` an index below
 the VM's vCPU count (per-vCPU KVM series only up to :data:`MAX_VCPU_SERIES` vCPUs), ``worker``
@@ -68,7 +70,7 @@ DEFAULT_DEADLINE: Final = 0.5
 DEFAULT_GUEST_INTERVAL: Final = 5.0
 DEFAULT_AGENT_TIMEOUT: Final = 2.0
 MAX_VCPU_SERIES: Final = 64
-COLLECTORS: Final = ("procfs", "kvm", "agent")
+COLLECTORS: Final = ("procfs", "qmp", "agent")
 VCPU_STATS_ARGS: Final = {"target": "vcpu", "providers": [{"provider": "kvm"}]}
 
 
@@ -204,7 +206,7 @@ class HostCollector(Collector):
         async with trio.open_nursery() as nursery:
             for state in list(self.vms.values()):
                 nursery.start_soon(self._refresh_procfs, state)
-                nursery.start_soon(self._refresh_kvm, state)
+                nursery.start_soon(self._refresh_qmp, state)
         self.refreshes += 1
 
     def _finish(
@@ -247,19 +249,19 @@ class HostCollector(Collector):
         state.proc = reading
         self._finish(state, "procfs", started, error, scope.cancelled_caught)
 
-    # -- kvm through QMP -------------------------------------------------------------------
+    # -- QMP: KVM statistics, or liveness -------------------------------------------------------------------
 
-    async def _refresh_kvm(self, state: VMState) -> None:
+    async def _refresh_qmp(self, state: VMState) -> None:
         started = trio.current_time()
         qmp = state.view.qmp
         if qmp is None or qmp.runstate is not Runstate.RUNNING:
             state.kvm = None
-            self._finish(state, "kvm", started, "no QMP connection")
+            self._finish(state, "qmp", started, "no QMP connection")
             return
         if state.qmp_unanswered_mark is not None:
             if qmp.dropped_replies <= state.qmp_unanswered_mark:
                 state.kvm = None
-                self._finish(state, "kvm", started, "QEMU has not answered our previous QMP command", True)
+                self._finish(state, "qmp", started, "QEMU has not answered our previous QMP command", True)
                 return
             state.qmp_unanswered_mark = None  # the late reply came: QEMU is responsive again
         try:
@@ -269,23 +271,23 @@ class HostCollector(Collector):
                 except CommandNotFound:
                     reply = []  # QEMU < 7.1: no statistics at all
                 state.schemas = parse_stats_schemas(reply)
+            remaining = max(self.deadline - (trio.current_time() - started), 0.01)
             if not state.kvm_available:
                 state.kvm = None
-                self._finish(state, "kvm", started)
-                return
-            remaining = max(self.deadline - (trio.current_time() - started), 0.01)
-            reply = await qmp.execute("query-stats", VCPU_STATS_ARGS, deadline=remaining)
-            state.kvm = parse_vcpu_stats(reply, state.schemas)
+                await qmp.execute("query-status", deadline=remaining)  # is QEMU's main loop alive?
+            else:
+                reply = await qmp.execute("query-stats", VCPU_STATS_ARGS, deadline=remaining)
+                state.kvm = parse_vcpu_stats(reply, state.schemas)
         except QMPDeadline as exc:
             state.kvm = None
             state.qmp_unanswered_mark = qmp.dropped_replies
-            self._finish(state, "kvm", started, str(exc), True)
+            self._finish(state, "qmp", started, str(exc), True)
             return
         except (QMPError, ValueError, KeyError, TypeError) as exc:
             state.kvm = None
-            self._finish(state, "kvm", started, f"{type(exc).__name__}: {exc}")
+            self._finish(state, "qmp", started, f"{type(exc).__name__}: {exc}")
             return
-        self._finish(state, "kvm", started)
+        self._finish(state, "qmp", started)
 
     # -- the guest agent ---------------------------------------------------------------------
 

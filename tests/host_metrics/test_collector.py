@@ -53,7 +53,7 @@ async def test_kvm_statistics_through_query_stats(tmp_path: Path, proc_tree: Pro
         2 * (2.5 + 0.002)
     )
     assert value(found, "cvm_vm_kvm_halt_wait_seconds_total", vm="vm0") == pytest.approx(2 * (75 + 0.002))
-    assert value(found, "cvm_vm_collector_success", vm="vm0", collector="kvm") == 1
+    assert value(found, "cvm_vm_collector_success", vm="vm0", collector="qmp") == 1
     assert value(found, "cvm_vm_info", vm="vm0", tee="sev-snp", machine="q35", qemu_version="10.0.2") == 1
 
 
@@ -65,11 +65,12 @@ async def test_tcg_says_unavailable_instead_of_zeros(tmp_path: Path, proc_tree: 
         await collector.refresh_once()
         await collector.refresh_once()
     found = samples(collector)
-    assert fake.calls == {"query-stats-schemas": 1}  # no kvm provider: query-stats is never asked
+    # no kvm provider: query-stats is never asked; query-status checks that QEMU answers
+    assert fake.calls == {"query-stats-schemas": 1, "query-status": 2}
     assert value(found, "cvm_vm_kvm_stats_available", vm="vm0") == 0
     assert "cvm_vm_kvm_exits_total" not in found
     assert "cvm_vm_kvm_halt_poll_seconds_total" not in found
-    assert value(found, "cvm_vm_collector_success", vm="vm0", collector="kvm") == 1
+    assert value(found, "cvm_vm_collector_success", vm="vm0", collector="qmp") == 1
 
 
 async def test_procfs_qemu_vcpus_and_vhost_threads(proc_tree: ProcTree) -> None:
@@ -87,7 +88,7 @@ async def test_procfs_qemu_vcpus_and_vhost_threads(proc_tree: ProcTree) -> None:
     )
     assert value(found, "cvm_vm_vhost_worker_cpu_seconds_total", vm="vm0", worker="0") == 1.0
     # no QMP: KVM part fails, says why; procfs part fine
-    assert value(found, "cvm_vm_collector_success", vm="vm0", collector="kvm") == 0
+    assert value(found, "cvm_vm_collector_success", vm="vm0", collector="qmp") == 0
     assert value(found, "cvm_vm_collector_success", vm="vm0", collector="procfs") == 1
     assert "cvm_agent_up" not in found  # no agent channel, no agent series
 
@@ -131,9 +132,9 @@ async def test_stuck_vm_costs_its_deadline_only(tmp_path: Path, proc_tree: ProcT
         second = trio.current_time() - started
         found = samples(collector)
         assert first < 0.3 + 0.2 and second < 0.1
-        assert value(found, "cvm_vm_collector_success", vm="stuck", collector="kvm") == 0
-        assert value(found, "cvm_vm_collector_timeouts_total", vm="stuck", collector="kvm") == 2
-        assert value(found, "cvm_vm_collector_success", vm="good", collector="kvm") == 1
+        assert value(found, "cvm_vm_collector_success", vm="stuck", collector="qmp") == 0
+        assert value(found, "cvm_vm_collector_timeouts_total", vm="stuck", collector="qmp") == 2
+        assert value(found, "cvm_vm_collector_success", vm="good", collector="qmp") == 1
         assert {s.labels["vm"] for s in found["cvm_vm_kvm_exits_total"]} == {"good"}
         assert good_fake.calls["query-stats"] == 2
         # QEMU comes back: the late reply arrives, the next refresh asks again and succeeds
@@ -141,7 +142,7 @@ async def test_stuck_vm_costs_its_deadline_only(tmp_path: Path, proc_tree: ProcT
         await stuck_qmp.execute("query-status", deadline=2)  # after the late reply to ours
         assert stuck_qmp.dropped_replies == 1
         await collector.refresh_once()
-        assert value(samples(collector), "cvm_vm_collector_success", vm="stuck", collector="kvm") == 1
+        assert value(samples(collector), "cvm_vm_collector_success", vm="stuck", collector="qmp") == 1
 
 
 async def test_vms_come_and_go(proc_tree: ProcTree) -> None:

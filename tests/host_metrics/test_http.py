@@ -1,0 +1,158 @@
+"""The daemon's metrics endpoint: /metrics, /metrics/vm/<name>, /sd; promtool-clean output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from host_daemon.metrics.collector import HostCollector, VMView
+from host_daemon.metrics.http import HostEndpoint, serve_host_metrics_http
+from host_daemon.metrics.procfs import ProcfsReader
+from host_daemon.qmp import open_qmp
+from tests.host_metrics.conftest import QEMU_PID, VCPU_TIDS, ProcTree, fake_qmp_client
+from tests.host_metrics.fake_qmp import FakeQemu
+
+
+def http_get(url: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read()
+
+
+async def get(url: str) -> tuple[int, str, bytes]:
+    return await trio.to_thread.run_sync(http_get, url)
+
+
+def promtool_check_metrics(text: bytes) -> str:
+    """``promtool check metrics`` output (empty when clean)."""
+    result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=30)
+    return (result.stdout + result.stderr).decode()
+
+
+@asynccontextmanager
+async def serving(collector: HostCollector) -> AsyncIterator[HostEndpoint]:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(collector.run)
+        endpoint: HostEndpoint = await nursery.start(serve_host_metrics_http, collector, "127.0.0.1", 0)
+        yield endpoint
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+async def test_routes_and_service_discovery(tmp_path: Path, proc_tree: ProcTree, agent_on_snp_tree: Path) -> None:
+    async with fake_qmp_client(tmp_path, FakeQemu(kvm=True)) as qmp:
+        vm = VMView(
+            "vm0",
+            tee="sev-snp",
+            machine="q35",
+            qemu_version="10.0.2",
+            pid=QEMU_PID,
+            vcpu_tids=VCPU_TIDS,
+            qmp=qmp,
+            agent_address=f"unix://{agent_on_snp_tree}",
+            boot_phases={"spawn": 0.1, "firmware": 1.0},
+        )
+        collector = HostCollector(lambda: [vm], procfs=ProcfsReader(proc_tree.root), guest_interval=0.2)
+        async with serving(collector) as endpoint:
+            with trio.fail_after(15):
+                while collector.vms["vm0"].guest is None:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            base = f"http://127.0.0.1:{endpoint.port}"
+            status, content_type, host_text = await get(base + "/metrics")
+            assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
+            assert b'cvm_vm_kvm_exits_total{vm="vm0"}' in host_text
+            assert b'cvm_agent_up{vm="vm0"} 1.0' in host_text
+            assert b"cvm_guest_" not in host_text  # guest series are per-VM targets
+            status, _, vm_text = await get(base + "/metrics/vm/vm0")
+            assert status == 200
+            assert b'cvm_guest_info{kernel="' in vm_text and b'vm="vm0"' in vm_text
+            assert (await get(base + "/metrics/vm/nope"))[0] == 404
+            assert (await get(base + "/nope"))[0] == 404
+            status, content_type, sd = await get(base + "/sd")
+            assert status == 200 and content_type == "application/json"
+            [target] = json.loads(sd)
+            assert target["targets"] == [f"127.0.0.1:{endpoint.port}"]
+            assert target["labels"]["__metrics_path__"] == "/metrics/vm/vm0"
+            assert target["labels"]["vm"] == "vm0" and target["labels"]["tee"] == "sev-snp"
+            assert target["labels"]["host"]
+            [host_target] = json.loads((await get(base + "/sd/host"))[2])
+            assert host_target["targets"] == [f"127.0.0.1:{endpoint.port}"]
+    if shutil.which("promtool"):
+        assert promtool_check_metrics(host_text) == ""
+        assert promtool_check_metrics(vm_text) == ""
+
+
+QEMU = shutil.which("qemu-system-x86_64")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
+async def test_sigstopped_qemu_does_not_delay_the_others(tmp_path: Path) -> None:
+    """Real QEMU processes (TCG, paused, no guest): one gets SIGSTOP; the scrape stays fast."""
+    assert QEMU is not None
+    processes = []
+    for name in ("a", "b", "c"):
+        processes.append(
+            subprocess.Popen(
+                [QEMU, "-S", "-nodefaults", "-display", "none", "-accel", "tcg", "-m", "64", "-smp", "2",
+                 "-qmp", f"unix:{tmp_path / name}.qmp,server=on,wait=off"],  # fmt: skip
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    try:
+        async with (
+            open_qmp(tmp_path / "a.qmp", deadline=20, retry=True, name="a") as qa,
+            open_qmp(tmp_path / "b.qmp", deadline=20, retry=True, name="b") as qb,
+            open_qmp(tmp_path / "c.qmp", deadline=20, retry=True, name="c") as qc,
+        ):
+            vms = []
+            for process, qmp in zip(processes, (qa, qb, qc), strict=True):
+                cpus = await qmp.execute("query-cpus-fast", deadline=5)
+                tids = tuple(int(cpu["thread-id"]) for cpu in cpus)
+                vms.append(VMView(qmp.name, pid=process.pid, vcpu_tids=tids, qmp=qmp, qemu_version="10"))
+            collector = HostCollector(lambda: vms, deadline=0.5)
+            async with serving(collector) as endpoint:
+                url = f"http://127.0.0.1:{endpoint.port}/metrics"
+                started = trio.current_time()
+                await get(url)
+                healthy = trio.current_time() - started
+                processes[1].send_signal(signal.SIGSTOP)
+                refresh = []
+                for _ in range(3):
+                    started = trio.current_time()
+                    await collector.refresh_once()
+                    refresh.append(trio.current_time() - started)
+                started = trio.current_time()
+                _, _, text = await get(url)
+                stalled = trio.current_time() - started
+                processes[1].send_signal(signal.SIGCONT)
+        body = text.decode()
+        # the scrape reads snapshots: a stuck VM does not slow it at all; a refresh waits its deadline at most
+        assert stalled < healthy + 0.25, (healthy, stalled)
+        assert max(refresh) < 0.5 + 0.3, refresh
+        assert 'cvm_vm_collector_success{collector="qmp",vm="b"} 0.0' in body
+        assert 'cvm_vm_collector_success{collector="qmp",vm="a"} 1.0' in body
+        assert 'cvm_vm_collector_timeouts_total{collector="qmp",vm="b"} 3.0' in body
+        assert 'cvm_vm_kvm_stats_available{vm="a"} 0.0' in body  # TCG: unavailable, no zeros
+        assert 'cvm_vm_kvm_exits_total{vm="a"}' not in body
+        assert 'cvm_vm_vcpu_seconds_total{vcpu="1",vm="c"}' in body
+        assert 'cvm_vm_qemu_resident_memory_bytes{vm="b"}' in body  # procfs works on a stopped process
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGCONT)
+            process.kill()
+            process.wait(10)

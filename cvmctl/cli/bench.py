@@ -1,0 +1,315 @@
+"""``cvmctl bench``: run a workload from the study's catalogue, print a table, store the run.
+
+    cvmctl bench --list
+    cvmctl bench nginx --target local --duration 5 --repeat 3
+    cvmctl bench vmexit --target local --param leaves=0,1 --json
+    cvmctl bench nginx --target local --compare local,local     # an A/A test of the noise
+
+Progress goes to stderr, the table (or ``--json``) to stdout; the run, its samples and the
+machine's metadata go to the results store (``cvmctl results``). ``--duration S`` scales
+the workload down so one repetition takes about S seconds; an explicit ``--param`` wins.
+
+Targets: :func:`resolve_target` turns ``--target`` (and each side of ``--compare``) into a
+:class:`workloads.runner.Target`. Only ``local`` exists in this module; the VM target
+plugs in there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from cvmctl.cli.idle_poll import non_negative_int
+from cvmctl.errors import UsageError
+from workloads import catalogue
+from workloads.model import Workload
+from workloads.runner import LocalTarget, Progress, RunRequest, Target, run_benchmark
+from workloads.stats import Summary, paired_overhead
+from workloads.store import Store, StoredSample, summaries_of
+
+DEFAULT_TARGET = "vm"
+
+EPILOG = """\
+targets:
+  vm       the built-in dev guest through cvm-hostd (the default; not available yet)
+  local    everything on this machine, servers on 127.0.0.1 (measures the tools, not a VM)
+
+examples:
+  cvmctl bench --list
+  cvmctl bench nginx --target local --duration 5 --repeat 3
+  cvmctl bench iperf-udp --target local --param length=64,1460 --duration 4
+  cvmctl bench vmexit --target local --json
+  cvmctl bench nginx --target local --compare local,local
+"""
+
+
+def add_data_dir_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="results store directory (default: $CVMCTL_DATA_DIR, else $XDG_DATA_HOME/cvmctl)",
+    )
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "bench",
+        help="run a benchmark from the study's catalogue and store the run",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("workload", nargs="?", metavar="NAME", help="workload (see --list)")
+    parser.add_argument(
+        "--list", action="store_true", help="list the workloads, their parameters and defaults"
+    )
+    parser.add_argument("--target", default=DEFAULT_TARGET, help=f"where to run (default: {DEFAULT_TARGET})")
+    parser.add_argument(
+        "--compare", metavar="A,B", help="paired comparison of two targets, interleaved A B A B ..."
+    )
+    parser.add_argument(
+        "--repeat", type=positive_int, default=5, metavar="N", help="measured repetitions (5)"
+    )
+    parser.add_argument(
+        "--warmup", type=non_negative_int, default=1, metavar="N", help="warm-up repetitions (1)"
+    )
+    parser.add_argument(
+        "--duration",
+        type=positive_float,
+        metavar="S",
+        help="scale the workload so a repetition takes ~S seconds",
+    )
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="set a workload parameter (repeatable; see --list)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the stored run as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_data_dir_argument(parser)
+    parser.set_defaults(func=run_bench)
+
+
+def positive_int(text: str) -> int:
+    value = non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def parse_param_args(items: list[str]) -> dict[str, str]:
+    """``["a=1", "b=x"]`` -> ``{"a": "1", "b": "x"}``; :class:`UsageError` without ``=``."""
+    raw: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"--param {item!r}: expected NAME=VALUE")
+        raw[name.strip()] = value
+    return raw
+
+
+def resolve_params(workload: Workload, raw: dict[str, str], duration: float | None) -> dict[str, Any]:
+    """Validated params; ``duration`` scales them, then explicit ``raw`` values win again."""
+    params = workload.validate(raw)
+    if duration is None:
+        return params
+    scaled = workload.scaled(params, duration)
+    scaled.update({name: params[name] for name in raw})
+    workload.check(scaled)
+    return scaled
+
+
+def resolve_target(args: argparse.Namespace, spec: str | None = None) -> Target:
+    """The target named ``spec`` (default ``args.target``). Extend here for VM targets."""
+    name = spec if spec is not None else args.target
+    if name == "local":
+        return LocalTarget()
+    raise UsageError(f"target {name!r} is not available yet (available: local)")
+
+
+def resolve_targets(args: argparse.Namespace) -> dict[str, Target]:
+    """``{"": target}`` for a plain run, ``{"A": ..., "B": ...}`` for ``--compare A,B``."""
+    if not args.compare:
+        return {"": resolve_target(args)}
+    specs = [s.strip() for s in args.compare.split(",")]
+    if len(specs) != 2 or not all(specs):
+        raise UsageError(f"--compare {args.compare!r}: expected two targets, A,B")
+    return {"A": resolve_target(args, specs[0]), "B": resolve_target(args, specs[1])}
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.list:
+        print_catalogue()
+        return 0
+    if not args.workload:
+        raise UsageError("name a workload (cvmctl bench --list shows them)")
+    workload = catalogue.get(args.workload)
+    raw = parse_param_args(args.param)
+    params = resolve_params(workload, raw, args.duration)
+    targets = resolve_targets(args)
+    request = RunRequest(
+        workload=workload,
+        params=params,
+        targets=targets,
+        repeat=args.repeat,
+        warmup=args.warmup,
+        explicit=frozenset(raw),
+        metadata={"argv": sys.argv[1:], "duration": args.duration},
+    )
+    with Store.open(args.data_dir) as store:
+        progress = None if args.quiet else print_progress(workload.name)
+        run_id = trio.run(run_benchmark, store, request, progress)
+        if args.json:
+            from cvmctl.cli.results import run_json
+
+            print(run_json(store, run_id), end="")
+        else:
+            print_run(store, run_id)
+    return 0
+
+
+def print_progress(name: str) -> Any:
+    def show(event: Progress) -> None:
+        arm = f" {event.arm}" if event.arm else ""
+        kind = "warm-up" if event.warmup else "run"
+        head = f"[{event.step}/{event.steps}] {name}{arm} {kind} {event.repetition + 1}"
+        if event.phase == "start":
+            print(f"{head} ...", file=sys.stderr, flush=True)
+        elif event.samples:
+            first = event.samples[0]
+            print(f"{head}: {first.metric} {first.value:.4g} {first.unit}", file=sys.stderr, flush=True)
+
+    return show
+
+
+def print_catalogue() -> None:
+    for workload in catalogue.CATALOGUE.values():
+        print(f"{workload.name}  ({workload.kind})")
+        print(f"    {workload.summary}")
+        tools = {**workload.guest_tools, **workload.host_tools}
+        if tools:
+            print("    tools: " + ", ".join(f"{b} ({p})" for b, p in tools.items()))
+        for p in workload.params:
+            print(f"    {p.name}={p.format(p.default)}  {p.help}; {p.allowed()}")
+        print()
+
+
+def format_value(value: float | None) -> str:
+    """Four significant digits, without exponent for everyday magnitudes (45990, not 4.599e+04)."""
+    if value is None:
+        return "-"
+    if 1e3 <= abs(value) < 1e12:
+        return f"{value:.0f}"
+    return f"{value:.4g}"
+
+
+def summary_row(arm: str, metric: str, unit: str, direction: str, s: Summary) -> list[str]:
+    ci = "-"
+    if s.ci95_low is not None and s.ci95_high is not None:
+        ci = f"±{(s.ci95_high - s.ci95_low) / 2:.3g}"
+    rsd = s.relative_stddev
+    flags = []
+    if s.unstable:
+        flags.append("unstable")
+    if s.outliers:
+        flags.append(f"{len(s.outliers)} outlier(s)")
+    row = [
+        metric,
+        unit,
+        "↑" if direction == "higher" else "↓",
+        str(s.n),
+        format_value(s.median),
+        format_value(s.mean),
+        ci,
+        "-" if rsd is None else f"{rsd:.1%}",
+        ", ".join(flags),
+    ]
+    return [arm, *row] if arm else row
+
+
+def print_columns(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def print_run(store: Store, run_id: int) -> None:
+    run = store.run(run_id)
+    stored = store.samples(run_id)
+    print(f"run {run.id}: {run.workload} on {run.target}, {run.status}")
+    summaries = summaries_of(stored)
+    compare = any(arm for arm, _ in summaries)
+    header = ["metric", "unit", "", "n", "median", "mean", "ci95", "rsd", "notes"]
+    rows = [
+        summary_row(arm, metric, sample.unit, sample.direction, summary)
+        for (arm, metric), (sample, summary) in summaries.items()
+    ]
+    print_columns(["arm", *header] if compare else header, rows)
+    for arm, notes in (run.metadata.get("unavailable") or {}).items():
+        for note in notes:
+            print(f"unavailable{' ' + arm if arm else ''}: {note['metric']}: {note['reason']}")
+    if compare:
+        print()
+        print_columns(
+            ["metric", "B/A", "overhead", "ci95 (B/A)", "verdict"],
+            [
+                [
+                    o["metric"],
+                    f"{o['ratio']:.4f}",
+                    f"{o['percent']:+.2f}%",
+                    "-" if o["ci95_low"] is None else f"{o['ci95_low']:.4f}..{o['ci95_high']:.4f}",
+                    "distinguishable" if o["distinguishable_from_noise"] else "within noise",
+                ]
+                for o in overheads(stored)
+            ],
+        )
+
+
+def overheads(stored: list[StoredSample]) -> list[dict[str, Any]]:
+    """Paired overheads of arm B against arm A, per metric (repetition i of A with i of B)."""
+    by_arm: dict[tuple[str, str], dict[int, float]] = {}
+    direction: dict[str, str] = {}
+    for s in stored:
+        if s.warmup or not s.arm:
+            continue
+        by_arm.setdefault((s.arm, s.sample.metric), {})[s.repetition] = s.sample.value
+        direction[s.sample.metric] = s.sample.direction
+    result = []
+    for metric, dir_ in direction.items():
+        a, b = by_arm.get(("A", metric), {}), by_arm.get(("B", metric), {})
+        reps = sorted(set(a) & set(b))
+        pairs = [(a[r], b[r]) for r in reps if a[r] > 0 and b[r] > 0]
+        if not pairs:
+            continue
+        o = paired_overhead(
+            [x for x, _ in pairs], [y for _, y in pairs], "higher" if dir_ == "higher" else "lower"
+        )
+        result.append(
+            {
+                "metric": metric,
+                "pairs": o.pairs,
+                "ratio": o.ratio,
+                "percent": o.percent,
+                "ci95_low": o.ci95_low,
+                "ci95_high": o.ci95_high,
+                "distinguishable_from_noise": o.distinguishable_from_noise,
+            }
+        )
+    return result

@@ -1,0 +1,54 @@
+"""``cvmctl report``: draw the study's figures from stored runs, to PNG and SVG.
+
+    cvmctl report 3 -o figures/            # one run: its relative spread per metric
+    cvmctl report 3 7 -o figures/          # run 7 relative to run 3
+    cvmctl report 12 -o figures/           # a --compare run: B relative to A, paired CIs
+
+Figures (each as NAME.png and NAME.svg in the output directory, drawn by matplotlib's
+Agg backend): ``relative`` (relative performance bars with 95% CIs), ``boot`` (boot phases
+stacked, for boot runs) and ``vmexit`` (ns per exit, for vmexit runs). See
+:mod:`workloads.figures` for how each is computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cvmctl.cli.bench import add_data_dir_argument
+from cvmctl.errors import UsageError
+from workloads.store import Store, iter_ids
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "report",
+        help="draw figures (PNG and SVG) from stored runs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run ids (the first is the baseline)")
+    parser.add_argument(
+        "-o", "--output", type=Path, required=True, metavar="DIR", help="directory for the figures"
+    )
+    add_data_dir_argument(parser)
+    parser.set_defaults(func=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    try:
+        from workloads.figures import draw_all
+    except ModuleNotFoundError as exc:  # matplotlib
+        raise UsageError(f"cvmctl report needs {exc.name} (pip install matplotlib)") from None
+    ids = list(iter_ids(args.runs))
+    with Store.open(args.data_dir) as store:
+        runs = [(store.run(i), store.samples(i)) for i in ids]
+    try:
+        written = draw_all(runs, args.output)
+    except OSError as exc:
+        raise UsageError(f"cannot write figures to {args.output}: {exc.strerror}") from exc
+    if not written:
+        raise UsageError("nothing to draw: the runs have no measured samples")
+    for path in written:
+        print(path)
+    return 0

@@ -1,0 +1,364 @@
+"""The benchmark driver: warm-ups, repetitions, paired A/B interleaving, the store, targets.
+
+A *target* is where the guest side of a workload runs. :class:`Target` is the protocol;
+:class:`LocalTarget` runs the "guest" on this machine (``cvmctl bench --target local``,
+the tests and ``benchmarks/bench_overhead.py``); the VM target drives the agent in a VM
+through the host daemon and implements the same methods.
+
+One run, by :func:`run_benchmark`::
+
+    check host tools (wrk, iperf3, ...)      -> MissingToolError naming the package
+    store.begin(...)                          -> run id, status running
+    for each arm: target.prepare(workload, params)   (guest tools checked there)
+    [client-server] target.start_server(plan) -> (host, port)
+    warm-ups, then repetitions; in each: every arm in turn (A B A B ...), every case
+        [client-server] host client argv -> parse_host -> samples
+        [guest]         target.run_guest(workload, case) -> samples
+        store.add_samples(...) per arm and repetition (one transaction), progress callback
+    target.stop_server()
+    store.finish(completed | failed | aborted)
+
+With one arm the server stays up across repetitions, as in the study; with two (a paired
+comparison) each arm's server is started and stopped around its turn, so that the arms can
+share ports and neither runs against the other's idle server. Every wait has a deadline:
+each host command :meth:`Workload.timeout`, server readiness :data:`SERVER_START_TIMEOUT`,
+stopping :data:`SERVER_STOP_TIMEOUT`.
+
+Parameters of client/server workloads: unless the caller set ``listen``, the server binds
+``target.listen_address`` (``127.0.0.1`` locally, all addresses in a guest).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import trio
+
+from cvmctl.errors import CvmError, DeadlineExceeded, RemoteError, UsageError
+from workloads.metadata import run_metadata
+from workloads.model import MissingToolError, Sample, ServerPlan, Unavailable, Workload
+from workloads.store import Store
+
+SERVER_START_TIMEOUT = 15.0
+SERVER_STOP_TIMEOUT = 10.0
+STDERR_TAIL = 400
+
+
+class Target(Protocol):
+    """Where the guest side runs. Methods are called in the order of the module docstring."""
+
+    #: short name recorded with the run ("local", "vm:NAME", ...)
+    name: str
+    #: the address servers bind in this target (a client/server workload's ``listen``)
+    listen_address: str
+
+    async def prepare(self, workload: Workload, params: Mapping[str, Any]) -> None:
+        """Get ready to run ``workload`` (check its guest tools, boot, ...)."""
+
+    async def start_server(self, plan: ServerPlan) -> tuple[str, int]:
+        """Start the workload's server; the (host, port) the host-side client connects to."""
+
+    async def run_guest(self, workload: Workload, params: Mapping[str, Any]) -> list[Sample]:
+        """One repetition of one case of a guest workload; its samples."""
+
+    async def stop_server(self) -> None:
+        """Stop the server started last (no-op when none runs)."""
+
+    def guest_address(self) -> str:
+        """The address of the guest as the host sees it (what ``ping`` pings)."""
+
+    async def unavailable(self, workload: Workload, params: Mapping[str, Any]) -> list[Unavailable]:
+        """What the workload cannot measure in this target, and why (recorded with the run)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Metadata about the target (for a VM: spec, QEMU version, TEE, boot phases)."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One step of a run, for a progress display: ``phase`` is "start" or "done"."""
+
+    run_id: int
+    arm: str
+    repetition: int  # 0-based within warm-ups or within measured repetitions
+    warmup: bool
+    step: int  # 1-based over the whole run
+    steps: int
+    phase: Literal["start", "done"]
+    samples: tuple[Sample, ...] = ()
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass
+class RunRequest:
+    """What to run: a workload with validated params, on one target or on two arms."""
+
+    workload: Workload
+    params: dict[str, Any]
+    targets: dict[str, Target]  # arm -> target; one entry with arm "" for a plain run
+    repeat: int = 5
+    warmup: int = 1
+    explicit: frozenset[str] = field(default_factory=frozenset)  # params the user set
+    metadata: dict[str, Any] = field(default_factory=dict)  # extra run metadata (the CLI's argv, ...)
+
+
+def params_for(request: RunRequest, target: Target) -> dict[str, Any]:
+    """The request's params with ``listen`` filled in from the target unless set explicitly."""
+    params = dict(request.params)
+    if "listen" in params and "listen" not in request.explicit:
+        params["listen"] = target.listen_address
+    return params
+
+
+async def run_host_command(argv: list[str], timeout: float, what: str) -> str:
+    """Run a host-side client; its stdout. Errors carry the tail of its stderr."""
+    with trio.move_on_after(timeout) as scope:
+        done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+    if scope.cancelled_caught:
+        raise DeadlineExceeded(f"{what}: {argv[0]} did not finish within {timeout:g} s")
+    if done.returncode != 0:
+        tail = done.stderr.decode(errors="replace").strip()[-STDERR_TAIL:]
+        raise RemoteError(f"{what}: {argv[0]} exited with {done.returncode}: {tail or '(no stderr)'}")
+    return bytes(done.stdout).decode(errors="replace")
+
+
+async def run_benchmark(store: Store, request: RunRequest, progress: ProgressCallback | None = None) -> int:
+    """Run ``request``, storing as it goes; the run id. Re-raises what stopped it."""
+    workload = request.workload
+    if workload.kind == "external":
+        raise UsageError(
+            f"{workload.name} is measured elsewhere (boot phases / attestation), not by cvmctl bench"
+        )
+    if request.repeat < 1 or request.warmup < 0:
+        raise UsageError("--repeat must be at least 1 and --warmup at least 0")
+    workload.require_tools("host")
+    arms = request.targets
+    arm_params = {arm: params_for(request, target) for arm, target in arms.items()}
+    metadata = run_metadata([*workload.host_tools.values(), *workload.guest_tools.values()])
+    metadata.update(request.metadata)
+    metadata["repeat"], metadata["warmup"] = request.repeat, request.warmup
+    metadata["arms"] = {arm: target.name for arm, target in arms.items()} if len(arms) > 1 else {}
+    target_name = ",".join(t.name for t in arms.values())
+    first_params = next(iter(arm_params.values()))
+    run_id = store.begin(workload.name, workload.format_params(first_params), target_name, metadata)
+    status: Literal["completed", "failed", "aborted"] = "aborted"
+    try:
+        for arm, target in arms.items():
+            await target.prepare(workload, arm_params[arm])
+            notes = await target.unavailable(workload, arm_params[arm])
+            metadata.setdefault("unavailable", {})[arm] = [
+                {"metric": n.metric, "reason": n.reason} for n in notes
+            ]
+            metadata.setdefault("targets", {})[arm] = target.describe()
+        await _repetitions(store, run_id, request, arm_params, progress)
+        status = "completed"
+    except CvmError as exc:
+        status = "failed"
+        metadata["error"] = str(exc)
+        raise
+    except BaseException as exc:  # Cancelled, KeyboardInterrupt: aborted
+        metadata["error"] = f"interrupted ({type(exc).__name__})"
+        raise
+    finally:
+        with trio.CancelScope(shield=True):
+            for target in arms.values():
+                await target.stop_server()
+        store.finish(run_id, status, metadata)
+    return run_id
+
+
+async def _repetitions(
+    store: Store,
+    run_id: int,
+    request: RunRequest,
+    arm_params: dict[str, dict[str, Any]],
+    progress: ProgressCallback | None,
+) -> None:
+    workload, arms = request.workload, request.targets
+    plans = {arm: workload.guest_server(params) for arm, params in arm_params.items()}
+    endpoints: dict[str, tuple[str, int]] = {}
+    keep_up = len(arms) == 1
+    schedule = [(True, i) for i in range(request.warmup)] + [(False, i) for i in range(request.repeat)]
+    steps = len(schedule) * len(arms)
+    step = 0
+    for warmup, repetition in schedule:
+        for arm, target in arms.items():
+            step += 1
+            params = arm_params[arm]
+            if progress:
+                progress(Progress(run_id, arm, repetition, warmup, step, steps, "start"))
+            plan = plans[arm]
+            if plan is not None and arm not in endpoints:
+                endpoints[arm] = await target.start_server(plan)
+            samples: list[Sample] = []
+            for case in workload.cases(params):
+                samples += check_finite(workload, await run_case(workload, target, case, endpoints.get(arm)))
+            store.add_samples(run_id, repetition, warmup, samples, arm=arm)
+            if plan is not None and not keep_up:
+                await target.stop_server()
+                del endpoints[arm]
+            if progress:
+                progress(Progress(run_id, arm, repetition, warmup, step, steps, "done", tuple(samples)))
+
+
+async def run_case(
+    workload: Workload, target: Target, params: Mapping[str, Any], endpoint: tuple[str, int] | None
+) -> list[Sample]:
+    """One case of one repetition on ``target``: the host client, or the guest's commands."""
+    if workload.kind == "guest":
+        return await target.run_guest(workload, params)
+    host, port = endpoint if endpoint is not None else (target.guest_address(), 0)
+    argv = workload.host_command(params, host, port)
+    if argv is None:
+        raise UsageError(f"{workload.name} has no host-side client")
+    output = await run_host_command(argv, workload.timeout(params), workload.name)
+    return workload.parse_host(output, params)
+
+
+# -- the local target -------------------------------------------------------------------
+
+
+async def wait_for_port(host: str, port: int, process: trio.Process, timeout: float) -> None:
+    """Until ``host:port`` accepts a TCP connection; fail early if ``process`` exits."""
+    with trio.move_on_after(timeout):
+        while True:
+            if process.poll() is not None:
+                raise RemoteError(
+                    f"the server exited with {process.returncode} before listening on port {port}"
+                )
+            try:
+                with trio.move_on_after(1.0):
+                    stream = await trio.open_tcp_stream(host, port)
+                    await stream.aclose()
+                    return
+            except OSError:
+                pass
+            await trio.sleep(0.05)
+    raise DeadlineExceeded(f"the server did not listen on {host}:{port} within {timeout:g} s")
+
+
+async def stop_process(process: trio.Process, timeout: float = SERVER_STOP_TIMEOUT) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds; always reaps."""
+    with trio.CancelScope(shield=True):
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(timeout):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                with trio.move_on_after(timeout):
+                    await process.wait()
+
+
+class LocalTarget:
+    """The guest side on this machine: servers on 127.0.0.1, commands as subprocesses.
+
+    It does what the agent does in a guest (materialise the :class:`ServerPlan` in a private
+    directory, start and stop the server, run :meth:`Workload.guest_commands` or
+    :meth:`Workload.run_in_process`) with the same deadlines, so a local run measures the
+    tools and our overhead, not a VM.
+    """
+
+    name = "local"
+    listen_address = "127.0.0.1"
+
+    def __init__(self) -> None:
+        self._server: trio.Process | None = None
+        self._server_dir: tempfile.TemporaryDirectory[str] | None = None
+
+    async def prepare(self, workload: Workload, params: Mapping[str, Any]) -> None:
+        workload.require_tools("guest")
+
+    async def unavailable(self, workload: Workload, params: Mapping[str, Any]) -> list[Unavailable]:
+        return workload.unavailable(params)
+
+    def guest_address(self) -> str:
+        return "127.0.0.1"
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "local", "note": "guest side run on this machine; no VM"}
+
+    async def start_server(self, plan: ServerPlan) -> tuple[str, int]:
+        await self.stop_server()
+        self._server_dir = tempfile.TemporaryDirectory(prefix="cvmctl-server-")
+        directory = self._server_dir.name
+        os.chmod(directory, 0o755)  # nginx's workers (nobody) read the page
+        argv, files = plan.materialise(directory)
+        for relative, content in files.items():
+            path = Path(directory, relative)
+            if Path(directory).resolve() not in path.resolve().parents:
+                raise UsageError(f"server file {relative!r} escapes the server directory")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+            path.chmod(0o644)
+        for parent in Path(directory).rglob("*"):
+            if parent.is_dir():
+                parent.chmod(0o755)
+        if shutil.which(argv[0]) is None:
+            raise MissingToolError(f"{argv[0]} is not installed")
+        stderr_fd = os.open(Path(directory, "server.stderr"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            self._server = await trio.lowlevel.open_process(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr_fd
+            )
+        finally:
+            os.close(stderr_fd)  # the server has its own copy
+        try:
+            await wait_for_port(self.listen_address, plan.port, self._server, SERVER_START_TIMEOUT)
+        except CvmError as exc:
+            tail = (
+                Path(directory, "server.stderr").read_bytes().decode(errors="replace").strip()[-STDERR_TAIL:]
+            )
+            await self.stop_server()
+            raise type(exc)(f"{exc}: {tail}" if tail else str(exc)) from None
+        return self.listen_address, plan.port
+
+    async def stop_server(self) -> None:
+        if self._server is not None:
+            await stop_process(self._server)
+            self._server = None
+        if self._server_dir is not None:
+            self._server_dir.cleanup()
+            self._server_dir = None
+
+    async def run_guest(self, workload: Workload, params: Mapping[str, Any]) -> list[Sample]:
+        timeout = workload.timeout(params)
+        if workload.in_process:
+            with trio.move_on_after(timeout) as scope:
+                samples = await trio.to_thread.run_sync(
+                    workload.run_in_process, params, abandon_on_cancel=True
+                )
+            if scope.cancelled_caught:
+                raise DeadlineExceeded(f"{workload.name} did not finish within {timeout:g} s")
+            return samples
+        outputs = [
+            await run_host_command(argv, timeout, workload.name) for argv in workload.guest_commands(params)
+        ]
+        return workload.parse_guest(outputs, params)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (for tests and benchmarks)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def check_finite(workload: Workload, samples: list[Sample]) -> list[Sample]:
+    """``samples``, after making sure no value is NaN or infinite (a broken tool, not a result)."""
+    for sample in samples:
+        if not math.isfinite(sample.value):
+            raise RemoteError(f"{workload.name}: {sample.metric} is {sample.value}, not a measurement")
+    return samples

@@ -1,0 +1,409 @@
+"""VMEXIT latency from user space: cpuid, port I/O and rdmsr, in cycles and nanoseconds.
+
+The study timed each exiting instruction in a kernel module, 100,000 iterations after
+1,000 warm-ups with rdtsc (shared/reference/study.md, "VMEXIT latency"): cpuid leaves 0, 1
+and 0x40000000; rdmsr 0x1b and 0xC0000100; the KVM hypercall; inb from ports 0x40, 0x70 and
+0xA0. We measure what user space can:
+
+``cpuid``
+    cpuid is not privileged, yet it exits to the hypervisor on every VM (Intel VMX always
+    intercepts it; on SEV-SNP and TDX it raises #VC / #VE and the guest kernel asks the
+    hypervisor, except leaves the firmware answers from the CPUID page). So a user-space
+    cpuid loop times the full exit round trip, and on bare metal it would time the
+    instruction alone. This machine is itself a KVM guest, so the exits are real here.
+``port I/O``
+    ``pread(/dev/port, 1 byte, offset=PORT)`` makes the kernel execute ``inb PORT``; the
+    time includes one system call, so a ``pread`` of ``/dev/zero`` is measured alongside
+    (``syscall_pread``) to subtract. Needs root (CAP_SYS_RAWIO) and ``/dev/port``.
+``rdmsr``
+    ``pread(/dev/cpu/N/msr, 8 bytes, offset=MSR)`` runs rdmsr on CPU N (``modprobe msr``;
+    we pin to N so no IPI is involved); also one system call. Note that a guest's MSR read
+    exits only if the hypervisor intercepts that MSR (APIC_BASE 0x1b usually is).
+``hypercall``
+    vmcall / vmmcall fault with #UD in user space: only kernel code can make one. Reported
+    as unavailable, never estimated.
+
+Why machine code and no compiler: a confidential guest image has no gcc, and a prebuilt
+helper binary would be an opaque blob to ship and trust. The loop is a few dozen bytes of
+x86-64, written out below instruction by instruction, copied into an anonymous mapping
+that is made executable only after it is written (W^X: mmap RW, memmove, mprotect RX) and
+called through ctypes with the System V calling convention (arguments in rdi, rsi, rdx;
+result in rax; rbx, r12-r14 saved because cpuid clobbers ebx and we use the others). One
+ctypes call (about a microsecond) per 100,000 iterations does not show in the result.
+
+Two loops are generated:
+
+- ``bulk(leaf, n) -> cycles``: rdtsc, n x cpuid, rdtsc; the mean cost per exit, also timed
+  with ``time.perf_counter_ns`` around the call, which gives nanoseconds directly (and the
+  TSC frequency as cycles / ns, recorded in the metadata);
+- ``each(leaf, n, out)``: rdtsc / cpuid / rdtsc per iteration into ``out[i]``, for the
+  median and 99th percentile; ``each`` without the cpuid measures rdtsc's own cost.
+
+cpuid is serializing, so no fence is needed between it and the counter reads; an lfence
+before each rdtsc keeps rdtsc from running ahead of earlier instructions.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import platform
+import statistics
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+from cvmctl.errors import UsageError
+from workloads.model import Param, Sample, Unavailable, Workload
+
+# -- the machine code -------------------------------------------------------------------
+# Each entry: bytes, the instruction in Intel syntax. REX prefixes: 0x41 = B (r8-r15 in
+# ModRM.rm), 0x44 = R (r8-r15 in ModRM.reg), 0x48 = W (64-bit), 0x49 = W+B, 0x4c = W+R.
+
+PROLOGUE = [
+    (b"\x53", "push rbx"),
+    (b"\x41\x54", "push r12"),
+    (b"\x41\x55", "push r13"),
+    (b"\x41\x56", "push r14"),
+    (b"\x49\x89\xf4", "mov r12, rsi      ; iterations"),
+    (b"\x41\x89\xfd", "mov r13d, edi     ; leaf"),
+    (b"\x49\x89\xd6", "mov r14, rdx      ; out (each) / unused (bulk)"),
+]
+EPILOGUE = [
+    (b"\x41\x5e", "pop r14"),
+    (b"\x41\x5d", "pop r13"),
+    (b"\x41\x5c", "pop r12"),
+    (b"\x5b", "pop rbx"),
+    (b"\xc3", "ret"),
+]
+RDTSC_TO_RAX = [
+    (b"\x0f\xae\xe8", "lfence"),
+    (b"\x0f\x31", "rdtsc             ; edx:eax = TSC"),
+    (b"\x48\xc1\xe2\x20", "shl rdx, 32"),
+    (b"\x48\x09\xd0", "or rax, rdx       ; rax = TSC"),
+]
+SAVE_START = [(b"\x49\x89\xc0", "mov r8, rax       ; start (cpuid leaves r8 alone)")]
+SUB_START = [(b"\x4c\x29\xc0", "sub rax, r8       ; rax = end - start")]
+CPUID = [
+    (b"\x44\x89\xe8", "mov eax, r13d     ; leaf"),
+    (b"\x31\xc9", "xor ecx, ecx      ; subleaf 0"),
+    (b"\x0f\xa2", "cpuid"),
+]
+STORE_NEXT = [
+    (b"\x49\x89\x06", "mov [r14], rax"),
+    (b"\x49\x83\xc6\x08", "add r14, 8"),
+]
+DEC = [(b"\x49\xff\xcc", "dec r12")]
+
+
+def _bytes(instructions: list[tuple[bytes, str]]) -> bytes:
+    return b"".join(code for code, _ in instructions)
+
+
+def _loop(body: list[tuple[bytes, str]]) -> bytes:
+    """body; dec r12; jnz back to the start of body (rel8, so the body stays < 128 bytes)."""
+    code = _bytes(body + DEC)
+    displacement = -(len(code) + 2)
+    assert -128 <= displacement < 0
+    return code + b"\x75" + displacement.to_bytes(1, "little", signed=True)
+
+
+def bulk_code() -> bytes:
+    """``uint64_t bulk(uint32_t leaf, uint64_t n)``: TSC cycles of n cpuids (n >= 1)."""
+    return (
+        _bytes(PROLOGUE + RDTSC_TO_RAX + SAVE_START)
+        + _loop(CPUID)
+        + _bytes(RDTSC_TO_RAX + SUB_START + EPILOGUE)
+    )
+
+
+def each_code(with_cpuid: bool = True) -> bytes:
+    """``void each(uint32_t leaf, uint64_t n, uint64_t *out)``: cycles of each iteration."""
+    body = RDTSC_TO_RAX + SAVE_START + (CPUID if with_cpuid else []) + RDTSC_TO_RAX + SUB_START + STORE_NEXT
+    return _bytes(PROLOGUE) + _loop(body) + _bytes(EPILOGUE)
+
+
+def listing() -> str:
+    """The generated code as an assembly listing (``python -m workloads.vmexit``)."""
+    loop, jnz = [(b"", "loop:")], [(b"\x75", "jnz loop          ; rel8 back to loop:")]
+    sections = {
+        "bulk": PROLOGUE
+        + RDTSC_TO_RAX
+        + SAVE_START
+        + loop
+        + CPUID
+        + DEC
+        + jnz
+        + RDTSC_TO_RAX
+        + SUB_START
+        + EPILOGUE,
+        "each": PROLOGUE
+        + loop
+        + RDTSC_TO_RAX
+        + SAVE_START
+        + CPUID
+        + RDTSC_TO_RAX
+        + SUB_START
+        + STORE_NEXT
+        + DEC
+        + jnz
+        + EPILOGUE,
+    }
+    lines = []
+    for name, instructions in sections.items():
+        lines.append(f"{name}:")
+        lines += [f"    {code.hex(' '):<16} {text}" for code, text in instructions]
+    return "\n".join(lines)
+
+
+BulkFn = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint64)
+EachFn = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint64))
+
+
+class MachineCode:
+    """The loops in one executable mapping; ``close()`` unmaps it (use as a context manager)."""
+
+    def __init__(self) -> None:
+        if platform.machine() not in ("x86_64", "AMD64"):
+            raise UsageError(f"vmexit needs an x86-64 CPU (this is {platform.machine()})")
+        parts = [bulk_code(), each_code(True), each_code(False)]
+        offsets, blob = [], b""
+        for part in parts:
+            blob += b"\xcc" * (-len(blob) % 16)  # int3 padding; 16-byte aligned entries
+            offsets.append(len(blob))
+            blob += part
+        self._size = mmap.PAGESIZE * (1 + len(blob) // mmap.PAGESIZE)
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._mmap = libc.mmap
+        self._mmap.restype = ctypes.c_void_p
+        self._mmap.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        ]
+        self._mprotect = libc.mprotect
+        self._mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self._munmap = libc.munmap
+        self._munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        address = self._mmap(
+            None, self._size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0
+        )
+        if address in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap of the vmexit loop failed")
+        self._address: int | None = address
+        ctypes.memmove(address, blob, len(blob))
+        if self._mprotect(address, self._size, mmap.PROT_READ | mmap.PROT_EXEC) != 0:
+            errno = ctypes.get_errno()
+            self.close()
+            raise OSError(errno, "mprotect(PROT_EXEC) of the vmexit loop failed (noexec policy?)")
+        self.bulk = BulkFn(address + offsets[0])
+        self.each = EachFn(address + offsets[1])
+        self.each_empty = EachFn(address + offsets[2])
+
+    def close(self) -> None:
+        if self._address is not None:
+            self._munmap(self._address, self._size)
+            self._address = None
+
+    def __enter__(self) -> MachineCode:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextmanager
+def pinned(cpu: int) -> Iterator[None]:
+    """Run the block on ``cpu`` only (the TSC and /dev/cpu/N/msr are per CPU), then restore."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def leaf_name(leaf: int) -> str:
+    return f"cpuid_{leaf:#x}" if leaf > 9 else f"cpuid_{leaf}"
+
+
+PORT_DEVICE = "/dev/port"
+MSR_DEVICE = "/dev/cpu/{cpu}/msr"
+
+
+def _device_problem(path: str, what: str) -> str | None:
+    """Why ``path`` cannot be read here, or None when it can."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        hint = " (modprobe msr)" if "msr" in path else ""
+        return f"{path} does not exist{hint}; {what} needs it"
+    except PermissionError:
+        return f"{path} is not readable by this user; {what} needs root (CAP_SYS_RAWIO)"
+    except OSError as exc:
+        return f"{path}: {exc.strerror}; {what} needs it"
+    os.close(fd)
+    return None
+
+
+def time_pread_ns(path: str, size: int, offset: int, iterations: int, warmup: int) -> float:
+    """Mean ns of ``pread(path, size, offset)`` over ``iterations`` after ``warmup`` calls."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for _ in range(warmup):
+            os.pread(fd, size, offset)
+        start = time.perf_counter_ns()
+        for _ in range(iterations):
+            os.pread(fd, size, offset)
+        return (time.perf_counter_ns() - start) / iterations
+    finally:
+        os.close(fd)
+
+
+def percentile(sorted_values: list[int], fraction: float) -> float:
+    """Nearest-rank percentile of an already sorted list."""
+    index = min(len(sorted_values) - 1, max(0, round(fraction * len(sorted_values)) - 1))
+    return float(sorted_values[index])
+
+
+class Vmexit(Workload):
+    """cpuid / port I/O / rdmsr exit latency, in process, on one pinned CPU."""
+
+    name = "vmexit"
+    summary = "VMEXIT latency: user-space cpuid (leaves 0, 1, 0x40000000), inb via /dev/port, rdmsr via msr"
+    in_process = True
+    params = (
+        Param(
+            "leaves",
+            "list[int]",
+            [0, 1, 0x40000000],
+            "cpuid leaves (the study: 0, 1, 0x40000000)",
+            minimum=0,
+            maximum=0xFFFFFFFF,
+        ),
+        Param(
+            "iterations",
+            "int",
+            100_000,
+            "timed iterations per instruction (the study: 100000)",
+            minimum=1,
+            maximum=10**9,
+        ),
+        Param("warmup", "int", 1000, "untimed iterations first (the study: 1000)", minimum=0, maximum=10**9),
+        Param(
+            "io_iterations",
+            "int",
+            100_000,
+            "iterations per port / MSR (each is a system call)",
+            minimum=1,
+            maximum=10**9,
+        ),
+        Param(
+            "ports",
+            "list[int]",
+            [0x40, 0x70, 0xA0],
+            "I/O ports read with inb (the study: 0x40, 0x70, 0xA0)",
+            minimum=0,
+            maximum=0xFFFF,
+        ),
+        Param(
+            "msrs",
+            "list[int]",
+            [0x1B, 0xC0000100],
+            "MSRs read (the study: 0x1b APIC_BASE, 0xC0000100 FS_BASE)",
+            minimum=0,
+            maximum=0xFFFFFFFF,
+        ),
+        Param("cpu", "int", 0, "CPU to pin to while measuring", minimum=0, maximum=4095),
+    )
+    guest_tools: ClassVar[dict[str, str]] = {}
+
+    def check(self, params: dict[str, Any]) -> None:
+        if params["cpu"] not in os.sched_getaffinity(0):
+            raise UsageError(
+                f"parameter cpu: {params['cpu']} is not allowed "
+                "(expected one of the CPUs this process may use: "
+                f"{', '.join(str(c) for c in sorted(os.sched_getaffinity(0)))})"
+            )
+
+    def scaled(self, params: dict[str, Any], duration_seconds: float) -> dict[str, Any]:
+        # At ~1-50 us per exit, 10,000 iterations per instruction and second is conservative.
+        budget = max(1000, int(duration_seconds * 10_000))
+        n = min(params["iterations"], budget)
+        return {**params, "iterations": n, "io_iterations": min(params["io_iterations"], n // 10 or 1)}
+
+    def timeout(self, params: Mapping[str, Any]) -> float:
+        exits = params["iterations"] * 3 * len(params["leaves"])
+        exits += params["io_iterations"] * (len(params["ports"]) + len(params["msrs"]) + 1)
+        return float(60.0 + exits * 100e-6)  # 100 us per exit is far slower than any TCG guest measured
+
+    def unavailable(self, params: Mapping[str, Any]) -> list[Unavailable]:
+        notes = [
+            Unavailable("hypercall", "vmcall/vmmcall needs kernel code (#UD in user space); not measured")
+        ]
+        port_problem = _device_problem(PORT_DEVICE, "port I/O")
+        if port_problem and params["ports"]:
+            notes += [Unavailable(f"pio_{port:#x}", port_problem) for port in params["ports"]]
+        msr_problem = _device_problem(MSR_DEVICE.format(cpu=params["cpu"]), "rdmsr")
+        if msr_problem and params["msrs"]:
+            notes += [Unavailable(f"msr_{msr:#x}", msr_problem) for msr in params["msrs"]]
+        return notes
+
+    def run_in_process(self, params: Mapping[str, Any]) -> list[Sample]:
+        n, warmup = params["iterations"], params["warmup"]
+        samples: list[Sample] = []
+        with MachineCode() as code, pinned(params["cpu"]):
+            # rdtsc's own cost, to read the per-iteration figures against.
+            buffer = (ctypes.c_uint64 * n)()
+            code.each_empty(0, n, buffer)
+            rdtsc_cycles = statistics.median(buffer)
+            tsc_per_ns: list[float] = []
+            for leaf in params["leaves"]:
+                if warmup:
+                    code.bulk(leaf, warmup)
+                start = time.perf_counter_ns()
+                cycles = code.bulk(leaf, n)
+                elapsed_ns = time.perf_counter_ns() - start
+                tsc_per_ns.append(cycles / elapsed_ns)
+                code.each(leaf, n, buffer)
+                each = sorted(buffer)
+                meta = {"method": "cpuid-loop", "leaf": f"{leaf:#x}", "iterations": str(n)}
+                name = leaf_name(leaf)
+                samples += [
+                    Sample(f"{name}_ns", elapsed_ns / n, "ns", "lower", meta),
+                    Sample(f"{name}_cycles", cycles / n, "cycles", "lower", meta),
+                    Sample(f"{name}_cycles_median", percentile(each, 0.5), "cycles", "lower", meta),
+                    Sample(f"{name}_cycles_p99", percentile(each, 0.99), "cycles", "lower", meta),
+                ]
+            io_n = params["io_iterations"]
+            io_warmup = min(warmup, io_n)
+            base_meta = {"method": "pread", "iterations": str(io_n)}
+            io_samples: list[Sample] = []
+            if _device_problem(PORT_DEVICE, "port I/O") is None:
+                for port in params["ports"]:
+                    ns = time_pread_ns(PORT_DEVICE, 1, port, io_n, io_warmup)
+                    io_samples.append(
+                        Sample(f"pio_{port:#x}_ns", ns, "ns", "lower", {**base_meta, "port": f"{port:#x}"})
+                    )
+            msr_path = MSR_DEVICE.format(cpu=params["cpu"])
+            if _device_problem(msr_path, "rdmsr") is None:
+                for msr in params["msrs"]:
+                    ns = time_pread_ns(msr_path, 8, msr, io_n, io_warmup)
+                    io_samples.append(
+                        Sample(f"msr_{msr:#x}_ns", ns, "ns", "lower", {**base_meta, "msr": f"{msr:#x}"})
+                    )
+            if io_samples:
+                baseline = time_pread_ns("/dev/zero", 1, 0, io_n, io_warmup)
+                samples += [*io_samples, Sample("syscall_pread_ns", baseline, "ns", "lower", base_meta)]
+        tsc_ghz = statistics.median(tsc_per_ns) if tsc_per_ns else 0.0
+        extra = {"tsc_ghz": f"{tsc_ghz:.4f}", "rdtsc_cycles": f"{rdtsc_cycles:g}", "cpu": str(params["cpu"])}
+        return [s.with_metadata(**extra) for s in samples]
+
+
+if __name__ == "__main__":
+    print(listing())

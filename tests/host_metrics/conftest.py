@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from host_daemon.qmp import QMPClient, connect_qmp
 from tests.agent_rpc.test_metrics_rpc import agent_on_snp_tree
+from tests.conftest import REPO_ROOT
 from tests.host_metrics.fake_qmp import FakeQemu, serve_fake_qmp
 
 # A real cvm-agent on a unix socket reading the recorded SNP guest tree (fixture re-used).
@@ -82,3 +91,82 @@ async def fake_qmp_client(directory: Path, fake: FakeQemu, name: str = "vm") -> 
         finally:
             await client.aclose()
             nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------------------------
+# A real Prometheus (Debian's), on loopback
+
+PROMETHEUS = shutil.which("prometheus")
+DEPLOY = REPO_ROOT / "deploy"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def api(base: str, path: str, **params: str) -> Any:
+    url = f"{base}{path}?{urllib.parse.urlencode(params)}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def prometheus_config(exporter_port: int) -> str:
+    rules = sorted(str(p) for p in (DEPLOY / "prometheus" / "rules").glob("*.yml"))
+    sd = f"http://127.0.0.1:{exporter_port}"
+    return json.dumps(
+        {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": rules,
+            "scrape_configs": [
+                {
+                    "job_name": "cvm-hostd",
+                    "http_sd_configs": [{"url": f"{sd}/sd/host", "refresh_interval": "1s"}],
+                },
+                {
+                    "job_name": "cvm-guests",
+                    "honor_labels": True,
+                    "http_sd_configs": [{"url": f"{sd}/sd", "refresh_interval": "1s"}],
+                },
+            ],
+        }
+    )
+
+
+def wait_for(base: str, query: str, seconds: float) -> list[Any]:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            result: list[Any] = api(base, "/api/v1/query", query=query)["data"]["result"]
+        except OSError:
+            result = []
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.2)
+
+
+@contextmanager
+def running_prometheus(tmp_path: Path, config: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """``prometheus`` with ``config`` on a free loopback port: yields its base URL and process."""
+    assert PROMETHEUS is not None
+    path = tmp_path / "prometheus.yml"
+    path.write_text(config)
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            PROMETHEUS,
+            f"--config.file={path}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        process.terminate()
+        process.wait(20)

@@ -51,7 +51,9 @@ async def serving(collector: HostCollector) -> AsyncIterator[HostEndpoint]:
 
 
 @pytest.mark.slow
-async def test_routes_and_service_discovery(tmp_path: Path, proc_tree: ProcTree, agent_on_snp_tree: Path) -> None:
+async def test_routes_and_service_discovery(
+    tmp_path: Path, proc_tree: ProcTree, agent_on_snp_tree: Path
+) -> None:
     async with fake_qmp_client(tmp_path, FakeQemu(kvm=True)) as qmp:
         vm = VMView(
             "vm0",
@@ -102,17 +104,16 @@ QEMU = shutil.which("qemu-system-x86_64")
 async def test_sigstopped_qemu_does_not_delay_the_others(tmp_path: Path) -> None:
     """Real QEMU processes (TCG, paused, no guest): one gets SIGSTOP; the scrape stays fast."""
     assert QEMU is not None
-    processes = []
-    for name in ("a", "b", "c"):
-        processes.append(
-            subprocess.Popen(
-                [QEMU, "-S", "-nodefaults", "-display", "none", "-accel", "tcg", "-m", "64", "-smp", "2",
-                 "-qmp", f"unix:{tmp_path / name}.qmp,server=on,wait=off"],  # fmt: skip
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+    qemu_args = ["-S", "-nodefaults", "-display", "none", "-accel", "tcg", "-m", "64", "-smp", "2"]
+    processes = [
+        subprocess.Popen(  # noqa: ASYNC220 (fork and exec only: nothing waits)
+            [QEMU, *qemu_args, "-qmp", f"unix:{tmp_path / name}.qmp,server=on,wait=off"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
+        for name in ("a", "b", "c")
+    ]
     try:
         async with (
             open_qmp(tmp_path / "a.qmp", deadline=20, retry=True, name="a") as qa,

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import structlog
 import trio
 
 from cvmctl import __version__
@@ -15,9 +16,11 @@ from cvmctl.address import Address, UnixAddress, parse_address
 from cvmctl.daemon import add_logging_arguments, run_daemon
 from cvmctl.errors import CvmError, UsageError
 from cvmctl.serve import ServerOptions, serve_grpc
-from host_daemon.devguest import complete_with_dev_guest
+from host_daemon.devguest import complete_with_dev_guest, dev_guest_image
 from host_daemon.server import HostDaemonService, daemon_handlers
 from host_daemon.vms import VMManager
+
+log = structlog.get_logger("host_daemon")
 
 DEFAULT_STATE_DIR = Path("/var/lib/cvm-hostd")
 DEFAULT_LISTEN = "unix:///run/cvm-hostd/hostd.sock"
@@ -62,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+async def prewarm_dev_guest() -> None:
+    """Find (or build) the dev guest now, so the first start does not pay for it."""
+    try:
+        image = await trio.to_thread.run_sync(dev_guest_image)
+    except CvmError as exc:
+        log.info("dev_guest_unavailable", reason=str(exc))
+        return
+    log.info("dev_guest_ready", kernel=image.kernel_release, cached=image.cached)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -84,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         service = HostDaemonService(state_dir=state_dir, manager=manager)
         async with trio.open_nursery() as nursery:
             await nursery.start(manager.run)
+            nursery.start_soon(prewarm_dev_guest)
             await serve_grpc(daemon_handlers(service), options)
             nursery.cancel_scope.cancel()
 

@@ -332,7 +332,7 @@ class VMManager:
             while not socket_path.exists():
                 if helper.pidfd >= 0 and proc.process_start_ticks(helper.pid) is None:
                     break
-                await trio.sleep(0.01)
+                await trio.sleep(0.002)
         if not socket_path.exists():
             proc.send_signal(helper, signal.SIGKILL)
             helper.close()

@@ -107,7 +107,7 @@ class RunRequest:
 
     workload: Workload
     params: dict[str, Any]
-    targets: dict[str, Target]  # arm -> target; one entry with arm "" for a plain run
+    targets: Mapping[str, Target]  # arm -> target; one entry with arm "" for a plain run
     repeat: int = 5
     warmup: int = 1
     explicit: frozenset[str] = field(default_factory=frozenset)  # params the user set

@@ -162,7 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics=registry,
         )
         async with trio.open_nursery() as nursery:
-            await nursery.start(refresher.run)
+            # Serve at once; the first snapshot lands moments later (scrapes before it see no
+            # kernel-interface samples yet).
+            nursery.start_soon(refresher.run)
             if metrics_address is not None:
                 endpoint = await nursery.start(
                     serve_metrics_http, registry, metrics_address.host, metrics_address.port

@@ -119,12 +119,13 @@ class GrpcBridge:
         with suppress(trio.RunFinishedError):
             self._token.run_sync_soon(scope.cancel)
 
-    def _scope_for(self, context: grpc.ServicerContext) -> _RpcScope:
+    def _scope_for(self, context: grpc.ServicerContext, max_seconds: float | None = None) -> _RpcScope:
         """A scope cancelled when the RPC ends early (client gone, deadline passed)."""
         cancel_scope = trio.CancelScope()
         context.add_callback(lambda: self._cancel_soon(cancel_scope))
         remaining = context.time_remaining()
-        budget = self.max_rpc_seconds if remaining is None else min(remaining, self.max_rpc_seconds)
+        cap = self.max_rpc_seconds if max_seconds is None else max_seconds
+        budget = cap if remaining is None else min(remaining, cap)
         return _RpcScope(cancel_scope, max(budget, 0.0))
 
     @staticmethod
@@ -179,12 +180,17 @@ class GrpcBridge:
     # -- unary -> stream --------------------------------------------------------------
 
     def unary_stream(
-        self, method: str, fn: Callable[[Any, CallInfo], AsyncIterator[Any]]
+        self,
+        method: str,
+        fn: Callable[[Any, CallInfo], AsyncIterator[Any]],
+        max_seconds: float | None = None,
     ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+        """``max_seconds`` replaces the bridge-wide cap for this method (long-lived streams)."""
+
         def handler(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             started = time.perf_counter()
             info = CallInfo(method, context.peer(), tuple(context.invocation_metadata() or ()))
-            scope = self._scope_for(context)
+            scope = self._scope_for(context, max_seconds)
             send, receive = trio.open_memory_channel[Any](STREAM_BUFFER_ITEMS)
             failure: list[BaseException] = []
 
@@ -233,9 +239,11 @@ def service_handler(
 
     The servicer has one ``async def Name(self, request, call: CallInfo)`` per unary
     method and one async generator per server-streaming method; methods it lacks answer
-    UNIMPLEMENTED.
+    UNIMPLEMENTED. A servicer attribute ``rpc_max_seconds: dict[str, float]`` gives
+    streaming methods that live long (a benchmark's server) their own cap.
     """
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    caps: dict[str, float] = getattr(servicer, "rpc_max_seconds", {})
     for method in service.methods:
         fn = getattr(servicer, method.name, None)
         if fn is None:
@@ -246,7 +254,7 @@ def service_handler(
         full_name = f"/{service.full_name}/{method.name}"
         if method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                bridge.unary_stream(full_name, fn),
+                bridge.unary_stream(full_name, fn, caps.get(method.name)),
                 request_deserializer=request_class.FromString,
                 response_serializer=_serialize,
             )

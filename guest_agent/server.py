@@ -8,9 +8,9 @@ nothing from a request ever reaches a shell.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 import structlog
@@ -28,6 +28,8 @@ from guest_agent.idle_polling import IdlePollingController
 from guest_agent.idle_rpc import mode_from_proto, status_to_proto
 from guest_agent.system import hostname, read_system_facts, uptime_seconds
 from guest_agent.tee import TeeVerdict
+from workloads import catalogue
+from workloads.runner import LocalTarget
 
 log = structlog.get_logger("guest_agent")
 
@@ -89,6 +91,7 @@ class GuestAgentService:
         # One idle-polling change at a time: apply and revert must not interleave.
         self._idle_lock = trio.Lock()
         self._attestation_lock = trio.Lock()
+        self._workload_server_busy = False
         self.attestation_failures = 0
 
     async def GetInfo(self, request: agent_pb2.GetInfoRequest, call: CallInfo) -> agent_pb2.GetInfoResponse:
@@ -137,6 +140,58 @@ class GuestAgentService:
         # Collectors read snapshots kept fresh by trio tasks: rendering never waits on sysfs.
         text = await trio.to_thread.run_sync(render_text, self._metrics)
         return agent_pb2.GetMetricsResponse(content_type=METRICS_CONTENT_TYPE, text=text)
+
+    # A benchmark's server lives as long as its stream: allow a day, not the default minute.
+    rpc_max_seconds: ClassVar[dict[str, float]] = {"RunWorkload": 24 * 3600.0}
+
+    async def RunWorkload(
+        self, request: agent_pb2.RunWorkloadRequest, call: CallInfo
+    ) -> AsyncIterator[agent_pb2.WorkloadEvent]:
+        workload = catalogue.get(request.workload[:64])
+        params = workload.validate(dict(request.params))
+        target = LocalTarget()
+        if request.role == agent_pb2.WORKLOAD_ROLE_SERVER:
+            plan = workload.guest_server(params)
+            if plan is None:
+                raise UsageError(f"workload {workload.name} has no server side; run it with role RUN")
+            if self._workload_server_busy:
+                raise RpcAbort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, "a workload server already runs in this guest"
+                )
+            workload.require_tools("guest")
+            self._workload_server_busy = True
+            try:
+                _, port = await target.start_server(plan)
+                log.info("workload_server_ready", workload=workload.name, port=port, peer=call.peer)
+                yield agent_pb2.WorkloadEvent(server_ready=agent_pb2.WorkloadServerReady(port=port))
+                await trio.sleep_forever()  # until the host cancels the stream
+            finally:
+                self._workload_server_busy = False
+                with trio.CancelScope(shield=True):
+                    await target.stop_server()
+                log.info("workload_server_stopped", workload=workload.name)
+        elif request.role == agent_pb2.WORKLOAD_ROLE_RUN:
+            await target.prepare(workload, params)
+            yield agent_pb2.WorkloadEvent(
+                progress=agent_pb2.WorkloadProgress(message=f"running {workload.name}")
+            )
+            samples = await target.run_guest(workload, params)
+            for sample in samples:
+                yield agent_pb2.WorkloadEvent(
+                    sample=agent_pb2.WorkloadSample(
+                        metric=sample.metric,
+                        value=sample.value,
+                        unit=sample.unit,
+                        direction=sample.direction,
+                        metadata=sample.metadata,
+                    )
+                )
+            for missing in await target.unavailable(workload, params):
+                yield agent_pb2.WorkloadEvent(
+                    unavailable=agent_pb2.WorkloadUnavailable(metric=missing.metric, reason=missing.reason)
+                )
+        else:
+            raise UsageError("role must be SERVER or RUN")
 
     def _idle(self) -> IdlePollingController:
         if self._idle_polling is None:

@@ -25,6 +25,8 @@ from host_daemon.image import (
 )
 from host_daemon.spec import Share, VMSpec
 
+USER_NET_GUEST_IP = "10.0.2.15/24,10.0.2.2"
+
 # build_dev_guest hashes every input (~0.1 s for a 12 MB kernel) to find its cached image;
 # a start should not pay that each time. Remember the image per the inputs' stat().
 _memo: dict[tuple[object, ...], DevGuestImage] = {}
@@ -66,7 +68,10 @@ def complete_with_dev_guest(spec: VMSpec) -> VMSpec:
     if not wants_dev_guest(spec):
         return spec
     image = dev_guest_image()
-    cmdline = dev_guest_cmdline(str(agent_executable()), port=DEFAULT_AGENT_PORT)
+    # QEMU user networking hands out 10.0.2.15 with the gateway at 10.0.2.2 (qemu-options.hx,
+    # -netdev user); the dev guest has no DHCP client, so it is told the address.
+    ip = USER_NET_GUEST_IP if spec.network.mode == "user" else None
+    cmdline = dev_guest_cmdline(str(agent_executable()), port=DEFAULT_AGENT_PORT, ip=ip)
     if spec.boot.cmdline:
         cmdline = f"{cmdline} {spec.boot.cmdline}"
     boot = dataclasses.replace(spec.boot, kernel=image.kernel, initrd=image.initrd, cmdline=cmdline)

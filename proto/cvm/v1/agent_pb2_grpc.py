@@ -64,6 +64,11 @@ class GuestAgentStub:
                 request_serializer=cvm_dot_v1_dot_agent__pb2.GetAttestationReportRequest.SerializeToString,
                 response_deserializer=cvm_dot_v1_dot_agent__pb2.GetAttestationReportResponse.FromString,
                 _registered_method=True)
+        self.RunWorkload = channel.unary_stream(
+                '/cvm.v1.GuestAgent/RunWorkload',
+                request_serializer=cvm_dot_v1_dot_agent__pb2.RunWorkloadRequest.SerializeToString,
+                response_deserializer=cvm_dot_v1_dot_agent__pb2.WorkloadEvent.FromString,
+                _registered_method=True)
 
 
 class GuestAgentServicer:
@@ -111,6 +116,17 @@ class GuestAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunWorkload(self, request, context):
+        """The guest side of a catalogue workload (workloads/). The agent builds every command
+        line itself from the workload's name and validated parameters: nothing the host sends
+        becomes an argv or a shell string. SERVER starts the workload's server, sends
+        server_ready, and keeps it running until the caller cancels the stream; RUN runs the
+        guest-side measurement once and streams its samples.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GuestAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +159,11 @@ def add_GuestAgentServicer_to_server(servicer, server):
                     servicer.GetAttestationReport,
                     request_deserializer=cvm_dot_v1_dot_agent__pb2.GetAttestationReportRequest.FromString,
                     response_serializer=cvm_dot_v1_dot_agent__pb2.GetAttestationReportResponse.SerializeToString,
+            ),
+            'RunWorkload': grpc.unary_stream_rpc_method_handler(
+                    servicer.RunWorkload,
+                    request_deserializer=cvm_dot_v1_dot_agent__pb2.RunWorkloadRequest.FromString,
+                    response_serializer=cvm_dot_v1_dot_agent__pb2.WorkloadEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +328,33 @@ class GuestAgent:
             '/cvm.v1.GuestAgent/GetAttestationReport',
             cvm_dot_v1_dot_agent__pb2.GetAttestationReportRequest.SerializeToString,
             cvm_dot_v1_dot_agent__pb2.GetAttestationReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunWorkload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cvm.v1.GuestAgent/RunWorkload',
+            cvm_dot_v1_dot_agent__pb2.RunWorkloadRequest.SerializeToString,
+            cvm_dot_v1_dot_agent__pb2.WorkloadEvent.FromString,
             options,
             channel_credentials,
             insecure,

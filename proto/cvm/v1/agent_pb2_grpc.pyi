@@ -49,6 +49,13 @@ class GuestAgentStub:
     """
     GetAttestationReport: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GetAttestationReportRequest, _agent_pb2.GetAttestationReportResponse]
     """Attestation evidence (SNP report, TDX quote) bound to the caller's report data."""
+    RunWorkload: _grpc.UnaryStreamMultiCallable[_agent_pb2.RunWorkloadRequest, _agent_pb2.WorkloadEvent]
+    """The guest side of a catalogue workload (workloads/). The agent builds every command
+    line itself from the workload's name and validated parameters: nothing the host sends
+    becomes an argv or a shell string. SERVER starts the workload's server, sends
+    server_ready, and keeps it running until the caller cancels the stream; RUN runs the
+    guest-side measurement once and streams its samples.
+    """
 
 @_typing.type_check_only
 class GuestAgentAsyncStub(GuestAgentStub):
@@ -67,6 +74,13 @@ class GuestAgentAsyncStub(GuestAgentStub):
     """
     GetAttestationReport: _aio.UnaryUnaryMultiCallable[_agent_pb2.GetAttestationReportRequest, _agent_pb2.GetAttestationReportResponse]  # type: ignore[assignment]
     """Attestation evidence (SNP report, TDX quote) bound to the caller's report data."""
+    RunWorkload: _aio.UnaryStreamMultiCallable[_agent_pb2.RunWorkloadRequest, _agent_pb2.WorkloadEvent]  # type: ignore[assignment]
+    """The guest side of a catalogue workload (workloads/). The agent builds every command
+    line itself from the workload's name and validated parameters: nothing the host sends
+    becomes an argv or a shell string. SERVER starts the workload's server, sends
+    server_ready, and keeps it running until the caller cancels the stream; RUN runs the
+    guest-side measurement once and streams its samples.
+    """
 
 class GuestAgentServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -118,5 +132,18 @@ class GuestAgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.GetAttestationReportResponse, _abc.Awaitable[_agent_pb2.GetAttestationReportResponse]]:
         """Attestation evidence (SNP report, TDX quote) bound to the caller's report data."""
+
+    @_abc_1.abstractmethod
+    def RunWorkload(
+        self,
+        request: _agent_pb2.RunWorkloadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.WorkloadEvent], _abc.AsyncIterator[_agent_pb2.WorkloadEvent]]:
+        """The guest side of a catalogue workload (workloads/). The agent builds every command
+        line itself from the workload's name and validated parameters: nothing the host sends
+        becomes an argv or a shell string. SERVER starts the workload's server, sends
+        server_ready, and keeps it running until the caller cancels the stream; RUN runs the
+        guest-side measurement once and streams its samples.
+        """
 
 def add_GuestAgentServicer_to_server(servicer: GuestAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

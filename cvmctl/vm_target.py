@@ -1,0 +1,330 @@
+"""Benchmarks in a VM: the ``vm`` target of ``cvmctl bench``.
+
+A :class:`VMTarget` runs the guest side of a workload through the agent inside a VM that
+cvm-hostd manages, and the host side (wrk, iperf3 -c, ...) here:
+
+* servers: the agent's ``RunWorkload`` stream in role SERVER builds the server's command
+  line itself from the workload name and parameters (the host never sends argv), answers
+  ``server_ready`` and keeps the server until the stream is cancelled; the host-side client
+  reaches it through the VM's user-networking forward ``127.0.0.1:HOST_PORT -> guest port``;
+* guest-only workloads: ``RunWorkload`` in role RUN streams the samples back.
+
+``vm`` alone means the built-in dev guest (``cvmctl-dev``): if no daemon answers at
+``$CVM_HOSTD`` (or the default socket), one is started for the call, with its state under
+``$XDG_STATE_HOME/cvmctl``; the dev guest is created with forwards for every catalogue
+server port and booted when it is not running. A daemon or VM started for the call is
+stopped again at the end; one that was already there is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Literal
+
+import grpc
+import trio
+
+from cvm.v1 import agent_pb2, agent_pb2_grpc, host_pb2, host_pb2_grpc
+from cvmctl.address import parse_address
+from cvmctl.client import RpcClient, connect, error_from_rpc
+from cvmctl.errors import ConnectError, CvmError, DeadlineExceeded, UsageError
+from workloads.model import Sample, ServerPlan, Unavailable, Workload
+
+DEV_VM: Final = "cvmctl-dev"
+DEFAULT_HOSTD: Final = "unix:///run/cvm-hostd/hostd.sock"
+BOOT_WAIT: Final = 300.0
+#: Guest ports of the catalogue's servers (nginx, iperf3, memcached), forwarded from loopback.
+SERVER_PORTS: Final = (8080, 7175, 11211)
+
+Say = Callable[[str], None]
+
+
+def _state_home() -> Path:
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "cvmctl"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def dev_guest_spec(name: str, forwards: Mapping[int, int], vcpus: int = 2, memory: str = "1G") -> str:
+    """The TOML spec of the built-in dev guest with loopback forwards ``guest port -> host port``."""
+    rules = ", ".join(
+        f"{{ host_port = {host}, guest_port = {guest} }}" for guest, host in sorted(forwards.items())
+    )
+    return (
+        f'name = "{name}"\nvcpus = {vcpus}\nmemory = "{memory}"\n\n'
+        f'[network]\nmode = "user"\nforwards = [{rules}]\n'
+    )
+
+
+def forwards_of(spec_toml: str) -> dict[int, int]:
+    """``guest port -> host port`` of a VM spec's user-networking forwards (TCP)."""
+    from host_daemon.spec import parse_spec
+
+    spec = parse_spec(spec_toml)
+    return {f.guest_port: f.host_port for f in spec.network.forwards if f.proto == "tcp"}
+
+
+class VMTarget:
+    """The guest side in a VM through its agent; an async context manager around a run."""
+
+    listen_address = "0.0.0.0"  # servers in the guest bind the NIC the forward reaches
+
+    def __init__(self, vm: str | None = None, *, hostd: str | None = None, say: Say | None = None) -> None:
+        self.vm = vm or DEV_VM
+        self.name = "vm" if vm is None else f"vm:{vm}"
+        self._dev = vm is None
+        self._hostd = hostd or os.environ.get("CVM_HOSTD") or DEFAULT_HOSTD
+        self._say = say or (lambda message: print(message, file=sys.stderr))
+        self._stack = contextlib.AsyncExitStack()
+        self._daemon: subprocess.Popen[bytes] | None = None
+        self._hostd_client: RpcClient | None = None
+        self._agent: RpcClient | None = None
+        self._vm: host_pb2.VM | None = None
+        self._forwards: dict[int, int] = {}
+        self._workload: Workload | None = None
+        self._params: dict[str, Any] = {}
+        self._server_call: Any = None
+        self._agent_info: dict[str, Any] = {}
+        self._stop_vm_at_exit = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> VMTarget:
+        try:
+            await self._open()
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        with trio.CancelScope(shield=True):
+            await self.stop_server()
+            if self._stop_vm_at_exit and self._hostd_client is not None:
+                stub = host_pb2_grpc.HostDaemonStub(self._hostd_client.channel)
+                with contextlib.suppress(CvmError):
+                    await self._hostd_client.call(stub.KillVM, host_pb2.VMRef(name=self.vm), timeout=30)
+            await self._stack.aclose()
+            if self._daemon is not None:
+                self._daemon.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    await trio.to_thread.run_sync(self._daemon.wait, 15)
+
+    async def _open(self) -> None:
+        self._hostd_client = await self._daemon_client()
+        stub = host_pb2_grpc.HostDaemonStub(self._hostd_client.channel)
+        vm = await self._find_vm(stub)
+        if vm is None:
+            if not self._dev:
+                raise UsageError(f"no VM named {self.vm!r} (cvmctl vm ls lists them)")
+            forwards = {guest: _free_port() for guest in SERVER_PORTS}
+            self._say(f"creating the dev guest {self.vm} (forwards {forwards})")
+            spec = host_pb2.CreateVMRequest(
+                spec_toml=dev_guest_spec(self.vm, forwards), source="cvmctl bench"
+            )
+            vm = await self._hostd_client.call(stub.CreateVM, spec)
+        if vm.state != host_pb2.VM_STATE_RUNNING:
+            vm = await self._boot(stub, vm)
+        self._vm = vm
+        self._forwards = forwards_of(vm.spec_toml)
+        if not vm.agent_address:
+            raise UsageError(f"VM {self.vm} has no agent channel that cvmctl can reach")
+        self._agent = await self._stack.enter_async_context(
+            connect(parse_address(vm.agent_address), timeout=60)
+        )
+        info = await self._agent.call(
+            agent_pb2_grpc.GuestAgentStub(self._agent.channel).GetInfo, agent_pb2.GetInfoRequest()
+        )
+        self._agent_info = {
+            "kernel": info.kernel_release,
+            "cmdline": info.kernel_cmdline,
+            "tee_evidence": info.tee_evidence,
+            "agent_version": info.agent_version,
+        }
+
+    async def _try_daemon(self, address: str) -> RpcClient | None:
+        try:
+            client = await self._stack.enter_async_context(connect(parse_address(address), timeout=30))
+            await client.health()
+        except ConnectError:
+            return None
+        return client
+
+    async def _daemon_client(self) -> RpcClient:
+        client = await self._try_daemon(self._hostd)
+        if client is not None:
+            return client
+        if not self._dev:
+            raise ConnectError(f"nothing is listening at {self._hostd}; is cvm-hostd running?")
+        # No system daemon: use (or start) one private to this user, at a fixed place so that
+        # two runs never start two daemons on the same state.
+        state = _state_home() / "hostd"
+        sock = state / "hostd.sock"
+        client = await self._try_daemon(f"unix://{sock}")
+        if client is not None:
+            return client
+        state.mkdir(parents=True, exist_ok=True)
+        self._say(f"no cvm-hostd at {self._hostd}: starting one for this run (state in {state})")
+        self._daemon = await trio.to_thread.run_sync(self._spawn_daemon, state, sock)
+        with trio.move_on_after(30):
+            while not sock.exists():
+                if self._daemon.poll() is not None:
+                    raise CvmError(f"cvm-hostd exited at start (see {state / 'hostd.log'})")
+                await trio.sleep(0.02)
+        client = await self._stack.enter_async_context(connect(parse_address(f"unix://{sock}"), timeout=30))
+        await client.health()
+        self._stop_vm_at_exit = True
+        return client
+
+    @staticmethod
+    def _spawn_daemon(state: Path, sock: Path) -> subprocess.Popen[bytes]:
+        # Its own session: a Ctrl-C of cvmctl must not stop the daemon before cvmctl has
+        # stopped the VM it booted for this run.
+        with (state / "hostd.log").open("ab") as log:
+            return subprocess.Popen(
+                [
+                    str(Path(sys.executable).parent / "cvm-hostd"),
+                    "--state-dir",
+                    str(state),
+                    "--listen",
+                    f"unix://{sock}",
+                    "--log-format",
+                    "json",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                start_new_session=True,
+            )
+
+    async def _find_vm(self, stub: host_pb2_grpc.HostDaemonStub) -> host_pb2.VM | None:
+        assert self._hostd_client is not None
+        listing = await self._hostd_client.call(stub.ListVMs, host_pb2.ListVMsRequest())
+        return next((vm for vm in listing.vms if vm.name == self.vm), None)
+
+    async def _boot(self, stub: host_pb2_grpc.HostDaemonStub, vm: host_pb2.VM) -> host_pb2.VM:
+        assert self._hostd_client is not None
+        if vm.state in (host_pb2.VM_STATE_STARTING, host_pb2.VM_STATE_STOPPING):
+            self._say(f"waiting for {self.vm} ({vm.state_reason})")
+        else:
+            self._say(f"booting {self.vm} (under TCG this takes 10-30 s)")
+            vm = await self._hostd_client.call(stub.StartVM, host_pb2.VMRef(name=self.vm), timeout=120)
+            self._stop_vm_at_exit = self._stop_vm_at_exit or self._daemon is not None
+        deadline = time.monotonic() + BOOT_WAIT
+        shown: set[str] = set()
+        while vm.state in (host_pb2.VM_STATE_STARTING, host_pb2.VM_STATE_STOPPING):
+            for phase in vm.boot_phases:
+                if phase.name not in shown:
+                    shown.add(phase.name)
+                    self._say(f"  boot phase {phase.name:<9} {phase.seconds:6.2f} s")
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(f"{self.vm} not running after {BOOT_WAIT:g} s: {vm.state_reason}")
+            await trio.sleep(0.25)
+            vm = await self._hostd_client.call(stub.GetVM, host_pb2.VMRef(name=self.vm))
+        for phase in vm.boot_phases:
+            if phase.name not in shown:
+                self._say(f"  boot phase {phase.name:<9} {phase.seconds:6.2f} s")
+        if vm.state != host_pb2.VM_STATE_RUNNING:
+            raise CvmError(f"{self.vm} did not come up: {vm.state_reason}")
+        return vm
+
+    # -- the runner's Target protocol ---------------------------------------------------
+
+    async def prepare(self, workload: Workload, params: Mapping[str, Any]) -> None:
+        self._workload, self._params = workload, dict(params)
+
+    async def unavailable(self, workload: Workload, params: Mapping[str, Any]) -> list[Unavailable]:
+        return workload.unavailable(params)
+
+    def guest_address(self) -> str:
+        return "10.0.2.15"  # QEMU user networking's guest address; ping does not cross it
+
+    def describe(self) -> dict[str, Any]:
+        vm = self._vm
+        if vm is None:
+            return {"kind": "vm", "name": self.vm}
+        return {
+            "kind": "vm",
+            "name": vm.name,
+            "accel": vm.accel,
+            "spec": vm.spec_toml,
+            "boot_phases": {p.name: p.seconds for p in vm.boot_phases},
+            "agent": vm.agent_address,
+            **self._agent_info,
+        }
+
+    def _request(self, role: int) -> agent_pb2.RunWorkloadRequest:
+        assert self._workload is not None, "prepare() was not called"
+        return agent_pb2.RunWorkloadRequest(
+            workload=self._workload.name,
+            params=self._workload.format_params(self._params),
+            role=role,  # type: ignore[arg-type]
+        )
+
+    async def start_server(self, plan: ServerPlan) -> tuple[str, int]:
+        assert self._agent is not None and self._workload is not None
+        await self.stop_server()
+        host_port = self._forwards.get(plan.port)
+        if host_port is None:
+            raise UsageError(
+                f"VM {self.vm} forwards no host port to guest port {plan.port}; add "
+                f"{{ host_port = N, guest_port = {plan.port} }} to its network.forwards"
+            )
+        stub = agent_pb2_grpc.GuestAgentStub(self._agent.channel)
+        call = stub.RunWorkload(self._request(agent_pb2.WORKLOAD_ROLE_SERVER), timeout=24 * 3600)
+        self._server_call = call
+        try:
+            with trio.fail_after(60):
+                events = iter(call)
+                event: agent_pb2.WorkloadEvent = await trio.to_thread.run_sync(
+                    lambda: next(events), abandon_on_cancel=True
+                )
+        except grpc.RpcError as exc:
+            self._server_call = None
+            raise error_from_rpc(exc, self._agent.address, 60, "RunWorkload") from exc
+        except trio.TooSlowError:
+            await self.stop_server()
+            raise DeadlineExceeded(f"{self._workload.name}: the guest server was not ready in 60 s") from None
+        if not event.HasField("server_ready"):
+            await self.stop_server()
+            raise CvmError(f"{self._workload.name}: unexpected first event from the agent: {event}")
+        return "127.0.0.1", host_port
+
+    async def stop_server(self) -> None:
+        if self._server_call is not None:
+            self._server_call.cancel()  # the agent stops the server when its stream ends
+            self._server_call = None
+            await trio.sleep(0.2)  # let the port close before a next server binds it
+
+    async def run_guest(self, workload: Workload, params: Mapping[str, Any]) -> list[Sample]:
+        assert self._agent is not None
+        stub = agent_pb2_grpc.GuestAgentStub(self._agent.channel)
+        request = agent_pb2.RunWorkloadRequest(
+            workload=workload.name,
+            params=workload.format_params(dict(params)),
+            role=agent_pb2.WORKLOAD_ROLE_RUN,
+        )
+        samples: list[Sample] = []
+        async for event in self._agent.stream(
+            stub.RunWorkload, request, timeout=workload.timeout(params) + 60
+        ):
+            if event.HasField("sample"):
+                s = event.sample
+                direction: Literal["higher", "lower"] = "higher" if s.direction == "higher" else "lower"
+                samples.append(Sample(s.metric, s.value, s.unit, direction, dict(s.metadata)))
+        return samples

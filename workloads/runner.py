@@ -271,10 +271,16 @@ class LocalTarget:
     tools and our overhead, not a VM.
     """
 
-    name = "local"
     listen_address = "127.0.0.1"
 
-    def __init__(self) -> None:
+    def __init__(self, existing_port: int | None = None) -> None:
+        """``existing_port``: a server already runs on 127.0.0.1 at that port; use it, start none.
+
+        That is ``--target local:PORT``, for measuring cvmctl's own overhead against the
+        same server a plain client uses (benchmarks/bench_overhead.py).
+        """
+        self.existing_port = existing_port
+        self.name = "local" if existing_port is None else f"local:{existing_port}"
         self._server: trio.Process | None = None
         self._server_dir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -288,10 +294,15 @@ class LocalTarget:
         return "127.0.0.1"
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "local", "note": "guest side run on this machine; no VM"}
+        info: dict[str, Any] = {"kind": "local", "note": "guest side run on this machine; no VM"}
+        if self.existing_port is not None:
+            info["existing_server"] = f"{self.listen_address}:{self.existing_port}"
+        return info
 
     async def start_server(self, plan: ServerPlan) -> tuple[str, int]:
         await self.stop_server()
+        if self.existing_port is not None:
+            return self.listen_address, self.existing_port
         self._server_dir = tempfile.TemporaryDirectory(prefix="cvmctl-server-")
         directory = self._server_dir.name
         os.chmod(directory, 0o755)  # nginx's workers (nobody) read the page

@@ -37,6 +37,7 @@ EPILOG = """\
 targets:
   vm       the built-in dev guest through cvm-hostd (the default; not available yet)
   local    everything on this machine, servers on 127.0.0.1 (measures the tools, not a VM)
+  local:PORT  as local, against a server already listening on 127.0.0.1:PORT (none started)
 
 examples:
   cvmctl bench --list
@@ -141,7 +142,12 @@ def resolve_target(args: argparse.Namespace, spec: str | None = None) -> Target:
     name = spec if spec is not None else args.target
     if name == "local":
         return LocalTarget()
-    raise UsageError(f"target {name!r} is not available yet (available: local)")
+    if name.startswith("local:"):
+        port = name.removeprefix("local:")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise UsageError(f"target {name!r}: expected local:PORT with a TCP port")
+        return LocalTarget(existing_port=int(port))
+    raise UsageError(f"target {name!r} is not available yet (available: local, local:PORT)")
 
 
 def resolve_targets(args: argparse.Namespace) -> dict[str, Target]:

@@ -54,7 +54,7 @@ def test_missing_tool(
 
 def test_targets_not_built_yet(capsys: pytest.CaptureFixture[str], data_dir: Path) -> None:
     assert cli("bench", "vmexit") == 2
-    assert one_error_line(capsys) == "cvmctl: error: target 'vm' is not available yet (available: local)"
+    assert one_error_line(capsys) == "cvmctl: error: target 'vm' is not available yet (available: local, local:PORT)"
     assert cli("bench", "vmexit", "--compare", "local") == 2
     assert "expected two targets" in one_error_line(capsys)
 

@@ -1,0 +1,136 @@
+"""Does ``cvmctl bench`` change what it measures? Plain wrk vs cvmctl against the same nginx.
+
+The script starts one nginx on 127.0.0.1 (a free high port; the minimal config of the
+``nginx`` workload: 1 worker, access_log off, one static page, in a temp dir), then
+alternates, ``--rounds`` times:
+
+- plain: ``wrk -t8 -c300 -dDs --latency http://127.0.0.1:PORT/``;
+- cvmctl: ``cvmctl bench nginx --target local:PORT --repeat 1 --warmup 0 --param duration=D
+  --json`` (the same wrk arguments, run by the runner, parsed and stored in a temp store),
+
+alternating which goes first. It prints both req/s per round and the median of the
+per-round ratios cvmctl / plain. An unrecorded plain run warms nginx up first.
+
+    .venv/bin/python benchmarks/bench_overhead.py [--rounds 5] [--duration 10] [--json out.json]
+
+Goal (issue 6): the median ratio within 2% of 1.0. What it can show: the Python process
+waiting on wrk costs no CPU that wrk or nginx would have used; it cannot show anything
+about VMs (there is none here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import trio
+
+from workloads import parsers
+from workloads.catalogue import get
+from workloads.runner import LocalTarget, free_port, run_host_command
+
+CLI = (
+    "import sys; import cvmctl.cli.main as m; "
+    "m.COMMAND_MODULES = tuple(dict.fromkeys((*m.COMMAND_MODULES, 'bench', 'results', 'report'))); "
+    "sys.exit(m.main(sys.argv[1:]))"
+)
+
+
+async def plain_wrk(port: int, duration: int) -> float:
+    workload = get("nginx")
+    params = workload.validate({"duration": str(duration)})
+    argv = workload.host_command(params, "127.0.0.1", port)
+    assert argv is not None
+    output = await run_host_command(argv, duration * 2 + 30, "wrk")
+    return parsers.parse_wrk(output).requests_per_second
+
+
+async def via_cvmctl(port: int, duration: int, data_dir: str) -> float:
+    argv = [
+        sys.executable,
+        "-c",
+        CLI,
+        "bench",
+        "nginx",
+        "--target",
+        f"local:{port}",
+        "--repeat",
+        "1",
+        "--warmup",
+        "0",
+        "--param",
+        f"duration={duration}",
+        "--json",
+        "--quiet",
+    ]
+    env = {**os.environ, "CVMCTL_DATA_DIR": data_dir}
+    with trio.fail_after(duration * 2 + 60):
+        done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, env=env, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"cvmctl bench failed: {done.stderr.decode(errors='replace')}")
+    data = json.loads(done.stdout)
+    [rps] = [s["value"] for s in data["samples"] if s["metric"] == "requests_per_second" and not s["warmup"]]
+    return float(rps)
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, object]:
+    workload = get("nginx")
+    port = free_port()
+    target = LocalTarget()
+    plan = workload.guest_server(workload.validate({"listen": "127.0.0.1", "port": str(port)}))
+    assert plan is not None
+    rounds: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory(prefix="cvmctl-overhead-") as data_dir:
+        await target.start_server(plan)
+        try:
+            await plain_wrk(port, min(args.duration, 5))  # warm-up, not recorded
+            for i in range(args.rounds):
+                order = ("plain", "cvmctl") if i % 2 == 0 else ("cvmctl", "plain")
+                result: dict[str, float] = {}
+                for which in order:
+                    if which == "plain":
+                        result["plain"] = await plain_wrk(port, args.duration)
+                    else:
+                        result["cvmctl"] = await via_cvmctl(port, args.duration, data_dir)
+                result["ratio"] = result["cvmctl"] / result["plain"]
+                rounds.append(result)
+                print(
+                    f"round {i + 1}: plain {result['plain']:.0f} req/s, cvmctl {result['cvmctl']:.0f} req/s, "
+                    f"ratio {result['ratio']:.4f}",
+                    flush=True,
+                )
+        finally:
+            await target.stop_server()
+    ratios = [r["ratio"] for r in rounds]
+    median_ratio = statistics.median(ratios)
+    medians = statistics.median(r["cvmctl"] for r in rounds) / statistics.median(r["plain"] for r in rounds)
+    return {"rounds": rounds, "median_ratio": median_ratio, "ratio_of_medians": medians}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    get("nginx").require_tools("host")
+    get("nginx").require_tools("guest")
+    report = trio.run(main_async, args)
+    ratio = float(report["median_ratio"])  # type: ignore[arg-type]
+    print(f"median of per-round ratios cvmctl / plain: {ratio:.4f} ({ratio - 1:+.2%})")
+    print(f"ratio of median req/s: {float(report['ratio_of_medians']):.4f}")  # type: ignore[arg-type]
+    print(f"{'within' if abs(ratio - 1) <= 0.02 else 'NOT within'} the 2% goal")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

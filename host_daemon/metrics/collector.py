@@ -43,7 +43,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -61,6 +61,7 @@ from host_daemon.metrics.parse import (
     parse_stats_schemas,
     parse_vcpu_stats,
     relabel_guest_families,
+    vcpu_stats_request,
 )
 from host_daemon.metrics.procfs import ProcfsReader, ProcReading, ThreadNames
 from host_daemon.qmp import CommandNotFound, QMPClient, QMPDeadline, QMPError, Runstate
@@ -71,7 +72,6 @@ DEFAULT_GUEST_INTERVAL: Final = 5.0
 DEFAULT_AGENT_TIMEOUT: Final = 2.0
 MAX_VCPU_SERIES: Final = 64
 COLLECTORS: Final = ("procfs", "qmp", "agent")
-VCPU_STATS_ARGS: Final = {"target": "vcpu", "providers": [{"provider": "kvm"}]}
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,6 +120,7 @@ class VMState:
     view: VMView
     names: ThreadNames = field(default_factory=ThreadNames)
     schemas: dict[str, dict[str, StatSchema]] | None = None
+    stats_request: dict[str, Any] = field(default_factory=dict)  # query-stats arguments, from the schema
     qmp_unanswered_mark: int | None = None  # dropped_replies when our last command timed out
     proc: ProcReading | None = None
     proc_in_flight: bool = False
@@ -271,12 +272,13 @@ class HostCollector(Collector):
                 except CommandNotFound:
                     reply = []  # QEMU < 7.1: no statistics at all
                 state.schemas = parse_stats_schemas(reply)
+                state.stats_request = vcpu_stats_request(state.schemas)
             remaining = max(self.deadline - (trio.current_time() - started), 0.01)
             if not state.kvm_available:
                 state.kvm = None
                 await qmp.execute("query-status", deadline=remaining)  # is QEMU's main loop alive?
             else:
-                reply = await qmp.execute("query-stats", VCPU_STATS_ARGS, deadline=remaining)
+                reply = await qmp.execute("query-stats", state.stats_request, deadline=remaining)
                 state.kvm = parse_vcpu_stats(reply, state.schemas)
         except QMPDeadline as exc:
             state.kvm = None

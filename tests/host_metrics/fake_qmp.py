@@ -8,7 +8,8 @@ negotiation, ``{"execute", "id"}`` -> ``{"return", "id"}``) and answers:
   QEMU's qapi/stats.json with x86 KVM's statistic names), or with ``kvm=False`` the reply
   QEMU 10.0.2 gave under TCG on this machine (``data/tcg-query-stats-schemas.json``);
 - ``query-stats`` (target ``vcpu``): ``data/kvm-query-stats-vcpu.json`` with every counter
-  advanced on each call (``[]`` without KVM, as TCG answers);
+  advanced on each call, only the statistics named in ``providers[].names`` when given
+  (``[]`` without KVM, as TCG answers);
 - ``query-cpus-fast``, ``query-status``; anything else: ``CommandNotFound``.
 
 ``FakeQemu.stop()`` makes it stop answering, like a monitor whose QEMU got SIGSTOP;
@@ -49,6 +50,7 @@ class FakeQemu:
         self._running = trio.Event()
         self._running.set()
         self.calls: dict[str, int] = {}
+        self.last_stats_arguments: dict[str, Any] = {}
         recorded = load("kvm-query-stats-vcpu.json")
         self._vcpu_stats = [copy.deepcopy(recorded[i % len(recorded)]) for i in range(vcpus)]
         for index, result in enumerate(self._vcpu_stats):
@@ -72,11 +74,25 @@ class FakeQemu:
         if command == "query-stats":
             if not self.kvm or arguments.get("target") != "vcpu":
                 return {"return": []}
+            self.last_stats_arguments = arguments
             for result in self._vcpu_stats:
                 for stat in result["stats"]:
                     if isinstance(stat["value"], int) and stat["name"] not in ("blocking", "guest_mode"):
                         stat["value"] += 1_000_000 if stat["name"].endswith("_ns") else 17
-            return {"return": self._vcpu_stats}
+            wanted = {
+                n
+                for p in arguments.get("providers", [])
+                if p.get("provider") == "kvm"
+                for n in p.get("names", [])
+            }
+            if not wanted:
+                return {"return": self._vcpu_stats}
+            return {
+                "return": [
+                    {**result, "stats": [s for s in result["stats"] if s["name"] in wanted]}
+                    for result in self._vcpu_stats
+                ]
+            }
         if command == "query-cpus-fast":
             return {
                 "return": [

@@ -44,6 +44,9 @@ async def test_kvm_statistics_through_query_stats(tmp_path: Path, proc_tree: Pro
         await collector.refresh_once()
     found = samples(collector)
     assert fake.calls == {"query-stats-schemas": 1, "query-stats": 2}  # the schema is asked once
+    [request] = fake.last_stats_arguments["providers"]
+    assert request["provider"] == "kvm" and "halt_poll_success_ns" in request["names"]
+    assert "halt_wait_hist" not in request["names"]  # only what is exported is asked for
     assert value(found, "cvm_vm_kvm_stats_available", vm="vm0") == 1
     # recorded values, advanced by 17 per call on each of two vCPUs
     assert value(found, "cvm_vm_kvm_exits_total", vm="vm0") == 183452 + 184452 + 4 * 17

@@ -1,0 +1,271 @@
+"""The host exporter following many VMs: its CPU per VM at a 1 s interval, and scrape latency.
+
+Real QEMU processes are expensive here (TCG, 2 cores), so the fleet is mostly stood up by
+this script: ``--vms`` VMs in all, of which
+
+- ``--real-qemu`` are real QEMU processes (paused with ``-S``, TCG, no guest): a real QMP
+  monitor (``query-stats-schemas`` says no KVM, so each refresh asks ``query-status``) and a
+  real process tree for procfs;
+- the rest are fake QMP monitors (``tests/host_metrics/fake_qmp.py``, one process serving
+  every socket) answering ``query-stats`` with KVM statistics of two vCPUs, so the
+  exporter does its full KVM work for them; their procfs reads hit the fleet process;
+- ``--agents`` of them also have a real ``cvm-agent`` on a unix socket (reading the recorded
+  SNP guest tree), fetched every 5 s and re-exported.
+
+The exporter (``HostCollector`` + its HTTP server) runs in this process; the fleet and the
+agents run in others, so this process's CPU time (``getrusage``, all threads) is the
+exporter's cost. After a warm-up, CPU is measured over ``--seconds`` without scrapes; then
+``--scrapes`` scrapes of ``/metrics`` (a new connection each, as Prometheus does) measure
+latency, and one per-VM guest path and ``/sd`` are timed too.
+
+    .venv/bin/python benchmarks/host_scale.py [--vms 64] [--real-qemu 4] [--agents 8]
+        [--seconds 30] [--scrapes 50] [--json out.json]
+
+Goal (issue 7): at 64 VMs and a 1 s interval, <= 5 % of one core in all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from host_daemon.metrics.collector import HostCollector, VMView
+from host_daemon.metrics.http import HostEndpoint, serve_host_metrics_http
+from host_daemon.qmp import open_qmp
+
+REPO = Path(__file__).resolve().parent.parent
+SNP_TREE = REPO / "tests" / "fixtures" / "sysroots" / "snp-guest"
+BIN = Path(sys.executable).parent
+QEMU_ARGS = ("-S", "-nodefaults", "-display", "none", "-accel", "tcg", "-m", "64", "-smp", "2")
+PHASES = {"spawn": 0.1, "firmware": 1.2, "kernel": 2.3, "userspace": 3.4}
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def get(port: int, path: str) -> tuple[float, int]:
+    started = time.perf_counter()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise SystemExit(f"{path}: HTTP {response.status}")
+    finally:
+        connection.close()
+    return time.perf_counter() - started, len(body)
+
+
+def latency(values: list[float]) -> dict[str, float]:
+    ms = sorted(v * 1000 for v in values)
+    return {
+        "n": len(ms),
+        "median_ms": statistics.median(ms),
+        "p95_ms": ms[min(len(ms) - 1, round(0.95 * (len(ms) - 1)))],
+        "max_ms": ms[-1],
+    }
+
+
+def start_fleet(directory: Path, count: int) -> tuple[subprocess.Popen[str], int]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.host_metrics.fake_qmp", "--dir", str(directory), "--count", str(count)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line.startswith("ready"):
+        raise SystemExit(f"the fake QMP fleet did not start: {line!r}")
+    return process, int(line.split()[1])
+
+
+def start_agent(directory: Path, index: int) -> tuple[subprocess.Popen[bytes], Path]:
+    sock = directory / f"agent{index}.sock"
+    process = subprocess.Popen(
+        [
+            str(BIN / "cvm-agent"),
+            "--listen",
+            f"unix://{sock}",
+            "--root",
+            str(SNP_TREE),
+            "--state-dir",
+            str(directory / f"agent{index}"),
+            "--no-mount-debugfs",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return process, sock
+
+
+def start_qemu(directory: Path, index: int) -> tuple[subprocess.Popen[bytes], Path]:
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        raise SystemExit("--real-qemu needs qemu-system-x86_64")
+    sock = directory / f"qemu{index}.qmp"
+    process = subprocess.Popen(
+        [qemu, *QEMU_ARGS, "-qmp", f"unix:{sock},server=on,wait=off"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return process, sock
+
+
+async def wait_for_path(path: Path, seconds: float) -> None:
+    with trio.fail_after(seconds):
+        while not path.exists():  # noqa: ASYNC110
+            await trio.sleep(0.05)
+
+
+async def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
+    fake_count = args.vms - args.real_qemu
+    fleet, fleet_pid = start_fleet(directory / "fleet", fake_count)
+    agents = [start_agent(directory, i) for i in range(min(args.agents, args.vms))]
+    qemus = [start_qemu(directory, i) for i in range(args.real_qemu)]
+    processes: list[subprocess.Popen[Any]] = [fleet, *(p for p, _ in agents), *(p for p, _ in qemus)]
+    try:
+        for _, sock in agents:
+            await wait_for_path(sock, 60)
+        async with AsyncExitStack() as stack:
+            views: list[VMView] = []
+            for index, (process, sock) in enumerate(qemus):
+                qmp = await stack.enter_async_context(
+                    open_qmp(sock, deadline=30, retry=True, name=f"qemu{index}")
+                )
+                cpus = await qmp.execute("query-cpus-fast", deadline=10)
+                tids = tuple(int(cpu["thread-id"]) for cpu in cpus)
+                views.append(VMView(f"qemu{index}", machine="q35", pid=process.pid, vcpu_tids=tids, qmp=qmp))
+            for index in range(fake_count):
+                sock = directory / "fleet" / f"vm{index}.qmp"
+                qmp = await stack.enter_async_context(open_qmp(sock, deadline=10, name=f"vm{index}"))
+                views.append(
+                    VMView(
+                        f"vm{index}",
+                        tee="sev-snp",
+                        machine="q35",
+                        qemu_version="10.0.2",
+                        pid=fleet_pid,
+                        vcpu_tids=(fleet_pid, fleet_pid),
+                        qmp=qmp,
+                        boot_phases=PHASES,
+                    )
+                )
+            for (_, sock), view in zip(agents, views, strict=False):
+                object.__setattr__(view, "agent_address", f"unix://{sock}")
+
+            collector = HostCollector(lambda: views, interval=args.interval)
+            refresh_times: list[float] = []
+            refresh = collector.refresh_once
+
+            async def timed_refresh() -> None:
+                started = time.perf_counter()
+                await refresh()
+                refresh_times.append(time.perf_counter() - started)
+
+            collector.refresh_once = timed_refresh  # type: ignore[method-assign]
+            async with trio.open_nursery() as nursery:
+                await nursery.start(collector.run)
+                endpoint: HostEndpoint = await nursery.start(
+                    serve_host_metrics_http, collector, "127.0.0.1", 0
+                )
+                await trio.sleep(args.warmup)
+                refresh_times.clear()
+                cpu0, wall0 = cpu_seconds(), time.perf_counter()
+                await trio.sleep(args.seconds)
+                cpu1, wall1 = cpu_seconds(), time.perf_counter()
+                window_refreshes = list(refresh_times)
+                scrapes: list[float] = []
+                size = 0
+                for _ in range(args.scrapes):
+                    seconds, size = await trio.to_thread.run_sync(get, endpoint.port, "/metrics")
+                    scrapes.append(seconds)
+                guest = [
+                    (await trio.to_thread.run_sync(get, endpoint.port, "/metrics/vm/vm0"))[0]
+                    for _ in range(10)
+                ]
+                sd = [(await trio.to_thread.run_sync(get, endpoint.port, "/sd"))[0] for _ in range(10)]
+                failures = {
+                    name: state.parts
+                    for name, state in collector.vms.items()
+                    if not all(part.success for part in state.parts.values())
+                }
+                agents_up = sum(
+                    1 for state in collector.vms.values() if state.guest is not None and state.guest.up
+                )
+                nursery.cancel_scope.cancel()
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait(10)
+    core_share = (cpu1 - cpu0) / (wall1 - wall0)
+    return {
+        "vms": args.vms,
+        "real_qemu": args.real_qemu,
+        "fake_qmp": fake_count,
+        "agents": len(agents),
+        "agents_up": agents_up,
+        "interval_s": args.interval,
+        "window_s": wall1 - wall0,
+        "cpu_percent_of_one_core": 100 * core_share,
+        "cpu_percent_per_vm": 100 * core_share / args.vms,
+        "refresh": latency(window_refreshes),
+        "scrape_metrics": latency(scrapes),
+        "scrape_bytes": size,
+        "scrape_guest_vm0": latency(guest),
+        "sd": latency(sd),
+        "vms_with_failures": sorted(failures),
+        "goal_percent": 5.0,
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vms", type=int, default=64)
+    parser.add_argument("--real-qemu", type=int, default=4)
+    parser.add_argument("--agents", type=int, default=8)
+    parser.add_argument("--interval", type=float, default=1.0)
+    parser.add_argument("--warmup", type=float, default=8.0)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--scrapes", type=int, default=50)
+    parser.add_argument("--json", help="write the result here")
+    args = parser.parse_args()
+    if not 0 <= args.real_qemu <= args.vms:
+        parser.error("--real-qemu must be between 0 and --vms")
+    with tempfile.TemporaryDirectory(prefix="host-scale-") as tmp:
+        result = trio.run(run, args, Path(tmp))
+    print(json.dumps(result, indent=1))
+    verdict = "within" if result["cpu_percent_of_one_core"] <= result["goal_percent"] else "OVER"
+    print(
+        f"{result['vms']} VMs at {args.interval:g} s: {result['cpu_percent_of_one_core']:.2f} % of one core "
+        f"({result['cpu_percent_per_vm']:.3f} % per VM), {verdict} the {result['goal_percent']:g} % goal; "
+        f"/metrics median {result['scrape_metrics']['median_ms']:.1f} ms, "
+        f"p95 {result['scrape_metrics']['p95_ms']:.1f} ms ({result['scrape_bytes']} bytes)"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

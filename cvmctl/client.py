@@ -119,6 +119,10 @@ async def connect(address: Address, *, timeout: float = DEFAULT_TIMEOUT) -> Asyn
                 ("grpc.max_receive_message_length", 64 * MiB),
                 ("grpc.max_send_message_length", 4 * MiB),
                 ("grpc.enable_retries", 0),
+                # Each channel its own subchannels: otherwise a failed attempt to an address
+                # leaves a shared subchannel in back-off, and the next channel to the same
+                # address fails at once with the old error (e.g. a daemon just started).
+                ("grpc.use_local_subchannel_pool", 1),
             ],
         )
         try:

@@ -120,11 +120,13 @@ class VMTarget:
                 stub = host_pb2_grpc.HostDaemonStub(self._hostd_client.channel)
                 with contextlib.suppress(CvmError):
                     await self._hostd_client.call(stub.KillVM, host_pb2.VMRef(name=self.vm), timeout=30)
-            await self._stack.aclose()
-            if self._daemon is not None:
-                self._daemon.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    await trio.to_thread.run_sync(self._daemon.wait, 15)
+        # Outside the shield: the stack's relays and channels were entered outside it too,
+        # and trio's scopes must unwind in the order they were entered.
+        await self._stack.aclose()
+        if self._daemon is not None:
+            self._daemon.terminate()
+            with trio.CancelScope(shield=True), contextlib.suppress(subprocess.TimeoutExpired):
+                await trio.to_thread.run_sync(self._daemon.wait, 15)
 
     async def _open(self) -> None:
         self._hostd_client = await self._daemon_client()

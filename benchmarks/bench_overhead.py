@@ -32,7 +32,8 @@ import trio
 
 from workloads import parsers
 from workloads.catalogue import get
-from workloads.runner import LocalTarget, free_port, run_host_command
+from workloads.execute import run_command
+from workloads.runner import LocalTarget, free_port
 
 CLI = (
     "import sys; import cvmctl.cli.main as m; "
@@ -46,7 +47,7 @@ async def plain_wrk(port: int, duration: int) -> float:
     params = workload.validate({"duration": str(duration)})
     argv = workload.host_command(params, "127.0.0.1", port)
     assert argv is not None
-    output = await run_host_command(argv, duration * 2 + 30, "wrk")
+    output = await run_command(argv, duration * 2 + 30, "wrk")
     return parsers.parse_wrk(output).requests_per_second
 
 

@@ -21,8 +21,8 @@ One run, by :func:`run_benchmark`::
 With one arm the server stays up across repetitions, as in the study; with two (a paired
 comparison) each arm's server is started and stopped around its turn, so that the arms can
 share ports and neither runs against the other's idle server. Every wait has a deadline:
-each host command :meth:`Workload.timeout`, server readiness :data:`SERVER_START_TIMEOUT`,
-stopping :data:`SERVER_STOP_TIMEOUT`.
+each host command :meth:`Workload.timeout`, server readiness and stopping the deadlines of
+:mod:`workloads.execute`.
 
 Parameters of client/server workloads: unless the caller set ``listen``, the server binds
 ``target.listen_address`` (``127.0.0.1`` locally, all addresses in a guest).
@@ -31,27 +31,18 @@ Parameters of client/server workloads: unless the caller set ``listen``, the ser
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import signal
 import socket
-import subprocess
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import trio
 
-from cvmctl.errors import CvmError, DeadlineExceeded, RemoteError, UsageError
+from cvmctl.errors import CvmError, RemoteError, UsageError
+from workloads.execute import ServerProcess, run_command, run_guest_work
 from workloads.metadata import run_metadata
-from workloads.model import MissingToolError, Sample, ServerPlan, Unavailable, Workload
+from workloads.model import Sample, ServerPlan, Unavailable, Workload
 from workloads.store import Store
-
-SERVER_START_TIMEOUT = 15.0
-SERVER_STOP_TIMEOUT = 10.0
-STDERR_TAIL = 400
 
 
 class Target(Protocol):
@@ -120,18 +111,6 @@ def params_for(request: RunRequest, target: Target) -> dict[str, Any]:
     if "listen" in params and "listen" not in request.explicit:
         params["listen"] = target.listen_address
     return params
-
-
-async def run_host_command(argv: list[str], timeout: float, what: str) -> str:
-    """Run a host-side client; its stdout. Errors carry the tail of its stderr."""
-    with trio.move_on_after(timeout) as scope:
-        done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
-    if scope.cancelled_caught:
-        raise DeadlineExceeded(f"{what}: {argv[0]} did not finish within {timeout:g} s")
-    if done.returncode != 0:
-        tail = done.stderr.decode(errors="replace").strip()[-STDERR_TAIL:]
-        raise RemoteError(f"{what}: {argv[0]} exited with {done.returncode}: {tail or '(no stderr)'}")
-    return bytes(done.stdout).decode(errors="replace")
 
 
 async def run_benchmark(store: Store, request: RunRequest, progress: ProgressCallback | None = None) -> int:
@@ -223,52 +202,18 @@ async def run_case(
     argv = workload.host_command(params, host, port)
     if argv is None:
         raise UsageError(f"{workload.name} has no host-side client")
-    output = await run_host_command(argv, workload.timeout(params), workload.name)
+    output = await run_command(argv, workload.timeout(params), workload.name)
     return workload.parse_host(output, params)
 
 
 # -- the local target -------------------------------------------------------------------
 
 
-async def wait_for_port(host: str, port: int, process: trio.Process, timeout: float) -> None:
-    """Until ``host:port`` accepts a TCP connection; fail early if ``process`` exits."""
-    with trio.move_on_after(timeout):
-        while True:
-            if process.poll() is not None:
-                raise RemoteError(
-                    f"the server exited with {process.returncode} before listening on port {port}"
-                )
-            try:
-                with trio.move_on_after(1.0):
-                    stream = await trio.open_tcp_stream(host, port)
-                    await stream.aclose()
-                    return
-            except OSError:
-                pass
-            await trio.sleep(0.05)
-    raise DeadlineExceeded(f"the server did not listen on {host}:{port} within {timeout:g} s")
-
-
-async def stop_process(process: trio.Process, timeout: float = SERVER_STOP_TIMEOUT) -> None:
-    """SIGTERM, then SIGKILL after ``timeout`` seconds; always reaps."""
-    with trio.CancelScope(shield=True):
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            with trio.move_on_after(timeout):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-                with trio.move_on_after(timeout):
-                    await process.wait()
-
-
 class LocalTarget:
     """The guest side on this machine: servers on 127.0.0.1, commands as subprocesses.
 
-    It does what the agent does in a guest (materialise the :class:`ServerPlan` in a private
-    directory, start and stop the server, run :meth:`Workload.guest_commands` or
-    :meth:`Workload.run_in_process`) with the same deadlines, so a local run measures the
-    tools and our overhead, not a VM.
+    It does what the agent does in a guest, with the same code (:mod:`workloads.execute`)
+    and deadlines, so a local run measures the tools and our overhead, not a VM.
     """
 
     listen_address = "127.0.0.1"
@@ -281,8 +226,7 @@ class LocalTarget:
         """
         self.existing_port = existing_port
         self.name = "local" if existing_port is None else f"local:{existing_port}"
-        self._server: trio.Process | None = None
-        self._server_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._server = ServerProcess()
 
     async def prepare(self, workload: Workload, params: Mapping[str, Any]) -> None:
         workload.require_tools("guest")
@@ -300,64 +244,15 @@ class LocalTarget:
         return info
 
     async def start_server(self, plan: ServerPlan) -> tuple[str, int]:
-        await self.stop_server()
         if self.existing_port is not None:
             return self.listen_address, self.existing_port
-        self._server_dir = tempfile.TemporaryDirectory(prefix="cvmctl-server-")
-        directory = self._server_dir.name
-        os.chmod(directory, 0o755)  # nginx's workers (nobody) read the page
-        argv, files = plan.materialise(directory)
-        for relative, content in files.items():
-            path = Path(directory, relative)
-            if Path(directory).resolve() not in path.resolve().parents:
-                raise UsageError(f"server file {relative!r} escapes the server directory")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(content)
-            path.chmod(0o644)
-        for parent in Path(directory).rglob("*"):
-            if parent.is_dir():
-                parent.chmod(0o755)
-        if shutil.which(argv[0]) is None:
-            raise MissingToolError(f"{argv[0]} is not installed")
-        stderr_fd = os.open(Path(directory, "server.stderr"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            self._server = await trio.lowlevel.open_process(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr_fd
-            )
-        finally:
-            os.close(stderr_fd)  # the server has its own copy
-        try:
-            await wait_for_port(self.listen_address, plan.port, self._server, SERVER_START_TIMEOUT)
-        except CvmError as exc:
-            tail = (
-                Path(directory, "server.stderr").read_bytes().decode(errors="replace").strip()[-STDERR_TAIL:]
-            )
-            await self.stop_server()
-            raise type(exc)(f"{exc}: {tail}" if tail else str(exc)) from None
-        return self.listen_address, plan.port
+        return self.listen_address, await self._server.start(plan, self.listen_address)
 
     async def stop_server(self) -> None:
-        if self._server is not None:
-            await stop_process(self._server)
-            self._server = None
-        if self._server_dir is not None:
-            self._server_dir.cleanup()
-            self._server_dir = None
+        await self._server.stop()
 
     async def run_guest(self, workload: Workload, params: Mapping[str, Any]) -> list[Sample]:
-        timeout = workload.timeout(params)
-        if workload.in_process:
-            with trio.move_on_after(timeout) as scope:
-                samples = await trio.to_thread.run_sync(
-                    workload.run_in_process, params, abandon_on_cancel=True
-                )
-            if scope.cancelled_caught:
-                raise DeadlineExceeded(f"{workload.name} did not finish within {timeout:g} s")
-            return samples
-        outputs = [
-            await run_host_command(argv, timeout, workload.name) for argv in workload.guest_commands(params)
-        ]
-        return workload.parse_guest(outputs, params)
+        return await run_guest_work(workload, params)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

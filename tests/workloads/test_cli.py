@@ -54,7 +54,10 @@ def test_missing_tool(
 
 def test_targets_not_built_yet(capsys: pytest.CaptureFixture[str], data_dir: Path) -> None:
     assert cli("bench", "vmexit") == 2
-    assert one_error_line(capsys) == "cvmctl: error: target 'vm' is not available yet (available: local, local:PORT)"
+    assert (
+        one_error_line(capsys)
+        == "cvmctl: error: target 'vm' is not available yet (available: local, local:PORT)"
+    )
     assert cli("bench", "vmexit", "--compare", "local") == 2
     assert "expected two targets" in one_error_line(capsys)
 
@@ -226,3 +229,17 @@ def test_kill_9_marks_the_run_aborted(data_dir: Path) -> None:
         assert run.finished is None
         assert len(store.samples(2)) >= 1  # the repetitions that finished are kept
         assert store.export_json(1) == earlier
+
+
+def test_local_port_target_and_a_compare_run(capsys: pytest.CaptureFixture[str], data_dir: Path) -> None:
+    assert cli("bench", "ping", "--target", "local:http") == 2
+    assert one_error_line(capsys) == "cvmctl: error: target 'local:http': expected local:PORT with a TCP port"
+    args = ("--repeat", "3", "--warmup", "0", "--param", "iterations=1000", "--param", "leaves=1")
+    assert cli("bench", "vmexit", "--compare", "local,local", *args) == 0
+    out = capsys.readouterr().out
+    assert "arm  metric" in out and "B/A" in out and ("within noise" in out or "distinguishable" in out)
+    assert cli("results", "show", "1", "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["run"]["metadata"]["arms"] == {"A": "local", "B": "local"}
+    assert {o["metric"] for o in data["overheads"]} >= {"cpuid_1_ns"}
+    assert all(o["pairs"] == 3 for o in data["overheads"])

@@ -1,0 +1,61 @@
+"""Running processes with deadlines: commands, servers, their failures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from cvmctl.errors import DeadlineExceeded, RemoteError, UsageError
+from tests.workloads.conftest import require
+from workloads.catalogue import get
+from workloads.execute import ServerProcess, run_command, write_server_files
+from workloads.model import ServerPlan
+from workloads.runner import free_port
+
+
+async def test_command_output_failure_and_deadline() -> None:
+    assert await run_command(["echo", "hi"], 5, "t") == "hi\n"
+    with pytest.raises(RemoteError, match=r"t: sh exited with 3: boom"):
+        await run_command(["sh", "-c", "echo boom >&2; exit 3"], 5, "t")
+    with pytest.raises(DeadlineExceeded, match=r"t: sleep did not finish within 0\.2 s"):
+        await run_command(["sleep", "5"], 0.2, "t")
+
+
+async def test_a_server_that_dies_reports_its_stderr() -> None:
+    server = ServerProcess()
+    plan = ServerPlan(["sh", "-c", "echo cannot bind >&2; exit 1"], {}, free_port())
+    with pytest.raises(RemoteError, match=r"exited with 1 before listening.*cannot bind"):
+        await server.start(plan)
+    assert not server.running
+
+
+async def test_nginx_plan_serves_the_page() -> None:
+    require("nginx")
+    nginx = get("nginx")
+    port = free_port()
+    plan = nginx.guest_server(nginx.validate({"listen": "127.0.0.1", "port": str(port), "page_bytes": "100"}))
+    assert plan is not None
+    server = ServerProcess()
+    await server.start(plan)
+    try:
+        assert server.running
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+            data = b""
+            with trio.fail_after(5):
+                while chunk := await stream.receive_some():
+                    data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"</body></html>\n")
+    finally:
+        await server.stop()
+    assert not server.running
+
+
+def test_server_files_stay_inside(tmp_path: Path) -> None:
+    write_server_files(tmp_path, {"www/index.html": b"x"})
+    assert (tmp_path / "www" / "index.html").stat().st_mode & 0o777 == 0o644
+    with pytest.raises(UsageError, match="escapes"):
+        write_server_files(tmp_path, {"../evil": b"x"})

@@ -1,0 +1,176 @@
+"""Running a workload's processes, with deadlines: what the agent does in a guest.
+
+The agent's ``RunWorkload`` and the runner's :class:`workloads.runner.LocalTarget` share
+this module, so that a local run and a guest run start servers and run commands the same
+way:
+
+- :class:`ServerProcess` materialises a :class:`ServerPlan` in a private directory (mode
+  0755: nginx's workers drop to ``nobody`` and must read the page), starts the server in
+  the foreground with its stderr in that directory, waits until its port accepts a TCP
+  connection (:data:`SERVER_START_TIMEOUT`), and stops it with SIGTERM then SIGKILL
+  (:data:`SERVER_STOP_TIMEOUT`), removing the directory;
+- :func:`run_guest_work` runs one case of a guest workload: each argv of
+  :meth:`Workload.guest_commands` in turn (stdout captured, a non-zero exit an error with
+  the tail of stderr), or :meth:`Workload.run_in_process` in a worker thread, each under
+  :meth:`Workload.timeout`; then parses;
+- :func:`run_command` is the one place a process is run and waited for.
+
+In the guest, call them with a workload from :func:`workloads.catalogue.get` and params from
+its :meth:`Workload.validate` of the host's text: argv lists only, never a shell.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from cvmctl.errors import CvmError, DeadlineExceeded, RemoteError, UsageError
+from workloads.model import MissingToolError, Sample, ServerPlan, Workload
+
+SERVER_START_TIMEOUT = 15.0
+SERVER_STOP_TIMEOUT = 10.0
+STDERR_TAIL = 400
+
+#: called before each guest command: (index, count, argv)
+CommandCallback = Callable[[int, int, list[str]], None]
+
+
+async def run_command(argv: list[str], timeout: float, what: str) -> str:
+    """Run ``argv`` to completion within ``timeout`` seconds; its stdout.
+
+    A non-zero exit is a :class:`RemoteError` carrying the tail of stderr; running past
+    the deadline kills the process (trio's run_process does on cancellation) and raises
+    :class:`DeadlineExceeded`.
+    """
+    with trio.move_on_after(timeout) as scope:
+        done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+    if scope.cancelled_caught:
+        raise DeadlineExceeded(f"{what}: {argv[0]} did not finish within {timeout:g} s")
+    if done.returncode != 0:
+        tail = done.stderr.decode(errors="replace").strip()[-STDERR_TAIL:]
+        raise RemoteError(f"{what}: {argv[0]} exited with {done.returncode}: {tail or '(no stderr)'}")
+    return bytes(done.stdout).decode(errors="replace")
+
+
+async def run_guest_work(
+    workload: Workload, params: Mapping[str, Any], on_command: CommandCallback | None = None
+) -> list[Sample]:
+    """One case of one repetition of a guest workload, here; its samples."""
+    timeout = workload.timeout(params)
+    if workload.in_process:
+        if on_command:
+            on_command(0, 1, [f"<in process: {workload.name}>"])
+        with trio.move_on_after(timeout) as scope:
+            samples = await trio.to_thread.run_sync(workload.run_in_process, params, abandon_on_cancel=True)
+        if scope.cancelled_caught:
+            raise DeadlineExceeded(f"{workload.name} did not finish within {timeout:g} s")
+        return samples
+    commands = workload.guest_commands(params)
+    outputs = []
+    for index, argv in enumerate(commands):
+        if on_command:
+            on_command(index, len(commands), argv)
+        outputs.append(await run_command(argv, timeout, workload.name))
+    return workload.parse_guest(outputs, params)
+
+
+async def wait_for_port(host: str, port: int, process: trio.Process, timeout: float) -> None:
+    """Until ``host:port`` accepts a TCP connection; fail early if ``process`` exits."""
+    with trio.move_on_after(timeout):
+        while True:
+            if process.poll() is not None:
+                raise RemoteError(
+                    f"the server exited with {process.returncode} before listening on port {port}"
+                )
+            try:
+                with trio.move_on_after(1.0):
+                    stream = await trio.open_tcp_stream(host, port)
+                    await stream.aclose()
+                    return
+            except OSError:
+                pass
+            await trio.sleep(0.05)
+    raise DeadlineExceeded(f"the server did not listen on {host}:{port} within {timeout:g} s")
+
+
+async def stop_process(process: trio.Process, timeout: float = SERVER_STOP_TIMEOUT) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds; always reaps."""
+    with trio.CancelScope(shield=True):
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(timeout):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                with trio.move_on_after(timeout):
+                    await process.wait()
+
+
+class ServerProcess:
+    """One server from a :class:`ServerPlan`: :meth:`start`, then :meth:`stop` (idempotent)."""
+
+    def __init__(self) -> None:
+        self._process: trio.Process | None = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.returncode is None
+
+    async def start(self, plan: ServerPlan, probe_host: str = "127.0.0.1") -> int:
+        """Start the server and wait until ``probe_host:plan.port`` accepts; the port."""
+        await self.stop()
+        self._dir = tempfile.TemporaryDirectory(prefix="cvmctl-server-")
+        directory = Path(self._dir.name)
+        argv, files = plan.materialise(str(directory))
+        write_server_files(directory, files)
+        if shutil.which(argv[0]) is None:
+            await self.stop()
+            raise MissingToolError(f"{argv[0]} is not installed")
+        stderr_path = directory / "server.stderr"
+        stderr_fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            self._process = await trio.lowlevel.open_process(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr_fd
+            )
+        finally:
+            os.close(stderr_fd)  # the server has its own copy
+        try:
+            await wait_for_port(probe_host, plan.port, self._process, SERVER_START_TIMEOUT)
+        except CvmError as exc:
+            tail = stderr_path.read_bytes().decode(errors="replace").strip()[-STDERR_TAIL:]
+            await self.stop()
+            raise type(exc)(f"{exc}: {tail}" if tail else str(exc)) from None
+        return plan.port
+
+    async def stop(self) -> None:
+        if self._process is not None:
+            await stop_process(self._process)
+            self._process = None
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+
+def write_server_files(directory: Path, files: Mapping[str, bytes]) -> None:
+    """Write ``files`` below ``directory`` (0644 files, 0755 dirs); refuse paths that escape it."""
+    root = directory.resolve()
+    os.chmod(root, 0o755)  # nginx's workers (nobody) read the page
+    for relative, content in files.items():
+        path = root / relative
+        if root not in path.resolve().parents:
+            raise UsageError(f"server file {relative!r} escapes the server directory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        path.chmod(0o644)
+    for sub in root.rglob("*"):
+        if sub.is_dir():
+            sub.chmod(0o755)

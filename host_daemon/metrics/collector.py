@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import structlog
 import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
@@ -65,6 +66,8 @@ from host_daemon.metrics.parse import (
 )
 from host_daemon.metrics.procfs import ProcfsReader, ProcReading, ThreadNames
 from host_daemon.qmp import CommandNotFound, QMPClient, QMPDeadline, QMPError, Runstate
+
+log = structlog.get_logger("host_daemon.metrics")
 
 DEFAULT_INTERVAL: Final = 1.0
 DEFAULT_DEADLINE: Final = 0.5
@@ -202,8 +205,15 @@ class HostCollector(Collector):
                 self._nursery.start_soon(self._follow_agent, state)
 
     async def refresh_once(self) -> None:
-        """Ask the provider, then refresh every VM concurrently; returns within ``deadline``."""
-        self.sync(self.provider())
+        """Ask the provider, then refresh every VM concurrently; returns within ``deadline``.
+
+        A provider that fails (the daemon's database busy, a bug) costs this refresh the new
+        VM list, not the exporter: the VMs of the last good answer are refreshed.
+        """
+        try:
+            self.sync(self.provider())
+        except Exception:
+            log.exception("metrics_provider_failed")
         async with trio.open_nursery() as nursery:
             for state in list(self.vms.values()):
                 nursery.start_soon(self._refresh_procfs, state)
@@ -213,7 +223,13 @@ class HostCollector(Collector):
     def _finish(
         self, state: VMState, part: str, started: float, error: str = "", timed_out: bool = False
     ) -> None:
+        previous = state.parts.get(part)
         state.parts[part] = PartResult(not error, trio.current_time() - started, error, timed_out)
+        if previous is not None and previous.success != (not error):  # log changes, not every refresh
+            if error:
+                log.warning("vm_metrics_failing", vm=state.view.name, collector=part, error=error)
+            else:
+                log.info("vm_metrics_recovered", vm=state.view.name, collector=part)
         if timed_out:
             state.timeouts[part] += 1
 

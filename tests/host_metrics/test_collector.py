@@ -194,3 +194,22 @@ async def test_guest_metrics_reexported_with_vm_label(agent_on_snp_tree: Path, p
     assert "cvm_guest_scrape_collector_success" in guest and "cvm_scrape_collector_success" not in guest
     assert collector.guest_families("vm1") == []
     assert collector.guest_families("nope") is None
+
+
+async def test_a_failing_provider_keeps_the_last_vms(proc_tree: ProcTree) -> None:
+    answers: list[list[VMView] | Exception] = [
+        [VMView("a", pid=QEMU_PID)],
+        RuntimeError("database is locked"),
+    ]
+
+    def provider() -> list[VMView]:
+        answer = answers.pop(0) if len(answers) > 1 else answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    collector = HostCollector(provider, procfs=ProcfsReader(proc_tree.root))
+    await collector.refresh_once()
+    await collector.refresh_once()  # the provider raises: the exporter carries on with "a"
+    assert collector.refreshes == 2
+    assert value(samples(collector), "cvm_vm_collector_success", vm="a", collector="procfs") == 1

@@ -1,0 +1,79 @@
+"""The HostDaemon API without booting anything: create, list, watch, destroy, bad input."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from cvm.v1 import host_pb2, host_pb2_grpc
+from cvmctl.address import UnixAddress
+from cvmctl.client import RpcClient, connect
+from cvmctl.errors import RemoteError, UsageError
+from cvmctl.serve import ServerOptions, serve_grpc
+from host_daemon.server import HostDaemonService, daemon_handlers
+from host_daemon.vms import VMManager
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path) -> AsyncIterator[tuple[RpcClient, host_pb2_grpc.HostDaemonStub]]:
+    manager = VMManager(tmp_path / "state")
+    service = HostDaemonService(state_dir=tmp_path / "state", manager=manager)
+    sock = UnixAddress(str(tmp_path / "h.sock"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        await nursery.start(
+            serve_grpc, daemon_handlers(service), ServerOptions(listen=[sock], stop_grace=0.5)
+        )
+        async with connect(sock, timeout=10) as client:
+            yield client, host_pb2_grpc.HostDaemonStub(client.channel)
+        nursery.cancel_scope.cancel()
+
+
+async def test_create_list_watch_destroy(daemon: tuple[RpcClient, host_pb2_grpc.HostDaemonStub]) -> None:
+    client, stub = daemon
+    events: list[tuple[str, str, int]] = []
+    destroyed = trio.Event()
+
+    async def watch(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async for event in client.stream(stub.WatchVMs, host_pb2.WatchVMsRequest(), timeout=30):
+            events.append((event.event, event.vm.name, event.vm.state))
+            if event.event == "destroyed":
+                destroyed.set()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watch)
+        await trio.sleep(0.3)  # the watcher's snapshot (empty) first
+        vm = await client.call(
+            stub.CreateVM, host_pb2.CreateVMRequest(spec_toml='name = "a"\n', source="a.toml")
+        )
+        assert (vm.name, vm.state) == ("a", host_pb2.VM_STATE_DEFINED)
+        listing = await client.call(stub.ListVMs, host_pb2.ListVMsRequest())
+        assert [v.name for v in listing.vms] == ["a"]
+        await client.call(stub.DestroyVM, host_pb2.VMRef(name="a"))
+        with trio.fail_after(5):
+            await destroyed.wait()
+        nursery.cancel_scope.cancel()
+    assert events[0][:2] == ("created", "a")
+    assert events[-1][:2] == ("destroyed", "a")
+
+
+async def test_errors_name_what_is_wrong(daemon: tuple[RpcClient, host_pb2_grpc.HostDaemonStub]) -> None:
+    client, stub = daemon
+    with pytest.raises(UsageError, match=r"a\.toml: memory: 'lots'"):
+        await client.call(
+            stub.CreateVM,
+            host_pb2.CreateVMRequest(spec_toml='name = "a"\nmemory = "lots"\n', source="a.toml"),
+        )
+    await client.call(stub.CreateVM, host_pb2.CreateVMRequest(spec_toml='name = "a"\n'))
+    with pytest.raises(RemoteError, match="exists already"):
+        await client.call(stub.CreateVM, host_pb2.CreateVMRequest(spec_toml='name = "a"\n'))
+    with pytest.raises(RemoteError, match="no VM named 'zz'"):
+        await client.call(stub.GetVM, host_pb2.VMRef(name="zz"))
+    with pytest.raises(RemoteError, match="is defined, not running"):
+        await client.call(stub.StopVM, host_pb2.StopVMRequest(name="a"))
+    info = await client.call(stub.GetDaemonInfo, host_pb2.GetDaemonInfoRequest())
+    assert info.daemon_version and info.default_accel in ("kvm", "tcg")

@@ -180,9 +180,11 @@ class HostCollector(Collector):
             self._nursery = nursery
             await self.refresh_once()
             task_status.started()
+            due = trio.current_time()
             while True:
-                started = trio.current_time()
-                await trio.sleep_until(started + self.interval)
+                # A fixed period, not interval + refresh time; after an overrun, refresh at once.
+                due = max(due + self.interval, trio.current_time())
+                await trio.sleep_until(due)
                 await self.refresh_once()
 
     def sync(self, views: Iterable[VMView]) -> None:

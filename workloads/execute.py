@@ -63,7 +63,12 @@ async def run_command(argv: list[str], timeout: float, what: str) -> str:
 async def run_guest_work(
     workload: Workload, params: Mapping[str, Any], on_command: CommandCallback | None = None
 ) -> list[Sample]:
-    """One case of one repetition of a guest workload, here; its samples."""
+    """One case of one repetition of a guest workload, here; its samples.
+
+    An in-process workload that overruns its deadline is abandoned, not stopped: its
+    thread (a machine-code loop cannot be interrupted) finishes in the background and its
+    result is dropped; the caller gets :class:`DeadlineExceeded` on time.
+    """
     timeout = workload.timeout(params)
     if workload.in_process:
         if on_command:
@@ -80,6 +85,18 @@ async def run_guest_work(
             on_command(index, len(commands), argv)
         outputs.append(await run_command(argv, timeout, workload.name))
     return workload.parse_guest(outputs, params)
+
+
+def remove_scratch_files(workload: Workload, params: Mapping[str, Any]) -> list[str]:
+    """Delete the workload's :meth:`Workload.scratch_files` (validated paths); those removed."""
+    removed = []
+    for path in workload.scratch_files(params):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    return removed
 
 
 async def wait_for_port(host: str, port: int, process: trio.Process, timeout: float) -> None:

@@ -324,6 +324,10 @@ class Workload:
         """One repetition run in the calling process (workloads with :attr:`in_process`)."""
         raise NotImplementedError(f"{self.name} does not run in process")
 
+    def scratch_files(self, params: Mapping[str, Any]) -> list[str]:
+        """Files the guest side leaves behind (fio's scratch file), removed after the run."""
+        return []
+
     def unavailable(self, params: Mapping[str, Any]) -> list[Unavailable]:
         """What this workload cannot measure where it is called, and why."""
         return []

@@ -15,7 +15,7 @@ One run, by :func:`run_benchmark`::
         [client-server] host client argv -> parse_host -> samples
         [guest]         target.run_guest(workload, case) -> samples
         store.add_samples(...) per arm and repetition (one transaction), progress callback
-    target.stop_server()
+    target.stop_server(); target.cleanup(workload, params)   (scratch files)
     store.finish(completed | failed | aborted)
 
 With one arm the server stays up across repetitions, as in the study; with two (a paired
@@ -39,7 +39,7 @@ from typing import Any, Literal, Protocol
 import trio
 
 from cvmctl.errors import CvmError, RemoteError, UsageError
-from workloads.execute import ServerProcess, run_command, run_guest_work
+from workloads.execute import ServerProcess, remove_scratch_files, run_command, run_guest_work
 from workloads.metadata import run_metadata
 from workloads.model import Sample, ServerPlan, Unavailable, Workload
 from workloads.store import Store
@@ -64,6 +64,9 @@ class Target(Protocol):
 
     async def stop_server(self) -> None:
         """Stop the server started last (no-op when none runs)."""
+
+    async def cleanup(self, workload: Workload, params: Mapping[str, Any]) -> None:
+        """After the run: remove :meth:`Workload.scratch_files` on the guest side."""
 
     def guest_address(self) -> str:
         """The address of the guest as the host sees it (what ``ping`` pings)."""
@@ -152,8 +155,9 @@ async def run_benchmark(store: Store, request: RunRequest, progress: ProgressCal
         raise
     finally:
         with trio.CancelScope(shield=True):
-            for target in arms.values():
+            for arm, target in arms.items():
                 await target.stop_server()
+                await target.cleanup(workload, arm_params[arm])
         store.finish(run_id, status, metadata)
     return run_id
 
@@ -250,6 +254,9 @@ class LocalTarget:
 
     async def stop_server(self) -> None:
         await self._server.stop()
+
+    async def cleanup(self, workload: Workload, params: Mapping[str, Any]) -> None:
+        remove_scratch_files(workload, params)
 
     async def run_guest(self, workload: Workload, params: Mapping[str, Any]) -> list[Sample]:
         return await run_guest_work(workload, params)

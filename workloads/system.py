@@ -102,6 +102,9 @@ class Fio(Workload):
                 f"{', '.join(FIO_PREFIXES)} without ':')"
             )
 
+    def scratch_files(self, params: Mapping[str, Any]) -> list[str]:
+        return [params["filename"]]
+
     def cases(self, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         return [{**params, "jobs": job} for job in split_names(params["jobs"], FIO_JOBS, "jobs")]
 

@@ -243,3 +243,15 @@ def test_local_port_target_and_a_compare_run(capsys: pytest.CaptureFixture[str],
     assert data["run"]["metadata"]["arms"] == {"A": "local", "B": "local"}
     assert {o["metric"] for o in data["overheads"]} >= {"cpuid_1_ns"}
     assert all(o["pairs"] == 3 for o in data["overheads"])
+
+
+def test_fio_scratch_file_is_removed(
+    capsys: pytest.CaptureFixture[str], data_dir: Path, tmp_path: Path
+) -> None:
+    require("fio")
+    scratch = tmp_path / "fio.scratch"
+    params = [f"filename={scratch}", "jobs=alat-read", "runtime=1", "ramp=0", "size_mb=8"]
+    args = [arg for p in params for arg in ("--param", p)]
+    assert cli("bench", "fio", "--target", "local", "--repeat", "1", "--warmup", "0", "--quiet", *args) == 0
+    assert "alat-read_read_lat_mean" in capsys.readouterr().out
+    assert not scratch.exists()

@@ -36,6 +36,9 @@ class FakeTarget:
     async def stop_server(self) -> None:
         self.log.append(f"{self.name}:stop")
 
+    async def cleanup(self, workload: Workload, params: Mapping[str, Any]) -> None:
+        self.log.append(f"{self.name}:cleanup")
+
     def guest_address(self) -> str:
         return "127.0.0.1"
 
@@ -120,10 +123,13 @@ async def test_server_up_once_for_one_arm_and_per_turn_for_two(tmp_path: Path) -
         await run_benchmark(
             store, RunRequest(stub, stub.validate({}), {"": Once("one", log)}, repeat=2, warmup=1)
         )
-        assert log == ["one:prepare", "one:start", "one:stop"]
+        assert log == ["one:prepare", "one:start", "one:stop", "one:cleanup"]
         log.clear()
         targets = {"A": Once("a", log), "B": Once("b", log)}
         await run_benchmark(store, RunRequest(stub, stub.validate({}), targets, repeat=1, warmup=0))
-        assert log == ["a:prepare", "b:prepare", "a:start", "a:stop", "b:start", "b:stop", "a:stop", "b:stop"]
+        assert log == [
+            "a:prepare", "b:prepare", "a:start", "a:stop", "b:start", "b:stop",
+            "a:stop", "a:cleanup", "b:stop", "b:cleanup",
+        ]  # fmt: skip
         params = store.runs()[0].params
         assert params["listen"] == "127.0.0.1"  # filled in from the target

@@ -61,6 +61,8 @@ def relative_bars(runs: Sequence[tuple[Run, list[StoredSample]]]) -> list[Bar]:
     if len(plain) == 1:
         run, stored = plain[0]
         for (_, metric), (_, s) in summaries_of(stored).items():
+            if s.mean <= 0:
+                continue  # nothing to be relative to (an error count of 0)
             half = _ci_relative_half(s.ci95_low, s.ci95_high, s.mean)
             bars.append(
                 Bar(
@@ -160,15 +162,18 @@ def draw_all(runs: Sequence[tuple[Run, list[StoredSample]]], out_dir: Path) -> l
     written: list[Path] = []
     relative = relative_bars(runs)
     if relative:
-        written += _grouped_bars(
-            relative, "relative performance (1.0 = same; < 1 worse)", "relative", out_dir, reference=1.0
-        )
+        ylabel = "relative performance (1.0 = same; < 1 worse)"
+        title = "relative performance with 95% CI"
+        written += _grouped_bars(relative, title, ylabel, "relative", out_dir, reference=1.0)
     stacks = boot_stacks(runs)
     if stacks:
         written += _stacked(stacks, out_dir)
     vmexit = vmexit_bars(runs)
     if vmexit:
-        written += _grouped_bars(vmexit, "ns per exit (mean, 95% CI)", "vmexit", out_dir, reference=None)
+        title = "VMEXIT latency (user-space cpuid; pread for port I/O and MSRs)"
+        written += _grouped_bars(
+            vmexit, title, "ns per exit (mean, 95% CI)", "vmexit", out_dir, reference=None
+        )
     return written
 
 
@@ -184,7 +189,7 @@ def _save(figure: object, name: str, out_dir: Path) -> list[Path]:
 
 
 def _grouped_bars(
-    bars: list[Bar], ylabel: str, name: str, out_dir: Path, reference: float | None
+    bars: list[Bar], title: str, ylabel: str, name: str, out_dir: Path, reference: float | None
 ) -> list[Path]:
     from matplotlib.figure import Figure
 
@@ -198,13 +203,16 @@ def _grouped_bars(
         for bar in (b for b in bars if b.group == group):
             xs.append(labels.index(bar.label) + (g_index - (len(groups) - 1) / 2) * width)
             ys.append(bar.value)
-            lower.append(0.0 if bar.low is None else max(0.0, bar.value - bar.low))
+            # error bars stop at 0: a negative time or ratio is an artefact of a wide interval
+            lower.append(0.0 if bar.low is None else max(0.0, bar.value - max(0.0, bar.low)))
             upper.append(0.0 if bar.high is None else max(0.0, bar.high - bar.value))
         axes.bar(xs, ys, width=width, yerr=[lower, upper], capsize=3, label=group)
     if reference is not None:
         axes.axhline(reference, color="black", linewidth=0.8)
+    axes.set_ylim(bottom=0)
     axes.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     axes.set_ylabel(ylabel)
+    axes.set_title(title)
     axes.legend(fontsize="small")
     return _save(figure, name, out_dir)
 

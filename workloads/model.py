@@ -94,6 +94,7 @@ class Param:
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple[str, ...] | None = None
+    hex: bool = False  # shown in hexadecimal (ports, MSRs, cpuid leaves); parsing accepts both
 
     def allowed(self) -> str:
         """What values are allowed, in words, for error messages and ``--list``."""
@@ -106,12 +107,13 @@ class Param:
             "bool": "yes or no",
             "list[int]": "comma-separated whole numbers",
         }[self.kind]
+        num = (lambda v: f"{int(v):#x}") if self.hex else _num
         if self.minimum is not None and self.maximum is not None:
-            what += f" from {_num(self.minimum)} to {_num(self.maximum)}"
+            what += f" from {num(self.minimum)} to {num(self.maximum)}"
         elif self.minimum is not None:
-            what += f" >= {_num(self.minimum)}"
+            what += f" >= {num(self.minimum)}"
         elif self.maximum is not None:
-            what += f" <= {_num(self.maximum)}"
+            what += f" <= {num(self.maximum)}"
         return what
 
     def parse(self, text: str) -> Any:
@@ -127,7 +129,9 @@ class Param:
     def format(self, value: Any) -> str:
         """The text form of a value, the inverse of :meth:`parse` (for metadata and ``--list``)."""
         if self.kind == "list[int]":
-            return ",".join(str(v) for v in value)
+            return ",".join(f"{v:#x}" if self.hex else str(v) for v in value)
+        if self.kind == "int" and self.hex:
+            return f"{value:#x}"
         if self.kind == "bool":
             return "yes" if value else "no"
         return str(value)

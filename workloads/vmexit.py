@@ -285,6 +285,7 @@ class Vmexit(Workload):
             "cpuid leaves (the study: 0, 1, 0x40000000)",
             minimum=0,
             maximum=0xFFFFFFFF,
+            hex=True,
         ),
         Param(
             "iterations",
@@ -310,6 +311,7 @@ class Vmexit(Workload):
             "I/O ports read with inb (the study: 0x40, 0x70, 0xA0)",
             minimum=0,
             maximum=0xFFFF,
+            hex=True,
         ),
         Param(
             "msrs",
@@ -318,6 +320,7 @@ class Vmexit(Workload):
             "MSRs read (the study: 0x1b APIC_BASE, 0xC0000100 FS_BASE)",
             minimum=0,
             maximum=0xFFFFFFFF,
+            hex=True,
         ),
         Param("cpu", "int", 0, "CPU to pin to while measuring", minimum=0, maximum=4095),
     )

@@ -229,7 +229,7 @@ def format_value(value: float | None) -> str:
 def summary_row(arm: str, metric: str, unit: str, direction: str, s: Summary) -> list[str]:
     ci = "-"
     if s.ci95_low is not None and s.ci95_high is not None:
-        ci = f"±{(s.ci95_high - s.ci95_low) / 2:.3g}"
+        ci = "±" + format_value((s.ci95_high - s.ci95_low) / 2)
     rsd = s.relative_stddev
     flags = []
     if s.unstable:

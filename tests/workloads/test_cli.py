@@ -67,7 +67,7 @@ def test_list(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "nginx  (client-server)" in out and "    threads=8  wrk threads (-t)" in out
     assert (
-        "    leaves=0,1,1073741824" in out
+        "    leaves=0x0,0x1,0x40000000" in out
         and "tools: memcached (memcached), memcaslap (libmemcached-tools)" in out
     )
 

@@ -250,6 +250,9 @@ class VMTarget:
     async def prepare(self, workload: Workload, params: Mapping[str, Any]) -> None:
         self._workload, self._params = workload, dict(params)
 
+    async def cleanup(self, workload: Workload, params: Mapping[str, Any]) -> None:
+        """Nothing to do here: the agent removes a workload's scratch files after each run."""
+
     async def unavailable(self, workload: Workload, params: Mapping[str, Any]) -> list[Unavailable]:
         return workload.unavailable(params)
 

@@ -175,7 +175,11 @@ class GuestAgentService:
             yield agent_pb2.WorkloadEvent(
                 progress=agent_pb2.WorkloadProgress(message=f"running {workload.name}")
             )
-            samples = await target.run_guest(workload, params)
+            try:
+                samples = await target.run_guest(workload, params)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await target.cleanup(workload, params)  # e.g. fio's scratch file
             for sample in samples:
                 yield agent_pb2.WorkloadEvent(
                     sample=agent_pb2.WorkloadSample(

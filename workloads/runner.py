@@ -60,7 +60,12 @@ class Target(Protocol):
         """Start the workload's server; the (host, port) the host-side client connects to."""
 
     async def run_guest(self, workload: Workload, params: Mapping[str, Any]) -> list[Sample]:
-        """One repetition of one case of a guest workload; its samples."""
+        """One repetition of one case of a guest workload; its samples.
+
+        ``params`` are those of one case (:meth:`Workload.cases`): a VM target sends
+        ``workload.name`` and ``workload.format_params(params)`` to the agent, which
+        validates them again and calls :func:`workloads.execute.run_guest_work`.
+        """
 
     async def stop_server(self) -> None:
         """Stop the server started last (no-op when none runs)."""
@@ -128,7 +133,8 @@ async def run_benchmark(store: Store, request: RunRequest, progress: ProgressCal
     workload.require_tools("host")
     arms = request.targets
     arm_params = {arm: params_for(request, target) for arm, target in arms.items()}
-    metadata = run_metadata([*workload.host_tools.values(), *workload.guest_tools.values()])
+    packages = [*workload.host_tools.values(), *workload.guest_tools.values()]
+    metadata = await trio.to_thread.run_sync(run_metadata, packages)  # dpkg-query, git: off the loop
     metadata.update(request.metadata)
     metadata["repeat"], metadata["warmup"] = request.repeat, request.warmup
     metadata["arms"] = {arm: target.name for arm, target in arms.items()} if len(arms) > 1 else {}

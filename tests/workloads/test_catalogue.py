@@ -245,3 +245,11 @@ def test_external_workloads_adapt_timings() -> None:
     assert all(s.unit == "s" and s.direction == "lower" for s in samples)
     with pytest.raises(UsageError):
         get("attestation").samples_from({"verify": -1.0})
+
+
+@pytest.mark.parametrize("name", sorted(CATALOGUE))
+def test_case_params_survive_the_trip_to_the_agent(name: str) -> None:
+    """What a VM target sends (format_params of a case) validates back to the same case."""
+    workload = get(name)
+    for case in workload.cases(workload.validate({})):
+        assert workload.validate(workload.format_params(case)) == case

@@ -3,10 +3,11 @@
 :class:`HostCollector` follows whatever VMs its *provider* (a plain ``Callable[[],
 Iterable[VMView]]``) names at each refresh; :func:`host_daemon.metrics.wiring.manager_views`
 builds one from the daemon's :class:`~host_daemon.vms.VMManager`. Every ``interval`` (1 s by
-default) it refreshes each VM concurrently, each part under its own deadline:
+default) it refreshes every VM concurrently, within ``deadline`` (0.5 s by default):
 
 ``procfs``  QEMU's CPU seconds by mode and resident memory, each vCPU thread's run and
-            run-queue wait time, the vhost workers' CPU (:mod:`.procfs`, in a worker thread);
+            run-queue wait time, the vhost workers' CPU (:mod:`.procfs`; every VM in one
+            worker-thread call per refresh, see :meth:`HostCollector._refresh_procfs`);
 ``qmp``     KVM statistics through QMP ``query-stats`` summed over vCPUs (and exits per vCPU),
             names and units from ``query-stats-schemas`` (asked once per QEMU process).
             Without a ``kvm`` provider (TCG, QEMU < 7.1) the VM gets
@@ -16,7 +17,7 @@ default) it refreshes each VM concurrently, each part under its own deadline:
 
 and, in a task of its own per VM at ``guest_interval``, ``agent``: the guest agent's
 ``GetMetrics`` over its channel (``cvm_agent_up``), kept as text and re-exported with the
-``vm`` label by :meth:`HostCollector.guest_exposition` (parsed only when scraped).
+``vm`` label by :meth:`HostCollector.guest_families` (parsed only when scraped).
 
 A scrape (:meth:`HostCollector.collect`, called by client_python on the HTTP thread) reads
 only the stored snapshots, so it never waits for a VM. A VM whose QEMU is stuck (SIGSTOP, a
@@ -39,6 +40,7 @@ the index of a vhost worker ordered by thread id, ``kind``/``result``/``mode``/`
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -126,7 +128,6 @@ class VMState:
     stats_request: dict[str, Any] = field(default_factory=dict)  # query-stats arguments, from the schema
     qmp_unanswered_mark: int | None = None  # dropped_replies when our last command timed out
     proc: ProcReading | None = None
-    proc_in_flight: bool = False
     kvm: KvmStats | None = None
     parts: dict[str, PartResult] = field(default_factory=dict)
     timeouts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COLLECTORS, 0))
@@ -169,7 +170,8 @@ class HostCollector(Collector):
         self.vms: dict[str, VMState] = {}
         self.refreshes = 0
         self._nursery: trio.Nursery | None = None
-        self._threads = trio.CapacityLimiter(4)
+        self._threads = trio.CapacityLimiter(1)
+        self._procfs_in_flight = False
         self._agent_session: AgentSession = agent_session or open_agent_session
 
     # -- running ---------------------------------------------------------------------------
@@ -216,17 +218,26 @@ class HostCollector(Collector):
             self.sync(self.provider())
         except Exception:
             log.exception("metrics_provider_failed")
+        states = list(self.vms.values())
         async with trio.open_nursery() as nursery:
-            for state in list(self.vms.values()):
-                nursery.start_soon(self._refresh_procfs, state)
+            nursery.start_soon(self._refresh_procfs, states)
+            for state in states:
                 nursery.start_soon(self._refresh_qmp, state)
         self.refreshes += 1
 
     def _finish(
-        self, state: VMState, part: str, started: float, error: str = "", timed_out: bool = False
+        self,
+        state: VMState,
+        part: str,
+        started: float,
+        error: str = "",
+        timed_out: bool = False,
+        *,
+        duration: float | None = None,
     ) -> None:
         previous = state.parts.get(part)
-        state.parts[part] = PartResult(not error, trio.current_time() - started, error, timed_out)
+        took = trio.current_time() - started if duration is None else duration
+        state.parts[part] = PartResult(not error, took, error, timed_out)
         if previous is not None and previous.success != (not error):  # log changes, not every refresh
             if error:
                 log.warning("vm_metrics_failing", vm=state.view.name, collector=part, error=error)
@@ -237,36 +248,56 @@ class HostCollector(Collector):
 
     # -- procfs ----------------------------------------------------------------------------
 
-    async def _refresh_procfs(self, state: VMState) -> None:
+    async def _refresh_procfs(self, states: list[VMState]) -> None:
+        """Read every VM's procfs files in one worker thread, each VM's result kept as it comes.
+
+        One thread call per refresh rather than one per VM: the hop to a worker thread costs
+        more CPU than the reads (measured here: 11.9 ms against 2.9 ms of CPU for 64 VMs).
+        Reading ``/proc/<pid>/stat``, ``schedstat`` and ``comm`` of another process does not
+        wait on that process (a stopped or stuck QEMU answers at once), so the VMs share the
+        deadline without one holding up the others in practice; if the batch still misses
+        it, the VMs it had not reached are marked timed out.
+        """
         started = trio.current_time()
-        view = state.view
-        if view.pid <= 0:
-            state.proc = None
-            self._finish(state, "procfs", started, "no QEMU process")
+        pending: list[VMState] = []
+        for state in states:
+            if state.view.pid <= 0:
+                state.proc = None
+                self._finish(state, "procfs", started, "no QEMU process")
+            elif self._procfs_in_flight:
+                state.proc = None
+                self._finish(state, "procfs", started, "the previous procfs read is still running", True)
+            else:
+                pending.append(state)
+        if not pending:
             return
-        if state.proc_in_flight:
-            state.proc = None
-            self._finish(state, "procfs", started, "the previous procfs read is still running", True)
-            return
+        done: dict[str, tuple[ProcReading | None, str, float]] = {}
 
-        def read() -> ProcReading:
+        def read_all() -> None:
             try:
-                return self.procfs.read(view.pid, view.vcpu_tids, state.names)
+                for state in pending:
+                    view, began = state.view, time.monotonic()
+                    try:
+                        reading = self.procfs.read(view.pid, view.vcpu_tids, state.names)
+                        done[view.name] = (reading, "", time.monotonic() - began)
+                    except (OSError, ValueError) as exc:
+                        done[view.name] = (None, f"{type(exc).__name__}: {exc}", time.monotonic() - began)
             finally:
-                state.proc_in_flight = False
+                self._procfs_in_flight = False
 
-        state.proc_in_flight = True
-        error = ""
-        reading: ProcReading | None = None
-        with trio.move_on_after(self.deadline) as scope:
-            try:
-                reading = await trio.to_thread.run_sync(read, abandon_on_cancel=True, limiter=self._threads)
-            except (OSError, ValueError) as exc:
-                error = f"{type(exc).__name__}: {exc}"
-        if scope.cancelled_caught:
-            error = f"procfs read missed its {self.deadline:g} s deadline"
-        state.proc = reading
-        self._finish(state, "procfs", started, error, scope.cancelled_caught)
+        self._procfs_in_flight = True
+        with trio.move_on_after(self.deadline):
+            await trio.to_thread.run_sync(read_all, abandon_on_cancel=True, limiter=self._threads)
+        for state in pending:
+            result = done.get(state.view.name)
+            if result is None:
+                state.proc = None
+                self._finish(
+                    state, "procfs", started, f"procfs read missed its {self.deadline:g} s deadline", True
+                )
+            else:
+                state.proc, error, seconds = result
+                self._finish(state, "procfs", started, error, duration=seconds)
 
     # -- QMP: KVM statistics, or liveness -------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ agent's server in :mod:`guest_agent.metrics_http`, whose request parsing this re
     /metrics             the host side of every VM: cvm_vm_*, cvm_agent_up, self-monitoring
     /metrics/vm/<name>   the guest's own series of VM <name> as its agent reported them
                          (GetMetrics), each with vm="<name>"; 404 for an unknown VM
-    /sd                  Prometheus HTTP service discovery: one target per VM
+    /sd                  Prometheus HTTP service discovery: one target per VM with an agent
     /sd/host             the same format, one target: this daemon's /metrics
 
 Why guests are scraped *through the daemon*: a guest is reachable only over vsock (and, in a
@@ -87,7 +87,11 @@ def vm_metrics_path(name: str) -> str:
 
 
 def sd_targets(collector: HostCollector, advertised: str, host_label: str) -> list[dict[str, object]]:
-    """The http_sd list for every VM the collector follows (pure)."""
+    """The http_sd list: one target per followed VM that has an agent channel (pure).
+
+    A VM without one (``agent.channel = "none"``) has no guest series to scrape; its host
+    series are in the daemon's own ``/metrics`` all the same.
+    """
     return [
         {
             "targets": [advertised],
@@ -99,6 +103,7 @@ def sd_targets(collector: HostCollector, advertised: str, host_label: str) -> li
             },
         }
         for state in sorted(collector.vms.values(), key=lambda s: s.view.name)
+        if state.view.agent_address
     ]
 
 

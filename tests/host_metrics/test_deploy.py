@@ -187,6 +187,9 @@ async def test_real_prometheus_discovers_scrapes_and_answers_every_panel(
                 [series] = guest
                 assert series["metric"]["job"] == "cvm-guests" and series["metric"]["tee"] == "sev-snp"
                 assert host[0]["metric"]["job"] == "cvm-hostd" and host[0]["metric"]["host"]
+                targets = await trio.to_thread.run_sync(api, base, "/api/v1/targets")
+                scraped = {t["labels"].get("vm", "") for t in targets["data"]["activeTargets"]}
+                assert scraped == {"", "vm0"}  # the daemon itself, and the one VM with an agent
                 await trio.sleep(4)  # enough samples for rate() over the dashboard's 15 s
                 counts = await trio.to_thread.run_sync(check_dashboard_against, base)
                 rules = await trio.to_thread.run_sync(api, base, "/api/v1/rules")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import shutil
+import threading
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
 from host_daemon.metrics.collector import HostCollector, VMView
-from host_daemon.metrics.procfs import ProcfsReader
+from host_daemon.metrics.procfs import ProcfsReader, ProcReading, ThreadNames
 from tests.host_metrics.conftest import QEMU_PID, VCPU_TIDS, ProcTree, fake_qmp_client, make_proc_tree
 from tests.host_metrics.fake_qmp import FakeQemu
 
@@ -213,3 +215,42 @@ async def test_a_failing_provider_keeps_the_last_vms(proc_tree: ProcTree) -> Non
     await collector.refresh_once()  # the provider raises: the exporter carries on with "a"
     assert collector.refreshes == 2
     assert value(samples(collector), "cvm_vm_collector_success", vm="a", collector="procfs") == 1
+
+
+class StuckReader(ProcfsReader):
+    """A procfs whose reads of one pid never return (what a deadline is for)."""
+
+    def __init__(self, root: Path, stuck_pid: int, release: threading.Event) -> None:
+        super().__init__(root)
+        self.stuck_pid, self.release = stuck_pid, release
+
+    def read(self, pid: int, vcpu_tids: Sequence[int], names: ThreadNames) -> ProcReading:
+        if pid == self.stuck_pid:
+            self.release.wait(10)
+        return super().read(pid, vcpu_tids, names)
+
+
+async def test_a_hung_procfs_read_costs_only_its_vm(proc_tree: ProcTree) -> None:
+    shutil.copytree(proc_tree.root / str(QEMU_PID), proc_tree.root / "4343")
+    release = threading.Event()
+    vms = [VMView("a", pid=QEMU_PID), VMView("stuck", pid=4343), VMView("z", pid=QEMU_PID)]
+    collector = HostCollector(lambda: vms, procfs=StuckReader(proc_tree.root, 4343, release), deadline=0.2)
+    try:
+        started = trio.current_time()
+        await collector.refresh_once()
+        assert trio.current_time() - started < 0.5
+        found = samples(collector)
+        assert value(found, "cvm_vm_collector_success", vm="a", collector="procfs") == 1
+        assert value(found, "cvm_vm_collector_timeouts_total", vm="stuck", collector="procfs") == 1
+        assert value(found, "cvm_vm_collector_timeouts_total", vm="z", collector="procfs") == 1
+        await collector.refresh_once()  # "stuck" is left out; the others are read again
+        found = samples(collector)
+        assert value(found, "cvm_vm_collector_success", vm="z", collector="procfs") == 1
+        assert value(found, "cvm_vm_collector_timeouts_total", vm="stuck", collector="procfs") == 2
+        assert value(found, "cvm_vm_collector_timeouts_total", vm="a", collector="procfs") == 0
+        release.set()
+        await trio.sleep(0.1)
+        await collector.refresh_once()  # its read returned: it is read again
+        assert value(samples(collector), "cvm_vm_collector_success", vm="stuck", collector="procfs") == 1
+    finally:
+        release.set()

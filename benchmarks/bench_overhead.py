@@ -2,14 +2,15 @@
 
 The script starts one nginx on 127.0.0.1 (a free high port; the minimal config of the
 ``nginx`` workload: 1 worker, access_log off, one static page, in a temp dir), then
-alternates, ``--rounds`` times:
+interleaves plain P and cvmctl C runs as P C P C ... C P (``--rounds`` C runs):
 
 - plain: ``wrk -t8 -c300 -dDs --latency http://127.0.0.1:PORT/``;
 - cvmctl: ``cvmctl bench nginx --target local:PORT --repeat 1 --warmup 0 --param duration=D
-  --json`` (the same wrk arguments, run by the runner, parsed and stored in a temp store),
+  --json`` (the same wrk arguments, run by the runner, parsed and stored in a temp store).
 
-alternating which goes first. It prints both req/s per round and the median of the
-per-round ratios cvmctl / plain. An unrecorded plain run warms nginx up first.
+Each C is compared with the geometric mean of the P just before and just after it, which
+cancels a linear drift of the machine over the round. It prints the req/s of each run and
+the median of the per-round ratios cvmctl / plain. An unrecorded plain run warms nginx up.
 
     .venv/bin/python benchmarks/bench_overhead.py [--rounds 5] [--duration 10] [--json out.json]
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -82,22 +84,23 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         try:
             extra = {"threads": str(args.threads), "connections": str(args.connections)}
             await plain_wrk(port, min(args.duration, 5), extra)  # warm-up, not recorded
+            await trio.sleep(args.pause)
+            before = await plain_wrk(port, args.duration, extra)
             for i in range(args.rounds):
-                order = ("plain", "cvmctl") if i % 2 == 0 else ("cvmctl", "plain")
-                result: dict[str, float] = {}
-                for which in order:
-                    await trio.sleep(args.pause)  # the same quiet gap before each run
-                    if which == "plain":
-                        result["plain"] = await plain_wrk(port, args.duration, extra)
-                    else:
-                        result["cvmctl"] = await via_cvmctl(port, args.duration, extra, data_dir)
-                result["ratio"] = result["cvmctl"] / result["plain"]
+                await trio.sleep(args.pause)  # the same quiet gap before each run
+                cvmctl = await via_cvmctl(port, args.duration, extra, data_dir)
+                await trio.sleep(args.pause)
+                after = await plain_wrk(port, args.duration, extra)
+                plain = math.sqrt(before * after)  # the neighbours' geometric mean cancels linear drift
+                result = {"plain_before": before, "cvmctl": cvmctl, "plain_after": after, "plain": plain}
+                result["ratio"] = cvmctl / plain
                 rounds.append(result)
                 print(
-                    f"round {i + 1}: plain {result['plain']:.0f} req/s, cvmctl {result['cvmctl']:.0f} req/s, "
+                    f"round {i + 1}: plain {before:.0f} | cvmctl {cvmctl:.0f} | plain {after:.0f} req/s, "
                     f"ratio {result['ratio']:.4f}",
                     flush=True,
                 )
+                before = after
         finally:
             await target.stop_server()
     ratios = [r["ratio"] for r in rounds]
@@ -125,7 +128,7 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
     parser.add_argument("--threads", type=int, default=8, help="wrk -t (the study: 8)")
     parser.add_argument("--connections", type=int, default=300, help="wrk -c (the study: 300)")
-    parser.add_argument("--pause", type=float, default=2.0, help="seconds of quiet before each run (2)")
+    parser.add_argument("--pause", type=float, default=0.5, help="seconds of quiet before each run (0.5)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     get("nginx").require_tools("host")

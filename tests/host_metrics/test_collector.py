@@ -136,7 +136,7 @@ async def test_stuck_vm_costs_its_deadline_only(tmp_path: Path, proc_tree: ProcT
         await collector.refresh_once()  # no second command is queued behind the unanswered one
         second = trio.current_time() - started
         found = samples(collector)
-        assert first < 0.3 + 0.2 and second < 0.1
+        assert first < 0.3 + 0.4 and second < 0.2  # its deadline, plus slack for a loaded machine
         assert value(found, "cvm_vm_collector_success", vm="stuck", collector="qmp") == 0
         assert value(found, "cvm_vm_collector_timeouts_total", vm="stuck", collector="qmp") == 2
         assert value(found, "cvm_vm_collector_success", vm="good", collector="qmp") == 1
@@ -238,7 +238,7 @@ async def test_a_hung_procfs_read_costs_only_its_vm(proc_tree: ProcTree) -> None
     try:
         started = trio.current_time()
         await collector.refresh_once()
-        assert trio.current_time() - started < 0.5
+        assert trio.current_time() - started < 0.2 + 0.4
         found = samples(collector)
         assert value(found, "cvm_vm_collector_success", vm="a", collector="procfs") == 1
         assert value(found, "cvm_vm_collector_timeouts_total", vm="stuck", collector="procfs") == 1

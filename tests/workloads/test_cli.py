@@ -255,3 +255,24 @@ def test_fio_scratch_file_is_removed(
     assert cli("bench", "fio", "--target", "local", "--repeat", "1", "--warmup", "0", "--quiet", *args) == 0
     assert "alat-read_read_lat_mean" in capsys.readouterr().out
     assert not scratch.exists()
+
+
+def test_external_workloads_are_not_run_by_bench(capsys: pytest.CaptureFixture[str], data_dir: Path) -> None:
+    assert cli("bench", "boot", "--target", "local") == 2
+    assert "boot is measured elsewhere" in one_error_line(capsys)
+
+
+def test_results_ls_json_and_export_to_a_file(
+    capsys: pytest.CaptureFixture[str], data_dir: Path, tmp_path: Path
+) -> None:
+    with Store.open(data_dir) as store:
+        run_id = add_run(store, "nginx", {"": [rps(100), rps(101)]})
+    assert cli("results", "ls", "--json") == 0
+    [listed] = json.loads(capsys.readouterr().out)
+    assert (listed["id"], listed["workload"], listed["status"]) == (run_id, "nginx", "completed")
+    out = tmp_path / "run.json"
+    assert cli("results", "export", str(run_id), "--json", "-o", str(out)) == 0
+    data = json.loads(out.read_text())
+    assert [s["metric"] for s in data["summaries"]] == ["requests_per_second", "latency_p99"]
+    assert cli("results", "export", "x", "--csv") == 2
+    assert "'x' is not a run id" in one_error_line(capsys)

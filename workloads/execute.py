@@ -8,7 +8,9 @@ way:
   0755: nginx's workers drop to ``nobody`` and must read the page), starts the server in
   the foreground with its stderr in that directory, waits until its port accepts a TCP
   connection (:data:`SERVER_START_TIMEOUT`), and stops it with SIGTERM then SIGKILL
-  (:data:`SERVER_STOP_TIMEOUT`), removing the directory;
+  (:data:`SERVER_STOP_TIMEOUT`), removing the directory. The server also gets SIGTERM from
+  the kernel when the process that started it dies (:func:`spawn_server`), so a crashed or
+  killed agent or CLI leaves no server behind;
 - :func:`run_guest_work` runs one case of a guest workload: each argv of
   :meth:`Workload.guest_commands` in turn (stdout captured, a non-zero exit an error with
   the tail of stderr), or :meth:`Workload.run_in_process` in a worker thread, each under
@@ -21,6 +23,7 @@ its :meth:`Workload.validate` of the host's text: argv lists only, never a shell
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -99,7 +102,7 @@ def remove_scratch_files(workload: Workload, params: Mapping[str, Any]) -> list[
     return removed
 
 
-async def wait_for_port(host: str, port: int, process: trio.Process, timeout: float) -> None:
+async def wait_for_port(host: str, port: int, process: subprocess.Popen[bytes], timeout: float) -> None:
     """Until ``host:port`` accepts a TCP connection; fail early if ``process`` exits."""
     with trio.move_on_after(timeout):
         while True:
@@ -118,29 +121,77 @@ async def wait_for_port(host: str, port: int, process: trio.Process, timeout: fl
     raise DeadlineExceeded(f"the server did not listen on {host}:{port} within {timeout:g} s")
 
 
-async def stop_process(process: trio.Process, timeout: float = SERVER_STOP_TIMEOUT) -> None:
-    """SIGTERM, then SIGKILL after ``timeout`` seconds; always reaps."""
+# prctl(2), resolved before any fork so that the child only makes the call.
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_PRCTL = _LIBC.prctl
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """A preexec_fn: SIGTERM this child when its parent thread dies (and if it already has)."""
+
+    def set_pdeathsig() -> None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died between fork and prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_pdeathsig
+
+
+def spawn_server(argv: list[str], stderr_fd: int) -> subprocess.Popen[bytes]:
+    """Fork and exec a server *on the calling thread*, which must outlive it.
+
+    The kernel's parent-death signal belongs to the thread that forked, not the process:
+    trio's ``open_process`` forks on a worker thread that its cache retires after idling,
+    which would kill the server mid-run. Called from trio's own thread (the CLI's, the
+    agent's), the server gets SIGTERM when the program that started it dies, even by
+    SIGKILL, instead of living on as an orphan.
+    """
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr_fd,
+        preexec_fn=_die_with_parent(os.getpid()),  # only a pre-resolved prctl runs in the child
+    )
+
+
+async def wait_exit(process: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Wait up to ``timeout`` s for ``process`` to exit (on a pidfd, no polling); whether it did."""
+    if process.poll() is not None:
+        return True
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except ProcessLookupError:  # already reaped
+        return True
+    try:
+        with trio.move_on_after(timeout):
+            await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+    return process.poll() is not None
+
+
+async def stop_process(process: subprocess.Popen[bytes], timeout: float = SERVER_STOP_TIMEOUT) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds; reaps."""
     with trio.CancelScope(shield=True):
-        if process.returncode is None:
+        if process.poll() is None:
             process.send_signal(signal.SIGTERM)
-            with trio.move_on_after(timeout):
-                await process.wait()
-            if process.returncode is None:
+            if not await wait_exit(process, timeout):
                 process.kill()
-                with trio.move_on_after(timeout):
-                    await process.wait()
+                await wait_exit(process, timeout)
 
 
 class ServerProcess:
     """One server from a :class:`ServerPlan`: :meth:`start`, then :meth:`stop` (idempotent)."""
 
     def __init__(self) -> None:
-        self._process: trio.Process | None = None
+        self._process: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
     @property
     def running(self) -> bool:
-        return self._process is not None and self._process.returncode is None
+        return self._process is not None and self._process.poll() is None
 
     async def start(self, plan: ServerPlan, probe_host: str = "127.0.0.1") -> int:
         """Start the server and wait until ``probe_host:plan.port`` accepts; the port."""
@@ -155,9 +206,7 @@ class ServerProcess:
         stderr_path = directory / "server.stderr"
         stderr_fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            self._process = await trio.lowlevel.open_process(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr_fd
-            )
+            self._process = spawn_server(argv, stderr_fd)
         finally:
             os.close(stderr_fd)  # the server has its own copy
         try:

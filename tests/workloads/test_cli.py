@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import time
@@ -171,6 +172,12 @@ def test_bench_nginx_end_to_end(data_dir: Path, tmp_path: Path) -> None:
     assert (tmp_path / "fig" / "relative.png").exists() and (tmp_path / "fig" / "relative.svg").exists()
 
 
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def sample_count(db: Path, run_id: int) -> int:
     if not db.exists():
         return 0
@@ -218,8 +225,13 @@ def test_kill_9_marks_the_run_aborted(data_dir: Path) -> None:
             time.sleep(0.1)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
+        # nginx got SIGTERM from the kernel when its parent died (PR_SET_PDEATHSIG): the port closes.
+        deadline = time.monotonic() + 10
+        while port_open(port):
+            assert time.monotonic() < deadline, "nginx outlived the killed benchmark"
+            time.sleep(0.1)
     finally:
-        # The kill -9 orphans the benchmark's own children (nginx, wrk): end that group, which we started.
+        # Whatever of the group we started is left (a wrk finishing its second): end it.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)

@@ -124,16 +124,28 @@ def _paired_bars(run: Run, stored: list[StoredSample]) -> list[Bar]:
 
 
 def boot_stacks(runs: Sequence[tuple[Run, list[StoredSample]]]) -> dict[str, dict[str, float]]:
-    """{run label: {phase: median seconds}} for ``boot`` runs, phases in recorded order, no total."""
+    """{run label: {phase: seconds}} for ``boot`` runs, phases in recorded order.
+
+    As the study: of the repetitions, the one with the median total boot time stands for
+    the run (the lower middle one of an even count), so the phases shown add up to a boot
+    that happened rather than to a mix of medians.
+    """
     stacks = {}
     for run, stored in runs:
         if run.workload != "boot":
             continue
-        phases = {
-            metric: s.median for (_, metric), (_, s) in summaries_of(stored).items() if metric != "total"
-        }
-        if phases:
-            stacks[f"run {run.id} ({run.target})"] = phases
+        by_rep: dict[int, dict[str, float]] = {}
+        for s in stored:
+            if not s.warmup:
+                by_rep.setdefault(s.repetition, {})[s.sample.metric] = s.sample.value
+        totals = sorted(
+            (phases.get("total", sum(v for k, v in phases.items() if k != "total")), rep)
+            for rep, phases in by_rep.items()
+        )
+        if not totals:
+            continue
+        _, chosen = totals[(len(totals) - 1) // 2]
+        stacks[f"run {run.id} ({run.target})"] = {k: v for k, v in by_rep[chosen].items() if k != "total"}
     return stacks
 
 
@@ -229,7 +241,7 @@ def _stacked(stacks: dict[str, dict[str, float]], out_dir: Path) -> list[Path]:
         widths = [stacks[label].get(phase, 0.0) for label in labels]
         axes.barh(labels, widths, left=left, label=phase)
         left = [a + b for a, b in zip(left, widths, strict=True)]
-    axes.set_xlabel("seconds (median of the repetitions)")
+    axes.set_xlabel("seconds (the repetition with the median total)")
     axes.set_title("boot phases")
-    axes.legend(fontsize="small", ncols=len(phases))
+    axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
     return _save(figure, "boot", out_dir)

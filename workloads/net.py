@@ -67,7 +67,7 @@ http {
     scgi_temp_path {dir}/tmp/scgi;
     default_type text/html;
     server {
-        listen LISTEN:PORT reuseport;
+        listen LISTEN:PORT;
         root {dir}/www;
         index index.html;
     }

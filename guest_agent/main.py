@@ -15,6 +15,7 @@ from cvmctl.address import DEFAULT_AGENT_VSOCK_PORT, VMADDR_CID_HOST, Address, T
 from cvmctl.daemon import add_logging_arguments, run_daemon
 from cvmctl.errors import CvmError, UsageError
 from cvmctl.serve import ServerOptions, serve_grpc
+from cvmctl.watchdog import feed_watchdog
 from guest_agent.collectors.agent import AgentStats
 from guest_agent.collectors.registry import Roots, build_registry
 from guest_agent.collectors.swiotlb import mount_debugfs_readonly
@@ -165,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Serve at once; the first snapshot lands moments later (scrapes before it see no
             # kernel-interface samples yet).
             nursery.start_soon(refresher.run)
+            nursery.start_soon(feed_watchdog)
             if metrics_address is not None:
                 endpoint = await nursery.start(
                     serve_metrics_http, registry, metrics_address.host, metrics_address.port

@@ -16,7 +16,9 @@ from cvmctl.address import Address, UnixAddress, parse_address
 from cvmctl.daemon import add_logging_arguments, run_daemon
 from cvmctl.errors import CvmError, UsageError
 from cvmctl.serve import ServerOptions, serve_grpc
+from cvmctl.watchdog import feed_watchdog
 from host_daemon.devguest import complete_with_dev_guest, dev_guest_image
+from host_daemon.metrics.wiring import serve_host_metrics
 from host_daemon.server import HostDaemonService, daemon_handlers
 from host_daemon.vms import VMManager
 
@@ -59,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"API address, repeatable (default: {DEFAULT_LISTEN})",
     )
     parser.add_argument(
+        "--metrics-listen",
+        metavar="ADDR",
+        help="serve Prometheus /metrics (host side), /metrics/vm/NAME (each guest's, relayed) and "
+        "/sd (http_sd targets) at tcp://HOST:PORT, e.g. tcp://127.0.0.1:9465; default: off",
+    )
+    parser.add_argument(
         "--qemu", default="qemu-system-x86_64", metavar="BINARY", help="the QEMU binary (default: from PATH)"
     )
     add_logging_arguments(parser)
@@ -97,7 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         service = HostDaemonService(state_dir=state_dir, manager=manager)
         async with trio.open_nursery() as nursery:
             await nursery.start(manager.run)
+            nursery.start_soon(feed_watchdog)
             nursery.start_soon(prewarm_dev_guest)
+            if args.metrics_listen:
+                await nursery.start(serve_host_metrics, manager, args.metrics_listen)
             await serve_grpc(daemon_handlers(service), options)
             nursery.cancel_scope.cancel()
 

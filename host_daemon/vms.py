@@ -186,6 +186,13 @@ class VMManager:
     def list(self) -> list[VMRecord]:
         return self.store.all()
 
+    def live_vm(self, name: str) -> LiveVM | None:
+        """The daemon's handle on a running VM (its QEMU process and QMP client), if it runs.
+
+        The QMP socket takes one client, so others (the host exporter) share this one.
+        """
+        return self._live.get(name)
+
     async def watch(self) -> AsyncIterator[tuple[str, VMRecord | None]]:
         """The current records as ``snapshot`` events, then every change, until cancelled."""
         send, receive = trio.open_memory_channel[tuple[str, VMRecord | None]](256)

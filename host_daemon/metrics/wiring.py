@@ -56,7 +56,7 @@ def _machine_of(argv_path: Path, pid: int) -> str:
 
 
 def view_of(manager: VMManager, record: VMRecord) -> VMView:
-    live = manager._live.get(record.name)  # the manager's handle: the QMP client it holds
+    live = manager.live_vm(record.name)  # the manager's handle: the QMP client it holds
     qmp = live.qmp if live is not None else None
     version = ""
     if qmp is not None and qmp.greeting is not None:

@@ -15,7 +15,9 @@ way:
   :meth:`Workload.guest_commands` in turn (stdout captured, a non-zero exit an error with
   the tail of stderr), or :meth:`Workload.run_in_process` in a worker thread, each under
   :meth:`Workload.timeout`; then parses;
-- :func:`run_command` is the one place a process is run and waited for.
+- :func:`run_command` is the one place a process is run and waited for;
+- :func:`run_guest_request` and :func:`start_server_request` are the agent's entry points:
+  a workload name and text parameters from the host in, validated here.
 
 In the guest, call them with a workload from :func:`workloads.catalogue.get` and params from
 its :meth:`Workload.validate` of the host's text: argv lists only, never a shell.
@@ -36,7 +38,8 @@ from typing import Any
 import trio
 
 from cvmctl.errors import CvmError, DeadlineExceeded, RemoteError, UsageError
-from workloads.model import MissingToolError, Sample, ServerPlan, Workload
+from workloads.catalogue import get
+from workloads.model import MissingToolError, Sample, ServerPlan, Unavailable, Workload
 
 SERVER_START_TIMEOUT = 15.0
 SERVER_STOP_TIMEOUT = 10.0
@@ -88,6 +91,39 @@ async def run_guest_work(
             on_command(index, len(commands), argv)
         outputs.append(await run_command(argv, timeout, workload.name))
     return workload.parse_guest(outputs, params)
+
+
+async def run_guest_request(
+    name: str, raw: Mapping[str, str], on_command: CommandCallback | None = None
+) -> tuple[list[Sample], list[Unavailable]]:
+    """The agent's side of one guest repetition: a workload *name* and *text* params in.
+
+    Validates (``UsageError`` for an unknown name or a bad value), checks the tools
+    (``MissingToolError``), runs every case, and returns the samples with what could not
+    be measured. Nothing from ``raw`` reaches a shell; argv lists come from the catalogue.
+    """
+    workload = get(name)
+    if workload.kind != "guest":
+        raise UsageError(f"{name} has no guest-only work (it is {workload.kind})")
+    params = workload.validate(raw)
+    workload.require_tools("guest")
+    samples: list[Sample] = []
+    for case in workload.cases(params):
+        samples += await run_guest_work(workload, case, on_command)
+    return samples, workload.unavailable(params)
+
+
+async def start_server_request(
+    name: str, raw: Mapping[str, str], server: ServerProcess, probe_host: str = "127.0.0.1"
+) -> int:
+    """The agent's side of a client/server workload: validate, build the plan, start; the port."""
+    workload = get(name)
+    params = workload.validate(raw)
+    plan = workload.guest_server(params)
+    if plan is None:
+        raise UsageError(f"{name} has no server")
+    workload.require_tools("guest")
+    return await server.start(plan, probe_host)
 
 
 def remove_scratch_files(workload: Workload, params: Mapping[str, Any]) -> list[str]:

@@ -10,7 +10,13 @@ import trio
 from cvmctl.errors import DeadlineExceeded, RemoteError, UsageError
 from tests.workloads.conftest import require
 from workloads.catalogue import get
-from workloads.execute import ServerProcess, run_command, write_server_files
+from workloads.execute import (
+    ServerProcess,
+    run_command,
+    run_guest_request,
+    start_server_request,
+    write_server_files,
+)
 from workloads.model import ServerPlan
 from workloads.runner import free_port
 
@@ -59,3 +65,30 @@ def test_server_files_stay_inside(tmp_path: Path) -> None:
     assert (tmp_path / "www" / "index.html").stat().st_mode & 0o777 == 0o644
     with pytest.raises(UsageError, match="escapes"):
         write_server_files(tmp_path, {"../evil": b"x"})
+
+
+async def test_the_agent_entry_points() -> None:
+    samples, unavailable = await run_guest_request(
+        "vmexit", {"iterations": "500", "leaves": "1", "ports": "0x80"}
+    )
+    assert {s.metric for s in samples} >= {"cpuid_1_ns", "cpuid_1_cycles"}
+    assert "hypercall" in {u.metric for u in unavailable}
+    with pytest.raises(UsageError, match="unknown workload"):
+        await run_guest_request("rm -rf /", {})
+    with pytest.raises(UsageError, match="nginx has no guest-only work"):
+        await run_guest_request("nginx", {})
+    with pytest.raises(UsageError, match="parameter filename"):
+        await run_guest_request("fio", {"filename": "/dev/vda"})
+    require("iperf3")
+    server = ServerProcess()
+    port = free_port()
+    try:
+        assert (
+            await start_server_request("iperf-tcp", {"port": str(port), "listen": "127.0.0.1"}, server)
+            == port
+        )
+        assert server.running
+    finally:
+        await server.stop()
+    with pytest.raises(UsageError, match="ping has no server"):
+        await start_server_request("ping", {}, server)

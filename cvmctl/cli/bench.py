@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -191,16 +193,26 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_progress(name: str) -> Any:
+def print_progress(name: str) -> Callable[[Progress], None]:
+    """A progress callback printing one line per step to stderr, with the step's time."""
+    started = time.monotonic()
+
     def show(event: Progress) -> None:
+        nonlocal started
         arm = f" {event.arm}" if event.arm else ""
         kind = "warm-up" if event.warmup else "run"
         head = f"[{event.step}/{event.steps}] {name}{arm} {kind} {event.repetition + 1}"
         if event.phase == "start":
+            started = time.monotonic()
             print(f"{head} ...", file=sys.stderr, flush=True)
         elif event.samples:
             first = event.samples[0]
-            print(f"{head}: {first.metric} {first.value:.4g} {first.unit}", file=sys.stderr, flush=True)
+            took = time.monotonic() - started
+            print(
+                f"{head}: {first.metric} {first.value:.4g} {first.unit} ({took:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     return show
 

@@ -20,9 +20,11 @@ from prometheus_client import CollectorRegistry
 from cvm.v1 import agent_pb2, common_pb2
 from cvmctl import __version__
 from cvmctl.attestation.guest import INTERFACES, NONCE_SIZE, Evidence, fetch_evidence
+from cvmctl.attestation.steps import InterfaceUnavailable
 from cvmctl.errors import CvmError, UsageError
 from cvmctl.grpc_bridge import CallInfo, GrpcBridge, RpcAbort, service_handler
 from guest_agent import idle_rpc
+from guest_agent.collectors.attestation import AttestationCollector, AttestationStats
 from guest_agent.collectors.registry import METRICS_CONTENT_TYPE, render_text
 from guest_agent.idle_polling import IdlePollingController
 from guest_agent.idle_rpc import mode_from_proto, status_to_proto
@@ -92,7 +94,10 @@ class GuestAgentService:
         self._idle_lock = trio.Lock()
         self._attestation_lock = trio.Lock()
         self._workload_server_busy = False
-        self.attestation_failures = 0
+        self._tee = detect_tee().tee
+        self.attestation_stats = AttestationStats()
+        if metrics is not None:
+            metrics.register(AttestationCollector(self.attestation_stats))
 
     async def GetInfo(self, request: agent_pb2.GetInfoRequest, call: CallInfo) -> agent_pb2.GetInfoResponse:
         return self.info.response()
@@ -110,12 +115,26 @@ class GuestAgentService:
         fetch = functools.partial(
             self._fetch_evidence, report_data, interface=interface, vmpl=vmpl, root=self._root
         )
+        tee = str(self._tee)
         async with self._attestation_lock:  # one request at a time: the interfaces are per-guest
             try:
                 evidence = await trio.to_thread.run_sync(fetch)
-            except CvmError:
-                self.attestation_failures += 1
+            except InterfaceUnavailable:
+                self.attestation_stats.record(tee, interface, "unavailable", None)
                 raise
+            except UsageError:
+                self.attestation_stats.record(tee, interface, "bad_request", None)
+                raise
+            except CvmError:
+                self.attestation_stats.record(tee, interface, "failed", None)
+                raise
+        self.attestation_stats.record(
+            evidence.tee,
+            evidence.interface,
+            "success",
+            evidence.total_seconds,
+            [(t.step, t.seconds) for t in evidence.timings],
+        )
         log.info(
             "attestation_report",
             interface=evidence.interface,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from prometheus_client import CollectorRegistry, generate_latest
 
 from cvm.v1 import agent_pb2, agent_pb2_grpc
 from cvmctl.address import UnixAddress
@@ -36,8 +37,13 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry(auto_describe=False)
+
+
+@pytest.fixture
 async def agent_with_snp_kernel(
-    attestation_testdata: Path, tmp_path: Path
+    attestation_testdata: Path, tmp_path: Path, registry: CollectorRegistry
 ) -> AsyncIterator[tuple[str, bytes]]:
     template = (attestation_testdata / VLEK_REPORT).read_bytes()
     kernel = FakeTsmKernel("sev_guest", _snp_outblob(template), floor=1)
@@ -47,6 +53,7 @@ async def agent_with_snp_kernel(
         root=root,
         detect_tee=lambda: detect_tee(root),
         attestation_fetch=functools.partial(fetch_evidence, configfs=kernel),
+        metrics=registry,
     )
     sock = tmp_path / "agent.sock"
     async with trio.open_nursery() as nursery:
@@ -57,7 +64,7 @@ async def agent_with_snp_kernel(
 
 
 async def test_fetch_through_the_agent_then_verify(
-    agent_with_snp_kernel: tuple[str, bytes], tmp_path: Path
+    agent_with_snp_kernel: tuple[str, bytes], tmp_path: Path, registry: CollectorRegistry
 ) -> None:
     address, nonce = agent_with_snp_kernel
     report, certs = tmp_path / "report.bin", tmp_path / "certs.bin"
@@ -102,6 +109,13 @@ async def test_fetch_through_the_agent_then_verify(
         check=False,
     )
     assert verified.returncode == 0, verified.stdout + verified.stderr
+    metrics = generate_latest(registry).decode()
+    assert (
+        'cvm_guest_attestation_requests_total{interface="configfs-tsm",result="success",tee="sev-snp"} 1.0'
+        in metrics
+    )
+    assert 'cvm_guest_attestation_step_seconds{interface="configfs-tsm",step="read_outblob"}' in metrics
+    assert "cvm_guest_attestation_last_success_timestamp_seconds" in metrics
 
 
 async def test_bad_requests_are_refused_before_the_kernel(agent_with_snp_kernel: tuple[str, bytes]) -> None:

@@ -30,8 +30,6 @@ from guest_agent.idle_polling import IdlePollingController
 from guest_agent.idle_rpc import mode_from_proto, status_to_proto
 from guest_agent.system import hostname, read_system_facts, uptime_seconds
 from guest_agent.tee import TeeVerdict
-from workloads import catalogue
-from workloads.runner import LocalTarget
 
 log = structlog.get_logger("guest_agent")
 
@@ -166,6 +164,11 @@ class GuestAgentService:
     async def RunWorkload(
         self, request: agent_pb2.RunWorkloadRequest, call: CallInfo
     ) -> AsyncIterator[agent_pb2.WorkloadEvent]:
+        # Imported on first use: most agents never run a benchmark, and these modules cost
+        # resident memory (the agent's budget is tight).
+        from workloads import catalogue
+        from workloads.runner import LocalTarget
+
         workload = catalogue.get(request.workload[:64])
         params = workload.validate(dict(request.params))
         target = LocalTarget()

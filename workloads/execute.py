@@ -69,12 +69,25 @@ async def run_command(argv: list[str], timeout: float, what: str) -> str:
 async def run_guest_work(
     workload: Workload, params: Mapping[str, Any], on_command: CommandCallback | None = None
 ) -> list[Sample]:
-    """One case of one repetition of a guest workload, here; its samples.
+    """One repetition of a guest workload, here: every case of ``params`` in turn; the samples.
+
+    Given the params of a single case (what the runner passes) this runs that case; given
+    a workload's full params (fio's ``jobs=all``) it runs them all: :meth:`Workload.cases`
+    of one case is that case.
 
     An in-process workload that overruns its deadline is abandoned, not stopped: its
     thread (a machine-code loop cannot be interrupted) finishes in the background and its
     result is dropped; the caller gets :class:`DeadlineExceeded` on time.
     """
+    samples: list[Sample] = []
+    for case in workload.cases(params):
+        samples += await _run_case(workload, case, on_command)
+    return samples
+
+
+async def _run_case(
+    workload: Workload, params: Mapping[str, Any], on_command: CommandCallback | None
+) -> list[Sample]:
     timeout = workload.timeout(params)
     if workload.in_process:
         if on_command:
@@ -107,10 +120,7 @@ async def run_guest_request(
         raise UsageError(f"{name} has no guest-only work (it is {workload.kind})")
     params = workload.validate(raw)
     workload.require_tools("guest")
-    samples: list[Sample] = []
-    for case in workload.cases(params):
-        samples += await run_guest_work(workload, case, on_command)
-    return samples, workload.unavailable(params)
+    return await run_guest_work(workload, params, on_command), workload.unavailable(params)
 
 
 async def start_server_request(

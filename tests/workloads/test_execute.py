@@ -18,7 +18,7 @@ from workloads.execute import (
     write_server_files,
 )
 from workloads.model import ServerPlan
-from workloads.runner import free_port
+from workloads.runner import LocalTarget, free_port
 
 
 async def test_command_output_failure_and_deadline() -> None:
@@ -92,3 +92,20 @@ async def test_the_agent_entry_points() -> None:
         await server.stop()
     with pytest.raises(UsageError, match="ping has no server"):
         await start_server_request("ping", {}, server)
+
+
+async def test_full_params_run_every_case(tmp_path: Path) -> None:
+    """The agent may get a workload's full params (fio jobs=all): every case runs."""
+    require("fio")
+    fio = get("fio")
+    params = fio.validate(
+        {
+            "filename": str(tmp_path / "s"),
+            "jobs": "alat-read,alat-write",
+            "runtime": "1",
+            "ramp": "0",
+            "size_mb": "4",
+        }
+    )
+    samples = await LocalTarget().run_guest(fio, params)
+    assert {s.metadata["job"] for s in samples} == {"alat-read", "alat-write"}

@@ -9,12 +9,13 @@ One run, by :func:`run_benchmark`::
 
     check host tools (wrk, iperf3, ...)      -> MissingToolError naming the package
     store.begin(...)                          -> run id, status running
-    for each arm: target.prepare(workload, params)   (guest tools checked there)
+    for each arm: target.prepare(workload, params); target.describe()   (guest tools checked)
     [client-server] target.start_server(plan) -> (host, port)
     warm-ups, then repetitions; in each: every arm in turn (A B A B ...), every case
         [client-server] host client argv -> parse_host -> samples
         [guest]         target.run_guest(workload, case) -> samples
         store.add_samples(...) per arm and repetition (one transaction), progress callback
+    for each arm: target.unavailable(workload, params); target.describe() again
     target.stop_server(); target.cleanup(workload, params)   (scratch files)
     store.finish(completed | failed | aborted)
 
@@ -77,10 +78,13 @@ class Target(Protocol):
         """The address of the guest as the host sees it (what ``ping`` pings)."""
 
     async def unavailable(self, workload: Workload, params: Mapping[str, Any]) -> list[Unavailable]:
-        """What the workload cannot measure in this target, and why (recorded with the run)."""
+        """What the workload could not measure in this target, and why (asked after the run)."""
 
     def describe(self) -> dict[str, Any]:
-        """Metadata about the target (for a VM: spec, QEMU version, TEE, boot phases)."""
+        """Metadata about the target (for a VM: spec, QEMU version, TEE, boot phases).
+
+        Asked after prepare (kept if the run fails) and again after the repetitions.
+        """
 
 
 @dataclass(frozen=True)
@@ -145,12 +149,15 @@ async def run_benchmark(store: Store, request: RunRequest, progress: ProgressCal
     try:
         for arm, target in arms.items():
             await target.prepare(workload, arm_params[arm])
+            metadata.setdefault("targets", {})[arm] = target.describe()
+        await _repetitions(store, run_id, request, arm_params, progress)
+        for arm, target in arms.items():
+            # after the run: a VM target learns these from the agent while running
             notes = await target.unavailable(workload, arm_params[arm])
             metadata.setdefault("unavailable", {})[arm] = [
                 {"metric": n.metric, "reason": n.reason} for n in notes
             ]
-            metadata.setdefault("targets", {})[arm] = target.describe()
-        await _repetitions(store, run_id, request, arm_params, progress)
+            metadata["targets"][arm] = target.describe()
         status = "completed"
     except CvmError as exc:
         status = "failed"

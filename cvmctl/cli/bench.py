@@ -35,6 +35,14 @@ from workloads.store import Store, StoredSample, summaries_of
 
 DEFAULT_TARGET = "vm"
 
+DESCRIPTION = """\
+Run a workload from the study's catalogue (cvmctl bench --list), print a summary table and
+store the run with its samples and the machine's metadata (cvmctl results). Progress goes
+to stderr. --duration S scales a workload down so one repetition takes about S seconds;
+an explicit --param wins. --compare A,B runs the two targets interleaved, A B A B, and
+reports B's overhead with a 95% confidence interval.
+"""
+
 EPILOG = """\
 targets:
   vm       the built-in dev guest through cvm-hostd (the default; not available yet)
@@ -63,7 +71,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser(
         "bench",
         help="run a benchmark from the study's catalogue and store the run",
-        description=__doc__,
+        description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

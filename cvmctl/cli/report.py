@@ -6,8 +6,8 @@
 
 Figures (each as NAME.png and NAME.svg in the output directory, drawn by matplotlib's
 Agg backend): ``relative`` (relative performance bars with 95% CIs), ``boot`` (boot phases
-stacked, for boot runs) and ``vmexit`` (ns per exit, for vmexit runs). See
-:mod:`workloads.figures` for how each is computed.
+stacked, for boot runs) and ``vmexit`` (ns per exit, for vmexit runs). How each is
+computed: the workloads.figures module.
 """
 
 from __future__ import annotations

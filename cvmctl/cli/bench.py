@@ -17,6 +17,7 @@ plugs in there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ import trio
 
 from cvmctl.cli.idle_poll import non_negative_int
 from cvmctl.errors import UsageError
+from cvmctl.vm_target import VMTarget
 from workloads import catalogue
 from workloads.model import Workload
 from workloads.runner import LocalTarget, Progress, RunRequest, Target, run_benchmark
@@ -45,7 +47,9 @@ reports B's overhead with a 95% confidence interval.
 
 EPILOG = """\
 targets:
-  vm       the built-in dev guest through cvm-hostd (the default; not available yet)
+  vm       the built-in dev guest through cvm-hostd (the default): a daemon is started for
+           the call if none answers at $CVM_HOSTD, the guest is booted if it is not running
+  vm:NAME  an existing VM of cvm-hostd (its spec must forward the workload's server port)
   local    everything on this machine, servers on 127.0.0.1 (measures the tools, not a VM)
   local:PORT  as local, against a server already listening on 127.0.0.1:PORT (none started)
 
@@ -148,8 +152,15 @@ def resolve_params(workload: Workload, raw: dict[str, str], duration: float | No
 
 
 def resolve_target(args: argparse.Namespace, spec: str | None = None) -> Target:
-    """The target named ``spec`` (default ``args.target``). Extend here for VM targets."""
+    """The target named ``spec`` (default ``args.target``)."""
     name = spec if spec is not None else args.target
+    if name == "vm":
+        return VMTarget()
+    if name.startswith("vm:"):
+        vm = name.removeprefix("vm:")
+        if not vm:
+            raise UsageError(f"target {name!r}: expected vm:NAME with a VM's name (cvmctl vm ls)")
+        return VMTarget(vm)
     if name == "local":
         return LocalTarget()
     if name.startswith("local:"):
@@ -157,7 +168,7 @@ def resolve_target(args: argparse.Namespace, spec: str | None = None) -> Target:
         if not port.isdigit() or not 0 < int(port) < 65536:
             raise UsageError(f"target {name!r}: expected local:PORT with a TCP port")
         return LocalTarget(existing_port=int(port))
-    raise UsageError(f"target {name!r} is not available yet (available: local, local:PORT)")
+    raise UsageError(f"unknown target {name!r} (available: vm, vm:NAME, local, local:PORT)")
 
 
 def resolve_targets(args: argparse.Namespace) -> dict[str, Target]:
@@ -168,6 +179,15 @@ def resolve_targets(args: argparse.Namespace) -> dict[str, Target]:
     if len(specs) != 2 or not all(specs):
         raise UsageError(f"--compare {args.compare!r}: expected two targets, A,B")
     return {"A": resolve_target(args, specs[0]), "B": resolve_target(args, specs[1])}
+
+
+async def run_with_targets(store: Store, request: RunRequest, progress: Any) -> int:
+    """Run ``request`` with every VM target open (booted, agent connected) for its duration."""
+    async with contextlib.AsyncExitStack() as stack:
+        for target in request.targets.values():
+            if isinstance(target, VMTarget):
+                await stack.enter_async_context(target)
+        return await run_benchmark(store, request, progress)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -191,7 +211,7 @@ def run_bench(args: argparse.Namespace) -> int:
     )
     with Store.open(args.data_dir) as store:
         progress = None if args.quiet else print_progress(workload.name)
-        run_id = trio.run(run_benchmark, store, request, progress)
+        run_id = trio.run(run_with_targets, store, request, progress)
         if args.json:
             from cvmctl.cli.results import run_json
 

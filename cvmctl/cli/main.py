@@ -19,10 +19,22 @@ from cvmctl import __version__
 from cvmctl.errors import CvmError
 
 # Modules under cvmctl.cli that provide a command group, in --help order.
-COMMAND_MODULES: tuple[str, ...] = ("vm", "agent", "idle_poll", "attest", "image")
+COMMAND_MODULES: tuple[str, ...] = (
+    "bench",
+    "results",
+    "report",
+    "vm",
+    "agent",
+    "idle_poll",
+    "attest",
+    "image",
+)
 
 EPILOG = """\
 examples:
+  cvmctl bench nginx                  # boot the built-in dev guest, run nginx + wrk, store the run
+  cvmctl bench --list                 # the catalogue, with the study's parameters
+  cvmctl vm ls
   cvmctl agent health --connect unix:///run/cvm-agent.sock
   cvmctl agent info --connect vsock://3:1024 --json
 

@@ -54,12 +54,14 @@ def test_missing_tool(
     )
 
 
-def test_targets_not_built_yet(capsys: pytest.CaptureFixture[str], data_dir: Path) -> None:
-    assert cli("bench", "vmexit") == 2
+def test_bad_targets(capsys: pytest.CaptureFixture[str], data_dir: Path) -> None:
+    assert cli("bench", "vmexit", "--target", "cloud") == 2
     assert (
         one_error_line(capsys)
-        == "cvmctl: error: target 'vm' is not available yet (available: local, local:PORT)"
+        == "cvmctl: error: unknown target 'cloud' (available: vm, vm:NAME, local, local:PORT)"
     )
+    assert cli("bench", "vmexit", "--target", "vm:") == 2
+    assert "expected vm:NAME" in one_error_line(capsys)
     assert cli("bench", "vmexit", "--compare", "local") == 2
     assert "expected two targets" in one_error_line(capsys)
 

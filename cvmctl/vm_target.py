@@ -31,7 +31,7 @@ from typing import Any, Final, Literal
 import grpc
 import trio
 
-from cvm.v1 import agent_pb2, agent_pb2_grpc, host_pb2, host_pb2_grpc
+from cvm.v1 import agent_pb2, agent_pb2_grpc, common_pb2, host_pb2, host_pb2_grpc
 from cvmctl.address import parse_address
 from cvmctl.client import RpcClient, connect, error_from_rpc
 from cvmctl.errors import ConnectError, CvmError, DeadlineExceeded, UsageError
@@ -154,6 +154,7 @@ class VMTarget:
             agent_pb2_grpc.GuestAgentStub(self._agent.channel).GetInfo, agent_pb2.GetInfoRequest()
         )
         self._agent_info = {
+            "tee": {common_pb2.TEE_SEV_SNP: "sev-snp", common_pb2.TEE_TDX: "tdx"}.get(info.tee, "none"),
             "kernel": info.kernel_release,
             "cmdline": info.kernel_cmdline,
             "tee_evidence": info.tee_evidence,
@@ -254,7 +255,43 @@ class VMTarget:
         """Nothing to do here: the agent removes a workload's scratch files after each run."""
 
     async def unavailable(self, workload: Workload, params: Mapping[str, Any]) -> list[Unavailable]:
-        return workload.unavailable(params)
+        notes = workload.unavailable(params)
+        if workload.name == "attestation" and self._agent_info.get("tee") == "none":
+            notes.append(
+                Unavailable("attestation", f"{self.vm} is not a confidential VM: no attestation interface")
+            )
+        return notes
+
+    async def measure_external(self, workload: Workload, params: Mapping[str, Any]) -> list[Sample]:
+        """``boot``: boot the VM again and take the daemon's phases; ``attestation``: ask the
+        agent for a report bound to a fresh nonce and take its step timings."""
+        if workload.name == "boot":
+            return workload.samples_from(await self._reboot())
+        if workload.name == "attestation":
+            return await self._attest(workload)
+        raise UsageError(f"{workload.name} is not measured by a VM target")
+
+    async def _reboot(self) -> dict[str, float]:
+        assert self._hostd_client is not None
+        stub = host_pb2_grpc.HostDaemonStub(self._hostd_client.channel)
+        await self._hostd_client.call(stub.KillVM, host_pb2.VMRef(name=self.vm), timeout=60)
+        vm = await self._boot(stub, await self._hostd_client.call(stub.GetVM, host_pb2.VMRef(name=self.vm)))
+        self._vm = vm
+        return {phase.name: phase.seconds for phase in vm.boot_phases}
+
+    async def _attest(self, workload: Workload) -> list[Sample]:
+        assert self._agent is not None
+        if self._agent_info.get("tee") == "none":
+            return []  # recorded as unavailable, with the reason
+        stub = agent_pb2_grpc.GuestAgentStub(self._agent.channel)
+        request = agent_pb2.GetAttestationReportRequest(report_data=os.urandom(64))
+        started = time.perf_counter()
+        response = await self._agent.call(stub.GetAttestationReport, request, timeout=120)
+        round_trip = time.perf_counter() - started
+        steps = {step.name: step.seconds for step in response.steps}
+        samples = workload.samples_from(steps)
+        samples.append(Sample("round_trip", round_trip, "s", "lower", {"interface": response.interface}))
+        return samples
 
     def guest_address(self) -> str:
         return "10.0.2.15"  # QEMU user networking's guest address; ping does not cross it

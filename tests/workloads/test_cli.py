@@ -274,9 +274,11 @@ def test_fio_scratch_file_is_removed(
     assert not scratch.exists()
 
 
-def test_external_workloads_are_not_run_by_bench(capsys: pytest.CaptureFixture[str], data_dir: Path) -> None:
+def test_boot_and_attestation_need_a_vm(capsys: pytest.CaptureFixture[str], data_dir: Path) -> None:
     assert cli("bench", "boot", "--target", "local") == 2
-    assert "boot is measured elsewhere" in one_error_line(capsys)
+    assert "boot is measured by the host daemon and the agent of a VM: use --target vm" in one_error_line(
+        capsys
+    )
 
 
 def test_results_ls_json_and_export_to_a_file(

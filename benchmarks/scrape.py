@@ -1,7 +1,8 @@
 """/metrics latency: the agent's collectors vs Debian's prometheus-node-exporter, same run.
 
-Starts, on 127.0.0.1, (a) the agent's exporter as its own process (the real roots ``/``,
-``/proc``, ``/sys/kernel/debug``; refresher every 5 s; no debugfs mount), (b)
+Starts, on 127.0.0.1, (a) the real ``cvm-agent`` with ``--metrics-listen`` (its gRPC API on a
+private unix socket; the real roots ``/``, ``/proc``, ``/sys/kernel/debug``; refresher every
+5 s; no debugfs mount), (b)
 ``prometheus-node-exporter`` with its default collectors and (c) the same node exporter
 restricted to the collectors that overlap ours (cpu, pressure). The client scrapes them in
 alternating blocks so that machine noise falls on all of them, then prints per-target
@@ -31,27 +32,13 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
-
-AGENT_EXPORTER = """
-import sys, trio
-from guest_agent.collectors import AgentStats, Roots, build_registry
-from guest_agent.metrics_http import serve_metrics_http
-from guest_agent.tee import detect_tee
-
-async def main() -> None:
-    registry, refresher = build_registry(Roots(), AgentStats(), tee=detect_tee().tee.value)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(refresher.run)
-        server = await nursery.start(serve_metrics_http, registry, "127.0.0.1", int(sys.argv[1]))
-        print(f"listening {server.port}", flush=True)
-
-trio.run(main)
-"""
 
 
 @dataclass
@@ -130,11 +117,23 @@ def summarise(name: str, seconds: list[float], body_bytes: int) -> Summary:
 def start_targets(node_exporter: str | None) -> list[Target]:
     targets: list[Target] = []
     port = free_port()
-    agent = subprocess.Popen([sys.executable, "-c", AGENT_EXPORTER, str(port)], stdout=subprocess.PIPE)
-    assert agent.stdout is not None
-    line = agent.stdout.readline().decode().strip()
-    if not line.startswith("listening"):
-        raise SystemExit(f"agent exporter did not start: {line!r}")
+    # The real agent, as a guest runs it, serving /metrics beside its gRPC API.
+    private = tempfile.mkdtemp(prefix="cvm-scrape-")
+    agent = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "cvm-agent"),
+            "--listen",
+            f"unix://{private}/agent.sock",
+            "--metrics-listen",
+            f"tcp://127.0.0.1:{port}",
+            "--state-dir",
+            f"{private}/state",
+            "--no-mount-debugfs",
+            "--log-level",
+            "warning",
+        ]
+    )
+    wait_listening(port, agent)
     targets.append(Target("agent", port, agent))
     if node_exporter:
         for name, extra in (

@@ -92,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--metrics-interval",
         type=float,
-        default=5.0,
+        default=15.0,
         metavar="SECONDS",
-        help="how often the kernel-interface collectors refresh their snapshot (default: 5)",
+        help="how often the kernel-interface collectors refresh their snapshot (default: 15, "
+        "Prometheus' default scrape interval; lower it when scraping more often)",
     )
     parser.add_argument(
         "--no-mount-debugfs",

@@ -36,6 +36,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 
 from cvmctl.errors import ConnectError, CvmError, DeadlineExceeded, UsageError
+from cvmctl.log import logs_at
 
 log = structlog.get_logger("cvmctl.grpc")
 
@@ -52,13 +53,32 @@ class RpcAbort(Exception):
         self.details = details
 
 
-@dataclass(frozen=True, slots=True)
 class CallInfo:
-    """What a servicer may know about the call it serves."""
+    """What a servicer may know about the call it serves.
 
-    method: str
-    peer: str
-    metadata: tuple[tuple[str, str | bytes], ...]
+    ``peer`` and ``metadata`` are read from grpcio on first use: most calls never need them,
+    and each costs a trip into grpcio's C core.
+    """
+
+    __slots__ = ("_context", "_metadata", "_peer", "method")
+
+    def __init__(self, method: str, context: grpc.ServicerContext) -> None:
+        self.method = method
+        self._context = context
+        self._peer: str | None = None
+        self._metadata: tuple[tuple[str, str | bytes], ...] | None = None
+
+    @property
+    def peer(self) -> str:
+        if self._peer is None:
+            self._peer = self._context.peer()
+        return self._peer
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        if self._metadata is None:
+            self._metadata = tuple(self._context.invocation_metadata() or ())
+        return self._metadata
 
 
 #: Called once per finished RPC with (full method name, status code name, seconds).
@@ -133,9 +153,12 @@ class GrpcBridge:
         """What a cancelled scope means: our own deadline, or a client that went away."""
         return trio.TooSlowError() if context.is_active() else _ClientGone()
 
-    def _finish(self, method: str, peer: str, started: float, code: grpc.StatusCode) -> None:
+    def _finish(self, method: str, info: CallInfo, started: float, code: grpc.StatusCode) -> None:
         seconds = time.perf_counter() - started
-        log.info("rpc", method=method, peer=peer, duration_ms=round(seconds * 1000, 3), code=code.name)
+        if logs_at("info"):  # the peer costs a call into grpcio: only when it is written
+            log.info(
+                "rpc", method=method, peer=info.peer, duration_ms=round(seconds * 1000, 3), code=code.name
+            )
         if self._observer is not None:
             self._observer(method, code.name, seconds)
 
@@ -159,7 +182,7 @@ class GrpcBridge:
     ) -> Callable[[Any, grpc.ServicerContext], Any]:
         def handler(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
-            info = CallInfo(method, context.peer(), tuple(context.invocation_metadata() or ()))
+            info = CallInfo(method, context)
             scope = self._scope_for(context)
 
             async def run_in_trio() -> Any:
@@ -170,9 +193,9 @@ class GrpcBridge:
             try:
                 response = trio.from_thread.run(run_in_trio, trio_token=self._token)
             except Exception as exc:
-                self._finish(method, info.peer, started, self._fail(context, method, exc))
+                self._finish(method, info, started, self._fail(context, method, exc))
                 return None
-            self._finish(method, info.peer, started, grpc.StatusCode.OK)
+            self._finish(method, info, started, grpc.StatusCode.OK)
             return response
 
         return handler
@@ -189,7 +212,7 @@ class GrpcBridge:
 
         def handler(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             started = time.perf_counter()
-            info = CallInfo(method, context.peer(), tuple(context.invocation_metadata() or ()))
+            info = CallInfo(method, context)
             scope = self._scope_for(context, max_seconds)
             send, receive = trio.open_memory_channel[Any](STREAM_BUFFER_ITEMS)
             failure: list[BaseException] = []
@@ -227,7 +250,7 @@ class GrpcBridge:
             except Exception as exc:
                 code = self._fail(context, method, exc)
             finally:
-                self._finish(method, info.peer, started, code)
+                self._finish(method, info, started, code)
 
         return handler
 

@@ -17,10 +17,19 @@ LogFormat = Literal["auto", "json", "console"]
 
 LEVELS = ("debug", "info", "warning", "error")
 
+_current_level = "info"
+
+
+def logs_at(level: str) -> bool:
+    """Whether a line at ``level`` is written with the configured level (hot paths ask first)."""
+    return LEVELS.index(level) >= LEVELS.index(_current_level)
+
 
 def configure_logging(level: str = "info", fmt: LogFormat = "auto") -> None:
     if level not in LEVELS:
         raise ValueError(f"unknown log level {level!r}; expected one of {', '.join(LEVELS)}")
+    global _current_level
+    _current_level = level
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()

@@ -59,6 +59,16 @@ def _free_port() -> int:
         return port
 
 
+def console_tail(vm: host_pb2.VM, lines: int = 8) -> str:
+    """The last console lines of ``vm`` as a suffix for an error (the daemon is on this host)."""
+    from host_daemon.vms import tail_lines
+
+    tail = list(vm.last_console_lines)
+    if not tail and vm.console_path:
+        tail = list(tail_lines(Path(vm.console_path), lines))
+    return "; last console lines: " + " | ".join(tail[-lines:]) if tail else ""
+
+
 def dev_guest_spec(name: str, forwards: Mapping[int, int], vcpus: int = 2, memory: str = "1G") -> str:
     """The TOML spec of the built-in dev guest with loopback forwards ``guest port -> host port``."""
     rules = ", ".join(
@@ -236,14 +246,16 @@ class VMTarget:
                     shown.add(phase.name)
                     self._say(f"  boot phase {phase.name:<9} {phase.seconds:6.2f} s")
             if time.monotonic() > deadline:
-                raise DeadlineExceeded(f"{self.vm} not running after {BOOT_WAIT:g} s: {vm.state_reason}")
+                raise DeadlineExceeded(
+                    f"{self.vm} not running after {BOOT_WAIT:g} s: {vm.state_reason}{console_tail(vm)}"
+                )
             await trio.sleep(0.25)
             vm = await self._hostd_client.call(stub.GetVM, host_pb2.VMRef(name=self.vm))
         for phase in vm.boot_phases:
             if phase.name not in shown:
                 self._say(f"  boot phase {phase.name:<9} {phase.seconds:6.2f} s")
         if vm.state != host_pb2.VM_STATE_RUNNING:
-            raise CvmError(f"{self.vm} did not come up: {vm.state_reason}")
+            raise CvmError(f"{self.vm} did not come up: {vm.state_reason}{console_tail(vm)}")
         return vm
 
     # -- the runner's Target protocol ---------------------------------------------------

@@ -461,7 +461,11 @@ class VMManager:
             await trio.sleep(0.01)
 
     async def _wait_for_agent(self, agent_address: str) -> None:
+        """Until the agent answers health. Attempts back off from 50 ms to 0.5 s: a VMM's
+        vsock backend sees every refused attempt, and a guest importing Python over 9p under
+        TCG takes seconds to listen."""
         address = parse_address(agent_address)
+        pause = 0.05
         while True:
             try:
                 async with connect(address, timeout=2) as client:
@@ -469,7 +473,8 @@ class VMManager:
                         return
             except CvmError:
                 pass
-            await trio.sleep(0.05)
+            await trio.sleep(pause)
+            pause = min(pause * 1.5, 0.5)
 
     # -- the exit task ------------------------------------------------------------------
 

@@ -143,9 +143,14 @@ async def _relay_one(
         log.warning("relay_dial_failed", error=str(exc))
         await trio.aclose_forcefully(accepted)
         return
+    await _carry(accepted, upstream, stats)
+
+
+async def _carry(a: trio.abc.Stream, b: trio.abc.Stream, stats: RelayStats) -> None:
+    """Splice one relayed connection, counted; its I/O errors end it, not the relay."""
     stats.opened()
     try:
-        await splice(accepted, upstream, stats)
+        await splice(a, b, stats)
     except BaseException as exc:
         if not _is_io_error(exc):
             raise
@@ -290,13 +295,19 @@ def open_vsock_listener(port: int, cid: int = VMADDR_CID_ANY, backlog: int = 128
     return trio.SocketListener(sock)
 
 
-async def open_unix_listener(path: str, mode: int = 0o600, backlog: int = 128) -> trio.SocketListener:
-    """Listen on a unix socket at ``path`` with ``mode``, replacing a stale socket file."""
+def remove_stale_socket(path: str) -> None:
+    """Make way for a listener at ``path``: remove a socket file left by an earlier run, and
+    refuse (rather than delete) anything else that is there."""
     p = Path(path)
     if p.is_socket():
         p.unlink()
     elif p.exists():
         raise UsageError(f"cannot listen on unix://{path}: a file that is not a socket is in the way")
+
+
+async def open_unix_listener(path: str, mode: int = 0o600, backlog: int = 128) -> trio.SocketListener:
+    """Listen on a unix socket at ``path`` with ``mode``, replacing a stale socket file."""
+    remove_stale_socket(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o777 & ~mode)
     try:
@@ -349,7 +360,7 @@ async def _answer_hybrid_connect(
             if dial is None:
                 raise ValueError(f"nothing listens on port {words[1]}")
             upstream = await dial()
-    except (ValueError, UnicodeDecodeError, OSError, trio.TooSlowError) as exc:
+    except (ValueError, UnicodeDecodeError, OSError, ConnectError, trio.TooSlowError) as exc:
         # A real VMM answers a refused CONNECT by closing the socket: do the same.
         stats.refused()
         log.info("hvsock_connect_refused", error=str(exc))
@@ -360,15 +371,7 @@ async def _answer_hybrid_connect(
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         await trio.aclose_forcefully(upstream)
         return
-    stats.opened()
-    try:
-        await splice(stream, upstream, stats)
-    except BaseException as exc:
-        if not _is_io_error(exc):
-            raise
-        stats.failed()
-    finally:
-        stats.closed()
+    await _carry(stream, upstream, stats)
 
 
 async def serve_hybrid_vsock(

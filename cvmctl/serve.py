@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +40,14 @@ from cvmctl.address import (
 )
 from cvmctl.errors import UsageError
 from cvmctl.grpc_bridge import GrpcBridge, RpcObserver
-from cvmctl.relay import RelayStats, dialer_for, open_vsock_listener, serve_relay, vsock_peer_filter
+from cvmctl.relay import (
+    RelayStats,
+    dialer_for,
+    open_vsock_listener,
+    remove_stale_socket,
+    serve_relay,
+    vsock_peer_filter,
+)
 
 log = structlog.get_logger("cvmctl.serve")
 
@@ -111,10 +117,7 @@ async def serve_grpc(
         for address in options.listen:
             match address:
                 case UnixAddress(path=path):
-                    if os.path.exists(path) and not stat.S_ISSOCK(os.stat(path).st_mode):
-                        raise UsageError(f"cannot listen on {address}: a file that is not a socket is there")
-                    if os.path.exists(path):
-                        os.unlink(path)  # a stale socket from a previous run
+                    remove_stale_socket(path)
                     _add_port(server, address, address.grpc_target())
                     bound.append(address)
                 case TcpAddress(host=host):

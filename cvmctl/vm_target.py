@@ -31,11 +31,13 @@ from typing import Any, Final, Literal
 import grpc
 import trio
 
-from cvm.v1 import agent_pb2, agent_pb2_grpc, common_pb2, host_pb2, host_pb2_grpc
+from cvm.v1 import agent_pb2, agent_pb2_grpc, host_pb2, host_pb2_grpc
 from cvmctl.address import parse_address
 from cvmctl.client import RpcClient, connect, error_from_rpc
 from cvmctl.errors import ConnectError, CvmError, DeadlineExceeded, UsageError
+from cvmctl.tee import tee_name
 from workloads.model import Sample, ServerPlan, Unavailable, Workload
+from workloads.runner import free_port
 
 DEV_VM: Final = "cvmctl-dev"
 DEFAULT_HOSTD: Final = "unix:///run/cvm-hostd/hostd.sock"
@@ -48,15 +50,6 @@ Say = Callable[[str], None]
 
 def _state_home() -> Path:
     return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "cvmctl"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def console_tail(vm: host_pb2.VM, lines: int = 8) -> str:
@@ -145,7 +138,7 @@ class VMTarget:
         if vm is None:
             if not self._dev:
                 raise UsageError(f"no VM named {self.vm!r} (cvmctl vm ls lists them)")
-            forwards = {guest: _free_port() for guest in SERVER_PORTS}
+            forwards = {guest: free_port() for guest in SERVER_PORTS}
             self._say(f"creating the dev guest {self.vm} (forwards {forwards})")
             spec = host_pb2.CreateVMRequest(
                 spec_toml=dev_guest_spec(self.vm, forwards), source="cvmctl bench"
@@ -164,7 +157,7 @@ class VMTarget:
             agent_pb2_grpc.GuestAgentStub(self._agent.channel).GetInfo, agent_pb2.GetInfoRequest()
         )
         self._agent_info = {
-            "tee": {common_pb2.TEE_SEV_SNP: "sev-snp", common_pb2.TEE_TDX: "tdx"}.get(info.tee, "none"),
+            "tee": tee_name(info.tee),
             "kernel": info.kernel_release,
             "cmdline": info.kernel_cmdline,
             "tee_evidence": info.tee_evidence,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cvm.v1 import agent_pb2
 from cvmctl.errors import UsageError
-from guest_agent.idle_polling import HaltpollParams, IdleMode, IdlePollingStatus
+from guest_agent.idle_polling import HALTPOLL_PARAM_NAMES, HaltpollParams, IdleMode, IdlePollingStatus
 
 MODE_TO_PROTO = {
     IdleMode.DEFAULT: agent_pb2.IDLE_MODE_DEFAULT,
@@ -20,13 +20,7 @@ MAX_FACTOR = 1_000
 
 def params_to_proto(params: HaltpollParams) -> agent_pb2.HaltpollParams:
     message = agent_pb2.HaltpollParams()
-    for name in (
-        "guest_halt_poll_ns",
-        "guest_halt_poll_grow",
-        "guest_halt_poll_grow_start",
-        "guest_halt_poll_shrink",
-        "guest_halt_poll_allow_shrink",
-    ):
+    for name in HALTPOLL_PARAM_NAMES:
         value = getattr(params, name)
         if value is not None:
             setattr(message, name, value)

@@ -21,7 +21,7 @@ bridge, is never blocked by it.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -50,7 +50,11 @@ class MetricsEndpoint:
         return f"http://{host}:{self.port}{METRICS_PATH}"
 
 
-def _response(status: HTTPStatus, body: bytes, content_type: str, *, head_only: bool = False) -> bytes:
+#: What a server does with one request: ``(method, path)`` in, the whole response out.
+Answer = Callable[[str, str], Awaitable[bytes]]
+
+
+def http_response(status: HTTPStatus, body: bytes, content_type: str, *, head_only: bool = False) -> bytes:
     header = (
         f"HTTP/1.1 {status.value} {status.phrase}\r\n"
         f"Content-Type: {content_type}\r\n"
@@ -69,7 +73,7 @@ def parse_request_line(head: bytes) -> tuple[str, str] | None:
     return parts[0], parts[1].split("?", 1)[0]
 
 
-async def _read_head(stream: trio.abc.ReceiveStream) -> bytes | None:
+async def read_head(stream: trio.abc.ReceiveStream) -> bytes | None:
     buffer = b""
     while b"\r\n\r\n" not in buffer:
         if len(buffer) > MAX_REQUEST_HEAD:
@@ -81,18 +85,26 @@ async def _read_head(stream: trio.abc.ReceiveStream) -> bytes | None:
     return buffer
 
 
-async def _serve_connection(
-    render: Callable[[], bytes], slots: trio.CapacityLimiter, stream: trio.SocketStream
-) -> None:
+async def serve_connection(answer: Answer, slots: trio.CapacityLimiter, stream: trio.SocketStream) -> None:
+    """One connection: a bounded request head within the timeout, one answer, close.
+
+    Shared by every HTTP endpoint cvmctl serves (this one and the host daemon's); they
+    differ only in ``answer``.
+    """
     async with stream:
         try:
             slots.acquire_nowait()
         except trio.WouldBlock:
-            return
+            return  # too many at once: close this one rather than queue it
         try:
             reply = b""
             with trio.move_on_after(REQUEST_TIMEOUT_SECONDS):
-                reply = await _answer(render, stream)
+                head = await read_head(stream)
+                request = parse_request_line(head) if head is not None else None
+                if request is None:
+                    reply = http_response(HTTPStatus.BAD_REQUEST, b"bad request\n", "text/plain")
+                else:
+                    reply = await answer(*request)
             if reply:
                 await stream.send_all(reply)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -101,18 +113,18 @@ async def _serve_connection(
             slots.release()
 
 
-async def _answer(render: Callable[[], bytes], stream: trio.SocketStream) -> bytes:
-    head = await _read_head(stream)
-    request = parse_request_line(head) if head is not None else None
-    if request is None:
-        return _response(HTTPStatus.BAD_REQUEST, b"bad request\n", "text/plain")
-    method, path = request
-    if path != METRICS_PATH:
-        return _response(HTTPStatus.NOT_FOUND, b"only /metrics is here\n", "text/plain")
-    if method not in ("GET", "HEAD"):
-        return _response(HTTPStatus.METHOD_NOT_ALLOWED, b"GET or HEAD\n", "text/plain")
-    body = await trio.to_thread.run_sync(render)
-    return _response(HTTPStatus.OK, body, METRICS_CONTENT_TYPE, head_only=method == "HEAD")
+def metrics_answer(render: Callable[[], bytes]) -> Answer:
+    """The guest's routes: ``/metrics`` only."""
+
+    async def answer(method: str, path: str) -> bytes:
+        if path != METRICS_PATH:
+            return http_response(HTTPStatus.NOT_FOUND, b"only /metrics is here\n", "text/plain")
+        if method not in ("GET", "HEAD"):
+            return http_response(HTTPStatus.METHOD_NOT_ALLOWED, b"GET or HEAD\n", "text/plain")
+        body = await trio.to_thread.run_sync(render)
+        return http_response(HTTPStatus.OK, body, METRICS_CONTENT_TYPE, head_only=method == "HEAD")
+
+    return answer
 
 
 async def serve_metrics_http(
@@ -132,7 +144,8 @@ async def serve_metrics_http(
     try:
         bound_port = int(listeners[0].socket.getsockname()[1])
         slots = trio.CapacityLimiter(MAX_CONNECTIONS)
-        handler = functools.partial(_serve_connection, functools.partial(render_text, registry), slots)
+        answer = metrics_answer(functools.partial(render_text, registry))
+        handler = functools.partial(serve_connection, answer, slots)
         task_status.started(MetricsEndpoint(host, bound_port))
         await trio.serve_listeners(handler, listeners)
     finally:

@@ -17,12 +17,13 @@ import structlog
 import trio
 from prometheus_client import CollectorRegistry
 
-from cvm.v1 import agent_pb2, common_pb2
+from cvm.v1 import agent_pb2
 from cvmctl import __version__
 from cvmctl.attestation.guest import INTERFACES, NONCE_SIZE, Evidence, fetch_evidence
 from cvmctl.attestation.steps import InterfaceUnavailable
 from cvmctl.errors import CvmError, UsageError
 from cvmctl.grpc_bridge import CallInfo, GrpcBridge, RpcAbort, service_handler
+from cvmctl.tee import tee_to_proto
 from guest_agent import idle_rpc
 from guest_agent.collectors.attestation import AttestationCollector, AttestationStats
 from guest_agent.collectors.registry import METRICS_CONTENT_TYPE, render_text
@@ -34,12 +35,6 @@ from guest_agent.tee import TeeVerdict
 log = structlog.get_logger("guest_agent")
 
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["GuestAgent"].full_name
-
-TEE_ENUM = {
-    "none": common_pb2.TEE_NONE,
-    "sev-snp": common_pb2.TEE_SEV_SNP,
-    "tdx": common_pb2.TEE_TDX,
-}
 
 
 TeeDetector = Callable[[], TeeVerdict]
@@ -54,10 +49,11 @@ class GuestInfo:
         self._root = root
         facts = read_system_facts(root)
         verdict = detect_tee()
+        self.tee = str(verdict.tee)
         self._static = agent_pb2.GetInfoResponse(
             agent_version=__version__,
             kernel_release=facts.kernel_release,
-            tee=TEE_ENUM.get(verdict.tee, common_pb2.TEE_UNSPECIFIED),
+            tee=tee_to_proto(verdict.tee),
             boot_id=facts.boot_id,
             kernel_cmdline=facts.kernel_cmdline,
             tee_evidence=verdict.evidence,
@@ -92,7 +88,6 @@ class GuestAgentService:
         self._idle_lock = trio.Lock()
         self._attestation_lock = trio.Lock()
         self._workload_server_busy = False
-        self._tee = detect_tee().tee
         self.attestation_stats = AttestationStats()
         if metrics is not None:
             metrics.register(AttestationCollector(self.attestation_stats))
@@ -113,7 +108,7 @@ class GuestAgentService:
         fetch = functools.partial(
             self._fetch_evidence, report_data, interface=interface, vmpl=vmpl, root=self._root
         )
-        tee = str(self._tee)
+        tee = self.info.tee
         async with self._attestation_lock:  # one request at a time: the interfaces are per-guest
             try:
                 evidence = await trio.to_thread.run_sync(fetch)
@@ -141,7 +136,7 @@ class GuestAgentService:
             peer=call.peer,
         )
         return agent_pb2.GetAttestationReportResponse(
-            tee=TEE_ENUM.get(evidence.tee, common_pb2.TEE_UNSPECIFIED),
+            tee=tee_to_proto(evidence.tee),
             interface=evidence.interface,
             evidence_kind=evidence.kind.value,
             evidence=evidence.data,
@@ -166,42 +161,29 @@ class GuestAgentService:
     ) -> AsyncIterator[agent_pb2.WorkloadEvent]:
         # Imported on first use: most agents never run a benchmark, and these modules cost
         # resident memory (the agent's budget is tight).
-        from workloads import catalogue
-        from workloads.runner import LocalTarget
+        from workloads.execute import ServerProcess, run_guest_request, start_server_request
 
-        workload = catalogue.get(request.workload[:64])
-        params = workload.validate(dict(request.params))
-        target = LocalTarget()
+        name, raw = request.workload[:64], dict(request.params)
         if request.role == agent_pb2.WORKLOAD_ROLE_SERVER:
-            plan = workload.guest_server(params)
-            if plan is None:
-                raise UsageError(f"workload {workload.name} has no server side; run it with role RUN")
             if self._workload_server_busy:
                 raise RpcAbort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED, "a workload server already runs in this guest"
                 )
-            workload.require_tools("guest")
             self._workload_server_busy = True
+            server = ServerProcess()
             try:
-                _, port = await target.start_server(plan)
-                log.info("workload_server_ready", workload=workload.name, port=port, peer=call.peer)
+                port = await start_server_request(name, raw, server)
+                log.info("workload_server_ready", workload=name, port=port, peer=call.peer)
                 yield agent_pb2.WorkloadEvent(server_ready=agent_pb2.WorkloadServerReady(port=port))
                 await trio.sleep_forever()  # until the host cancels the stream
             finally:
                 self._workload_server_busy = False
                 with trio.CancelScope(shield=True):
-                    await target.stop_server()
-                log.info("workload_server_stopped", workload=workload.name)
+                    await server.stop()
+                log.info("workload_server_stopped", workload=name)
         elif request.role == agent_pb2.WORKLOAD_ROLE_RUN:
-            await target.prepare(workload, params)
-            yield agent_pb2.WorkloadEvent(
-                progress=agent_pb2.WorkloadProgress(message=f"running {workload.name}")
-            )
-            try:
-                samples = await target.run_guest(workload, params)
-            finally:
-                with trio.CancelScope(shield=True):
-                    await target.cleanup(workload, params)  # e.g. fio's scratch file
+            yield agent_pb2.WorkloadEvent(progress=agent_pb2.WorkloadProgress(message=f"running {name}"))
+            samples, missing = await run_guest_request(name, raw)
             for sample in samples:
                 yield agent_pb2.WorkloadEvent(
                     sample=agent_pb2.WorkloadSample(
@@ -212,9 +194,9 @@ class GuestAgentService:
                         metadata=sample.metadata,
                     )
                 )
-            for missing in await target.unavailable(workload, params):
+            for note in missing:
                 yield agent_pb2.WorkloadEvent(
-                    unavailable=agent_pb2.WorkloadUnavailable(metric=missing.metric, reason=missing.reason)
+                    unavailable=agent_pb2.WorkloadUnavailable(metric=note.metric, reason=note.reason)
                 )
         else:
             raise UsageError("role must be SERVER or RUN")

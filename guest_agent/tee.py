@@ -38,6 +38,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cvmctl.cpuinfo import cpu_flags
+
 
 class TeeKind(enum.StrEnum):
     SEV_SNP = "sev-snp"
@@ -63,15 +65,6 @@ _BOOT_MESSAGE = {
     TeeKind.SEV_SNP: "Memory Encryption Features active: AMD SEV SEV-ES SEV-SNP",
     TeeKind.TDX: "tdx: Guest detected",
 }
-
-
-def cpu_flags(cpuinfo: str) -> frozenset[str]:
-    """The flags of the first processor in ``/proc/cpuinfo`` text (all CPUs share them)."""
-    for line in cpuinfo.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
 
 
 def _read_cpuinfo_head(path: Path, limit: int = 64 * 1024) -> str:

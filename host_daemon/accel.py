@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from cvmctl.cpuinfo import cpu_flags
 from cvmctl.errors import UsageError
 
 from .spec import Accel, Channel, Tee
@@ -90,15 +91,6 @@ def decide_accel(requested: Accel, probe: KvmProbe, tee: Tee = "none") -> AccelD
     return AccelDecision("tcg", f"auto: {why}")
 
 
-def cpu_flags_from_cpuinfo(text: str) -> frozenset[str]:
-    """Pure: the flags of the first processor in ``/proc/cpuinfo`` text (``flags : a b c``)."""
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
-
-
 def probe_kvm(root: Path = Path("/")) -> KvmProbe:
     """Read the host: try to open ``<root>/dev/kvm`` read-write and read ``<root>/proc/cpuinfo``.
 
@@ -113,9 +105,7 @@ def probe_kvm(root: Path = Path("/")) -> KvmProbe:
         os.close(fd)
         opens, error = True, ""
     try:
-        flags = cpu_flags_from_cpuinfo(
-            (root / "proc" / "cpuinfo").read_text(encoding="utf-8", errors="replace")
-        )
+        flags = cpu_flags((root / "proc" / "cpuinfo").read_text(encoding="utf-8", errors="replace"))
     except OSError:
         flags = frozenset()
     return KvmProbe(dev_kvm_opens=opens, dev_kvm_error=error, cpu_flags=flags)

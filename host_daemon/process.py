@@ -22,18 +22,14 @@ from pathlib import Path
 
 import trio
 
+from host_daemon.metrics.parse import parse_stat
+
 
 def process_start_ticks(pid: int, proc: Path = Path("/proc")) -> int | None:
     """Start time of ``pid`` in clock ticks since boot, or None when it does not exist."""
     try:
-        stat = (proc / str(pid) / "stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) is in parentheses and may contain spaces or ')'.
-    fields = stat[stat.rfind(")") + 2 :].split()
-    try:
-        return int(fields[19])  # field 22 overall; fields[0] here is field 3
-    except (IndexError, ValueError):
+        return parse_stat((proc / str(pid) / "stat").read_text()).start_ticks
+    except (OSError, ValueError):
         return None
 
 

@@ -11,11 +11,12 @@ from typing import Any
 import grpc
 import trio
 
-from cvm.v1 import common_pb2, host_pb2
+from cvm.v1 import host_pb2
 from cvmctl import __version__
 from cvmctl.grpc_bridge import CallInfo, GrpcBridge, RpcAbort, service_handler
+from cvmctl.tee import tee_to_proto
 from host_daemon.accel import resolve_accel
-from host_daemon.spec import parse_spec
+from host_daemon.spec import spec_tee
 from host_daemon.store import VMRecord, VMState
 from host_daemon.vms import PHASES, VMConflict, VMManager, VMNotFound
 
@@ -29,22 +30,15 @@ STATE_TO_PROTO = {
     VMState.STOPPED: host_pb2.VM_STATE_STOPPED,
     VMState.CRASHED: host_pb2.VM_STATE_CRASHED,
 }
-TEE_TO_PROTO = {"none": common_pb2.TEE_NONE, "sev-snp": common_pb2.TEE_SEV_SNP, "tdx": common_pb2.TEE_TDX}
 
 MAX_SPEC_BYTES = 256 * 1024
 
 
 def vm_to_proto(record: VMRecord) -> host_pb2.VM:
-    try:
-        tee = TEE_TO_PROTO.get(
-            parse_spec(record.spec_toml, source=record.name).tee, common_pb2.TEE_UNSPECIFIED
-        )
-    except Exception:
-        tee = common_pb2.TEE_UNSPECIFIED
     message = host_pb2.VM(
         name=record.name,
         state=STATE_TO_PROTO[record.state],
-        tee=tee,
+        tee=tee_to_proto(spec_tee(record.spec_toml)),
         accel=record.accel,
         qemu_pid=record.qemu_pid,
         last_console_lines=list(record.last_console_lines),

@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import ipaddress
 import re
 import tomllib
@@ -306,6 +307,19 @@ def spec_from_mapping(
     if problems:
         raise SpecError(source, problems)
     return spec
+
+
+@functools.lru_cache(maxsize=256)
+def spec_tee(spec_toml: str) -> str:
+    """The TEE a stored spec asks for, or "unknown" if this version no longer accepts it.
+
+    Cached: the API and the exporter ask for every VM again and again, and a stored spec
+    never changes after CreateVM validated it.
+    """
+    try:
+        return parse_spec(spec_toml).tee
+    except UsageError:
+        return "unknown"
 
 
 def parse_memory(value: object) -> int | None:

@@ -385,9 +385,7 @@ class VMManager:
                         reason = "the agent answers health"
                     else:
                         reason = "no agent channel; QEMU runs"
-                    record = self.get(live.name)
-                    if record.state is VMState.STARTING:
-                        self._save(record.with_state(VMState.RUNNING, reason))
+                    self._starting_to_running(live.name, reason)
             except trio.TooSlowError:
                 record = self.get(live.name)
                 if record.state is VMState.STARTING:
@@ -459,6 +457,12 @@ class VMManager:
                     yield "init"
                     return
             await trio.sleep(0.01)
+
+    def _starting_to_running(self, name: str, reason: str) -> None:
+        """RUNNING, unless something (a stop, a crash) moved the VM on meanwhile."""
+        record = self.get(name)
+        if record.state is VMState.STARTING:
+            self._save(record.with_state(VMState.RUNNING, reason))
 
     async def _wait_for_agent(self, agent_address: str) -> None:
         """Until the agent answers health. Attempts back off from 50 ms to 0.5 s: a VMM's
@@ -603,9 +607,7 @@ class VMManager:
             if record.state is VMState.STARTING and record.agent_address:
                 with trio.move_on_after(self.boot_seconds):
                     await self._wait_for_agent(record.agent_address)
-                    current = self.get(live.name)
-                    if current.state is VMState.STARTING:
-                        self._save(current.with_state(VMState.RUNNING, "the agent answers health"))
+                    self._starting_to_running(live.name, "the agent answers health")
             elif record.state is VMState.STOPPING:
                 # The stop was cut short by the daemon's death: finish it.
                 self._spawn_task(self.stop, live.name, DEFAULT_STOP_SECONDS)

@@ -112,15 +112,21 @@ async def run_guest_request(
     """The agent's side of one guest repetition: a workload *name* and *text* params in.
 
     Validates (``UsageError`` for an unknown name or a bad value), checks the tools
-    (``MissingToolError``), runs every case, and returns the samples with what could not
-    be measured. Nothing from ``raw`` reaches a shell; argv lists come from the catalogue.
+    (``MissingToolError``), runs every case, removes the workload's scratch files (also
+    when the run fails: the host may never ask again), and returns the samples with what
+    could not be measured. Nothing from ``raw`` reaches a shell; argv lists come from the
+    catalogue.
     """
     workload = get(name)
     if workload.kind != "guest":
         raise UsageError(f"{name} has no guest-only work (it is {workload.kind})")
     params = workload.validate(raw)
     workload.require_tools("guest")
-    return await run_guest_work(workload, params, on_command), workload.unavailable(params)
+    try:
+        samples = await run_guest_work(workload, params, on_command)
+    finally:
+        remove_scratch_files(workload, params)  # synchronous: no cancellation can cut it short
+    return samples, workload.unavailable(params)
 
 
 async def start_server_request(

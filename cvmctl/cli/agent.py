@@ -9,19 +9,13 @@ from typing import Any
 import trio
 from google.protobuf.json_format import MessageToDict
 
-from cvm.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+from cvm.v1 import agent_pb2, agent_pb2_grpc
 from cvmctl.address import parse_address
 from cvmctl.cli.output import print_table
 from cvmctl.client import DEFAULT_TIMEOUT, connect
+from cvmctl.tee import tee_name
 
 CONNECT_HELP = "agent address: unix:///PATH, tcp://HOST:PORT, vsock://CID:PORT or hvsock:///PATH:PORT"
-
-TEE_NAMES = {
-    common_pb2.TEE_NONE: "none",
-    common_pb2.TEE_SEV_SNP: "sev-snp",
-    common_pb2.TEE_TDX: "tdx",
-    common_pb2.TEE_UNSPECIFIED: "unknown",
-}
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +71,7 @@ def info_as_dict(response: agent_pb2.GetInfoResponse) -> dict[str, Any]:
     data = MessageToDict(
         response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
-    data["tee"] = TEE_NAMES.get(response.tee, "unknown")
+    data["tee"] = tee_name(response.tee)
     return data
 
 

@@ -19,10 +19,11 @@ from cvmctl.cli.agent import add_connection_arguments
 from cvmctl.cli.output import print_table
 from cvmctl.client import connect
 
+# From the wire enum (IDLE_MODE_HALTPOLL -> "haltpoll"), the names the agent uses too.
 MODES = {
-    "default": agent_pb2.IDLE_MODE_DEFAULT,
-    "haltpoll": agent_pb2.IDLE_MODE_HALTPOLL,
-    "poll": agent_pb2.IDLE_MODE_POLL,
+    name.removeprefix("IDLE_MODE_").lower(): value
+    for name, value in agent_pb2.IdleMode.items()
+    if value != agent_pb2.IDLE_MODE_UNSPECIFIED
 }
 MODE_NAMES = {value: key for key, value in MODES.items()}
 
@@ -165,13 +166,8 @@ def run_show(args: argparse.Namespace) -> int:
 
 def run_set(args: argparse.Namespace) -> int:
     params = agent_pb2.HaltpollParams()
-    for name in (
-        "guest_halt_poll_ns",
-        "guest_halt_poll_grow",
-        "guest_halt_poll_grow_start",
-        "guest_halt_poll_shrink",
-        "guest_halt_poll_allow_shrink",
-    ):
+    for field in agent_pb2.HaltpollParams.DESCRIPTOR.fields:
+        name = field.name
         value = getattr(args, name)
         if value is not None:
             setattr(params, name, value)

@@ -15,10 +15,10 @@ from google.protobuf.json_format import MessageToDict
 
 from cvm.v1 import host_pb2, host_pb2_grpc
 from cvmctl.address import parse_address
-from cvmctl.cli.agent import TEE_NAMES
 from cvmctl.cli.output import print_table
 from cvmctl.client import RpcClient, connect
-from cvmctl.errors import CvmError, DeadlineExceeded, UsageError
+from cvmctl.errors import ConnectError, DeadlineExceeded, UsageError
+from cvmctl.tee import tee_name
 
 DEFAULT_HOSTD = "unix:///run/cvm-hostd/hostd.sock"
 HOSTD_ENV = "CVM_HOSTD"
@@ -115,16 +115,14 @@ async def _with_daemon(args: argparse.Namespace, body: Any) -> Any:
     try:
         async with connect(address, timeout=args.timeout) as client:
             return await body(client, host_pb2_grpc.HostDaemonStub(client.channel))
-    except CvmError as exc:
-        if "nothing is listening" in str(exc):
-            raise type(exc)(f"{exc}; is cvm-hostd running? (start it, or point --host at it)") from exc
-        raise
+    except ConnectError as exc:
+        raise ConnectError(f"{exc}; is cvm-hostd running? (start it, or point --host at it)") from exc
 
 
 def vm_as_dict(vm: host_pb2.VM) -> dict[str, Any]:
     data = MessageToDict(vm, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     data["state"] = STATE_NAMES.get(vm.state, "unknown")
-    data["tee"] = TEE_NAMES.get(vm.tee, "unknown")
+    data["tee"] = tee_name(vm.tee)
     # A list, not an object: JSON objects have no order, and the phases do.
     data["boot_phases"] = [{"name": phase.name, "seconds": phase.seconds} for phase in vm.boot_phases]
     data["exit_status"] = vm.exit_status if vm.HasField("exit_status") else None
@@ -250,7 +248,7 @@ def run_ls(args: argparse.Namespace) -> int:
     print(f"{'NAME':<20} {'STATE':<9} {'TEE':<8} {'ACCEL':<5} {'PID':>7}  AGENT")
     for vm in response.vms:
         print(
-            f"{vm.name:<20} {STATE_NAMES.get(vm.state, '?'):<9} {TEE_NAMES.get(vm.tee, '?'):<8} "
+            f"{vm.name:<20} {STATE_NAMES.get(vm.state, '?'):<9} {tee_name(vm.tee):<8} "
             f"{vm.accel or '-':<5} {vm.qemu_pid or '-':>7}  {vm.agent_address or '-'}"
         )
     return 0

@@ -42,13 +42,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from guest_agent.collectors.registry import METRICS_CONTENT_TYPE
-from guest_agent.metrics_http import (
-    MAX_CONNECTIONS,
-    REQUEST_TIMEOUT_SECONDS,
-    _read_head,
-    _response,
-    parse_request_line,
-)
+from guest_agent.metrics_http import MAX_CONNECTIONS, http_response, serve_connection
 from host_daemon.metrics.collector import HostCollector
 
 DEFAULT_HOST_METRICS_PORT = 9465
@@ -126,49 +120,26 @@ class HostMetricsApp:
 
     async def answer(self, method: str, path: str) -> bytes:
         if method not in ("GET", "HEAD"):
-            return _response(HTTPStatus.METHOD_NOT_ALLOWED, b"GET or HEAD\n", "text/plain")
+            return http_response(HTTPStatus.METHOD_NOT_ALLOWED, b"GET or HEAD\n", "text/plain")
         head = method == "HEAD"
         if path == "/metrics":
             body = await trio.to_thread.run_sync(self.render_host)
-            return _response(HTTPStatus.OK, body, METRICS_CONTENT_TYPE, head_only=head)
+            return http_response(HTTPStatus.OK, body, METRICS_CONTENT_TYPE, head_only=head)
         if path.startswith(VM_PATH_PREFIX):
             name = unquote(path[len(VM_PATH_PREFIX) :])
             vm_body = await trio.to_thread.run_sync(self.render_vm, name)
             if vm_body is None:
-                return _response(HTTPStatus.NOT_FOUND, f"no VM named {name!r}\n".encode(), "text/plain")
-            return _response(HTTPStatus.OK, vm_body, METRICS_CONTENT_TYPE, head_only=head)
+                return http_response(HTTPStatus.NOT_FOUND, f"no VM named {name!r}\n".encode(), "text/plain")
+            return http_response(HTTPStatus.OK, vm_body, METRICS_CONTENT_TYPE, head_only=head)
         if path in ("/sd", "/sd/host"):
             if path == "/sd":
                 listing = sd_targets(self.collector, self.advertised, self.host_label)
             else:
                 listing = [{"targets": [self.advertised], "labels": {"host": self.host_label}}]
-            return _response(HTTPStatus.OK, json.dumps(listing).encode(), SD_CONTENT_TYPE, head_only=head)
-        return _response(HTTPStatus.NOT_FOUND, b"/metrics, /metrics/vm/<name>, /sd, /sd/host\n", "text/plain")
-
-
-async def _serve_connection(
-    app: HostMetricsApp, slots: trio.CapacityLimiter, stream: trio.SocketStream
-) -> None:
-    async with stream:
-        try:
-            slots.acquire_nowait()
-        except trio.WouldBlock:
-            return  # too many at once: close this one rather than queue it
-        try:
-            reply = b""
-            with trio.move_on_after(REQUEST_TIMEOUT_SECONDS):
-                head = await _read_head(stream)
-                request = parse_request_line(head) if head is not None else None
-                if request is None:
-                    reply = _response(HTTPStatus.BAD_REQUEST, b"bad request\n", "text/plain")
-                else:
-                    reply = await app.answer(*request)
-            if reply:
-                await stream.send_all(reply)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client went away
-        finally:
-            slots.release()
+            return http_response(HTTPStatus.OK, json.dumps(listing).encode(), SD_CONTENT_TYPE, head_only=head)
+        return http_response(
+            HTTPStatus.NOT_FOUND, b"/metrics, /metrics/vm/<name>, /sd, /sd/host\n", "text/plain"
+        )
 
 
 def advertised_address(host: str, port: int) -> str:
@@ -199,7 +170,7 @@ async def serve_host_metrics_http(
         advertised = advertise or advertised_address(host, bound)
         app = HostMetricsApp(collector, advertised, host_label or socket.gethostname().split(".")[0])
         handler: Callable[[trio.SocketStream], object] = functools.partial(
-            _serve_connection, app, trio.CapacityLimiter(MAX_CONNECTIONS)
+            serve_connection, app.answer, trio.CapacityLimiter(MAX_CONNECTIONS)
         )
         task_status.started(HostEndpoint(host, bound, advertised))
         await trio.serve_listeners(handler, listeners)  # type: ignore[arg-type]

@@ -52,6 +52,7 @@ class TaskStat:
     utime_ticks: int
     stime_ticks: int
     rss_pages: int
+    start_ticks: int  # since boot: with the pid, names one process across pid reuse
 
 
 def parse_stat(text: str) -> TaskStat:
@@ -65,7 +66,11 @@ def parse_stat(text: str) -> TaskStat:
     if len(fields) < 22:
         raise ValueError(f"short /proc stat line ({len(fields) + 2} fields)")
     return TaskStat(
-        comm=comm, utime_ticks=int(fields[11]), stime_ticks=int(fields[12]), rss_pages=int(fields[21])
+        comm=comm,
+        utime_ticks=int(fields[11]),
+        stime_ticks=int(fields[12]),
+        rss_pages=int(fields[21]),
+        start_ticks=int(fields[19]),
     )
 
 

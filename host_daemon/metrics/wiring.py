@@ -26,20 +26,12 @@ from pathlib import Path
 import trio
 
 from cvmctl.address import TcpAddress, parse_address
-from cvmctl.errors import CvmError, UsageError
+from cvmctl.errors import UsageError
 from host_daemon.metrics.collector import DEFAULT_INTERVAL, HostCollector, VMView
 from host_daemon.metrics.http import HostEndpoint, serve_host_metrics_http
-from host_daemon.spec import parse_spec
+from host_daemon.spec import spec_tee
 from host_daemon.store import VMRecord
 from host_daemon.vms import VMManager
-
-
-@functools.lru_cache(maxsize=256)
-def _tee_of(spec_toml: str) -> str:
-    try:
-        return str(parse_spec(spec_toml, source="<metrics>").tee)
-    except CvmError:
-        return "unknown"
 
 
 @functools.lru_cache(maxsize=256)
@@ -64,7 +56,7 @@ def view_of(manager: VMManager, record: VMRecord) -> VMView:
     run_dir = live.run_dir if live is not None else manager.state_dir / "vms" / record.name
     return VMView(
         name=record.name,
-        tee=_tee_of(record.spec_toml),
+        tee=spec_tee(record.spec_toml),
         machine=_machine_of(run_dir / "qemu.argv", record.qemu_pid),
         qemu_version=version,
         pid=record.qemu_pid,

@@ -21,6 +21,7 @@ from guest_agent.idle_polling import IdlePollingController
 from guest_agent.server import GuestAgentService, agent_handlers
 from guest_agent.tee import detect_tee
 from tests.conftest import REPO_ROOT
+from tests.spine.agent_fixtures import spawn_agent
 from tests.spine.test_programs import wait_for_socket
 
 SNP_TREE = REPO_ROOT / "tests" / "fixtures" / "sysroots" / "snp-guest"
@@ -106,20 +107,7 @@ async def test_hostile_values_are_rejected_before_any_write(agent: RpcClient, gu
 @pytest.fixture
 def agent_process(guest_root: Path, tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.Popen[str]]]:
     sock = tmp_path / "a.sock"
-    process = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "cvm-agent"),
-            "--listen",
-            f"unix://{sock}",
-            "--root",
-            str(guest_root),
-            "--state-dir",
-            str(tmp_path / "state"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = spawn_agent(sock, tmp_path / "state", "--root", str(guest_root))
     try:
         wait_for_socket(sock, process)
         yield f"unix://{sock}", tmp_path / "state", process
@@ -167,20 +155,7 @@ def test_agent_killed_after_apply_restores_on_next_start(
     assert (guest_root / HALTPOLL_NS).read_text().strip() == "1"
     # A new agent on the same state dir finds the record and restores the originals.
     sock = tmp_path / "b.sock"
-    process = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "cvm-agent"),
-            "--listen",
-            f"unix://{sock}",
-            "--root",
-            str(guest_root),
-            "--state-dir",
-            str(state_dir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = spawn_agent(sock, state_dir, "--root", str(guest_root))
     try:
         wait_for_socket(sock, process)
         assert trees_identical(guest_root, SNP_TREE)

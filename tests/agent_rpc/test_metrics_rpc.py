@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +11,7 @@ from cvm.v1 import agent_pb2, agent_pb2_grpc
 from cvmctl.address import UnixAddress
 from cvmctl.client import connect
 from tests.conftest import REPO_ROOT
+from tests.spine.agent_fixtures import spawn_agent
 from tests.spine.test_programs import wait_for_socket
 
 TREE = REPO_ROOT / "tests" / "fixtures" / "sysroots" / "snp-guest"
@@ -21,21 +20,7 @@ TREE = REPO_ROOT / "tests" / "fixtures" / "sysroots" / "snp-guest"
 @pytest.fixture
 def agent_on_snp_tree(tmp_path: Path) -> Iterator[Path]:
     sock = tmp_path / "a.sock"
-    process = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "cvm-agent"),
-            "--listen",
-            f"unix://{sock}",
-            "--root",
-            str(TREE),
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--no-mount-debugfs",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = spawn_agent(sock, tmp_path / "state", "--root", str(TREE))
     try:
         wait_for_socket(sock, process)
         yield sock

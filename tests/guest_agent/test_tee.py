@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from cvmctl.cpuinfo import cpu_flags
 from guest_agent.tee import (
     TeeKind,
     TeeVerdict,
     classify,
-    cpu_flags,
     detect_tee,
     parse_kmsg,
     read_boot_messages,

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from cvmctl.cpuinfo import cpu_flags as cpu_flags_from_cpuinfo
 from host_daemon.accel import (
     AccelUnavailable,
     ChannelProbe,
     KvmProbe,
-    cpu_flags_from_cpuinfo,
     decide_accel,
     decide_channel,
     probe_channel,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,3 +24,25 @@ async def running_agent(socket_path: Path, root: Path = Path("/")) -> AsyncItera
         bound = await nursery.start(serve_grpc, agent_handlers(service), options)
         yield bound
         nursery.cancel_scope.cancel()
+
+
+def spawn_agent(
+    sock: Path, state_dir: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """The installed ``cvm-agent`` on a unix socket, with a private state dir and without
+    mounting debugfs on this machine; ``extra`` arguments follow (``--root``, ...)."""
+    return subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "cvm-agent"),
+            "--listen",
+            f"unix://{sock}",
+            "--state-dir",
+            str(state_dir),
+            "--no-mount-debugfs",
+            *extra,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

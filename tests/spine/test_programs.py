@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.spine.agent_fixtures import spawn_agent
+
 BIN = Path(sys.executable).parent
 
 
@@ -35,21 +37,7 @@ def cvmctl(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[Path]:
     sock = tmp_path / "a.sock"
-    process = subprocess.Popen(
-        [
-            str(BIN / "cvm-agent"),
-            "--listen",
-            f"unix://{sock}",
-            "--log-format",
-            "json",
-            "--no-mount-debugfs",
-            "--state-dir",
-            str(tmp_path / "state"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = spawn_agent(sock, tmp_path / "state", "--log-format", "json")
     try:
         wait_for_socket(sock, process)
         yield sock
@@ -139,20 +127,7 @@ def test_sigterm_stops_within_5_s_and_sd_notify_ready(tmp_path: Path) -> None:
     notify.bind(str(notify_path))
     notify.settimeout(15)
     sock = tmp_path / "a.sock"
-    process = subprocess.Popen(
-        [
-            str(BIN / "cvm-agent"),
-            "--listen",
-            f"unix://{sock}",
-            "--no-mount-debugfs",
-            "--state-dir",
-            str(tmp_path / "state"),
-        ],
-        env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = spawn_agent(sock, tmp_path / "state", env={**os.environ, "NOTIFY_SOCKET": str(notify_path)})
     try:
         ready = notify.recv(4096).decode()
         assert ready.startswith("READY=1\nSTATUS=serving on unix://")

@@ -169,3 +169,19 @@ async def test_hybrid_vsock_missing_socket_is_a_clear_error(tmp_path: Path) -> N
 def test_vsock_peer_filter_allows_only_the_host(peer_cid: int, allowed: bool) -> None:
     fake: Any = SimpleNamespace(socket=SimpleNamespace(getpeername=lambda: (peer_cid, 5000)))
     assert vsock_peer_filter({2})(fake) is allowed
+
+
+async def test_hybrid_vsock_survives_a_backend_that_is_gone(tmp_path: Path) -> None:
+    """A CONNECT to a port whose backend is not there is refused; the socket keeps serving."""
+    backend, hybrid = str(tmp_path / "backend.sock"), str(tmp_path / "vm.vsock")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_hybrid_vsock, hybrid, {1024: dialer_for(UnixAddress(backend))})
+        with trio.fail_after(5), pytest.raises(ConnectError):
+            await open_hybrid_vsock_stream(hybrid, 1024)
+        await nursery.start(echo_server, backend)
+        with trio.fail_after(5):
+            stream = await open_hybrid_vsock_stream(hybrid, 1024)
+            await stream.send_all(b"back")
+            await stream.send_eof()
+            assert await read_all(stream) == b"backbye"
+        nursery.cancel_scope.cancel()

@@ -109,6 +109,9 @@ class _RpcScope:
 
     cancel_scope: trio.CancelScope
     budget_seconds: float
+    #: Set by the handler once its trio work is over. grpcio runs the call's callbacks at
+    #: every RPC's end, even a successful one; a finished RPC must not wake trio for nothing.
+    finished: bool = False
 
     def enter(self) -> trio.CancelScope:
         self.cancel_scope.deadline = trio.current_time() + self.budget_seconds
@@ -141,12 +144,17 @@ class GrpcBridge:
 
     def _scope_for(self, context: grpc.ServicerContext, max_seconds: float | None = None) -> _RpcScope:
         """A scope cancelled when the RPC ends early (client gone, deadline passed)."""
-        cancel_scope = trio.CancelScope()
-        context.add_callback(lambda: self._cancel_soon(cancel_scope))
         remaining = context.time_remaining()
         cap = self.max_rpc_seconds if max_seconds is None else max_seconds
         budget = cap if remaining is None else min(remaining, cap)
-        return _RpcScope(cancel_scope, max(budget, 0.0))
+        scope = _RpcScope(trio.CancelScope(), max(budget, 0.0))
+
+        def on_rpc_end() -> None:
+            if not scope.finished:
+                self._cancel_soon(scope.cancel_scope)
+
+        context.add_callback(on_rpc_end)
+        return scope
 
     @staticmethod
     def _cancelled(context: grpc.ServicerContext) -> BaseException:
@@ -193,8 +201,10 @@ class GrpcBridge:
             try:
                 response = trio.from_thread.run(run_in_trio, trio_token=self._token)
             except Exception as exc:
+                scope.finished = True
                 self._finish(method, info, started, self._fail(context, method, exc))
                 return None
+            scope.finished = True
             self._finish(method, info, started, grpc.StatusCode.OK)
             return response
 
@@ -240,6 +250,7 @@ class GrpcBridge:
                     except trio.EndOfChannel:
                         break
                     yield item
+                scope.finished = True  # the producer has ended: nothing left to cancel
                 if failure:
                     raise failure[0]
             except GeneratorExit:

@@ -37,6 +37,7 @@ from typing import Any
 
 import trio
 
+from cvmctl.affinity import child_preexec, restore_in_child
 from cvmctl.errors import CvmError, DeadlineExceeded, RemoteError, UsageError
 from workloads.catalogue import get
 from workloads.model import MissingToolError, Sample, ServerPlan, Unavailable, Workload
@@ -57,7 +58,9 @@ async def run_command(argv: list[str], timeout: float, what: str) -> str:
     :class:`DeadlineExceeded`.
     """
     with trio.move_on_after(timeout) as scope:
-        done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+        done = await trio.run_process(
+            argv, capture_stdout=True, capture_stderr=True, check=False, preexec_fn=child_preexec()
+        )
     if scope.cancelled_caught:
         raise DeadlineExceeded(f"{what}: {argv[0]} did not finish within {timeout:g} s")
     if done.returncode != 0:
@@ -180,9 +183,13 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent(parent: int) -> Callable[[], None]:
-    """A preexec_fn: SIGTERM this child when its parent thread dies (and if it already has)."""
+    """A preexec_fn: SIGTERM this child when its parent thread dies (and if it already has).
+
+    Also gives the child the CPU set the agent had before it pinned itself (cvmctl.affinity).
+    """
 
     def set_pdeathsig() -> None:
+        restore_in_child()
         _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
         if os.getppid() != parent:  # the parent died between fork and prctl
             os.kill(os.getpid(), signal.SIGTERM)

@@ -1,8 +1,8 @@
 """/metrics latency: the agent's collectors vs Debian's prometheus-node-exporter, same run.
 
 Starts, on 127.0.0.1, (a) the real ``cvm-agent`` with ``--metrics-listen`` (its gRPC API on a
-private unix socket; the real roots ``/``, ``/proc``, ``/sys/kernel/debug``; refresher every
-5 s; no debugfs mount), (b)
+private unix socket; the real roots ``/``, ``/proc``, ``/sys/kernel/debug``; refresher at
+its default, every 15 s; no debugfs mount; its threads on one CPU, its default), (b)
 ``prometheus-node-exporter`` with its default collectors and (c) the same node exporter
 restricted to the collectors that overlap ours (cpu, pressure). The client scrapes them in
 alternating blocks so that machine noise falls on all of them, then prints per-target

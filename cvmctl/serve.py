@@ -1,6 +1,8 @@
 """Running a gRPC server inside a trio program: the part both daemons share.
 
-:func:`serve_grpc` owns one grpcio server for the lifetime of its task:
+:func:`serve_grpc` owns one grpc.aio server, on an asyncio loop of its own thread, for
+the lifetime of its task (see :mod:`cvmctl.grpc_bridge` for why asyncio and not grpcio's
+synchronous server):
 
 1. builds the servicers' handlers with a :class:`~cvmctl.grpc_bridge.GrpcBridge` bound to
    the current trio run, plus the standard health service (grpc.health.v1);
@@ -10,24 +12,28 @@
 3. marks every service SERVING, tells systemd ``READY=1`` and hands the bound addresses
    to the caller through ``task_status``;
 4. on cancellation (SIGTERM in the programs) marks NOT_SERVING, tells systemd
-   ``STOPPING=1`` and stops grpcio *off* the trio thread (its handlers need the trio
-   thread to finish), bounded by ``stop_grace + 1`` seconds.
+   ``STOPPING=1`` and stops the server with ``stop_grace`` seconds for calls in progress
+   (their trio work keeps running meanwhile), bounded by ``stop_grace + 1`` seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol, TypeAlias, TypeVar
 
 import grpc
+import grpc.aio
 import structlog
 import trio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # untyped in grpc-stubs
 
 from cvmctl import sdnotify
 from cvmctl.address import (
@@ -53,11 +59,14 @@ log = structlog.get_logger("cvmctl.serve")
 
 MiB: Final = 1024 * 1024
 
+T = TypeVar("T")
+
 
 @dataclass
 class ServerOptions:
     listen: Sequence[Address]
-    max_workers: int = 16
+    #: RPCs in progress at once; more are answered RESOURCE_EXHAUSTED at once.
+    max_concurrent_rpcs: int = 64
     #: Largest request accepted. The agent keeps this small: its peer (the host) is untrusted.
     max_receive_bytes: int = 1 * MiB
     max_send_bytes: int = 64 * MiB
@@ -69,7 +78,8 @@ class ServerOptions:
     relay_stats: RelayStats = field(default_factory=RelayStats)
 
 
-HandlerFactory = Callable[[GrpcBridge], Iterable[tuple[str, "grpc.GenericRpcHandler[Any, Any]"]]]
+GenericHandler: TypeAlias = "grpc.GenericRpcHandler[Any, Any]"
+HandlerFactory = Callable[[GrpcBridge], Iterable[tuple[str, GenericHandler]]]
 
 
 def _check_listen(address: Address) -> None:
@@ -78,6 +88,56 @@ def _check_listen(address: Address) -> None:
             f"cannot listen on {address}: hybrid vsock is the host side of a VM's socket; "
             "an agent in the guest listens on vsock://any:PORT"
         )
+
+
+class _AsyncioThread:
+    """An asyncio event loop on a thread of its own, where grpc.aio runs.
+
+    trio owns the main thread; grpc.aio needs asyncio. Each side talks to the other only
+    through the other's thread-safe entry (``call_soon_threadsafe``, trio's token).
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="grpc-asyncio", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            with suppress(Exception):
+                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    async def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run ``coroutine`` on the asyncio loop; its result, awaited from trio.
+
+        Cancelling the trio side cancels the coroutine.
+        """
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+
+        def wake(_: object) -> None:
+            with suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+        future.add_done_callback(wake)
+        try:
+            await done.wait()
+        except BaseException:
+            future.cancel()
+            raise
+        return future.result()
+
+    async def stop(self, seconds: float) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        with trio.move_on_after(seconds):
+            await trio.to_thread.run_sync(self._thread.join, abandon_on_cancel=True)
 
 
 async def serve_grpc(
@@ -94,41 +154,14 @@ async def serve_grpc(
         max_rpc_seconds=options.max_rpc_seconds,
         observer=options.observer,
     )
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="grpc"),
-        options=[
-            ("grpc.max_receive_message_length", options.max_receive_bytes),
-            ("grpc.max_send_message_length", options.max_send_bytes),
-            ("grpc.so_reuseport", 0),
-        ],
-        maximum_concurrent_rpcs=options.max_workers * 4,
-    )
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    service_names = []
-    for name, handler in make_handlers(bridge):
-        server.add_generic_rpc_handlers((handler,))
-        service_names.append(name)
-
+    handlers = list(make_handlers(bridge))
     private_dir = tempfile.mkdtemp(prefix="cvm-grpc-")
+    asyncio_thread = _AsyncioThread()
+    asyncio_thread.start()
     bound: list[Address] = []
-    vsock_backends: list[tuple[VsockAddress, str]] = []
     try:
-        for address in options.listen:
-            match address:
-                case UnixAddress(path=path):
-                    remove_stale_socket(path)
-                    _add_port(server, address, address.grpc_target())
-                    bound.append(address)
-                case TcpAddress(host=host):
-                    port = _add_port(server, address, address.grpc_target())
-                    bound.append(TcpAddress(host, port))
-                case VsockAddress():
-                    backend = os.path.join(private_dir, f"vsock-{address.port}.sock")
-                    _add_port(server, address, f"unix:{backend}")
-                    vsock_backends.append((address, backend))
-                    bound.append(address)
-        server.start()
+        started = await asyncio_thread.call(_start_server(options, handlers, private_dir))
+        server, health_servicer, bound, vsock_backends = started
         for address in bound:
             if isinstance(address, UnixAddress):
                 os.chmod(address.path, options.unix_socket_mode)
@@ -139,23 +172,83 @@ async def serve_grpc(
                 await nursery.start(
                     _serve_vsock_relay, listener, backend, options.relay_stats, options.vsock_allowed_cids
                 )
-            for name in ["", *service_names]:
-                health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await asyncio_thread.call(_set_serving(health_servicer, [name for name, _ in handlers]))
             sdnotify.notify("READY=1", f"STATUS=serving on {', '.join(map(str, bound))}")
-            log.info("serving", listen=[str(a) for a in bound], services=service_names)
+            log.info("serving", listen=[str(a) for a in bound], services=[name for name, _ in handlers])
             task_status.started(bound)
             try:
                 await trio.sleep_forever()
             finally:
                 with trio.CancelScope(shield=True):
-                    await _stop(server, health_servicer, options.stop_grace)
+                    sdnotify.notify("STOPPING=1")
+                    log.info("stopping", grace_seconds=options.stop_grace)
+                    with trio.move_on_after(options.stop_grace + 1.0):
+                        await asyncio_thread.call(_stop_server(server, health_servicer, options.stop_grace))
                 nursery.cancel_scope.cancel()
     finally:
-        server.stop(None)
+        with trio.CancelScope(shield=True):
+            await asyncio_thread.stop(1.0)
         shutil.rmtree(private_dir, ignore_errors=True)
         for address in bound:
             if isinstance(address, UnixAddress) and os.path.exists(address.path):
                 os.unlink(address.path)
+
+
+class _AsyncHealth(Protocol):
+    """What serve_grpc uses of grpc_health's asyncio HealthServicer."""
+
+    async def set(self, service: str, status: int) -> None: ...
+    async def enter_graceful_shutdown(self) -> None: ...
+
+
+_Started = tuple[grpc.aio.Server, _AsyncHealth, list[Address], list[tuple[VsockAddress, str]]]
+
+
+async def _start_server(
+    options: ServerOptions, handlers: list[tuple[str, GenericHandler]], private_dir: str
+) -> _Started:
+    """On the asyncio thread: build, bind and start the grpc.aio server."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", options.max_receive_bytes),
+            ("grpc.max_send_message_length", options.max_send_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=options.max_concurrent_rpcs,
+    )
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_generic_rpc_handlers([handler for _, handler in handlers])
+    bound: list[Address] = []
+    vsock_backends: list[tuple[VsockAddress, str]] = []
+    for address in options.listen:
+        match address:
+            case UnixAddress(path=path):
+                remove_stale_socket(path)
+                _add_port(server, address, address.grpc_target())
+                bound.append(address)
+            case TcpAddress(host=host):
+                port = _add_port(server, address, address.grpc_target())
+                bound.append(TcpAddress(host, port))
+            case VsockAddress():
+                backend = os.path.join(private_dir, f"vsock-{address.port}.sock")
+                _add_port(server, address, f"unix:{backend}")
+                vsock_backends.append((address, backend))
+                bound.append(address)
+    await server.start()
+    return server, health_servicer, bound, vsock_backends
+
+
+async def _set_serving(health_servicer: _AsyncHealth, service_names: list[str]) -> None:
+    for name in ["", *service_names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+async def _stop_server(server: grpc.aio.Server, health_servicer: _AsyncHealth, grace: float) -> None:
+    """On the asyncio thread: NOT_SERVING, then stop; calls still running after ``grace`` are
+    cancelled, which cancels their trio work."""
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace)
 
 
 async def _serve_vsock_relay(
@@ -174,7 +267,7 @@ async def _serve_vsock_relay(
     )
 
 
-def _add_port(server: grpc.Server, address: Address, target: str) -> int:
+def _add_port(server: grpc.aio.Server, address: Address, target: str) -> int:
     try:
         port = server.add_insecure_port(target)
     except RuntimeError as exc:
@@ -184,11 +277,3 @@ def _add_port(server: grpc.Server, address: Address, target: str) -> int:
     if port == 0:
         raise UsageError(f"cannot listen on {address}: the address is in use or not local")
     return port
-
-
-async def _stop(server: grpc.Server, health_servicer: health.HealthServicer, grace: float) -> None:
-    health_servicer.enter_graceful_shutdown()
-    sdnotify.notify("STOPPING=1")
-    log.info("stopping", grace_seconds=grace)
-    with trio.move_on_after(grace + 1.0):
-        await trio.to_thread.run_sync(lambda: server.stop(grace).wait(), abandon_on_cancel=True)

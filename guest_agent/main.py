@@ -113,7 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         "instead of inter-processor interrupts, which cost a VM an exit each. Benchmarks and "
         "commands it starts run on every CPU it was allowed",
     )
-    parser.add_argument("--max-workers", type=int, default=16, help="concurrent RPCs (default: 16)")
+    parser.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=64,
+        metavar="N",
+        help="RPCs served at once; more are refused with RESOURCE_EXHAUSTED (default: 64)",
+    )
     add_logging_arguments(parser)
     return parser
 
@@ -132,8 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parse_address(a, listening=True)
             for a in (args.listen or [f"vsock://any:{DEFAULT_AGENT_VSOCK_PORT}"])
         ]
-        if args.max_workers < 1:
-            raise UsageError("--max-workers must be at least 1")
+        if args.max_concurrent_rpcs < 1:
+            raise UsageError("--max-concurrent-rpcs must be at least 1")
         if not 0.1 <= args.metrics_interval <= 3600:
             raise UsageError("--metrics-interval must be between 0.1 and 3600 seconds")
         metrics_address = parse_address(args.metrics_listen, listening=True) if args.metrics_listen else None
@@ -149,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stats = AgentStats()
     options = ServerOptions(
         listen=listen,
-        max_workers=args.max_workers,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
         vsock_allowed_cids=frozenset(args.allow_cid or [VMADDR_CID_HOST]),
         observer=rpc_observer(stats),
         relay_stats=MeteredRelayStats(stats),

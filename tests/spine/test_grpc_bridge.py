@@ -150,3 +150,22 @@ async def test_stream_cancelled_by_client_stops_the_producer(
         call.cancel()
         with trio.fail_after(3):
             await behaviour.cancelled.wait()
+
+
+async def test_calls_beyond_the_concurrency_bound_are_refused(tmp_path: Path) -> None:
+    behaviour = Behaviour()
+    address = UnixAddress(str(tmp_path / "bounded.sock"))
+    options = ServerOptions(listen=[address], stop_grace=0.5, max_concurrent_rpcs=1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_grpc, handlers(behaviour), options)
+        async with connect(address, timeout=5) as client:
+            method: Any = unary(client.channel)
+            hanging = method.future(b"hang", timeout=5)
+            await trio.sleep(0.3)
+            with pytest.raises(RemoteError, match="RESOURCE_EXHAUSTED"):
+                await client.call(unary(client.channel), b"second")
+            hanging.cancel()
+            with trio.fail_after(3):
+                await behaviour.cancelled.wait()
+            assert await client.call(unary(client.channel), b"third") == b"THIRD"
+        nursery.cancel_scope.cancel()

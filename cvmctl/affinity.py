@@ -5,9 +5,9 @@ grpcio's handler pool and core) hand every RPC from one to another, and only one
 runs Python at a time anyway. Spread over several vCPUs, each handoff wakes another vCPU
 with an inter-processor interrupt: in a VM that is a VMEXIT, and in a confidential VM a
 far more expensive one (the study's central finding). On one vCPU the same handoffs are
-plain context switches. Measured on this 2-vCPU KVM guest (``benchmarks/rpc_latency.py``):
-unary RPC median 0.80 ms spread, 0.59 ms pinned; a trio ``from_thread.run`` round trip
-98 us spread, 43 us pinned.
+plain context switches. Measured on this 2-vCPU KVM guest: unary RPC median 0.80-0.85 ms
+spread, 0.64-0.69 ms pinned (``benchmarks/rpc_latency.py``); a thread-to-thread round trip
+through a queue 43 us spread, 13 us pinned.
 
 A pinned agent must not pass its restriction on: benchmark servers and commands it starts
 get the CPU set the agent itself was started with (:func:`restore_in_child`, a

@@ -10,12 +10,15 @@ scope whose deadline is the client's deadline capped by
 :attr:`GrpcBridge.max_rpc_seconds`, and a client that goes away (grpc.aio cancels the
 handler) cancels its scope.
 
-Why not grpcio's synchronous server and ``trio.from_thread.run`` (the first design):
-measured side by side on this 2-vCPU KVM guest, both pinned to one CPU, unary latency
-was the same (0.61-0.64 ms either way), but the synchronous server polls its completion
-queue every 200 ms to check for signals, which alone cost an idle agent 0.045 % of a
-core: the agent idled at 0.124 % with it and 0.065 % without (benchmarks/scrape.py's
-window, a scrape every 15 s).
+Why not grpcio's synchronous server and ``trio.from_thread.run`` (the first design): it
+answers faster, but it never sleeps. Side by side on this 2-vCPU KVM guest, all pinned to
+one CPU, three runs: unary median 0.55-0.59 ms through the synchronous bridge, 0.60-0.65 ms
+through this one (plain synchronous grpcio 0.43-0.47 ms); grpc.aio's own per-call Python
+is the difference. But the synchronous server polls its completion queue every 200 ms to
+check for signals (a constant in grpcio's Cython), so an idle agent scraped every 15 s used
+0.128 % of a core with it and 0.091 % with this one, over the same 120 s. An agent idles
+in every VM of a fleet for its whole life, and in a confidential VM each timer wakeup is
+an exit; a control call 50 us slower costs nobody anything.
 
 Errors: a servicer raises :class:`RpcAbort` (or any :class:`cvmctl.errors.CvmError`,
 mapped to a status code) to answer with a status; any other exception is logged with

@@ -40,6 +40,8 @@ from typing import Any
 
 import psutil
 
+from workloads.thread_cpu import GRPC_CORE_THREAD_PREFIXES, ThreadCpuSampler
+
 
 @dataclass
 class Target:
@@ -154,35 +156,11 @@ def start_targets(node_exporter: str | None) -> list[Target]:
     return targets
 
 
-def thread_cpu_ns(pid: int) -> dict[str, tuple[str, int]]:
-    """Per thread of ``pid``: (name, nanoseconds on CPU), from /proc/PID/task/TID/schedstat."""
-    threads: dict[str, tuple[str, int]] = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with (
-                open(f"/proc/{pid}/task/{tid}/schedstat") as stat,
-                open(f"/proc/{pid}/task/{tid}/comm") as comm,
-            ):
-                threads[tid] = (comm.read().strip(), int(stat.read().split()[0]))
-        except OSError:  # the thread ended meanwhile
-            continue
-    return threads
-
-
-#: grpcio's core threads, whatever the program on top does
-GRPC_CORE_THREADS = ("event_engine", "grpc_global_tim", "lifeguard")
-
-
 def measure_idle_cpu(agent: Target, seconds: float, period: float = 15.0) -> dict[str, float]:
-    """CPU the agent used over ``seconds`` with one scrape per ``period``.
-
-    Read per thread in nanoseconds every 0.5 s (process CPU times tick at 10 ms, too coarse
-    for a window of 120 ms of CPU), so threads that start and end within the window count too.
-    """
-    pid = agent.process.pid
+    """CPU the agent used over ``seconds`` with one scrape per ``period``, read per thread in
+    nanoseconds (workloads.thread_cpu): process CPU times tick at 10 ms, too coarse here."""
     time.sleep(11)  # trio retires the worker threads the latency runs left idle after 10 s
-    baseline = {tid: ns for tid, (_, ns) in thread_cpu_ns(pid).items()}
-    latest: dict[str, tuple[str, int]] = {}
+    sampler = ThreadCpuSampler(agent.process.pid)
     started = time.monotonic()
     next_scrape = started
     scrapes = 0
@@ -191,18 +169,16 @@ def measure_idle_cpu(agent: Target, seconds: float, period: float = 15.0) -> dic
             scrape(agent.port)
             scrapes += 1
             next_scrape += period
-        latest.update(thread_cpu_ns(pid))
+        sampler.sample()
         time.sleep(0.5)
     elapsed = time.monotonic() - started
-    used_ns = {tid: ns - baseline.get(tid, 0) for tid, (_, ns) in latest.items()}
-    grpc_core = sum(ns for tid, ns in used_ns.items() if latest[tid][0].startswith(GRPC_CORE_THREADS))
-    used = sum(used_ns.values()) / 1e9
+    used = sampler.seconds()
     return {
         "window_s": elapsed,
         "scrapes": scrapes,
         "cpu_s": used,
         "core_percent": 100 * used / elapsed,
-        "grpc_core_percent": 100 * grpc_core / 1e9 / elapsed,
+        "grpc_core_percent": 100 * sampler.seconds(GRPC_CORE_THREAD_PREFIXES) / elapsed,
     }
 
 

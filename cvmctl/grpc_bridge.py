@@ -167,16 +167,28 @@ class GrpcBridge:
             if not future.done():  # a cancelled handler no longer waits
                 future.set_result(result)
 
-        async def run() -> None:
-            result = await outcome.acapture(afn)
+        def send_back(result: outcome.Outcome[T]) -> None:
             with suppress(RuntimeError):  # the asyncio loop has closed: nobody waits
                 loop.call_soon_threadsafe(deliver, result)
+
+        async def run() -> None:
+            try:
+                result: outcome.Outcome[T] = outcome.Value(await afn())
+            except trio.Cancelled:
+                # Not the call's own scope (the servicer wrappers turn that into an error):
+                # the whole run is ending. trio needs its Cancelled back; asyncio gets a
+                # plain exception it can answer with.
+                send_back(outcome.Error(trio.RunFinishedError("trio is stopping")))
+                raise
+            except Exception as exc:
+                result = outcome.Error(exc)
+            send_back(result)
 
         def spawn() -> None:
             try:
                 trio.lowlevel.spawn_system_task(run)
             except RuntimeError:  # the run is finishing: its system nursery is closed
-                loop.call_soon_threadsafe(deliver, outcome.Error(trio.RunFinishedError("trio is stopping")))
+                send_back(outcome.Error(trio.RunFinishedError("trio is stopping")))
 
         self._token.run_sync_soon(spawn)  # trio.RunFinishedError when trio has stopped
         return (await future).unwrap()

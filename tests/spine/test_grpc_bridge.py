@@ -169,3 +169,23 @@ async def test_calls_beyond_the_concurrency_bound_are_refused(tmp_path: Path) ->
                 await behaviour.cancelled.wait()
             assert await client.call(unary(client.channel), b"third") == b"THIRD"
         nursery.cancel_scope.cancel()
+
+
+async def test_shutdown_with_a_call_in_flight(tmp_path: Path) -> None:
+    """Stopping gives calls ``stop_grace``, then cancels them and their trio work."""
+    behaviour = Behaviour()
+    address = UnixAddress(str(tmp_path / "stopping.sock"))
+    options = ServerOptions(listen=[address], stop_grace=0.5)
+    async with connect(address, timeout=10) as client:
+        method: Any = unary(client.channel)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_grpc, handlers(behaviour), options)
+            hanging = method.future(b"hang", timeout=10, wait_for_ready=True)
+            await trio.sleep(0.3)
+            stopping = trio.current_time()
+            nursery.cancel_scope.cancel()
+        assert trio.current_time() - stopping < 0.5 + 1.0 + 0.5  # grace, the bound's second, slack
+        assert behaviour.cancelled.is_set()
+        with pytest.raises(grpc.RpcError) as info:
+            await trio.to_thread.run_sync(lambda: hanging.result(timeout=5))
+    assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)

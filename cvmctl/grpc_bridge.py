@@ -70,31 +70,20 @@ class RpcAbort(Exception):
 
 
 class CallInfo:
-    """What a servicer may know about the call it serves.
+    """What a servicer may know about the call it serves: a snapshot, taken on the asyncio
+    thread when the call starts.
 
-    ``peer`` and ``metadata`` are read from grpcio on first use: most calls never need them,
-    and each costs a trip into grpcio's C core.
+    Servicers run on the trio thread and may outlive the call (a client that went away
+    while shielded work finishes); grpc.aio's call object is neither thread-safe nor alive
+    after the call ends, so nothing here reads it later.
     """
 
-    __slots__ = ("_context", "_metadata", "_peer", "method")
+    __slots__ = ("metadata", "method", "peer")
 
     def __init__(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.method = method
-        self._context = context
-        self._peer: str | None = None
-        self._metadata: tuple[tuple[str, str | bytes], ...] | None = None
-
-    @property
-    def peer(self) -> str:
-        if self._peer is None:
-            self._peer = self._context.peer()
-        return self._peer
-
-    @property
-    def metadata(self) -> tuple[tuple[str, str | bytes], ...]:
-        if self._metadata is None:
-            self._metadata = tuple(self._context.invocation_metadata() or ())
-        return self._metadata
+        self.peer: str = context.peer()
+        self.metadata: tuple[tuple[str, str | bytes], ...] = tuple(context.invocation_metadata() or ())
 
 
 #: Called once per finished RPC with (full method name, status code name, seconds).
@@ -174,14 +163,14 @@ class GrpcBridge:
         async def run() -> None:
             try:
                 result: outcome.Outcome[T] = outcome.Value(await afn())
-            except trio.Cancelled:
-                # Not the call's own scope (the servicer wrappers turn that into an error):
-                # the whole run is ending. trio needs its Cancelled back; asyncio gets a
-                # plain exception it can answer with.
-                send_back(outcome.Error(trio.RunFinishedError("trio is stopping")))
-                raise
             except Exception as exc:
                 result = outcome.Error(exc)
+            except BaseException:
+                # Not the call's own cancellation (the wrappers turn that into an error):
+                # the run is ending (Cancelled, or a group of them) or being interrupted.
+                # trio gets its exception back; asyncio gets an answer it can give.
+                send_back(outcome.Error(trio.RunFinishedError("trio is stopping")))
+                raise
             send_back(result)
 
         def spawn() -> None:
@@ -216,7 +205,7 @@ class GrpcBridge:
 
     def _finish(self, method: str, info: CallInfo, started: float, code: grpc.StatusCode) -> None:
         seconds = time.perf_counter() - started
-        if logs_at("info"):  # the peer costs a call into grpcio: only when it is written
+        if logs_at("info"):
             log.info(
                 "rpc", method=method, peer=info.peer, duration_ms=round(seconds * 1000, 3), code=code.name
             )
@@ -270,10 +259,16 @@ class GrpcBridge:
         method: str,
         fn: Callable[[Any, CallInfo], AsyncIterator[Any]],
         max_seconds: float | None = None,
-    ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
-        """``max_seconds`` replaces the bridge-wide cap for this method (long-lived streams)."""
+    ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]:
+        """``max_seconds`` replaces the bridge-wide cap for this method (long-lived streams).
 
-        async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        The handler writes with ``context.write`` rather than being an async generator:
+        grpc.aio may cancel a handler while it waits in its own write, and a generator
+        suspended at ``yield`` would then only be closed later by a finalizer, after the
+        call is gone. A coroutine gets the cancellation where it waits, while the call lives.
+        """
+
+        async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             started = time.perf_counter()
             info = CallInfo(method, context)
             scope = self._scope_for(context, max_seconds)
@@ -281,15 +276,18 @@ class GrpcBridge:
             failure: list[BaseException] = []
 
             async def produce(send: trio.MemorySendChannel[Any]) -> None:
-                try:
-                    async with send:
+                async with send:  # closing it ends the stream: record any failure first
+                    try:
                         with scope.enter():
                             async for item in fn(request, info):
                                 await send.send(item)
                             return
                         raise self._cancelled(scope)
-                except Exception as exc:
-                    failure.append(exc)
+                    except Exception as exc:
+                        failure.append(exc)
+                    except BaseException:  # the run is ending
+                        failure.append(trio.RunFinishedError("trio is stopping"))
+                        raise
 
             async def start_producer() -> None:
                 send, receive = trio.open_memory_channel[Any](STREAM_BUFFER_ITEMS)
@@ -305,10 +303,10 @@ class GrpcBridge:
                         item = await self._in_trio(receive.receive)
                     except trio.EndOfChannel:
                         break
-                    yield item
+                    await context.write(item)
                 if failure:
                     raise failure[0]
-            except (asyncio.CancelledError, GeneratorExit):
+            except asyncio.CancelledError:  # the client went away or its deadline passed
                 code = grpc.StatusCode.CANCELLED
                 self._client_left(scope)
                 raise

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import pytest
 import trio
 
-from cvmctl.address import UnixAddress
+from cvmctl.address import TcpAddress, UnixAddress
 from cvmctl.client import connect
 from cvmctl.errors import DeadlineExceeded, RemoteError, UsageError
 from cvmctl.grpc_bridge import CallInfo, GrpcBridge, RpcAbort
@@ -45,6 +48,14 @@ class Behaviour:
         return request.upper()
 
     async def stream(self, request: bytes, call: CallInfo) -> AsyncIterator[bytes]:
+        if request == b"deny":
+            raise RpcAbort(grpc.StatusCode.PERMISSION_DENIED, "no stream for you")
+        if request == b"endless":
+            try:
+                while True:
+                    yield b"x" * 20_000
+            finally:
+                self.cancelled.set()
         for n in range(int(request)):
             yield str(n).encode()
         if int(request) == 0:
@@ -189,3 +200,64 @@ async def test_shutdown_with_a_call_in_flight(tmp_path: Path) -> None:
         with pytest.raises(grpc.RpcError) as info:
             await trio.to_thread.run_sync(lambda: hanging.result(timeout=5))
     assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
+async def test_a_stream_that_fails_before_its_first_item_always_says_so(
+    bridge_server: tuple[UnixAddress, Behaviour],
+) -> None:
+    """The producer's failure is recorded before its channel closes (it once raced: OK)."""
+    address, _ = bridge_server
+    async with connect(address, timeout=5) as client:
+        method = client.channel.unary_stream("/test.Bridge/Stream", identity, identity)
+        for _ in range(40):
+            with pytest.raises(RemoteError, match="PERMISSION_DENIED: no stream for you"):
+                _ = [item async for item in client.stream(method, b"deny")]
+
+
+CANCELLING_CLIENT = """
+import sys, time, grpc
+channel = grpc.insecure_channel("unix:" + sys.argv[1])
+call = channel.unary_stream("/test.Bridge/Stream")(b"endless", timeout=30)
+next(call)
+time.sleep(1)  # the server fills the socket and waits in its own write
+call.cancel()
+"""
+
+
+async def test_client_cancelling_a_stream_mid_write(bridge_server: tuple[UnixAddress, Behaviour]) -> None:
+    """The handler may be cancelled inside grpc.aio's write; the server lives on and the
+    producer is cancelled (this crashed the process while the handler was a generator)."""
+    address, behaviour = bridge_server
+    for _ in range(3):
+        behaviour.cancelled = trio.Event()
+        done = await trio.run_process(
+            [sys.executable, "-c", CANCELLING_CLIENT, address.path], capture_stderr=True, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        with trio.fail_after(5):
+            await behaviour.cancelled.wait()
+    async with connect(address, timeout=5) as client:
+        assert await client.call(unary(client.channel), b"still here") == b"STILL HERE"
+
+
+async def test_an_address_that_will_not_bind_undoes_the_others(tmp_path: Path) -> None:
+    first = UnixAddress(str(tmp_path / "first.sock"))
+    unbindable = UnixAddress(str(tmp_path / "no-such-dir" / "second.sock"))
+    with pytest.raises(UsageError, match=r"cannot listen on unix://.*second\.sock"):
+        await serve_grpc(handlers(Behaviour()), ServerOptions(listen=[first, unbindable]))
+    assert not os.path.exists(first.path)
+
+
+async def test_a_failure_after_start_stops_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def health_fails(*args: object) -> None:
+        raise RuntimeError("health service broke")
+
+    monkeypatch.setattr("cvmctl.serve._set_serving", health_fails)
+    with pytest.raises(ExceptionGroup) as info:  # raised inside serve_grpc's nursery
+        await serve_grpc(handlers(Behaviour()), ServerOptions(listen=[TcpAddress("127.0.0.1", 0)]))
+    assert info.group_contains(RuntimeError, match="health service broke")
+    # every listening socket of this process is closed again
+    listening = [c for c in psutil.Process().net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+    assert listening == []

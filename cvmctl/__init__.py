@@ -13,7 +13,8 @@ import os
 # exist for children that go on using gRPC, have nothing to do, and with grpc.aio serving
 # they can crash a child between fork and exec (a benchmark server died with SIGSEGV in
 # the dev guest). grpc's doc/fork_support.md: set this when every fork is followed by
-# exec. It must be in the environment before grpc is first imported; this package is.
+# exec. It must be in the environment before grpc is first imported: the programs' entry
+# modules import this package before anything that imports grpc.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 # The one place the version is written; pyproject.toml reads it from here. A constant

@@ -1,17 +1,18 @@
 """Keeping a daemon's threads on one CPU, and the programs it starts off that restriction.
 
 Why the guest agent pins itself by default: it is a Python program whose threads (trio's,
-grpcio's handler pool and core) hand every RPC from one to another, and only one of them
-runs Python at a time anyway. Spread over several vCPUs, each handoff wakes another vCPU
+the grpc.aio loop's, grpcio core's poller) hand every RPC from one to another, and only
+one of them runs Python at a time anyway. Spread over several vCPUs, each handoff wakes another vCPU
 with an inter-processor interrupt: in a VM that is a VMEXIT, and in a confidential VM a
 far more expensive one (the study's central finding). On one vCPU the same handoffs are
 plain context switches. Measured on this 2-vCPU KVM guest: unary RPC median 0.80-0.85 ms
 spread, 0.64-0.69 ms pinned (``benchmarks/rpc_latency.py``); a thread-to-thread round trip
 through a queue 43 us spread, 13 us pinned.
 
-A pinned agent must not pass its restriction on: benchmark servers and commands it starts
-get the CPU set the agent itself was started with (:func:`restore_in_child`, a
-``preexec_fn``).
+A pinned agent must not pass its restriction on: benchmark servers and the commands of
+guest workloads get the CPU set the agent itself was started with (:func:`restore_in_child`,
+a ``preexec_fn``). Its own short helpers (``mount`` for debugfs, ``modprobe``) stay on the
+agent's CPU, where they do no harm.
 
 :func:`parse_cpu_choice` reads the ``--cpu`` option (``auto``, ``all`` or a CPU number);
 :func:`choose_cpu` is pure; :func:`pin_process` is the one call that changes anything.
@@ -77,22 +78,27 @@ def format_cpu_list(cpus: Set[int]) -> str:
 class _ChildMask:
     """The CPU set children get back, prepared before any fork.
 
-    Between fork and exec in a threaded program only async-signal-safe work is sound, so
-    the mask buffer and the libc function are resolved here, once, and the child makes one
-    system call.
+    Between fork and exec in a threaded program the less the child does the better: the
+    mask (a ``cpu_set_t``: an array of longs, bit ``n % bits`` of long ``n // bits``) and
+    the libc function are made here, once, so the child runs a few bytecodes and one
+    system call, and allocates nothing but ctypes' argument objects.
     """
 
     def __init__(self, cpus: Set[int]) -> None:
         self.cpus = frozenset(cpus)
-        size = max(self.cpus) // 8 + 1
-        self._mask = (ctypes.c_ubyte * max(size, 8))()
+        bits = ctypes.sizeof(ctypes.c_ulong) * 8
+        self._mask = (ctypes.c_ulong * (max(self.cpus) // bits + 1))()
         for cpu in self.cpus:
-            self._mask[cpu // 8] |= 1 << (cpu % 8)
+            self._mask[cpu // bits] |= 1 << (cpu % bits)
         self._size = ctypes.c_size_t(ctypes.sizeof(self._mask))
+        self._pointer = ctypes.byref(self._mask)
         self._setaffinity = ctypes.CDLL(None, use_errno=True).sched_setaffinity
 
     def apply(self) -> None:
-        self._setaffinity(0, self._size, ctypes.byref(self._mask))
+        """In the child: an error becomes an exception, which subprocess reports in the parent."""
+        if self._setaffinity(0, self._size, self._pointer) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"sched_setaffinity: {os.strerror(errno)}")
 
 
 _child_mask: _ChildMask | None = None

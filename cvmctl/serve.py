@@ -106,7 +106,13 @@ class _AsyncioThread:
         try:
             self.loop.run_forever()
         finally:
+            # Whatever is left (a call cancelled mid-way, a stop cut short) ends here, on
+            # its own loop, before the loop closes under it.
+            leftovers = asyncio.all_tasks(self.loop)
+            for task in leftovers:
+                task.cancel()
             with suppress(Exception):
+                self.loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
                 self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
 
@@ -116,7 +122,7 @@ class _AsyncioThread:
     async def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run ``coroutine`` on the asyncio loop; its result, awaited from trio.
 
-        Cancelling the trio side cancels the coroutine.
+        Cancelling the trio side cancels the coroutine (without waiting for it to end).
         """
         future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
         token = trio.lowlevel.current_trio_token()
@@ -140,6 +146,25 @@ class _AsyncioThread:
             await trio.to_thread.run_sync(self._thread.join, abandon_on_cancel=True)
 
 
+class _AsyncHealth(Protocol):
+    """What serve_grpc uses of grpc_health's asyncio HealthServicer."""
+
+    async def set(self, service: str, status: int) -> None: ...
+    async def enter_graceful_shutdown(self) -> None: ...
+
+
+@dataclass
+class _Serving:
+    """What :func:`_start_server` made, filled in as it goes so that :func:`serve_grpc` can
+    undo it all whatever failed: a later address that will not bind, a SIGTERM mid-start."""
+
+    server: grpc.aio.Server | None = None
+    health: _AsyncHealth | None = None
+    bound: list[Address] = field(default_factory=list)
+    vsock_backends: list[tuple[VsockAddress, str]] = field(default_factory=list)
+    stopped: bool = False
+
+
 async def serve_grpc(
     make_handlers: HandlerFactory,
     options: ServerOptions,
@@ -158,24 +183,26 @@ async def serve_grpc(
     private_dir = tempfile.mkdtemp(prefix="cvm-grpc-")
     asyncio_thread = _AsyncioThread()
     asyncio_thread.start()
-    bound: list[Address] = []
+    serving = _Serving()
     try:
-        started = await asyncio_thread.call(_start_server(options, handlers, private_dir))
-        server, health_servicer, bound, vsock_backends = started
-        for address in bound:
+        await asyncio_thread.call(_start_server(options, handlers, private_dir, serving))
+        assert serving.server is not None and serving.health is not None
+        for address in serving.bound:
             if isinstance(address, UnixAddress):
                 os.chmod(address.path, options.unix_socket_mode)
 
         async with trio.open_nursery() as nursery:
-            for address, backend in vsock_backends:
+            for address, backend in serving.vsock_backends:
                 listener = open_vsock_listener(address.port, address.cid)
                 await nursery.start(
                     _serve_vsock_relay, listener, backend, options.relay_stats, options.vsock_allowed_cids
                 )
-            await asyncio_thread.call(_set_serving(health_servicer, [name for name, _ in handlers]))
-            sdnotify.notify("READY=1", f"STATUS=serving on {', '.join(map(str, bound))}")
-            log.info("serving", listen=[str(a) for a in bound], services=[name for name, _ in handlers])
-            task_status.started(bound)
+            await asyncio_thread.call(_set_serving(serving.health, [name for name, _ in handlers]))
+            sdnotify.notify("READY=1", f"STATUS=serving on {', '.join(map(str, serving.bound))}")
+            log.info(
+                "serving", listen=[str(a) for a in serving.bound], services=[name for name, _ in handlers]
+            )
+            task_status.started(list(serving.bound))
             try:
                 await trio.sleep_forever()
             finally:
@@ -183,32 +210,25 @@ async def serve_grpc(
                     sdnotify.notify("STOPPING=1")
                     log.info("stopping", grace_seconds=options.stop_grace)
                     with trio.move_on_after(options.stop_grace + 1.0):
-                        await asyncio_thread.call(_stop_server(server, health_servicer, options.stop_grace))
+                        await asyncio_thread.call(_stop_server(serving, options.stop_grace))
                 nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
+            if serving.server is not None and not serving.stopped:  # start failed, or stop ran late
+                with trio.move_on_after(1.0):
+                    await asyncio_thread.call(serving.server.stop(None))
             await asyncio_thread.stop(1.0)
         shutil.rmtree(private_dir, ignore_errors=True)
-        for address in bound:
+        for address in serving.bound:
             if isinstance(address, UnixAddress) and os.path.exists(address.path):
                 os.unlink(address.path)
 
 
-class _AsyncHealth(Protocol):
-    """What serve_grpc uses of grpc_health's asyncio HealthServicer."""
-
-    async def set(self, service: str, status: int) -> None: ...
-    async def enter_graceful_shutdown(self) -> None: ...
-
-
-_Started = tuple[grpc.aio.Server, _AsyncHealth, list[Address], list[tuple[VsockAddress, str]]]
-
-
 async def _start_server(
-    options: ServerOptions, handlers: list[tuple[str, GenericHandler]], private_dir: str
-) -> _Started:
-    """On the asyncio thread: build, bind and start the grpc.aio server."""
-    server = grpc.aio.server(
+    options: ServerOptions, handlers: list[tuple[str, GenericHandler]], private_dir: str, serving: _Serving
+) -> None:
+    """On the asyncio thread: build, bind and start the grpc.aio server, into ``serving``."""
+    server = serving.server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", options.max_receive_bytes),
             ("grpc.max_send_message_length", options.max_send_bytes),
@@ -216,27 +236,24 @@ async def _start_server(
         ],
         maximum_concurrent_rpcs=options.max_concurrent_rpcs,
     )
-    health_servicer = health_aio.HealthServicer()
+    health_servicer = serving.health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_generic_rpc_handlers([handler for _, handler in handlers])
-    bound: list[Address] = []
-    vsock_backends: list[tuple[VsockAddress, str]] = []
     for address in options.listen:
         match address:
             case UnixAddress(path=path):
                 remove_stale_socket(path)
                 _add_port(server, address, address.grpc_target())
-                bound.append(address)
+                serving.bound.append(address)
             case TcpAddress(host=host):
                 port = _add_port(server, address, address.grpc_target())
-                bound.append(TcpAddress(host, port))
+                serving.bound.append(TcpAddress(host, port))
             case VsockAddress():
                 backend = os.path.join(private_dir, f"vsock-{address.port}.sock")
                 _add_port(server, address, f"unix:{backend}")
-                vsock_backends.append((address, backend))
-                bound.append(address)
+                serving.vsock_backends.append((address, backend))
+                serving.bound.append(address)
     await server.start()
-    return server, health_servicer, bound, vsock_backends
 
 
 async def _set_serving(health_servicer: _AsyncHealth, service_names: list[str]) -> None:
@@ -244,11 +261,13 @@ async def _set_serving(health_servicer: _AsyncHealth, service_names: list[str]) 
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
-async def _stop_server(server: grpc.aio.Server, health_servicer: _AsyncHealth, grace: float) -> None:
+async def _stop_server(serving: _Serving, grace: float) -> None:
     """On the asyncio thread: NOT_SERVING, then stop; calls still running after ``grace`` are
     cancelled, which cancels their trio work."""
-    await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace)
+    assert serving.server is not None and serving.health is not None
+    await serving.health.enter_graceful_shutdown()
+    await serving.server.stop(grace)
+    serving.stopped = True
 
 
 async def _serve_vsock_relay(

@@ -110,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="auto|all|N",
         help="CPU the agent's threads run on (default: auto, the highest-numbered CPU it may use; "
         "all: no pinning). On one vCPU the agent's internal thread handoffs are context switches "
-        "instead of inter-processor interrupts, which cost a VM an exit each. Benchmarks and "
-        "commands it starts run on every CPU it was allowed",
+        "instead of inter-processor interrupts, which cost a VM an exit each. Benchmark servers and "
+        "workload commands it starts run on every CPU it was allowed",
     )
     parser.add_argument(
         "--max-concurrent-rpcs",

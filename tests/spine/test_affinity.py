@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmctl.affinity import choose_cpu, format_cpu_list, parse_cpu_choice
+from cvmctl.affinity import _ChildMask, choose_cpu, format_cpu_list, parse_cpu_choice
 from cvmctl.errors import UsageError
 from tests.spine.agent_fixtures import spawn_agent
 from tests.spine.test_programs import cvmctl, wait_for_socket
@@ -104,3 +104,16 @@ def test_cpu_outside_the_allowed_set_is_one_line(tmp_path: Path) -> None:
     assert done.stderr == (
         f"cvm-agent: error: --cpu 4096: this process may run on CPUs {format_cpu_list(ALLOWED)} only\n"
     )
+
+
+def test_child_mask_layout_past_64_cpus() -> None:
+    """A cpu_set_t is an array of longs: CPU n is bit n % 64 of long n // 64 (on 64-bit)."""
+    mask = _ChildMask({0, 65, 127})
+    assert list(mask._mask) == [1, (1 << 1) | (1 << 63)]
+
+
+def test_child_mask_that_the_kernel_refuses_raises() -> None:
+    before = os.sched_getaffinity(0)
+    with pytest.raises(OSError, match="sched_setaffinity: Invalid argument"):
+        _ChildMask({4000}).apply()  # no such CPU: EINVAL, and nothing changes
+    assert os.sched_getaffinity(0) == before

@@ -5,8 +5,8 @@ the grpc.aio loop's, grpcio core's poller) hand every RPC from one to another, a
 one of them runs Python at a time anyway. Spread over several vCPUs, each handoff wakes another vCPU
 with an inter-processor interrupt: in a VM that is a VMEXIT, and in a confidential VM a
 far more expensive one (the study's central finding). On one vCPU the same handoffs are
-plain context switches. Measured on this 2-vCPU KVM guest: unary RPC median 0.80-0.85 ms
-spread, 0.64-0.69 ms pinned (``benchmarks/rpc_latency.py``); a thread-to-thread round trip
+plain context switches. Measured on this 2-vCPU KVM guest: unary RPC median 0.79-0.92 ms
+spread, 0.64-0.80 ms pinned (``benchmarks/rpc_latency.py``); a thread-to-thread round trip
 through a queue 43 us spread, 13 us pinned.
 
 A pinned agent must not pass its restriction on: benchmark servers and the commands of

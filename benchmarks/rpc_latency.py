@@ -35,7 +35,7 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cvm.v1 import agent_pb2, agent_pb2_grpc
-from workloads.thread_cpu import ThreadCpuSampler
+from host_daemon.metrics.procfs import ThreadCpuSampler
 
 BIN = Path(sys.executable).parent
 

@@ -40,7 +40,8 @@ from typing import Any
 
 import psutil
 
-from workloads.thread_cpu import GRPC_CORE_THREAD_PREFIXES, ThreadCpuSampler
+from host_daemon.metrics.procfs import GRPC_CORE_THREAD_PREFIXES, ThreadCpuSampler
+from workloads.runner import free_port
 
 
 @dataclass
@@ -62,12 +63,6 @@ class Summary:
     p99_ms: float
     min_ms: float
     body_bytes: int
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_listening(port: int, process: subprocess.Popen[bytes], seconds: float = 30) -> None:
@@ -158,7 +153,7 @@ def start_targets(node_exporter: str | None) -> list[Target]:
 
 def measure_idle_cpu(agent: Target, seconds: float, period: float = 15.0) -> dict[str, float]:
     """CPU the agent used over ``seconds`` with one scrape per ``period``, read per thread in
-    nanoseconds (workloads.thread_cpu): process CPU times tick at 10 ms, too coarse here."""
+    nanoseconds (host_daemon.metrics.procfs): process CPU times tick at 10 ms, too coarse here."""
     time.sleep(11)  # trio retires the worker threads the latency runs left idle after 10 s
     sampler = ThreadCpuSampler(agent.process.pid)
     started = time.monotonic()

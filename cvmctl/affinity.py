@@ -36,8 +36,10 @@ ALL: Final = "all"
 def parse_cpu_choice(text: str) -> CpuChoice:
     """``auto`` (one CPU, picked), ``all`` (no pinning) or a CPU number."""
     value = text.strip().lower()
-    if value in (AUTO, ALL):
-        return AUTO if value == AUTO else ALL
+    if value == AUTO:
+        return AUTO
+    if value == ALL:
+        return ALL
     if not value.isdigit():
         raise UsageError(f"--cpu {text!r}: expected auto, all or a CPU number such as 1")
     return int(value)
@@ -85,10 +87,9 @@ class _ChildMask:
     """
 
     def __init__(self, cpus: Set[int]) -> None:
-        self.cpus = frozenset(cpus)
         bits = ctypes.sizeof(ctypes.c_ulong) * 8
-        self._mask = (ctypes.c_ulong * (max(self.cpus) // bits + 1))()
-        for cpu in self.cpus:
+        self._mask = (ctypes.c_ulong * (max(cpus) // bits + 1))()
+        for cpu in cpus:
             self._mask[cpu // bits] |= 1 << (cpu % bits)
         self._size = ctypes.c_size_t(ctypes.sizeof(self._mask))
         self._pointer = ctypes.byref(self._mask)
@@ -130,8 +131,3 @@ def restore_in_child() -> None:
 def child_preexec() -> Callable[[], None] | None:
     """What to pass as ``preexec_fn`` to restore the CPU set, or None when never pinned."""
     return restore_in_child if _child_mask is not None else None
-
-
-def inherited_cpus() -> frozenset[int] | None:
-    """The CPU set children get (the one before pinning), or None when never pinned."""
-    return _child_mask.cpus if _child_mask is not None else None

@@ -29,12 +29,12 @@ from prometheus_client.registry import Collector
 SnapshotT = TypeVar("SnapshotT")
 
 
-def read_kernel_file(path: Path | str) -> str:
+def read_kernel_bytes(path: Path | str) -> bytes:
     """The whole content of a sysfs/procfs/debugfs file, with plain syscalls.
 
     ``os.open`` + ``os.read`` until EOF costs a fraction of ``Path.read_text`` (no buffered
-    text wrapper), which matters when a refresh reads hundreds of cpuidle attributes. Bytes
-    decode as latin-1, which never fails. Raises ``OSError`` like ``open``.
+    text wrapper), which matters when a refresh reads hundreds of cpuidle attributes, and
+    on GetInfo's path. Raises ``OSError`` like ``open``.
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -43,7 +43,12 @@ def read_kernel_file(path: Path | str) -> str:
             chunks.append(os.read(fd, 65536))
     finally:
         os.close(fd)
-    return b"".join(chunks).decode("latin-1")
+    return b"".join(chunks)
+
+
+def read_kernel_file(path: Path | str) -> str:
+    """:func:`read_kernel_bytes` decoded as latin-1, which never fails."""
+    return read_kernel_bytes(path).decode("latin-1")
 
 
 def read_sysfs_attribute(path: Path | str) -> str:

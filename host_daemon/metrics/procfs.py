@@ -166,3 +166,57 @@ class ProcfsReader:
             pids.sort()
         self._kthreads, self._kthreads_at = found, now
         return found
+
+
+# --------------------------------------------------------------------------------------------
+# CPU of every thread of a process, for the benchmarks that measure an idle daemon
+
+#: grpcio's core threads (timers, its thread pool's lifeguard), whatever runs on top
+GRPC_CORE_THREAD_PREFIXES: Final = ("event_engine", "grpc_global_tim", "lifeguard")
+
+
+def read_thread_cpu(pid: int, procfs: Path = Path("/proc")) -> dict[str, tuple[str, int]]:
+    """Per thread id of ``pid``: (thread name, nanoseconds on CPU so far, from schedstat)."""
+    threads: dict[str, tuple[str, int]] = {}
+    base = f"{procfs}/{pid}/task"
+    for tid in os.listdir(base):
+        try:
+            name = read_small(f"{base}/{tid}/comm").strip()
+            run_ns, _ = parse_schedstat(read_small(f"{base}/{tid}/schedstat"))
+        except (OSError, ValueError):  # the thread ended meanwhile
+            continue
+        threads[tid] = (name, run_ns)
+    return threads
+
+
+@dataclass
+class ThreadCpuSampler:
+    """CPU a process used since the sampler was made; call :meth:`sample` every second or so.
+
+    Process CPU times (``/proc/PID/stat``) tick at 10 ms: too coarse for an idle daemon,
+    which uses about 100 ms of CPU in two minutes. Each thread's schedstat counts
+    nanoseconds; sampling now and then keeps the threads that start and end between two
+    reads (a thread's counter is gone once it exits).
+    """
+
+    pid: int
+    procfs: Path = Path("/proc")
+    _baseline: dict[str, int] = field(init=False)
+    _latest: dict[str, tuple[str, int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._baseline = {tid: ns for tid, (_, ns) in read_thread_cpu(self.pid, self.procfs).items()}
+        self._latest = {}
+
+    def sample(self) -> None:
+        self._latest.update(read_thread_cpu(self.pid, self.procfs))
+
+    def used_ns(self) -> dict[str, tuple[str, int]]:
+        """Per thread seen: (name, nanoseconds used since the sampler was made)."""
+        self.sample()
+        return {tid: (name, ns - self._baseline.get(tid, 0)) for tid, (name, ns) in self._latest.items()}
+
+    def seconds(self, name_prefixes: tuple[str, ...] | None = None) -> float:
+        """CPU seconds used, by every thread or by those whose names start with a prefix."""
+        used = self.used_ns().values()
+        return sum(ns for name, ns in used if name_prefixes is None or name.startswith(name_prefixes)) / 1e9

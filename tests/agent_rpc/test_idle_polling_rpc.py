@@ -21,8 +21,7 @@ from guest_agent.idle_polling import IdlePollingController
 from guest_agent.server import GuestAgentService, agent_handlers
 from guest_agent.tee import detect_tee
 from tests.conftest import REPO_ROOT
-from tests.spine.agent_fixtures import spawn_agent
-from tests.spine.test_programs import wait_for_socket
+from tests.spine.agent_fixtures import spawn_agent, wait_for_socket
 
 SNP_TREE = REPO_ROOT / "tests" / "fixtures" / "sysroots" / "snp-guest"
 HALTPOLL_NS = "sys/module/haltpoll/parameters/guest_halt_poll_ns"

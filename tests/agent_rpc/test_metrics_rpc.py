@@ -11,8 +11,7 @@ from cvm.v1 import agent_pb2, agent_pb2_grpc
 from cvmctl.address import UnixAddress
 from cvmctl.client import connect
 from tests.conftest import REPO_ROOT
-from tests.spine.agent_fixtures import spawn_agent
-from tests.spine.test_programs import wait_for_socket
+from tests.spine.agent_fixtures import agent_process
 
 TREE = REPO_ROOT / "tests" / "fixtures" / "sysroots" / "snp-guest"
 
@@ -20,13 +19,8 @@ TREE = REPO_ROOT / "tests" / "fixtures" / "sysroots" / "snp-guest"
 @pytest.fixture
 def agent_on_snp_tree(tmp_path: Path) -> Iterator[Path]:
     sock = tmp_path / "a.sock"
-    process = spawn_agent(sock, tmp_path / "state", "--root", str(TREE))
-    try:
-        wait_for_socket(sock, process)
+    with agent_process(sock, tmp_path / "state", "--root", str(TREE)):
         yield sock
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 async def test_get_metrics_over_grpc(agent_on_snp_tree: Path) -> None:

@@ -22,6 +22,7 @@ from guest_agent.collectors import AgentStats, Roots, build_registry
 from guest_agent.collectors.base import SlotState, SnapshotExporter, SnapshotSource
 from guest_agent.collectors.registry import Refresher
 from guest_agent.metrics_http import MetricsEndpoint, parse_request_line, serve_metrics_http
+from workloads.runner import free_port
 
 SYSROOTS = Path(__file__).resolve().parent.parent / "fixtures" / "sysroots"
 
@@ -131,12 +132,6 @@ async def test_a_hung_read_never_stalls_a_scrape() -> None:
             nursery.cancel_scope.cancel()
     finally:
         source.release.set()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.mark.slow

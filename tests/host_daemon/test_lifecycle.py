@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.spine.test_programs import wait_for_socket
+from tests.spine.agent_fixtures import wait_for_socket
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -22,6 +21,7 @@ from host_daemon.qmp import QMPClient, connect_qmp
 from tests.agent_rpc.test_metrics_rpc import agent_on_snp_tree
 from tests.conftest import REPO_ROOT
 from tests.host_metrics.fake_qmp import FakeQemu, serve_fake_qmp
+from workloads.runner import free_port
 
 # A real cvm-agent on a unix socket reading the recorded SNP guest tree (fixture re-used).
 __all__ = ["agent_on_snp_tree"]
@@ -98,12 +98,6 @@ async def fake_qmp_client(directory: Path, fake: FakeQemu, name: str = "vm") -> 
 
 PROMETHEUS = shutil.which("prometheus")
 DEPLOY = REPO_ROOT / "deploy"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def api(base: str, path: str, **params: str) -> Any:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import trio
@@ -46,3 +47,27 @@ def spawn_agent(
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def wait_for_socket(path: Path, process: subprocess.Popen[str], seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"exited early: {process.stderr.read() if process.stderr else ''}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear within {seconds} s")
+        time.sleep(0.02)
+
+
+@contextmanager
+def agent_process(
+    sock: Path, state_dir: Path, *extra: str, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[str]]:
+    """:func:`spawn_agent`, once its socket is there; terminated (SIGTERM) afterwards."""
+    process = spawn_agent(sock, state_dir, *extra, env=env)
+    try:
+        wait_for_socket(sock, process)
+        yield process
+    finally:
+        process.terminate()
+        process.wait(10)

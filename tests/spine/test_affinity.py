@@ -13,8 +13,8 @@ import pytest
 
 from cvmctl.affinity import _ChildMask, choose_cpu, format_cpu_list, parse_cpu_choice
 from cvmctl.errors import UsageError
-from tests.spine.agent_fixtures import spawn_agent
-from tests.spine.test_programs import cvmctl, wait_for_socket
+from tests.spine.agent_fixtures import agent_process
+from tests.spine.test_programs import cvmctl
 
 ALLOWED = frozenset(os.sched_getaffinity(0))
 needs_two_cpus = pytest.mark.skipif(len(ALLOWED) < 2, reason="pinning is only visible with 2+ CPUs")
@@ -54,17 +54,12 @@ def cpus_allowed(status: str) -> str:
 @needs_two_cpus
 def test_every_agent_thread_runs_on_the_chosen_cpu(tmp_path: Path) -> None:
     sock = tmp_path / "a.sock"
-    process = spawn_agent(sock, tmp_path / "state")  # --cpu auto, the default
-    try:
-        wait_for_socket(sock, process)
+    with agent_process(sock, tmp_path / "state") as process:  # --cpu auto, the default
         assert cvmctl("agent", "health", "--connect", f"unix://{sock}").stdout == "SERVING\n"
         tasks = list(Path(f"/proc/{process.pid}/task").iterdir())
         assert len(tasks) > 5  # trio's, grpcio's and grpc core's threads
         for task in tasks:
             assert cpus_allowed((task / "status").read_text()) == str(max(ALLOWED)), task.name
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 @needs_two_cpus

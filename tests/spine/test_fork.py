@@ -19,8 +19,7 @@ import grpc
 import pytest
 
 from cvm.v1 import agent_pb2, agent_pb2_grpc
-from tests.spine.agent_fixtures import spawn_agent
-from tests.spine.test_programs import wait_for_socket
+from tests.spine.agent_fixtures import agent_process
 from workloads.catalogue import get
 
 
@@ -36,9 +35,7 @@ def test_every_program_disables_grpc_fork_handlers_before_importing_grpc() -> No
 def test_agent_starts_a_benchmark_server_without_grpc_fork_handlers(tmp_path: Path) -> None:
     sock = tmp_path / "a.sock"
     env = {k: v for k, v in os.environ.items() if k != "GRPC_ENABLE_FORK_SUPPORT"}
-    agent = spawn_agent(sock, tmp_path / "state", "--log-level", "warning", env=env)
-    try:
-        wait_for_socket(sock, agent)
+    with agent_process(sock, tmp_path / "state", "--log-level", "warning", env=env) as agent:
         nginx = get("nginx")
         request = agent_pb2.RunWorkloadRequest(
             workload="nginx",
@@ -52,7 +49,6 @@ def test_agent_starts_a_benchmark_server_without_grpc_fork_handlers(tmp_path: Pa
                 assert first.HasField("server_ready"), first
                 call.cancel()
                 time.sleep(0.3)
-    finally:
-        agent.terminate()
-        _, stderr = agent.communicate(timeout=10)
+    assert agent.stderr is not None
+    stderr = agent.stderr.read()
     assert "fork() handlers" not in stderr

@@ -13,19 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.spine.agent_fixtures import spawn_agent
+from tests.spine.agent_fixtures import agent_process, spawn_agent, wait_for_socket
 
 BIN = Path(sys.executable).parent
-
-
-def wait_for_socket(path: Path, process: subprocess.Popen[str], seconds: float = 10) -> None:
-    deadline = time.monotonic() + seconds
-    while not path.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"exited early: {process.stderr.read() if process.stderr else ''}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{path} did not appear within {seconds} s")
-        time.sleep(0.02)
 
 
 def cvmctl(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
@@ -37,13 +27,8 @@ def cvmctl(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[Path]:
     sock = tmp_path / "a.sock"
-    process = spawn_agent(sock, tmp_path / "state", "--log-format", "json")
-    try:
-        wait_for_socket(sock, process)
+    with agent_process(sock, tmp_path / "state", "--log-format", "json"):
         yield sock
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 def test_health_prints_serving(agent: Path) -> None:

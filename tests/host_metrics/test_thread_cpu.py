@@ -1,11 +1,11 @@
-"""workloads.thread_cpu against a fake /proc: threads that start, work and end between samples."""
+"""The procfs thread sampler against a fake /proc: threads that start, work and end between samples."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from workloads.thread_cpu import GRPC_CORE_THREAD_PREFIXES, ThreadCpuSampler, read_thread_cpu
+from host_daemon.metrics.procfs import GRPC_CORE_THREAD_PREFIXES, ThreadCpuSampler, read_thread_cpu
 
 
 def set_thread(proc: Path, tid: int, name: str, nanoseconds: int) -> None:
@@ -18,7 +18,7 @@ def set_thread(proc: Path, tid: int, name: str, nanoseconds: int) -> None:
 def test_counts_threads_that_come_and_go(tmp_path: Path) -> None:
     set_thread(tmp_path, 42, "cvm-agent", 1_000_000)
     set_thread(tmp_path, 43, "event_engine", 2_000_000)
-    sampler = ThreadCpuSampler(42, proc=tmp_path)
+    sampler = ThreadCpuSampler(42, procfs=tmp_path)
     set_thread(tmp_path, 42, "cvm-agent", 1_500_000)
     set_thread(tmp_path, 44, "Trio thread 7", 300_000)  # started after the baseline
     sampler.sample()

@@ -1,7 +1,7 @@
 """Benchmark: parse + verify time of every shared SNP report and TDX quote (median of N runs).
 
 Each timed run starts from bytes - the evidence file and the certificate files as read from
-disk - and ends with a :class:`~cvmctl.attestation.result.VerificationResult`: parsing the
+disk - and ends with a :class:`~cvmattest.result.VerificationResult`: parsing the
 report or quote, loading the VCEK/VLEK (SNP) or the embedded PCK chain (TDX), every
 signature in the chain and the evidence signature. The pinned roots are loaded once per
 process (as in any long-running verifier). Goals: SNP <= 5 ms, TDX <= 10 ms (median).
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cvmctl.attestation.certs import load_certificates
-from cvmctl.attestation.detect import parse_evidence
-from cvmctl.attestation.verify import verify_evidence
+from cvmattest.certs import load_certificates
+from cvmattest.detect import parse_evidence
+from cvmattest.verify import verify_evidence
 
 GOALS_MS = {"sev-snp": 5.0, "tdx": 10.0}
 VERIFIED_ON = datetime(2026, 11, 26, tzinfo=UTC)

@@ -5,7 +5,7 @@ same GetInfo (same work: read /proc, detect the TEE); the client alternates betw
 in blocks so that machine noise falls on both. Also: time from exec to SERVING and the
 agent's resident memory after start.
 
-The agent keeps its threads on one CPU by default (``--cpu auto``, see cvmctl.affinity).
+The agent keeps its threads on one CPU by default (``--cpu auto``, see cvmcore.affinity).
 So plain grpcio and the agent each run pinned to that CPU and on all CPUs. The goal is
 judged like with like (both pinned); the unpinned pair shows the same ratio as people run
 plain grpcio by default, and what the pinning is worth here. A fifth server, plain

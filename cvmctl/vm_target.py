@@ -32,24 +32,20 @@ import grpc
 import trio
 
 from cvm.v1 import agent_pb2, agent_pb2_grpc, host_pb2, host_pb2_grpc
-from cvmctl.address import parse_address
-from cvmctl.client import RpcClient, connect, error_from_rpc
-from cvmctl.errors import ConnectError, CvmError, DeadlineExceeded, UsageError
-from cvmctl.tee import tee_name
+from cvmcore.address import parse_address
+from cvmcore.client import RpcClient, connect, error_from_rpc
+from cvmcore.defaults import HOSTD_ADDRESS, HOSTD_ENV, state_dir
+from cvmcore.errors import ConnectError, CvmError, DeadlineExceeded, UsageError
+from cvmcore.tee import tee_name
 from workloads.model import Sample, ServerPlan, Unavailable, Workload
 from workloads.runner import free_port
 
 DEV_VM: Final = "cvmctl-dev"
-DEFAULT_HOSTD: Final = "unix:///run/cvm-hostd/hostd.sock"
 BOOT_WAIT: Final = 300.0
 #: Guest ports of the catalogue's servers (nginx, iperf3, memcached), forwarded from loopback.
 SERVER_PORTS: Final = (8080, 7175, 11211)
 
 Say = Callable[[str], None]
-
-
-def _state_home() -> Path:
-    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "cvmctl"
 
 
 def console_tail(vm: host_pb2.VM, lines: int = 8) -> str:
@@ -90,7 +86,7 @@ class VMTarget:
         self.vm = vm or DEV_VM
         self.name = "vm" if vm is None else f"vm:{vm}"
         self._dev = vm is None
-        self._hostd = hostd or os.environ.get("CVM_HOSTD") or DEFAULT_HOSTD
+        self._hostd = hostd or os.environ.get(HOSTD_ENV) or HOSTD_ADDRESS
         self._say = say or (lambda message: print(message, file=sys.stderr))
         self._stack = contextlib.AsyncExitStack()
         self._daemon: subprocess.Popen[bytes] | None = None
@@ -180,7 +176,7 @@ class VMTarget:
             raise ConnectError(f"nothing is listening at {self._hostd}; is cvm-hostd running?")
         # No system daemon: use (or start) one private to this user, at a fixed place so that
         # two runs never start two daemons on the same state.
-        state = _state_home() / "hostd"
+        state = state_dir("hostd")
         sock = state / "hostd.sock"
         client = await self._try_daemon(f"unix://{sock}")
         if client is not None:

@@ -65,7 +65,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from cvmctl.errors import CvmError
+from cvmcore.durable import remove_durably, write_durably
+from cvmcore.errors import CvmError
 
 CPUIDLE_DIR = "sys/devices/system/cpu/cpuidle"
 HALTPOLL_PARAMS_DIR = "sys/module/haltpoll/parameters"
@@ -393,37 +394,6 @@ class _Record:
         )
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_durably(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
-    _fsync_directory(path.parent)
-
-
-def remove_durably(path: Path) -> None:
-    """Remove ``path`` (if present) and make the removal survive a crash."""
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-        _fsync_directory(path.parent)
-
-
 # --------------------------------------------------------------------------------------------
 # The controller
 # --------------------------------------------------------------------------------------------
@@ -483,7 +453,7 @@ class IdlePollingController:
             ) from exc
 
     def _save_record(self, record: _Record) -> None:
-        atomic_write_durably(self.state_file, json.dumps(record.to_json(), indent=1).encode())
+        write_durably(self.state_file, json.dumps(record.to_json(), indent=1).encode())
 
     def _haltpoll_params(self) -> HaltpollParams:
         files: dict[str, str] = {}

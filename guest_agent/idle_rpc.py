@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cvm.v1 import agent_pb2
-from cvmctl.errors import UsageError
+from cvmcore.errors import UsageError
 from guest_agent.idle_polling import HALTPOLL_PARAM_NAMES, HaltpollParams, IdleMode, IdlePollingStatus
 
 MODE_TO_PROTO = {

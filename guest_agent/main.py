@@ -11,18 +11,19 @@ from pathlib import Path
 import structlog
 import trio
 
-from cvmctl import __version__
-from cvmctl.address import DEFAULT_AGENT_VSOCK_PORT, VMADDR_CID_HOST, Address, TcpAddress, parse_address
-from cvmctl.affinity import choose_cpu, format_cpu_list, parse_cpu_choice, pin_process
-from cvmctl.daemon import add_logging_arguments, run_daemon
-from cvmctl.errors import CvmError, UsageError
-from cvmctl.serve import ServerOptions, serve_grpc
-from cvmctl.watchdog import feed_watchdog
+from cvmcore import __version__
+from cvmcore.address import VMADDR_CID_HOST, Address, TcpAddress, parse_address
+from cvmcore.affinity import choose_cpu, format_cpu_list, parse_cpu_choice, pin_process
+from cvmcore.daemon import add_logging_arguments, run_daemon
+from cvmcore.defaults import AGENT_VSOCK_PORT
+from cvmcore.errors import CvmError, UsageError
+from cvmcore.metrics_http import serve_metrics_http
+from cvmcore.serve import ServerOptions, serve_grpc
+from cvmcore.watchdog import feed_watchdog
 from guest_agent.collectors.agent import AgentStats
 from guest_agent.collectors.registry import Roots, build_registry
 from guest_agent.collectors.swiotlb import mount_debugfs_readonly
 from guest_agent.idle_polling import IdlePollingController, RecoveryOutcome
-from guest_agent.metrics_http import serve_metrics_http
 from guest_agent.observability import MeteredRelayStats, rpc_observer
 from guest_agent.server import GuestAgentService, agent_handlers
 from guest_agent.tee import detect_tee, read_boot_messages
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen",
         action="append",
         metavar="ADDR",
-        help=f"address to serve on, repeatable (default: vsock://any:{DEFAULT_AGENT_VSOCK_PORT}); "
+        help=f"address to serve on, repeatable (default: vsock://any:{AGENT_VSOCK_PORT}); "
         "unix:///PATH, tcp://HOST:PORT or vsock://any:PORT",
     )
     parser.add_argument(
@@ -135,8 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         listen: list[Address] = [
-            parse_address(a, listening=True)
-            for a in (args.listen or [f"vsock://any:{DEFAULT_AGENT_VSOCK_PORT}"])
+            parse_address(a, listening=True) for a in (args.listen or [f"vsock://any:{AGENT_VSOCK_PORT}"])
         ]
         if args.max_concurrent_rpcs < 1:
             raise UsageError("--max-concurrent-rpcs must be at least 1")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from cvmctl.grpc_bridge import RpcObserver
-from cvmctl.relay import RelayStats
+from cvmcore.grpc_bridge import RpcObserver
+from cvmcore.relay import RelayStats
 from guest_agent.collectors.agent import AgentStats
 
 
@@ -36,7 +36,7 @@ class MeteredRelayStats(RelayStats):
 
 
 def rpc_observer(stats: AgentStats) -> RpcObserver:
-    """An observer for :class:`cvmctl.serve.ServerOptions`: counts RPCs by short method name."""
+    """An observer for :class:`cvmcore.serve.ServerOptions`: counts RPCs by short method name."""
 
     def observe(method: str, code: str, seconds: float) -> None:
         stats.record_rpc(method.rsplit("/", 1)[-1], code, seconds)

@@ -18,15 +18,15 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from cvm.v1 import agent_pb2
-from cvmctl import __version__
-from cvmctl.attestation.guest import INTERFACES, NONCE_SIZE, Evidence, fetch_evidence
-from cvmctl.attestation.steps import InterfaceUnavailable
-from cvmctl.errors import CvmError, UsageError
-from cvmctl.grpc_bridge import CallInfo, GrpcBridge, RpcAbort, service_handler
-from cvmctl.tee import tee_to_proto
+from cvmcore import __version__
+from cvmcore.errors import CvmError, UsageError
+from cvmcore.grpc_bridge import CallInfo, GrpcBridge, RpcAbort, service_handler
+from cvmcore.metrics_http import METRICS_CONTENT_TYPE, render_text
+from cvmcore.tee import tee_to_proto
 from guest_agent import idle_rpc
+from guest_agent.attestation.guest import INTERFACES, NONCE_SIZE, Evidence, fetch_evidence
+from guest_agent.attestation.steps import InterfaceUnavailable
 from guest_agent.collectors.attestation import AttestationCollector, AttestationStats
-from guest_agent.collectors.registry import METRICS_CONTENT_TYPE, render_text
 from guest_agent.idle_polling import IdlePollingController
 from guest_agent.idle_rpc import mode_from_proto, status_to_proto
 from guest_agent.system import hostname, read_system_facts, uptime_seconds

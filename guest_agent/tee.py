@@ -38,7 +38,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cvmctl.cpuinfo import cpu_flags
+from cvmcore.cpuinfo import cpu_flags
 
 
 class TeeKind(enum.StrEnum):

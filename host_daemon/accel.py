@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from cvmctl.cpuinfo import cpu_flags
-from cvmctl.errors import UsageError
+from cvmcore.cpuinfo import cpu_flags
+from cvmcore.errors import UsageError
 
 from .spec import Accel, Channel, Tee
 

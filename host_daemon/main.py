@@ -11,12 +11,13 @@ from pathlib import Path
 import structlog
 import trio
 
-from cvmctl import __version__
-from cvmctl.address import Address, UnixAddress, parse_address
-from cvmctl.daemon import add_logging_arguments, run_daemon
-from cvmctl.errors import CvmError, UsageError
-from cvmctl.serve import ServerOptions, serve_grpc
-from cvmctl.watchdog import feed_watchdog
+from cvmcore import __version__
+from cvmcore.address import Address, UnixAddress, parse_address
+from cvmcore.daemon import add_logging_arguments, run_daemon
+from cvmcore.defaults import HOSTD_ADDRESS
+from cvmcore.errors import CvmError, UsageError
+from cvmcore.serve import ServerOptions, serve_grpc
+from cvmcore.watchdog import feed_watchdog
 from host_daemon.devguest import complete_with_dev_guest, dev_guest_image
 from host_daemon.metrics.wiring import serve_host_metrics
 from host_daemon.server import HostDaemonService, daemon_handlers
@@ -25,7 +26,7 @@ from host_daemon.vms import VMManager
 log = structlog.get_logger("host_daemon")
 
 DEFAULT_STATE_DIR = Path("/var/lib/cvm-hostd")
-DEFAULT_LISTEN = "unix:///run/cvm-hostd/hostd.sock"
+DEFAULT_LISTEN = HOSTD_ADDRESS
 
 DESCRIPTION = """\
 The cvmctl host daemon: launches and watches normal, SEV-SNP and TDX guests under

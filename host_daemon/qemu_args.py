@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cvmctl.errors import UsageError
+from cvmcore.errors import UsageError
 
 from .accel import ResolvedAccel, ResolvedChannel
 from .spec import VMSpec, snp_kernel_hashes

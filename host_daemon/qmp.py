@@ -42,7 +42,7 @@ then holds why, every command still waiting fails with :class:`Disconnected` car
 cause, and event listeners end after their buffered events.
 
 Errors (:class:`QMPError` and below) each carry a message for a person and, as ``__cause__``,
-what caused them. They also derive from the matching :mod:`cvmctl.errors` class, so the CLI
+what caused them. They also derive from the matching :mod:`cvmcore.errors` class, so the CLI
 maps them to the right exit code::
 
     QMPError
@@ -78,7 +78,7 @@ from typing import Any
 
 import trio
 
-from cvmctl import errors
+from cvmcore import errors
 
 DEFAULT_DEADLINE = 10.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024

@@ -12,9 +12,9 @@ import grpc
 import trio
 
 from cvm.v1 import host_pb2
-from cvmctl import __version__
-from cvmctl.grpc_bridge import CallInfo, GrpcBridge, RpcAbort, service_handler
-from cvmctl.tee import tee_to_proto
+from cvmcore import __version__
+from cvmcore.grpc_bridge import CallInfo, GrpcBridge, RpcAbort, service_handler
+from cvmcore.tee import tee_to_proto
 from host_daemon.accel import resolve_accel
 from host_daemon.spec import spec_tee
 from host_daemon.store import VMRecord, VMState

@@ -88,7 +88,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast, get_args
 
-from cvmctl.errors import UsageError
+from cvmcore.errors import UsageError
 
 Tee = Literal["none", "sev-snp", "tdx"]
 Accel = Literal["auto", "kvm", "tcg"]

@@ -45,9 +45,10 @@ from typing import Final
 import structlog
 import trio
 
-from cvmctl.address import HybridVsockAddress, VsockAddress, parse_address
-from cvmctl.client import connect
-from cvmctl.errors import CvmError, UsageError
+from cvmcore.address import HybridVsockAddress, VsockAddress, parse_address
+from cvmcore.client import connect
+from cvmcore.defaults import AGENT_VSOCK_PORT
+from cvmcore.errors import CvmError, UsageError
 from host_daemon import process as proc
 from host_daemon.accel import decide_channel, probe_channel, resolve_accel
 from host_daemon.qemu_args import Runtime, build_qemu_argv
@@ -57,7 +58,6 @@ from host_daemon.store import VMRecord, VMState, VMStore, now
 
 log = structlog.get_logger("host_daemon.vms")
 
-AGENT_PORT: Final = 1024
 QMP_CONNECT_SECONDS: Final = 30.0
 DEFAULT_BOOT_SECONDS: Final = 180.0
 DEFAULT_STOP_SECONDS: Final = 10.0
@@ -252,7 +252,7 @@ class VMManager:
             run_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
             boot = record.boot_count + 1
             console = run_dir / f"console-{boot}.log"
-            for stale in ("qmp.sock", "vm.vsock", "vhost-user.sock", f"vm.vsock_{AGENT_PORT}"):
+            for stale in ("qmp.sock", "vm.vsock", "vhost-user.sock", f"vm.vsock_{AGENT_VSOCK_PORT}"):
                 (run_dir / stale).unlink(missing_ok=True)
             console.write_bytes(b"")
             runtime = Runtime(
@@ -273,9 +273,9 @@ class VMManager:
             agent_address = ""
             if channel == "vhost-user-vsock":
                 helpers.append(await self._start_vhost_device_vsock(run_dir))
-                agent_address = str(HybridVsockAddress(str(run_dir / "vm.vsock"), AGENT_PORT))
+                agent_address = str(HybridVsockAddress(str(run_dir / "vm.vsock"), AGENT_VSOCK_PORT))
             elif channel == "vhost-vsock" and runtime.guest_cid is not None:
-                agent_address = str(VsockAddress(spec.agent.cid or runtime.guest_cid, AGENT_PORT))
+                agent_address = str(VsockAddress(spec.agent.cid or runtime.guest_cid, AGENT_VSOCK_PORT))
             (run_dir / "qemu.argv").write_text("".join(f"{arg}\n" for arg in argv))
             spawned_at = time.monotonic()
             try:

@@ -24,7 +24,7 @@
 #   debs/                      where the .deb files are downloaded (deleted once extracted)
 #   kernel-<version>/          the kernel package extracted (boot/vmlinuz-*, lib/modules/*)
 #   busybox-<version>/         busybox-static extracted (bin/busybox or usr/bin/busybox)
-#   kernel -> kernel-<version> what host_daemon.image uses
+#   kernel -> kernel-<version> what host_daemon.devguest uses
 #   busybox -> busybox-<version>
 # (<version> is the Debian version with ':' replaced by '_'.)
 # A directory is only linked once its extraction finished (written to *.tmp, then renamed),

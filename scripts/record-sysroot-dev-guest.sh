@@ -3,7 +3,7 @@
 #
 #   scripts/record-sysroot-dev-guest.sh tests/fixtures/sysroots/tcg-guest-6.12
 #
-# Boots the dev guest that host_daemon.image builds (scripts/setup.sh installs its kernel and
+# Boots the dev guest that host_daemon.devguest builds (scripts/setup.sh installs its kernel and
 # busybox), with the host root shared read-only over 9p and, as its "agent", a small script
 # that runs scripts/record-sysroot.py inside the guest and prints the tree as base64 tar on
 # the serial console between REC-BEGIN and REC-END; this script decodes it into the output
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 out=${1:?usage: $0 OUTPUT_DIR}
 repo=$PWD
 
-image_dir=$(.venv/bin/python -c 'from host_daemon.image import build_dev_guest; print(build_dev_guest().directory)')
+image_dir=$(.venv/bin/python -c 'from host_daemon.devguest import build_dev_guest; print(build_dev_guest().directory)')
 work=$(mktemp -d /tmp/record-dev-guest.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 chmod 755 "$work"

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# First, before any test module imports grpc: cvmcore sets grpcio's fork-support switch,
+# which grpc reads once, at import (the programs import cvmcore first for the same reason).
+import cvmcore  # noqa: F401
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

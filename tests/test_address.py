@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cvmctl.address import (
+from cvmcore.address import (
     VMADDR_CID_ANY,
     HybridVsockAddress,
     TcpAddress,
@@ -12,7 +12,7 @@ from cvmctl.address import (
     VsockAddress,
     parse_address,
 )
-from cvmctl.errors import UsageError
+from cvmcore.errors import UsageError
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ parameters with :meth:`workloads.model.Workload.validate` before building any ar
 
 from __future__ import annotations
 
-from cvmctl.errors import UsageError
+from cvmcore.errors import UsageError
 from workloads.external import Attestation, Boot
 from workloads.model import Workload
 from workloads.net import IperfTcp, IperfUdp, Memcached, Nginx, Ping

@@ -37,8 +37,8 @@ from typing import Any
 
 import trio
 
-from cvmctl.affinity import child_preexec, restore_in_child
-from cvmctl.errors import CvmError, DeadlineExceeded, RemoteError, UsageError
+from cvmcore.affinity import child_preexec, restore_in_child
+from cvmcore.errors import CvmError, DeadlineExceeded, RemoteError, UsageError
 from workloads.catalogue import get
 from workloads.model import MissingToolError, Sample, ServerPlan, Unavailable, Workload
 
@@ -185,7 +185,7 @@ _PR_SET_PDEATHSIG = 1
 def _die_with_parent(parent: int) -> Callable[[], None]:
     """A preexec_fn: SIGTERM this child when its parent thread dies (and if it already has).
 
-    Also gives the child the CPU set the agent had before it pinned itself (cvmctl.affinity).
+    Also gives the child the CPU set the agent had before it pinned itself (cvmcore.affinity).
     """
 
     def set_pdeathsig() -> None:

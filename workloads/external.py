@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping
 from typing import ClassVar
 
-from cvmctl.errors import UsageError
+from cvmcore.errors import UsageError
 from workloads.model import Param, Sample, Workload
 
 

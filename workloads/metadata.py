@@ -17,11 +17,11 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import cvmctl
+import cvmcore
 
 CPUIDLE = "sys/devices/system/cpu/cpuidle"
 HALTPOLL = "sys/module/haltpoll/parameters"
@@ -66,7 +66,21 @@ def steal_fraction(proc_stat: str) -> float | None:
     return None
 
 
-def machine_metadata(root: Path = Path("/")) -> dict[str, Any]:
+TeeDetector = Callable[[Path], str]
+"""Names the TEE of the machine under a root ("none", "sev-snp", "tdx"): the agent's detector,
+handed in by the caller so that the catalogue does not depend on the agent."""
+
+
+def _tee_name(root: Path, detect_tee: TeeDetector | None) -> str:
+    if detect_tee is None:
+        return "unknown"
+    try:
+        return detect_tee(root)
+    except Exception:  # a probe that fails must not fail a benchmark
+        return "unknown"
+
+
+def machine_metadata(root: Path = Path("/"), detect_tee: TeeDetector | None = None) -> dict[str, Any]:
     """Kernel, CPU, idle and noise facts of this machine (see the module docstring)."""
     meta: dict[str, Any] = {"kernel": platform.release()}
     meta["arch"] = platform.machine()
@@ -89,7 +103,7 @@ def machine_metadata(root: Path = Path("/")) -> dict[str, Any]:
             for p in sorted(haltpoll_dir.iterdir())
             if (value := _read(root, f"{HALTPOLL}/{p.name}"))
         }
-    meta["tee"] = detect_tee_name(root)
+    meta["tee"] = _tee_name(root, detect_tee)
     # noise snapshot
     if (loadavg := _read(root, "proc/loadavg")) is not None:
         meta["loadavg"] = " ".join(loadavg.split()[:3])
@@ -99,16 +113,6 @@ def machine_metadata(root: Path = Path("/")) -> dict[str, Any]:
     if steal is not None:
         meta["steal_fraction_since_boot"] = round(steal, 6)
     return meta
-
-
-def detect_tee_name(root: Path) -> str:
-    """The agent's TEE verdict for this machine ("none", "sev-snp", "tdx"), or "unknown"."""
-    try:
-        from guest_agent.tee import detect_tee
-
-        return str(detect_tee(root).tee.value)
-    except Exception:  # a probe that fails must not fail a benchmark
-        return "unknown"
 
 
 def package_versions(packages: Iterable[str]) -> dict[str, str]:
@@ -123,8 +127,8 @@ def package_versions(packages: Iterable[str]) -> dict[str, str]:
 
 def cvmctl_metadata() -> dict[str, Any]:
     """cvmctl's version and, from a git checkout, the commit (with ``-dirty`` if modified)."""
-    meta: dict[str, Any] = {"cvmctl_version": cvmctl.__version__}
-    source = Path(cvmctl.__file__).resolve().parent.parent
+    meta: dict[str, Any] = {"cvmctl_version": cvmcore.__version__}
+    source = Path(cvmcore.__file__).resolve().parent.parent
     commit = _run(["git", "rev-parse", "HEAD"], cwd=source)
     if commit:
         dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source)
@@ -132,10 +136,10 @@ def cvmctl_metadata() -> dict[str, Any]:
     return meta
 
 
-def run_metadata(tool_packages: Iterable[str]) -> dict[str, Any]:
+def run_metadata(tool_packages: Iterable[str], detect_tee: TeeDetector | None = None) -> dict[str, Any]:
     """Everything the local side records for a run: machine, tool versions, cvmctl, time."""
     return {
-        "host": machine_metadata(),
+        "host": machine_metadata(detect_tee=detect_tee),
         "tools": package_versions(tool_packages),
         **cvmctl_metadata(),
         "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

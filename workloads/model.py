@@ -56,7 +56,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
-from cvmctl.errors import CvmError, UsageError
+from cvmcore.errors import CvmError, UsageError
 
 ParamKind = Literal["int", "float", "str", "bool", "list[int]"]
 Direction = Literal["higher", "lower"]

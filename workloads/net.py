@@ -25,7 +25,7 @@ import statistics
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from cvmctl.errors import UsageError
+from cvmcore.errors import UsageError
 from workloads import parsers
 from workloads.model import Param, Sample, ServerPlan, Workload, euid_is_root
 

@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from cvmctl.errors import CvmError
+from cvmcore.errors import CvmError
 
 
 class ParseError(CvmError):

@@ -39,9 +39,9 @@ from typing import Any, Literal, Protocol
 
 import trio
 
-from cvmctl.errors import CvmError, RemoteError, UsageError
+from cvmcore.errors import CvmError, RemoteError, UsageError
 from workloads.execute import ServerProcess, remove_scratch_files, run_command, run_guest_work
-from workloads.metadata import run_metadata
+from workloads.metadata import TeeDetector, run_metadata
 from workloads.model import Sample, ServerPlan, Unavailable, Workload
 from workloads.store import Store
 
@@ -115,6 +115,7 @@ class RunRequest:
     warmup: int = 1
     explicit: frozenset[str] = field(default_factory=frozenset)  # params the user set
     metadata: dict[str, Any] = field(default_factory=dict)  # extra run metadata (the CLI's argv, ...)
+    detect_tee: TeeDetector | None = None  # names the local machine's TEE for the metadata
 
 
 def params_for(request: RunRequest, target: Target) -> dict[str, Any]:
@@ -141,7 +142,9 @@ async def run_benchmark(store: Store, request: RunRequest, progress: ProgressCal
     arms = request.targets
     arm_params = {arm: params_for(request, target) for arm, target in arms.items()}
     packages = [*workload.host_tools.values(), *workload.guest_tools.values()]
-    metadata = await trio.to_thread.run_sync(run_metadata, packages)  # dpkg-query, git: off the loop
+    metadata = await trio.to_thread.run_sync(
+        run_metadata, packages, request.detect_tee
+    )  # dpkg-query, git: off the loop
     metadata.update(request.metadata)
     metadata["repeat"], metadata["warmup"] = request.repeat, request.warmup
     metadata["arms"] = {arm: target.name for arm, target in arms.items()} if len(arms) > 1 else {}

@@ -44,7 +44,8 @@ from typing import Any, Literal
 
 import psutil
 
-from cvmctl.errors import UsageError
+from cvmcore import defaults
+from cvmcore.errors import UsageError
 from workloads.model import Sample
 from workloads.stats import Summary, summarize
 
@@ -82,12 +83,7 @@ CREATE INDEX IF NOT EXISTS samples_run ON samples(run_id);
 
 def default_data_dir() -> Path:
     """``$CVMCTL_DATA_DIR``, else ``$XDG_DATA_HOME/cvmctl``, else ``~/.local/share/cvmctl``."""
-    override = os.environ.get("CVMCTL_DATA_DIR")
-    if override:
-        return Path(override)
-    xdg = os.environ.get("XDG_DATA_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
-    return base / "cvmctl"
+    return defaults.data_dir()
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ import posixpath
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from cvmctl.errors import UsageError
+from cvmcore.errors import UsageError
 from workloads import parsers
 from workloads.model import Param, Sample, Workload
 

@@ -55,7 +55,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
-from cvmctl.errors import UsageError
+from cvmcore.errors import UsageError
 from workloads.model import Param, Sample, Unavailable, Workload
 
 # -- the machine code -------------------------------------------------------------------

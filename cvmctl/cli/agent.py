@@ -10,10 +10,10 @@ import trio
 from google.protobuf.json_format import MessageToDict
 
 from cvm.v1 import agent_pb2, agent_pb2_grpc
-from cvmctl.address import parse_address
+from cvmcore.address import parse_address
+from cvmcore.client import DEFAULT_TIMEOUT, connect
+from cvmcore.tee import tee_name
 from cvmctl.cli.output import print_table
-from cvmctl.client import DEFAULT_TIMEOUT, connect
-from cvmctl.tee import tee_name
 
 CONNECT_HELP = "agent address: unix:///PATH, tcp://HOST:PORT, vsock://CID:PORT or hvsock:///PATH:PORT"
 

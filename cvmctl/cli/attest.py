@@ -11,28 +11,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
-from cvmctl.attestation.certs import (
+from cvmattest.certs import (
     classify_amd_certificates,
     common_name,
     load_certificate_file,
     load_certificates,
 )
-from cvmctl.attestation.detect import TEES, ParsedEvidence, parse_evidence
-from cvmctl.attestation.kds import DEFAULT_KDS_URL, KdsClient
-from cvmctl.attestation.result import CheckStatus, VerificationResult
-from cvmctl.attestation.sgx_pck import read_pck_platform
-from cvmctl.attestation.snp import Product, SnpReport
-from cvmctl.attestation.tdx import TdxQuote
-from cvmctl.attestation.verify import verify_evidence
+from cvmattest.detect import TEES, ParsedEvidence, parse_evidence
+from cvmattest.kds import DEFAULT_KDS_URL, KdsClient
+from cvmattest.result import CheckStatus, VerificationResult
+from cvmattest.sgx_pck import read_pck_platform
+from cvmattest.snp import Product, SnpReport
+from cvmattest.tdx import TdxQuote
+from cvmattest.verify import verify_evidence
+from cvmcore.defaults import cache_dir
+from cvmcore.durable import write_durably
+from cvmcore.errors import UsageError
 from cvmctl.cli.output import print_table
-from cvmctl.errors import UsageError
 
 STATUS_MARKS = {CheckStatus.PASSED: "ok", CheckStatus.FAILED: "FAILED", CheckStatus.SKIPPED: "skipped"}
 
@@ -245,8 +246,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def default_kds_cache() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "cvmctl" / "kds"
+    return cache_dir("kds")
 
 
 def fetch_from_kds(report: SnpReport, args: argparse.Namespace) -> list[x509.Certificate]:
@@ -283,8 +283,8 @@ def run_fetch(args: argparse.Namespace) -> int:
     import trio
 
     from cvm.v1 import agent_pb2, agent_pb2_grpc
-    from cvmctl.address import parse_address
-    from cvmctl.client import connect
+    from cvmcore.address import parse_address
+    from cvmcore.client import connect
 
     address = parse_address(args.connect)
     request = agent_pb2.GetAttestationReportRequest(
@@ -339,9 +339,7 @@ def run_fetch(args: argparse.Namespace) -> int:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_durably(path, data, mode=0o644, make_parents=False)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror}") from exc

@@ -26,8 +26,8 @@ from typing import Any
 
 import trio
 
+from cvmcore.errors import UsageError
 from cvmctl.cli.idle_poll import non_negative_int
-from cvmctl.errors import UsageError
 from cvmctl.vm_target import VMTarget
 from workloads import catalogue
 from workloads.model import Workload
@@ -60,6 +60,13 @@ examples:
   cvmctl bench vmexit --target local --json
   cvmctl bench nginx --target local --compare local,local
 """
+
+
+def local_tee_name(root: Path) -> str:
+    """The TEE of the machine the CLI runs on, by the agent's own detector."""
+    from guest_agent.tee import detect_tee
+
+    return str(detect_tee(root).tee.value)
 
 
 def add_data_dir_argument(parser: argparse.ArgumentParser) -> None:
@@ -208,6 +215,7 @@ def run_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         explicit=frozenset(raw),
         metadata={"argv": sys.argv[1:], "duration": args.duration},
+        detect_tee=local_tee_name,
     )
     with Store.open(args.data_dir) as store:
         progress = None if args.quiet else print_progress(workload.name)

@@ -14,10 +14,10 @@ import trio
 from google.protobuf.json_format import MessageToDict
 
 from cvm.v1 import agent_pb2, agent_pb2_grpc
-from cvmctl.address import parse_address
+from cvmcore.address import parse_address
+from cvmcore.client import connect
 from cvmctl.cli.agent import add_connection_arguments
 from cvmctl.cli.output import print_table
-from cvmctl.client import connect
 
 # From the wire enum (IDLE_MODE_HALTPOLL -> "haltpoll"), the names the agent uses too.
 MODES = {

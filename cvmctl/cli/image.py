@@ -4,7 +4,7 @@
 ``scripts/install-guest-kernel.sh`` fetched, or finds it in the cache when nothing changed,
 and prints where the kernel and initramfs are and the kernel command line that boots the
 project's agent. ``cvmctl image clean`` removes cached images other than the current one.
-The work is in :mod:`host_daemon.image`.
+The work is in :mod:`host_daemon.devguest`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import json
 import sys
 from pathlib import Path
 
+from cvmcore.defaults import AGENT_VSOCK_PORT
 from cvmctl.cli.output import print_table
-from host_daemon.image import (
-    DEFAULT_AGENT_PORT,
+from host_daemon.devguest import (
     build_dev_guest,
     default_cache_dir,
     dev_guest_cmdline,
@@ -75,7 +75,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     build.add_argument(
         "--agent", default=default_agent(), metavar="PATH", help="agent for the printed command line"
     )
-    build.add_argument("--port", type=int, default=DEFAULT_AGENT_PORT, help="agent vsock port")
+    build.add_argument("--port", type=int, default=AGENT_VSOCK_PORT, help="agent vsock port")
     build.set_defaults(func=run_build)
 
     clean = commands.add_parser("clean", help="remove cached images except the current one")

@@ -3,7 +3,7 @@
 Each command group lives in its own module under :mod:`cvmctl.cli` and exposes
 ``register(subparsers)``, which adds its parser and sets ``func`` to a handler
 ``(argparse.Namespace) -> int``. Handlers report a user's mistake or an unreachable peer
-by raising :class:`cvmctl.errors.CvmError`; this module turns it into one line on stderr
+by raising :class:`cvmcore.errors.CvmError`; this module turns it into one line on stderr
 and the error's exit code, never a traceback.
 """
 
@@ -15,8 +15,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from cvmctl import __version__
-from cvmctl.errors import CvmError
+from cvmcore import __version__
+from cvmcore.errors import CvmError
 
 # Modules under cvmctl.cli that provide a command group, in --help order.
 COMMAND_MODULES: tuple[str, ...] = (

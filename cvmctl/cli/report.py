@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cvmcore.errors import UsageError
 from cvmctl.cli.bench import add_data_dir_argument
-from cvmctl.errors import UsageError
 from workloads.store import Store, iter_ids
 
 

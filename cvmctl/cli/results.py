@@ -15,9 +15,9 @@ import datetime
 import json
 from pathlib import Path
 
+from cvmcore.errors import UsageError
 from cvmctl.cli.bench import add_data_dir_argument, overheads, print_columns, print_run
 from cvmctl.cli.output import print_table
-from cvmctl.errors import UsageError
 from workloads.store import Store, iter_ids
 
 

@@ -14,14 +14,12 @@ import trio
 from google.protobuf.json_format import MessageToDict
 
 from cvm.v1 import host_pb2, host_pb2_grpc
-from cvmctl.address import parse_address
+from cvmcore.address import parse_address
+from cvmcore.client import RpcClient, connect
+from cvmcore.defaults import HOSTD_ADDRESS, HOSTD_ENV
+from cvmcore.errors import ConnectError, DeadlineExceeded, UsageError
+from cvmcore.tee import tee_name
 from cvmctl.cli.output import print_table
-from cvmctl.client import RpcClient, connect
-from cvmctl.errors import ConnectError, DeadlineExceeded, UsageError
-from cvmctl.tee import tee_name
-
-DEFAULT_HOSTD = "unix:///run/cvm-hostd/hostd.sock"
-HOSTD_ENV = "CVM_HOSTD"
 
 STATE_NAMES = {
     host_pb2.VM_STATE_DEFINED: "defined",
@@ -33,7 +31,7 @@ STATE_NAMES = {
 }
 
 EPILOG = f"""\
-The daemon is reached at --host, else ${HOSTD_ENV}, else {DEFAULT_HOSTD}.
+The daemon is reached at --host, else ${HOSTD_ENV}, else {HOSTD_ADDRESS}.
 
 examples:
   echo 'name = "dev"' > dev.toml      # no image named: the built-in dev guest
@@ -46,7 +44,7 @@ examples:
 
 
 def hostd_address(args: argparse.Namespace) -> str:
-    return str(args.host or os.environ.get(HOSTD_ENV) or DEFAULT_HOSTD)
+    return str(args.host or os.environ.get(HOSTD_ENV) or HOSTD_ADDRESS)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -64,7 +62,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         if takes_name:
             p.add_argument("name", help="the VM's name")
         p.add_argument(
-            "--host", metavar="ADDR", help=f"daemon address (default: ${HOSTD_ENV} or {DEFAULT_HOSTD})"
+            "--host", metavar="ADDR", help=f"daemon address (default: ${HOSTD_ENV} or {HOSTD_ADDRESS})"
         )
         p.add_argument(
             "--timeout", type=float, default=30.0, metavar="SECONDS", help="per request (default 30)"

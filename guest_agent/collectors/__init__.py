@@ -8,11 +8,9 @@ names follow the project's conventions (``cvm_guest_*``; base units; ``_total`` 
 
 from guest_agent.collectors.agent import AgentStats
 from guest_agent.collectors.registry import (
-    METRICS_CONTENT_TYPE,
     Refresher,
     Roots,
     build_registry,
-    render_text,
 )
 
-__all__ = ["METRICS_CONTENT_TYPE", "AgentStats", "Refresher", "Roots", "build_registry", "render_text"]
+__all__ = ["AgentStats", "Refresher", "Roots", "build_registry"]

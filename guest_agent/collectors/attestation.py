@@ -1,7 +1,7 @@
 """Attestation requests the agent served: counts, durations, the last success.
 
 The study timed each attestation step; the agent times every request it serves
-(:class:`cvmctl.attestation.guest.Evidence` carries the per-step timings) and exports:
+(:class:`guest_agent.attestation.guest.Evidence` carries the per-step timings) and exports:
 
 * ``cvm_guest_attestation_requests_total{tee,interface,result}``: ``result`` is
   ``success`` or a bounded failure class (``unavailable``, ``bad_request``, ``failed``);

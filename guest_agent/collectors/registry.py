@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
-from prometheus_client import generate_latest
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 
@@ -53,11 +52,6 @@ T = TypeVar("T")
 
 ReadRunner = Callable[[Callable[[], Any]], Awaitable[Any]]
 """Runs a blocking read and returns its result (a worker thread in production)."""
-
-#: The content type of :func:`render_text` output: the text format 0.0.4 (every name here is a
-#: classic Prometheus name, so no UTF-8 escaping is involved). Spelled out rather than taken
-#: from client_python, whose ``CONTENT_TYPE_LATEST`` became ``version=1.0.0`` in 0.22.
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @dataclass(frozen=True)
@@ -194,8 +188,3 @@ def build_registry(
         ProcessCollector(namespace="cvm_guest_agent", registry=registry)
     refresher = Refresher(slots, interval=refresh_interval, read_deadline=read_deadline, run_read=run_read)
     return registry, refresher
-
-
-def render_text(registry: CollectorRegistry) -> bytes:
-    """The Prometheus text exposition (format 0.0.4) of ``registry``, for the GetMetrics RPC."""
-    return generate_latest(registry)

@@ -55,9 +55,9 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from cvm.v1 import agent_pb2, agent_pb2_grpc
-from cvmctl.address import parse_address
-from cvmctl.client import connect
-from cvmctl.errors import DeadlineExceeded
+from cvmcore.address import parse_address
+from cvmcore.client import connect
+from cvmcore.errors import DeadlineExceeded
 from host_daemon.metrics.parse import (
     GuestTextRejected,
     KvmStats,

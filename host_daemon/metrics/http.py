@@ -1,7 +1,7 @@
 """The daemon's metrics endpoint: host series, per-VM guest series, and Prometheus discovery.
 
 Routes (HTTP/1.1 ``GET``/``HEAD``, one request per connection, the same bounds as the guest
-agent's server in :mod:`guest_agent.metrics_http`, whose request parsing this reuses)::
+agent's server in :mod:`cvmcore.metrics_http`, whose request parsing this reuses)::
 
     /metrics             the host side of every VM: cvm_vm_*, cvm_agent_up, self-monitoring
     /metrics/vm/<name>   the guest's own series of VM <name> as its agent reported them
@@ -41,11 +41,10 @@ from prometheus_client import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from guest_agent.collectors.registry import METRICS_CONTENT_TYPE
-from guest_agent.metrics_http import MAX_CONNECTIONS, http_response, serve_connection
+from cvmcore.defaults import HOSTD_METRICS_PORT
+from cvmcore.metrics_http import MAX_CONNECTIONS, METRICS_CONTENT_TYPE, http_response, serve_connection
 from host_daemon.metrics.collector import HostCollector
 
-DEFAULT_HOST_METRICS_PORT = 9465
 VM_PATH_PREFIX = "/metrics/vm/"
 SD_CONTENT_TYPE = "application/json"
 
@@ -152,7 +151,7 @@ def advertised_address(host: str, port: int) -> str:
 async def serve_host_metrics_http(
     collector: HostCollector,
     host: str = "127.0.0.1",
-    port: int = DEFAULT_HOST_METRICS_PORT,
+    port: int = HOSTD_METRICS_PORT,
     *,
     advertise: str | None = None,
     host_label: str | None = None,

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import trio
 
-from cvmctl.address import TcpAddress, parse_address
-from cvmctl.errors import UsageError
+from cvmcore.address import TcpAddress, parse_address
+from cvmcore.errors import UsageError
 from host_daemon.metrics.collector import DEFAULT_INTERVAL, HostCollector, VMView
 from host_daemon.metrics.http import HostEndpoint, serve_host_metrics_http
 from host_daemon.spec import spec_tee

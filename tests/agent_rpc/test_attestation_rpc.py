@@ -18,11 +18,11 @@ import trio
 from prometheus_client import CollectorRegistry, generate_latest
 
 from cvm.v1 import agent_pb2, agent_pb2_grpc
-from cvmctl.address import UnixAddress
-from cvmctl.attestation.guest import fetch_evidence
-from cvmctl.client import connect
-from cvmctl.errors import RemoteError, UsageError
-from cvmctl.serve import ServerOptions, serve_grpc
+from cvmcore.address import UnixAddress
+from cvmcore.client import connect
+from cvmcore.errors import RemoteError, UsageError
+from cvmcore.serve import ServerOptions, serve_grpc
+from guest_agent.attestation.guest import fetch_evidence
 from guest_agent.server import GuestAgentService, agent_handlers
 from guest_agent.tee import detect_tee
 from tests.attestation.test_attest_guest import (

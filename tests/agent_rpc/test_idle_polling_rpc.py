@@ -13,10 +13,10 @@ import pytest
 import trio
 
 from cvm.v1 import agent_pb2, agent_pb2_grpc
-from cvmctl.address import UnixAddress
-from cvmctl.client import RpcClient, connect
-from cvmctl.errors import RemoteError, UsageError
-from cvmctl.serve import ServerOptions, serve_grpc
+from cvmcore.address import UnixAddress
+from cvmcore.client import RpcClient, connect
+from cvmcore.errors import RemoteError, UsageError
+from cvmcore.serve import ServerOptions, serve_grpc
 from guest_agent.idle_polling import IdlePollingController
 from guest_agent.server import GuestAgentService, agent_handlers
 from guest_agent.tee import detect_tee

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from cvm.v1 import agent_pb2, agent_pb2_grpc
-from cvmctl.address import UnixAddress
-from cvmctl.client import connect
+from cvmcore.address import UnixAddress
+from cvmcore.client import connect
 from tests.conftest import REPO_ROOT
 from tests.spine.agent_fixtures import agent_process
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cvmctl.attestation.certs import load_certificates
-from cvmctl.attestation.snp import build_cert_table
+from cvmattest.certs import load_certificates
+from cvmattest.snp import build_cert_table
 from cvmctl.cli.main import main
 from tests.attestation.vectors import SNP_NAMES, TDX_QUOTE_NAMES, expected_json
 
@@ -150,8 +150,8 @@ def test_verify_fetches_the_vcek_from_kds(
 
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    from cvmctl.attestation.kds import vcek_path
-    from cvmctl.attestation.snp import Product, parse_snp_report
+    from cvmattest.kds import vcek_path
+    from cvmattest.snp import Product, parse_snp_report
 
     root = attestation_testdata
     report = parse_snp_report((root / "snp/genoa_v3_msft_report.bin").read_bytes())

@@ -19,17 +19,17 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from cvmctl.attestation import uapi
-from cvmctl.attestation.certs import load_certificate_file, load_certificates
-from cvmctl.attestation.configfs_tsm import TSM_REPORT_DIR, RealConfigfs
-from cvmctl.attestation.detect import EvidenceKind, parse_evidence
-from cvmctl.attestation.guest import fetch_evidence
-from cvmctl.attestation.guest_ioctl import SEV_GUEST_DEVICE, TDX_GUEST_DEVICE, GuestDevice
-from cvmctl.attestation.snp import build_cert_table, parse_cert_table, parse_snp_report
-from cvmctl.attestation.steps import EvidenceFetchError, InterfaceUnavailable
-from cvmctl.attestation.tdx import parse_tdx_quote
-from cvmctl.attestation.verify import verify_evidence
-from cvmctl.errors import UsageError
+from cvmattest.certs import load_certificate_file, load_certificates
+from cvmattest.detect import EvidenceKind, parse_evidence
+from cvmattest.snp import build_cert_table, parse_cert_table, parse_snp_report
+from cvmattest.tdx import parse_tdx_quote
+from cvmattest.verify import verify_evidence
+from cvmcore.errors import UsageError
+from guest_agent.attestation import uapi
+from guest_agent.attestation.configfs_tsm import TSM_REPORT_DIR, RealConfigfs
+from guest_agent.attestation.guest import fetch_evidence
+from guest_agent.attestation.guest_ioctl import SEV_GUEST_DEVICE, TDX_GUEST_DEVICE, GuestDevice
+from guest_agent.attestation.steps import EvidenceFetchError, InterfaceUnavailable
 
 VLEK_REPORT = "snp/milan_v3_vlek_aws_report.bin"
 

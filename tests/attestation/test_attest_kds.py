@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from cvmctl.attestation.certs import load_certificates
-from cvmctl.attestation.kds import KdsClient, KdsError, retry_after_seconds, vcek_path
-from cvmctl.attestation.snp import Product, parse_snp_report
-from cvmctl.attestation.verify_snp import verify_snp_report
-from cvmctl.errors import ConnectError, UsageError
+from cvmattest.certs import load_certificates
+from cvmattest.kds import KdsClient, KdsError, retry_after_seconds, vcek_path
+from cvmattest.snp import Product, parse_snp_report
+from cvmattest.verify_snp import verify_snp_report
+from cvmcore.errors import ConnectError, UsageError
 
 
 @dataclass

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from cvmctl.attestation.binary import MalformedEvidence
-from cvmctl.attestation.certs import load_certificates, read_amd_key_certificate
-from cvmctl.attestation.snp import (
+from cvmattest.binary import MalformedEvidence
+from cvmattest.certs import load_certificates, read_amd_key_certificate
+from cvmattest.snp import (
     SNP_REPORT_SIZE,
     Product,
     TcbLayout,
@@ -21,8 +21,8 @@ from cvmctl.attestation.snp import (
     parse_cert_table,
     parse_snp_report,
 )
-from cvmctl.attestation.tdx import parse_tdreport, parse_tdx_quote
-from cvmctl.errors import UsageError
+from cvmattest.tdx import parse_tdreport, parse_tdx_quote
+from cvmcore.errors import UsageError
 from tests.attestation.vectors import SNP_NAMES, TDX_QUOTE_NAMES, read_evidence, snp_vector, tdx_vector
 
 TCB_KEYS = ("current_tcb", "reported_tcb", "committed_tcb", "launch_tcb")
@@ -281,7 +281,7 @@ def test_cert_table_entry_past_the_end() -> None:
     ],
 )
 def test_pck_platform_fmspc(attestation_testdata: Path, name: str, fmspc: str) -> None:
-    from cvmctl.attestation.sgx_pck import read_pck_platform
+    from cvmattest.sgx_pck import read_pck_platform
 
     quote = parse_tdx_quote((attestation_testdata / name).read_bytes())
     platform = read_pck_platform(load_certificates(quote.pck_chain_pem)[0])
@@ -291,7 +291,7 @@ def test_pck_platform_fmspc(attestation_testdata: Path, name: str, fmspc: str) -
 
 
 def test_pck_platform_of_a_non_pck_certificate(attestation_testdata: Path) -> None:
-    from cvmctl.attestation.sgx_pck import read_pck_platform
+    from cvmattest.sgx_pck import read_pck_platform
 
     ark = load_certificates((attestation_testdata / "snp/ask_ark_milan.pem").read_bytes())[1]
     with pytest.raises(MalformedEvidence, match="is missing: not a PCK certificate"):
@@ -299,7 +299,7 @@ def test_pck_platform_of_a_non_pck_certificate(attestation_testdata: Path) -> No
 
 
 def test_pck_der_walker_rejects_truncation_precisely() -> None:
-    from cvmctl.attestation.sgx_pck import _der_elements
+    from cvmattest.sgx_pck import _der_elements
 
     assert list(_der_elements(bytes.fromhex("0403aabbcc0500"))) == [
         (0x04, b"\xaa\xbb\xcc", 2),

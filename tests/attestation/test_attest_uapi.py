@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 
-from cvmctl.attestation import uapi
+from guest_agent.attestation import uapi
 
 
 class CSnpReportReq(ctypes.Structure):

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from cvmctl.attestation.binary import MalformedEvidence
-from cvmctl.attestation.certs import classify_amd_certificates, load_certificates
-from cvmctl.attestation.result import CheckStatus
-from cvmctl.attestation.snp import SIGNED_REGION_END, parse_snp_report
-from cvmctl.attestation.tdx import QE_REPORT_SIZE, parse_tdreport, parse_tdx_quote
-from cvmctl.attestation.verify_snp import SnpPolicy, verify_snp_report
-from cvmctl.attestation.verify_tdx import TdxPolicy, verify_tdreport, verify_tdx_quote
+from cvmattest.binary import MalformedEvidence
+from cvmattest.certs import classify_amd_certificates, load_certificates
+from cvmattest.result import CheckStatus
+from cvmattest.snp import SIGNED_REGION_END, parse_snp_report
+from cvmattest.tdx import QE_REPORT_SIZE, parse_tdreport, parse_tdx_quote
+from cvmattest.verify_snp import SnpPolicy, verify_snp_report
+from cvmattest.verify_tdx import TdxPolicy, verify_tdreport, verify_tdx_quote
 from tests.attestation.vectors import (
     SNP_NAMES,
     TDX_QUOTE_NAMES,
@@ -305,7 +305,7 @@ def test_tdreport_hashes_pass_and_mac_is_named(attestation_testdata: Path) -> No
 
 def test_amd_serial_zero_certificates_load_without_warnings(attestation_testdata: Path) -> None:
     """AMD's VCEK/VLEK have serial 0: cvmctl silences exactly that deprecation warning."""
-    from cvmctl.attestation.certs import load_certificate
+    from cvmattest.certs import load_certificate
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -11,7 +11,7 @@ from typing import Any
 
 from cryptography import x509
 
-from cvmctl.attestation.certs import load_certificates
+from cvmattest.certs import load_certificates
 
 VERIFIED_ON = datetime(2026, 11, 26, tzinfo=UTC)
 """When the README says the vectors verified; every certificate but the VLEK is valid then."""

@@ -14,7 +14,8 @@ import trio.testing
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
-from guest_agent.collectors import AgentStats, Roots, build_registry, render_text
+from cvmcore.metrics_http import render_text
+from guest_agent.collectors import AgentStats, Roots, build_registry
 from guest_agent.collectors.base import (
     CollectorUnavailable,
     SlotState,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmctl.errors import CvmError
+from cvmcore.errors import CvmError
 from guest_agent.idle_polling import (
     CPUIDLE_DIR,
     HALTPOLL_DRIVER_MODULE_DIR,

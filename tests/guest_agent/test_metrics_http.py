@@ -18,10 +18,10 @@ import pytest
 import trio
 from prometheus_client.registry import CollectorRegistry
 
+from cvmcore.metrics_http import MetricsEndpoint, parse_request_line, serve_metrics_http
 from guest_agent.collectors import AgentStats, Roots, build_registry
 from guest_agent.collectors.base import SlotState, SnapshotExporter, SnapshotSource
 from guest_agent.collectors.registry import Refresher
-from guest_agent.metrics_http import MetricsEndpoint, parse_request_line, serve_metrics_http
 from workloads.runner import free_port
 
 SYSROOTS = Path(__file__).resolve().parent.parent / "fixtures" / "sysroots"

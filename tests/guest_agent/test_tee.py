@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmctl.cpuinfo import cpu_flags
+from cvmcore.cpuinfo import cpu_flags
 from guest_agent.tee import (
     TeeKind,
     TeeVerdict,

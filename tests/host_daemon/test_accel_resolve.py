@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmctl.cpuinfo import cpu_flags as cpu_flags_from_cpuinfo
+from cvmcore.cpuinfo import cpu_flags as cpu_flags_from_cpuinfo
 from host_daemon.accel import (
     AccelUnavailable,
     ChannelProbe,

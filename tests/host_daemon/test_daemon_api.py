@@ -9,10 +9,10 @@ import pytest
 import trio
 
 from cvm.v1 import host_pb2, host_pb2_grpc
-from cvmctl.address import UnixAddress
-from cvmctl.client import RpcClient, connect
-from cvmctl.errors import RemoteError, UsageError
-from cvmctl.serve import ServerOptions, serve_grpc
+from cvmcore.address import UnixAddress
+from cvmcore.client import RpcClient, connect
+from cvmcore.errors import RemoteError, UsageError
+from cvmcore.serve import ServerOptions, serve_grpc
 from host_daemon.server import HostDaemonService, daemon_handlers
 from host_daemon.vms import VMManager
 

@@ -41,7 +41,7 @@ from typing import IO
 import pytest
 import trio
 
-from host_daemon.image import (
+from host_daemon.devguest import (
     BOOT_PHASES,
     HOST_ROOT_TAG,
     BootMarker,
@@ -405,8 +405,8 @@ async def test_dev_guest_agent_answers_over_hybrid_vsock(dev_guest: DevGuestImag
     if reason is not None:
         pytest.skip(f"cvm-agent not ready: {reason}")
     from cvm.v1 import agent_pb2, agent_pb2_grpc
-    from cvmctl.address import HybridVsockAddress
-    from cvmctl.client import connect
+    from cvmcore.address import HybridVsockAddress
+    from cvmcore.client import connect
 
     agent = str(Path(sys.executable).parent / "cvm-agent")
     async with boot_dev_guest(dev_guest, tmp_path, agent) as guest:

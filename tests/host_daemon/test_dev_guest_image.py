@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from cvmctl.errors import UsageError
-from host_daemon import image
-from host_daemon.image import (
+from cvmcore.errors import UsageError
+from host_daemon import devguest as image
+from host_daemon.devguest import (
     BOOT_PHASES,
     CpioEntry,
     GuestKernel,

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import trio
 
-from cvmctl import errors
+from cvmcore import errors
 from host_daemon.qmp import (
     CommandNotFound,
     ConnectError,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import host_daemon.spec as spec_module
-from cvmctl.errors import UsageError
+from cvmcore.errors import UsageError
 from host_daemon.spec import (
     UNKNOWN_KEY,
     HostForward,

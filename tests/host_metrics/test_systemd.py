@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from cvmctl.watchdog import feed_watchdog
+from cvmcore.watchdog import feed_watchdog
 from tests.conftest import REPO_ROOT
 
 UNITS = REPO_ROOT / "systemd"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import trio
 
-from cvmctl.address import Address, UnixAddress
-from cvmctl.serve import ServerOptions, serve_grpc
+from cvmcore.address import Address, UnixAddress
+from cvmcore.serve import ServerOptions, serve_grpc
 from guest_agent.server import GuestAgentService, agent_handlers
 from guest_agent.tee import detect_tee
 

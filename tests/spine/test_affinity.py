@@ -1,4 +1,4 @@
-"""The agent on one CPU (cvmctl.affinity): the choice, the pinning of every thread, and
+"""The agent on one CPU (cvmcore.affinity): the choice, the pinning of every thread, and
 children that get the CPU set back."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cvmctl.affinity import _ChildMask, choose_cpu, format_cpu_list, parse_cpu_choice
-from cvmctl.errors import UsageError
+from cvmcore.affinity import _ChildMask, choose_cpu, format_cpu_list, parse_cpu_choice
+from cvmcore.errors import UsageError
 from tests.spine.agent_fixtures import agent_process
 from tests.spine.test_programs import cvmctl
 
@@ -68,7 +68,7 @@ def test_children_get_the_cpu_set_back(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import os, trio
-        from cvmctl.affinity import pin_process
+        from cvmcore.affinity import pin_process
         from workloads.execute import run_command, spawn_server
         pin_process({max(ALLOWED)})
         print("self", sorted(os.sched_getaffinity(0)))

@@ -7,9 +7,9 @@ from pathlib import Path
 import trio
 
 from cvm.v1 import agent_pb2, agent_pb2_grpc, common_pb2
-from cvmctl.address import HybridVsockAddress, UnixAddress
-from cvmctl.client import connect
-from cvmctl.relay import RelayStats, dialer_for, serve_hybrid_vsock
+from cvmcore.address import HybridVsockAddress, UnixAddress
+from cvmcore.client import connect
+from cvmcore.relay import RelayStats, dialer_for, serve_hybrid_vsock
 from tests.spine.agent_fixtures import running_agent
 
 FIXTURE_ROOT = Path(__file__).parent / "fixtures" / "guest-root"

@@ -13,11 +13,11 @@ import psutil
 import pytest
 import trio
 
-from cvmctl.address import TcpAddress, UnixAddress
-from cvmctl.client import connect
-from cvmctl.errors import DeadlineExceeded, RemoteError, UsageError
-from cvmctl.grpc_bridge import CallInfo, GrpcBridge, RpcAbort
-from cvmctl.serve import ServerOptions, serve_grpc
+from cvmcore.address import TcpAddress, UnixAddress
+from cvmcore.client import connect
+from cvmcore.errors import DeadlineExceeded, RemoteError, UsageError
+from cvmcore.grpc_bridge import CallInfo, GrpcBridge, RpcAbort
+from cvmcore.serve import ServerOptions, serve_grpc
 
 SERVICE = "test.Bridge"
 
@@ -254,7 +254,7 @@ async def test_a_failure_after_start_stops_the_server(
     async def health_fails(*args: object) -> None:
         raise RuntimeError("health service broke")
 
-    monkeypatch.setattr("cvmctl.serve._set_serving", health_fails)
+    monkeypatch.setattr("cvmcore.serve._set_serving", health_fails)
     with pytest.raises(ExceptionGroup) as info:  # raised inside serve_grpc's nursery
         await serve_grpc(handlers(Behaviour()), ServerOptions(listen=[TcpAddress("127.0.0.1", 0)]))
     assert info.group_contains(RuntimeError, match="health service broke")

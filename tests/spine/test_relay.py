@@ -13,9 +13,9 @@ import pytest
 import trio
 import trio.testing
 
-from cvmctl.address import UnixAddress
-from cvmctl.errors import ConnectError
-from cvmctl.relay import (
+from cvmcore.address import UnixAddress
+from cvmcore.errors import ConnectError
+from cvmcore.relay import (
     RelayStats,
     dialer_for,
     open_hybrid_vsock_stream,

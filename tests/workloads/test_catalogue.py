@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmctl.errors import UsageError
+from cvmcore.errors import UsageError
 from workloads.catalogue import CATALOGUE, get
 from workloads.model import MissingToolError, Param, ServerPlan
 

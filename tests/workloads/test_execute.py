@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from cvmctl.errors import DeadlineExceeded, RemoteError, UsageError
+from cvmcore.errors import DeadlineExceeded, RemoteError, UsageError
 from tests.workloads.conftest import require
 from workloads.catalogue import get
 from workloads.execute import (

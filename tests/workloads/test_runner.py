@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.lowlevel
 
-from cvmctl.errors import RemoteError
+from cvmcore.errors import RemoteError
 from workloads.catalogue import get
 from workloads.model import Sample, ServerPlan, Unavailable, Workload
 from workloads.runner import Progress, RunRequest, run_benchmark

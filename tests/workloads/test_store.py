@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmctl.errors import UsageError
+from cvmcore.errors import UsageError
 from workloads.model import Sample
 from workloads.store import Store, iter_ids
 

@@ -76,7 +76,7 @@ def test_pio_and_msr_paths_time_pread(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_cpu_must_be_usable() -> None:
-    from cvmctl.errors import UsageError
+    from cvmcore.errors import UsageError
 
     with pytest.raises(UsageError, match="parameter cpu: 4000 is not allowed"):
         get("vmexit").validate({"cpu": "4000"})

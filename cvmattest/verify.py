@@ -1,0 +1,69 @@
+"""One entry point that verifies any supported evidence with one set of options.
+
+:func:`verify_evidence` dispatches on the parsed evidence type to
+:func:`~cvmattest.verify_snp.verify_snp_report`,
+:func:`~cvmattest.verify_tdx.verify_tdx_quote` or
+:func:`~cvmattest.verify_tdx.verify_tdreport`, translating the common options
+(nonce, allowed measurements, debug) into each TEE's policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+
+from cryptography import x509
+
+from cvmattest.detect import ParsedEvidence
+from cvmattest.result import VerificationResult
+from cvmattest.snp import SnpReport
+from cvmattest.tdx import TdxQuote
+from cvmattest.verify_snp import SnpPolicy, verify_snp_report
+from cvmattest.verify_tdx import TdxPolicy, verify_tdreport, verify_tdx_quote
+from cvmcore.errors import UsageError
+
+REPORT_DATA_SIZE = 64
+
+
+def expected_report_data(nonce: bytes) -> bytes:
+    """The 64 report-data bytes a nonce of up to 64 bytes yields (zero-padded, as the kernel does)."""
+    if len(nonce) > REPORT_DATA_SIZE:
+        raise UsageError(f"a nonce is at most {REPORT_DATA_SIZE} bytes, got {len(nonce)}; hash it first")
+    return nonce + bytes(REPORT_DATA_SIZE - len(nonce))
+
+
+def verify_evidence(
+    evidence: ParsedEvidence,
+    certificates: Sequence[x509.Certificate] = (),
+    *,
+    at: datetime,
+    nonce: bytes | None = None,
+    allowed_measurements: frozenset[bytes] | None = None,
+    forbid_debug: bool = False,
+    minimum_tcb: Mapping[str, int] | None = None,
+) -> VerificationResult:
+    """Verify any evidence. For TDX, ``certificates`` (if given) replace the quote's PCK chain.
+
+    ``allowed_measurements`` is the SNP launch measurement or the TDX MRTD allow-list;
+    ``minimum_tcb`` applies to SNP only.
+    """
+    report_data = None if nonce is None else expected_report_data(nonce)
+    if isinstance(evidence, SnpReport):
+        policy = SnpPolicy(
+            minimum_tcb=dict(minimum_tcb or {}),
+            allowed_measurements=allowed_measurements,
+            forbid_debug=forbid_debug,
+            report_data=report_data,
+        )
+        return verify_snp_report(evidence, certificates, at=at, policy=policy)
+    if minimum_tcb:
+        raise UsageError("a minimum TCB applies to SEV-SNP reports only")
+    if isinstance(evidence, TdxQuote):
+        tdx_policy = TdxPolicy(
+            forbid_debug=forbid_debug, allowed_mr_td=allowed_measurements, report_data=report_data
+        )
+        return verify_tdx_quote(evidence, at=at, pck_chain=list(certificates) or None, policy=tdx_policy)
+    result = verify_tdreport(evidence, at=at)
+    if report_data is not None:
+        result.require_nonce(evidence.report_data, report_data)
+    return result

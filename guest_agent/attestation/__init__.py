@@ -1,0 +1,1 @@
+"""Fetching attestation evidence inside the guest."""

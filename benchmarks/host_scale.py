@@ -44,8 +44,9 @@ from typing import Any
 
 import trio
 
-from host_daemon.metrics.collector import HostCollector, VMView
+from host_daemon.metrics.collector import HostCollector
 from host_daemon.metrics.http import HostEndpoint, serve_host_metrics_http
+from host_daemon.metrics.state import VMView
 from host_daemon.qmp import open_qmp
 
 REPO = Path(__file__).resolve().parent.parent

@@ -50,7 +50,7 @@ Say = Callable[[str], None]
 
 def console_tail(vm: host_pb2.VM, lines: int = 8) -> str:
     """The last console lines of ``vm`` as a suffix for an error (the daemon is on this host)."""
-    from host_daemon.vms import tail_lines
+    from host_daemon.boottiming import tail_lines
 
     tail = list(vm.last_console_lines)
     if not tail and vm.console_path:

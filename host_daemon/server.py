@@ -16,9 +16,10 @@ from cvmcore import __version__
 from cvmcore.grpc_bridge import CallInfo, GrpcBridge, RpcAbort, service_handler
 from cvmcore.tee import tee_to_proto
 from host_daemon.accel import resolve_accel
+from host_daemon.boottiming import PHASES
 from host_daemon.spec import spec_tee
 from host_daemon.store import VMRecord, VMState
-from host_daemon.vms import PHASES, VMConflict, VMManager, VMNotFound
+from host_daemon.vms import VMConflict, VMManager, VMNotFound
 
 SERVICE = host_pb2.DESCRIPTOR.services_by_name["HostDaemon"]
 

@@ -14,14 +14,8 @@ health, recording the boot phases), the **exit** task (a pidfd that wakes when Q
 for the exit status and the verdict stopped or crashed) and, for ``vhost-user-vsock``, the
 backend process it follows.
 
-Boot phases, as the study split a boot (QEMU / firmware / kernel / init) plus the agent,
-after the daemon's own share:
-
-    daemon     the StartVM request -> exec of QEMU (spec, image, helpers, argv)
-    spawn      exec of QEMU -> QMP ready (greeting and capabilities: devices created)
-    firmware   QMP greeting -> the kernel's first console line ("Linux version")
-    kernel     -> the init's first marker (``cvm-boot: init-start``)
-    userspace  -> the agent answering the gRPC health check over its channel
+The boot task records the boot phases of :mod:`host_daemon.boottiming`; the agent's vsock
+channel (a CID, or a vhost-device-vsock backend) comes from :mod:`host_daemon.vsock_backend`.
 
 QEMU runs in its own session, so a daemon crash leaves VMs running; on start the daemon
 reattaches to every live VM whose pid still names the same process (pid + start time) and
@@ -31,8 +25,6 @@ marks the others crashed.
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 import shutil
 import signal
 import time
@@ -45,26 +37,24 @@ from typing import Final
 import structlog
 import trio
 
-from cvmcore.address import HybridVsockAddress, VsockAddress, parse_address
+from cvmcore.address import parse_address
 from cvmcore.client import connect
-from cvmcore.defaults import AGENT_VSOCK_PORT
 from cvmcore.errors import CvmError, UsageError
 from host_daemon import process as proc
 from host_daemon.accel import decide_channel, probe_channel, resolve_accel
+from host_daemon.boottiming import BootClock, console_marks, tail_lines
 from host_daemon.qemu_args import Runtime, build_qemu_argv
 from host_daemon.qmp import EventListener, QMPClient, QMPError, connect_qmp
 from host_daemon.spec import VMSpec, parse_spec
 from host_daemon.store import VMRecord, VMState, VMStore, now
+from host_daemon.vsock_backend import BACKEND_SOCKET, free_cid, stale_sockets, start_vhost_device_vsock
+from host_daemon.vsock_backend import agent_address as vsock_agent_address
 
 log = structlog.get_logger("host_daemon.vms")
 
 QMP_CONNECT_SECONDS: Final = 30.0
 DEFAULT_BOOT_SECONDS: Final = 180.0
 DEFAULT_STOP_SECONDS: Final = 10.0
-CONSOLE_TAIL_LINES: Final = 20
-KERNEL_FIRST_LINE: Final = re.compile(r"Linux version \d")
-INIT_MARKER: Final = "cvm-boot: init-start"
-PHASES: Final = ("daemon", "spawn", "firmware", "kernel", "userspace")
 
 
 class VMNotFound(UsageError):
@@ -95,20 +85,6 @@ class LiveVM:
 
 def _run_dir_for(state_dir: Path, name: str) -> Path:
     return state_dir / "vms" / name
-
-
-def tail_lines(path: Path, count: int = CONSOLE_TAIL_LINES, max_bytes: int = 64 * 1024) -> tuple[str, ...]:
-    """The last ``count`` lines of a console log, decoded leniently."""
-    try:
-        with path.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            handle.seek(max(0, size - max_bytes))
-            data = handle.read()
-    except OSError:
-        return ()
-    lines = data.decode("utf-8", "replace").replace("\r", "").splitlines()
-    return tuple(line for line in lines if line.strip())[-count:]
 
 
 class VMManager:
@@ -252,8 +228,8 @@ class VMManager:
             run_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
             boot = record.boot_count + 1
             console = run_dir / f"console-{boot}.log"
-            for stale in ("qmp.sock", "vm.vsock", "vhost-user.sock", f"vm.vsock_{AGENT_VSOCK_PORT}"):
-                (run_dir / stale).unlink(missing_ok=True)
+            for stale in (run_dir / "qmp.sock", *stale_sockets(run_dir)):
+                stale.unlink(missing_ok=True)
             console.write_bytes(b"")
             runtime = Runtime(
                 accel=accel.accel,
@@ -263,19 +239,17 @@ class VMManager:
                 qemu_binary=self.qemu_binary,
                 agent_channel=channel,
                 agent_socket={
-                    "vhost-user-vsock": run_dir / "vhost-user.sock",
+                    "vhost-user-vsock": run_dir / BACKEND_SOCKET,
                     "virtio-serial": run_dir / "agent-serial.sock",
                 }.get(channel),
                 guest_cid=self._free_cid() if channel == "vhost-vsock" else None,
             )
             argv = build_qemu_argv(spec, runtime)
             helpers: list[proc.Spawned] = []
-            agent_address = ""
             if channel == "vhost-user-vsock":
-                helpers.append(await self._start_vhost_device_vsock(run_dir))
-                agent_address = str(HybridVsockAddress(str(run_dir / "vm.vsock"), AGENT_VSOCK_PORT))
-            elif channel == "vhost-vsock" and runtime.guest_cid is not None:
-                agent_address = str(VsockAddress(spec.agent.cid or runtime.guest_cid, AGENT_VSOCK_PORT))
+                helpers.append(await start_vhost_device_vsock(run_dir))
+            cid = spec.agent.cid or runtime.guest_cid
+            agent_address = vsock_agent_address(channel, run_dir, cid)
             (run_dir / "qemu.argv").write_text("".join(f"{arg}\n" for arg in argv))
             spawned_at = time.monotonic()
             try:
@@ -315,73 +289,40 @@ class VMManager:
             for r in self.store.all()
             if r.state.live and r.agent_address.startswith("vsock://")
         }
-        cid = 3
-        while cid in used:
-            cid += 1
-        return cid
-
-    async def _start_vhost_device_vsock(self, run_dir: Path) -> proc.Spawned:
-        """The vhost-user backend of the guest's vsock device; QEMU connects to its socket."""
-        socket_path = run_dir / "vhost-user.sock"
-        argv = [
-            "vhost-device-vsock",
-            "--vm",
-            f"guest-cid=3,socket={socket_path},uds-path={run_dir / 'vm.vsock'}",
-        ]
-        try:
-            helper = proc.spawn(argv, run_dir / "vhost-device-vsock.log")
-        except OSError as exc:
-            raise UsageError(
-                f"cannot start vhost-device-vsock: {exc.strerror} (install it with "
-                "scripts/install-vhost-device-vsock.sh)"
-            ) from exc
-        with trio.move_on_after(10):
-            while not socket_path.exists():
-                if helper.pidfd >= 0 and proc.process_start_ticks(helper.pid) is None:
-                    break
-                await trio.sleep(0.002)
-        if not socket_path.exists():
-            proc.send_signal(helper, signal.SIGKILL)
-            helper.close()
-            detail = " ".join(tail_lines(run_dir / "vhost-device-vsock.log", 3))
-            raise CvmError(f"vhost-device-vsock did not create its socket: {detail}")
-        return helper
+        return free_cid(used)
 
     # -- the boot task ------------------------------------------------------------------
 
     async def _boot(
         self, live: LiveVM, requested_at: float, spawned_at: float, console: Path, agent_address: str
     ) -> None:
-        phases: dict[str, float] = {}
-        marks: dict[str, float] = {"request": requested_at, "exec": spawned_at}
+        clock = BootClock(requested_at, spawned_at)
 
-        def record_phase(name: str, start: str, end: str) -> None:
-            phases[name] = round(marks[end] - marks[start], 6)
-            record = self.get(live.name)
-            self._save(dataclasses.replace(record, boot_phases=dict(phases)), "boot-phase")
+        def record_phase(name: str) -> None:
+            if clock.phase(name):
+                record = self.get(live.name)
+                self._save(dataclasses.replace(record, boot_phases=dict(clock.phases)), "boot-phase")
 
         with live.boot_scope:
             try:
                 with trio.fail_after(self.boot_seconds):
-                    record_phase("daemon", "request", "exec")
+                    record_phase("daemon")
                     live.qmp = await self._connect_qmp(live)
-                    marks["qmp"] = time.monotonic()
-                    record_phase("spawn", "exec", "qmp")
+                    clock.mark("qmp")
+                    record_phase("spawn")
                     await self._note_vcpus(live)
                     self._spawn_task(self._follow_events, live)
-                    async for mark in self._console_marks(console):
-                        marks[mark] = time.monotonic()
+                    async for mark in console_marks(console):
+                        clock.mark(mark)
                         if mark == "kernel":
-                            record_phase("firmware", "qmp", "kernel")
+                            record_phase("firmware")
                         elif mark == "init":
-                            if "kernel" in marks:
-                                record_phase("kernel", "kernel", "init")
+                            record_phase("kernel")
                             break
                     if agent_address:
                         await self._wait_for_agent(agent_address)
-                        marks["agent"] = time.monotonic()
-                        if "init" in marks:
-                            record_phase("userspace", "init", "agent")
+                        clock.mark("agent")
+                        record_phase("userspace")
                         reason = "the agent answers health"
                     else:
                         reason = "no agent channel; QEMU runs"
@@ -429,34 +370,6 @@ class VMManager:
                     log.warning("guest_panicked", vm=live.name, info=dict(event.data))
         except QMPError:
             pass  # QEMU went away: the exit task tells the rest
-
-    async def _console_marks(self, console: Path) -> AsyncIterator[str]:
-        """Yield "kernel" at the kernel's first line and "init" at the init's first marker."""
-        seen_kernel = False
-        offset = 0
-        pending = b""
-        while True:
-            try:
-                with console.open("rb") as handle:
-                    handle.seek(offset)
-                    data = handle.read(1 << 20)
-            except OSError:
-                data = b""
-            offset += len(data)
-            pending += data
-            *lines, pending = pending.split(b"\n")
-            for raw in lines:
-                line = raw.decode("utf-8", "replace")
-                if not seen_kernel and KERNEL_FIRST_LINE.search(line):
-                    seen_kernel = True
-                    yield "kernel"
-                if INIT_MARKER in line:
-                    if not seen_kernel:
-                        seen_kernel = True
-                        yield "kernel"
-                    yield "init"
-                    return
-            await trio.sleep(0.01)
 
     def _starting_to_running(self, name: str, reason: str) -> None:
         """RUNNING, unless something (a stop, a crash) moved the VM on meanwhile."""

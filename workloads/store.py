@@ -47,7 +47,7 @@ import psutil
 from cvmcore import defaults
 from cvmcore.errors import UsageError
 from workloads.model import Sample
-from workloads.stats import Summary, summarize
+from workloads.stats import Summary, paired_overhead, summarize
 
 SCHEMA_VERSION = 1
 DB_NAME = "results.sqlite3"
@@ -385,3 +385,36 @@ def iter_ids(texts: Iterable[str]) -> Iterator[int]:
         if value < 1:
             raise UsageError(f"{text!r} is not a run id (a number; see cvmctl results ls)")
         yield value
+
+
+def paired_overheads(stored: list[StoredSample]) -> list[dict[str, Any]]:
+    """Paired overheads of arm B against arm A, per metric (repetition i of A with i of B)."""
+    by_arm: dict[tuple[str, str], dict[int, float]] = {}
+    direction: dict[str, str] = {}
+    for s in stored:
+        if s.warmup or not s.arm:
+            continue
+        by_arm.setdefault((s.arm, s.sample.metric), {})[s.repetition] = s.sample.value
+        direction[s.sample.metric] = s.sample.direction
+    result = []
+    for metric, dir_ in direction.items():
+        a, b = by_arm.get(("A", metric), {}), by_arm.get(("B", metric), {})
+        reps = sorted(set(a) & set(b))
+        pairs = [(a[r], b[r]) for r in reps if a[r] > 0 and b[r] > 0]
+        if not pairs:
+            continue
+        o = paired_overhead(
+            [x for x, _ in pairs], [y for _, y in pairs], "higher" if dir_ == "higher" else "lower"
+        )
+        result.append(
+            {
+                "metric": metric,
+                "pairs": o.pairs,
+                "ratio": o.ratio,
+                "percent": o.percent,
+                "ci95_low": o.ci95_low,
+                "ci95_high": o.ci95_high,
+                "distinguishable_from_noise": o.distinguishable_from_noise,
+            }
+        )
+    return result

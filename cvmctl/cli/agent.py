@@ -11,22 +11,10 @@ from google.protobuf.json_format import MessageToDict
 
 from cvm.v1 import agent_pb2, agent_pb2_grpc
 from cvmcore.address import parse_address
-from cvmcore.client import DEFAULT_TIMEOUT, connect
+from cvmcore.client import connect
 from cvmcore.tee import tee_name
+from cvmctl.cli.args import add_connection_arguments
 from cvmctl.cli.output import print_table
-
-CONNECT_HELP = "agent address: unix:///PATH, tcp://HOST:PORT, vsock://CID:PORT or hvsock:///PATH:PORT"
-
-
-def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--connect", required=True, metavar="ADDR", help=CONNECT_HELP)
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help=f"give up after this long (default: {DEFAULT_TIMEOUT:g})",
-    )
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

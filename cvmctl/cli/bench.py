@@ -27,13 +27,13 @@ from typing import Any
 import trio
 
 from cvmcore.errors import UsageError
-from cvmctl.cli.idle_poll import non_negative_int
+from cvmctl.cli.args import add_data_dir_argument, non_negative_int, positive_float, positive_int
+from cvmctl.cli.runview import print_run, run_json
 from cvmctl.vm_target import VMTarget
 from workloads import catalogue
 from workloads.model import Workload
 from workloads.runner import LocalTarget, Progress, RunRequest, Target, run_benchmark
-from workloads.stats import Summary, paired_overhead
-from workloads.store import Store, StoredSample, summaries_of
+from workloads.store import Store
 
 DEFAULT_TARGET = "vm"
 
@@ -67,15 +67,6 @@ def local_tee_name(root: Path) -> str:
     from guest_agent.tee import detect_tee
 
     return str(detect_tee(root).tee.value)
-
-
-def add_data_dir_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        metavar="DIR",
-        help="results store directory (default: $CVMCTL_DATA_DIR, else $XDG_DATA_HOME/cvmctl)",
-    )
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -117,23 +108,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_data_dir_argument(parser)
     parser.set_defaults(func=run_bench)
-
-
-def positive_int(text: str) -> int:
-    value = non_negative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return value
 
 
 def parse_param_args(items: list[str]) -> dict[str, str]:
@@ -221,8 +195,6 @@ def run_bench(args: argparse.Namespace) -> int:
         progress = None if args.quiet else print_progress(workload.name)
         run_id = trio.run(run_with_targets, store, request, progress)
         if args.json:
-            from cvmctl.cli.results import run_json
-
             print(run_json(store, run_id), end="")
         else:
             print_run(store, run_id)
@@ -263,107 +235,3 @@ def print_catalogue() -> None:
         for p in workload.params:
             print(f"    {p.name}={p.format(p.default)}  {p.help}; {p.allowed()}")
         print()
-
-
-def format_value(value: float | None) -> str:
-    """Four significant digits, without exponent for everyday magnitudes (45990, not 4.599e+04)."""
-    if value is None:
-        return "-"
-    if 1e3 <= abs(value) < 1e12:
-        return f"{value:.0f}"
-    return f"{value:.4g}"
-
-
-def summary_row(arm: str, metric: str, unit: str, direction: str, s: Summary) -> list[str]:
-    ci = "-"
-    if s.ci95_low is not None and s.ci95_high is not None:
-        ci = "±" + format_value((s.ci95_high - s.ci95_low) / 2)
-    rsd = s.relative_stddev
-    flags = []
-    if s.unstable:
-        flags.append("unstable")
-    if s.outliers:
-        flags.append(f"{len(s.outliers)} outlier(s)")
-    row = [
-        metric,
-        unit,
-        "↑" if direction == "higher" else "↓",
-        str(s.n),
-        format_value(s.median),
-        format_value(s.mean),
-        ci,
-        "-" if rsd is None else f"{rsd:.1%}",
-        ", ".join(flags),
-    ]
-    return [arm, *row] if arm else row
-
-
-def print_columns(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
-
-
-def print_run(store: Store, run_id: int) -> None:
-    run = store.run(run_id)
-    stored = store.samples(run_id)
-    print(f"run {run.id}: {run.workload} on {run.target}, {run.status}")
-    summaries = summaries_of(stored)
-    compare = any(arm for arm, _ in summaries)
-    header = ["metric", "unit", "", "n", "median", "mean", "ci95", "rsd", "notes"]
-    rows = [
-        summary_row(arm, metric, sample.unit, sample.direction, summary)
-        for (arm, metric), (sample, summary) in summaries.items()
-    ]
-    print_columns(["arm", *header] if compare else header, rows)
-    for arm, notes in (run.metadata.get("unavailable") or {}).items():
-        for note in notes:
-            print(f"unavailable{' ' + arm if arm else ''}: {note['metric']}: {note['reason']}")
-    if compare:
-        print()
-        print_columns(
-            ["metric", "B/A", "overhead", "ci95 (B/A)", "verdict"],
-            [
-                [
-                    o["metric"],
-                    f"{o['ratio']:.4f}",
-                    f"{o['percent']:+.2f}%",
-                    "-" if o["ci95_low"] is None else f"{o['ci95_low']:.4f}..{o['ci95_high']:.4f}",
-                    "distinguishable" if o["distinguishable_from_noise"] else "within noise",
-                ]
-                for o in overheads(stored)
-            ],
-        )
-
-
-def overheads(stored: list[StoredSample]) -> list[dict[str, Any]]:
-    """Paired overheads of arm B against arm A, per metric (repetition i of A with i of B)."""
-    by_arm: dict[tuple[str, str], dict[int, float]] = {}
-    direction: dict[str, str] = {}
-    for s in stored:
-        if s.warmup or not s.arm:
-            continue
-        by_arm.setdefault((s.arm, s.sample.metric), {})[s.repetition] = s.sample.value
-        direction[s.sample.metric] = s.sample.direction
-    result = []
-    for metric, dir_ in direction.items():
-        a, b = by_arm.get(("A", metric), {}), by_arm.get(("B", metric), {})
-        reps = sorted(set(a) & set(b))
-        pairs = [(a[r], b[r]) for r in reps if a[r] > 0 and b[r] > 0]
-        if not pairs:
-            continue
-        o = paired_overhead(
-            [x for x, _ in pairs], [y for _, y in pairs], "higher" if dir_ == "higher" else "lower"
-        )
-        result.append(
-            {
-                "metric": metric,
-                "pairs": o.pairs,
-                "ratio": o.ratio,
-                "percent": o.percent,
-                "ci95_low": o.ci95_low,
-                "ci95_high": o.ci95_high,
-                "distinguishable_from_noise": o.distinguishable_from_noise,
-            }
-        )
-    return result

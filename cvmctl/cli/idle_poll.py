@@ -16,7 +16,7 @@ from google.protobuf.json_format import MessageToDict
 from cvm.v1 import agent_pb2, agent_pb2_grpc
 from cvmcore.address import parse_address
 from cvmcore.client import connect
-from cvmctl.cli.agent import add_connection_arguments
+from cvmctl.cli.args import add_connection_arguments, non_negative_int, yes_no
 from cvmctl.cli.output import print_table
 
 # From the wire enum (IDLE_MODE_HALTPOLL -> "haltpoll"), the names the agent uses too.
@@ -38,25 +38,6 @@ examples:
   cvmctl idle-poll set haltpoll --guest-halt-poll-ns 400000 --connect unix:///tmp/agent.sock
   cvmctl idle-poll revert --connect unix:///tmp/agent.sock
 """
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
-
-
-def yes_no(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("y", "yes", "1", "true", "on"):
-        return True
-    if lowered in ("n", "no", "0", "false", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not yes or no")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

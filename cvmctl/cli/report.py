@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 
 from cvmcore.errors import UsageError
-from cvmctl.cli.bench import add_data_dir_argument
+from cvmctl.cli.args import add_data_dir_argument
 from workloads.store import Store, iter_ids
 
 

@@ -16,8 +16,9 @@ import json
 from pathlib import Path
 
 from cvmcore.errors import UsageError
-from cvmctl.cli.bench import add_data_dir_argument, overheads, print_columns, print_run
-from cvmctl.cli.output import print_table
+from cvmctl.cli.args import add_data_dir_argument
+from cvmctl.cli.output import print_columns, print_table
+from cvmctl.cli.runview import print_run, run_json
 from workloads.store import Store, iter_ids
 
 
@@ -122,13 +123,6 @@ def run_show(args: argparse.Namespace) -> int:
         print()
         print_run(store, run_id)
     return 0
-
-
-def run_json(store: Store, run_id: int) -> str:
-    """The run as ``export --json`` prints it: export_json plus the paired overheads."""
-    data = store.export_json(run_id)
-    data["overheads"] = overheads(store.samples(run_id))
-    return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
 def run_export(args: argparse.Namespace) -> int:

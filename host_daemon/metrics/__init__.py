@@ -11,7 +11,9 @@ The pieces, from the kernel to Prometheus::
 
 - :mod:`.parse`      procfs lines, QMP ``query-stats`` / ``query-stats-schemas``, guest text;
 - :mod:`.procfs`     the blocking reads of one QEMU process (injectable procfs root);
-- :mod:`.collector`  :class:`~.collector.HostCollector` and :class:`~.collector.VMView`;
+- :mod:`.state`      :class:`~.state.VMView` (what is followed) and the per-VM readings;
+- :mod:`.families`   the metric families, pure functions of the states;
+- :mod:`.collector`  :class:`~.collector.HostCollector`, the trio refresher and client_python collector;
 - :mod:`.http`       the HTTP endpoint and the service discovery;
 - :mod:`.wiring`     :func:`~.wiring.serve_host_metrics`, what ``cvm-hostd`` starts.
 

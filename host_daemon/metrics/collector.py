@@ -42,15 +42,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import structlog
 import trio
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -58,17 +56,17 @@ from cvm.v1 import agent_pb2, agent_pb2_grpc
 from cvmcore.address import parse_address
 from cvmcore.client import connect
 from cvmcore.errors import DeadlineExceeded
+from host_daemon.metrics.families import info_families, kvm_families, proc_families, status_families
 from host_daemon.metrics.parse import (
     GuestTextRejected,
-    KvmStats,
-    StatSchema,
     parse_stats_schemas,
     parse_vcpu_stats,
     relabel_guest_families,
     vcpu_stats_request,
 )
-from host_daemon.metrics.procfs import ProcfsReader, ProcReading, ThreadNames
-from host_daemon.qmp import CommandNotFound, QMPClient, QMPDeadline, QMPError, Runstate
+from host_daemon.metrics.procfs import ProcfsReader, ProcReading
+from host_daemon.metrics.state import GuestReading, PartResult, VMState, VMView
+from host_daemon.qmp import CommandNotFound, QMPDeadline, QMPError, Runstate
 
 log = structlog.get_logger("host_daemon.metrics")
 
@@ -76,72 +74,7 @@ DEFAULT_INTERVAL: Final = 1.0
 DEFAULT_DEADLINE: Final = 0.5
 DEFAULT_GUEST_INTERVAL: Final = 5.0
 DEFAULT_AGENT_TIMEOUT: Final = 2.0
-MAX_VCPU_SERIES: Final = 64
 PROCFS_THREADS: Final = 4
-COLLECTORS: Final = ("procfs", "qmp", "agent")
-
-
-@dataclass(frozen=True, eq=False)
-class VMView:
-    """What the exporter needs to know about one VM whose QEMU runs."""
-
-    name: str
-    tee: str = "none"
-    machine: str = ""
-    qemu_version: str = ""
-    pid: int = 0
-    vcpu_tids: tuple[int, ...] = ()
-    qmp: QMPClient | None = None
-    agent_address: str = ""
-    boot_phases: Mapping[str, float] = field(default_factory=dict)
-
-    def same_process(self, other: VMView) -> bool:
-        """Whether ``other`` describes the same QEMU process (cached state stays valid)."""
-        return self.pid == other.pid and self.qmp is other.qmp and self.agent_address == other.agent_address
-
-
-@dataclass(frozen=True)
-class PartResult:
-    """How one part (procfs, kvm, agent) of one VM's last refresh went."""
-
-    success: bool
-    duration_seconds: float
-    error: str = ""
-    timed_out: bool = False
-
-
-@dataclass
-class GuestReading:
-    """The agent's last exposition for one VM and the host-side rendering of it (cached)."""
-
-    up: bool
-    text: bytes = b""
-    error: str = ""
-    rendered: list[Metric] | None = None
-
-
-@dataclass
-class VMState:
-    """Everything the collector keeps per VM; replaced when the VM's QEMU changes."""
-
-    view: VMView
-    names: ThreadNames = field(default_factory=ThreadNames)
-    schemas: dict[str, dict[str, StatSchema]] | None = None
-    stats_request: dict[str, Any] = field(default_factory=dict)  # query-stats arguments, from the schema
-    qmp_unanswered_mark: int | None = None  # dropped_replies when our last command timed out
-    proc: ProcReading | None = None
-    kvm: KvmStats | None = None
-    parts: dict[str, PartResult] = field(default_factory=dict)
-    timeouts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COLLECTORS, 0))
-    guest: GuestReading | None = None
-    agent_scope: trio.CancelScope | None = None
-
-    @property
-    def kvm_available(self) -> bool | None:
-        """None until the schema is known; then whether QEMU has a ``kvm`` stats provider."""
-        if self.schemas is None:
-            return None
-        return bool(self.schemas.get("vcpu"))
 
 
 GuestFetch = Callable[[], Awaitable[bytes]]
@@ -393,185 +326,10 @@ class HostCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         states = sorted(self.vms.values(), key=lambda s: s.view.name)
-        yield from _info_families(states)
-        yield from _kvm_families(states)
-        yield from _proc_families(states)
-        yield from _status_families(states)
-
-
-# --------------------------------------------------------------------------------------------
-# Families (pure functions of the states)
-
-
-def _info_families(states: list[VMState]) -> Iterator[Metric]:
-    info = GaugeMetricFamily(
-        "cvm_vm_info",
-        "A VM whose QEMU runs: its TEE, machine type and QEMU version (value 1).",
-        labels=["vm", "tee", "machine", "qemu_version"],
-    )
-    phases = GaugeMetricFamily(
-        "cvm_vm_boot_phase_seconds",
-        "Duration of each phase of the VM's last boot (spawn, firmware, kernel, userspace).",
-        labels=["vm", "phase"],
-    )
-    for state in states:
-        view = state.view
-        info.add_metric([view.name, view.tee, view.machine, view.qemu_version], 1.0)
-        for phase, seconds in sorted(view.boot_phases.items()):
-            phases.add_metric([view.name, phase], seconds)
-    yield info
-    yield phases
-
-
-def _kvm_families(states: list[VMState]) -> Iterator[Metric]:
-    available = GaugeMetricFamily(
-        "cvm_vm_kvm_stats_available",
-        "1 if QEMU reports KVM statistics (query-stats, provider kvm); 0 under TCG or QEMU < 7.1.",
-        labels=["vm"],
-    )
-    exits = CounterMetricFamily("cvm_vm_kvm_exits", "VM exits to KVM, summed over vCPUs.", labels=["vm"])
-    by_kind = CounterMetricFamily(
-        "cvm_vm_kvm_exits_by_kind",
-        "VM exits of a KVM exit class (halt, io, mmio, irq, ...), summed over vCPUs; "
-        "classes are not exclusive and do not add up to cvm_vm_kvm_exits_total.",
-        labels=["vm", "kind"],
-    )
-    vcpu_exits = CounterMetricFamily(
-        "cvm_vm_kvm_vcpu_exits", "VM exits to KVM of one vCPU.", labels=["vm", "vcpu"]
-    )
-    vcpu_halts = CounterMetricFamily(
-        "cvm_vm_kvm_vcpu_halt_exits", "HLT exits to KVM of one vCPU.", labels=["vm", "vcpu"]
-    )
-    poll = CounterMetricFamily(
-        "cvm_vm_kvm_halt_poll_seconds",
-        "Time KVM polled a halted vCPU before a wake-up (success) or before giving up (fail); "
-        "halt_poll_success_ns / halt_poll_fail_ns.",
-        labels=["vm", "result"],
-    )
-    wait = CounterMetricFamily(
-        "cvm_vm_kvm_halt_wait_seconds",
-        "Time halted vCPUs slept in KVM after polling (halt_wait_ns), summed over vCPUs.",
-        labels=["vm"],
-    )
-    attempts = CounterMetricFamily(
-        "cvm_vm_kvm_halt_poll_attempts", "Halt polls KVM attempted (halt_attempted_poll).", labels=["vm"]
-    )
-    successes = CounterMetricFamily(
-        "cvm_vm_kvm_halt_poll_successes",
-        "Halt polls that saw a wake-up before the poll ended (halt_successful_poll).",
-        labels=["vm"],
-    )
-    wakeups = CounterMetricFamily(
-        "cvm_vm_kvm_halt_wakeups", "Halted vCPUs woken up (halt_wakeup).", labels=["vm"]
-    )
-    for state in states:
-        name = state.view.name
-        if state.kvm_available is not None:
-            available.add_metric([name], 1.0 if state.kvm_available else 0.0)
-        stats = state.kvm
-        if stats is None:
-            continue
-        exits.add_metric([name], stats.exits)
-        for kind, value in sorted(stats.exits_by_kind.items()):
-            by_kind.add_metric([name, kind], value)
-        if len(stats.vcpu_exits) <= MAX_VCPU_SERIES:
-            for index, value in enumerate(stats.vcpu_exits):
-                vcpu_exits.add_metric([name, str(index)], value)
-            for index, value in enumerate(stats.vcpu_halt_exits):
-                vcpu_halts.add_metric([name, str(index)], value)
-        for result, seconds in sorted(stats.halt_poll_seconds.items()):
-            poll.add_metric([name, result], seconds)
-        wait.add_metric([name], stats.halt_wait_seconds)
-        attempts.add_metric([name], stats.halt_poll_attempts)
-        successes.add_metric([name], stats.halt_poll_successes)
-        wakeups.add_metric([name], stats.halt_wakeups)
-    yield from (available, exits, by_kind, vcpu_exits, vcpu_halts, poll, wait, attempts, successes, wakeups)
-
-
-def _proc_families(states: list[VMState]) -> Iterator[Metric]:
-    run = CounterMetricFamily(
-        "cvm_vm_vcpu_seconds", "Time the vCPU thread ran on a host CPU (schedstat).", labels=["vm", "vcpu"]
-    )
-    delay = CounterMetricFamily(
-        "cvm_vm_vcpu_delay_seconds",
-        "Time the vCPU thread was runnable but waited for a host CPU (schedstat run-queue wait).",
-        labels=["vm", "vcpu"],
-    )
-    vhost = CounterMetricFamily(
-        "cvm_vm_vhost_worker_cpu_seconds",
-        "CPU time of the VM's vhost worker threads (vhost-<qemu pid>), by index in thread-id order.",
-        labels=["vm", "worker"],
-    )
-    cpu = CounterMetricFamily(
-        "cvm_vm_qemu_cpu_seconds",
-        "CPU time of the QEMU process by mode (user includes the guest's time under KVM).",
-        labels=["vm", "mode"],
-    )
-    rss = GaugeMetricFamily("cvm_vm_qemu_resident_memory_bytes", "Resident memory of QEMU.", labels=["vm"])
-    for state in states:
-        reading = state.proc
-        if reading is None:
-            continue
-        name = state.view.name
-        for index, (ran, waited) in enumerate(
-            zip(reading.vcpu_run_seconds, reading.vcpu_wait_seconds, strict=True)
-        ):
-            if ran is not None and waited is not None:
-                run.add_metric([name, str(index)], ran)
-                delay.add_metric([name, str(index)], waited)
-        for index, seconds in enumerate(reading.vhost_seconds):
-            vhost.add_metric([name, str(index)], seconds)
-        for mode, seconds in sorted(reading.cpu_seconds.items()):
-            cpu.add_metric([name, mode], seconds)
-        rss.add_metric([name], reading.resident_bytes)
-    yield from (run, delay, vhost, cpu, rss)
-
-
-def _status_families(states: list[VMState]) -> Iterator[Metric]:
-    agent_up = GaugeMetricFamily(
-        "cvm_agent_up", "1 if the VM's guest agent answered its last GetMetrics.", labels=["vm"]
-    )
-    vm_success = GaugeMetricFamily(
-        "cvm_vm_collector_success",
-        "1 if this part of the VM's last refresh succeeded, 0 if it failed or missed its deadline.",
-        labels=["vm", "collector"],
-    )
-    vm_duration = GaugeMetricFamily(
-        "cvm_vm_collector_duration_seconds",
-        "Seconds this part of the VM's last refresh took.",
-        labels=["vm", "collector"],
-    )
-    timeouts = CounterMetricFamily(
-        "cvm_vm_collector_timeouts",
-        "Refreshes of this part of the VM that missed their deadline (a stuck QEMU or guest).",
-        labels=["vm", "collector"],
-    )
-    duration = GaugeMetricFamily(
-        "cvm_scrape_collector_duration_seconds",
-        "Seconds the collector's last refresh took (the slowest VM).",
-        labels=["collector"],
-    )
-    success = GaugeMetricFamily(
-        "cvm_scrape_collector_success",
-        "1 if the collector's last refresh succeeded for every VM.",
-        labels=["collector"],
-    )
-    followed = GaugeMetricFamily("cvm_hostd_vms_followed", "VMs the host exporter follows.")
-    followed.add_metric([], float(len(states)))
-    for collector in COLLECTORS:
-        results = [s.parts[collector] for s in states if collector in s.parts]
-        duration.add_metric([collector], max((r.duration_seconds for r in results), default=0.0))
-        success.add_metric([collector], 1.0 if all(r.success for r in results) else 0.0)
-    for state in states:
-        name = state.view.name
-        if state.view.agent_address:
-            agent_up.add_metric([name], 1.0 if state.guest is not None and state.guest.up else 0.0)
-        for collector, result in sorted(state.parts.items()):
-            vm_success.add_metric([name, collector], 1.0 if result.success else 0.0)
-            vm_duration.add_metric([name, collector], result.duration_seconds)
-        for collector, count in sorted(state.timeouts.items()):
-            timeouts.add_metric([name, collector], float(count))
-    yield from (agent_up, vm_success, vm_duration, timeouts, duration, success, followed)
+        yield from info_families(states)
+        yield from kvm_families(states)
+        yield from proc_families(states)
+        yield from status_families(states)
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,8 +27,9 @@ import trio
 
 from cvmcore.address import TcpAddress, parse_address
 from cvmcore.errors import UsageError
-from host_daemon.metrics.collector import DEFAULT_INTERVAL, HostCollector, VMView
+from host_daemon.metrics.collector import DEFAULT_INTERVAL, HostCollector
 from host_daemon.metrics.http import HostEndpoint, serve_host_metrics_http
+from host_daemon.metrics.state import VMView
 from host_daemon.spec import spec_tee
 from host_daemon.store import VMRecord
 from host_daemon.vms import VMManager

@@ -12,8 +12,9 @@ import trio
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
-from host_daemon.metrics.collector import HostCollector, VMView
+from host_daemon.metrics.collector import HostCollector
 from host_daemon.metrics.procfs import ProcfsReader, ProcReading, ThreadNames
+from host_daemon.metrics.state import VMView
 from tests.host_metrics.conftest import QEMU_PID, VCPU_TIDS, ProcTree, fake_qmp_client, make_proc_tree
 from tests.host_metrics.fake_qmp import FakeQemu
 

@@ -24,8 +24,9 @@ from typing import Any
 import pytest
 import trio
 
-from host_daemon.metrics.collector import HostCollector, VMView
+from host_daemon.metrics.collector import HostCollector
 from host_daemon.metrics.http import serve_host_metrics_http
+from host_daemon.metrics.state import VMView
 from tests.conftest import REPO_ROOT
 from tests.host_metrics.conftest import api, fake_qmp_client, prometheus_config, running_prometheus, wait_for
 from tests.host_metrics.fake_qmp import FakeQemu

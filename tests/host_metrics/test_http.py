@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from host_daemon.metrics.collector import HostCollector, VMView
+from host_daemon.metrics.collector import HostCollector
 from host_daemon.metrics.http import HostEndpoint, serve_host_metrics_http
 from host_daemon.metrics.procfs import ProcfsReader
+from host_daemon.metrics.state import VMView
 from host_daemon.qmp import open_qmp
 from tests.host_metrics.conftest import QEMU_PID, VCPU_TIDS, ProcTree, fake_qmp_client
 from tests.host_metrics.fake_qmp import FakeQemu

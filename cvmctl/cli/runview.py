@@ -1,0 +1,72 @@
+"""Showing a stored run: its summary table, its paired overheads, its JSON."""
+
+from __future__ import annotations
+
+import json
+
+from cvmctl.cli.output import format_value, print_columns
+from workloads.stats import Summary
+from workloads.store import Store, paired_overheads, summaries_of
+
+
+def summary_row(arm: str, metric: str, unit: str, direction: str, s: Summary) -> list[str]:
+    ci = "-"
+    if s.ci95_low is not None and s.ci95_high is not None:
+        ci = "±" + format_value((s.ci95_high - s.ci95_low) / 2)
+    rsd = s.relative_stddev
+    flags = []
+    if s.unstable:
+        flags.append("unstable")
+    if s.outliers:
+        flags.append(f"{len(s.outliers)} outlier(s)")
+    row = [
+        metric,
+        unit,
+        "↑" if direction == "higher" else "↓",
+        str(s.n),
+        format_value(s.median),
+        format_value(s.mean),
+        ci,
+        "-" if rsd is None else f"{rsd:.1%}",
+        ", ".join(flags),
+    ]
+    return [arm, *row] if arm else row
+
+
+def print_run(store: Store, run_id: int) -> None:
+    run = store.run(run_id)
+    stored = store.samples(run_id)
+    print(f"run {run.id}: {run.workload} on {run.target}, {run.status}")
+    summaries = summaries_of(stored)
+    compare = any(arm for arm, _ in summaries)
+    header = ["metric", "unit", "", "n", "median", "mean", "ci95", "rsd", "notes"]
+    rows = [
+        summary_row(arm, metric, sample.unit, sample.direction, summary)
+        for (arm, metric), (sample, summary) in summaries.items()
+    ]
+    print_columns(["arm", *header] if compare else header, rows)
+    for arm, notes in (run.metadata.get("unavailable") or {}).items():
+        for note in notes:
+            print(f"unavailable{' ' + arm if arm else ''}: {note['metric']}: {note['reason']}")
+    if compare:
+        print()
+        print_columns(
+            ["metric", "B/A", "overhead", "ci95 (B/A)", "verdict"],
+            [
+                [
+                    o["metric"],
+                    f"{o['ratio']:.4f}",
+                    f"{o['percent']:+.2f}%",
+                    "-" if o["ci95_low"] is None else f"{o['ci95_low']:.4f}..{o['ci95_high']:.4f}",
+                    "distinguishable" if o["distinguishable_from_noise"] else "within noise",
+                ]
+                for o in paired_overheads(stored)
+            ],
+        )
+
+
+def run_json(store: Store, run_id: int) -> str:
+    """The run as ``export --json`` prints it: export_json plus the paired overheads."""
+    data = store.export_json(run_id)
+    data["overheads"] = paired_overheads(store.samples(run_id))
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,109 @@
+"""Boot phases: where a VM's boot time goes, read from the clock and the guest's console.
+
+The study split a boot into QEMU, firmware, kernel and init; the daemon adds its own share
+in front and the agent at the end:
+
+    daemon     the StartVM request -> exec of QEMU (spec, image, helpers, argv)
+    spawn      exec of QEMU -> QMP ready (greeting and capabilities: devices created)
+    firmware   QMP greeting -> the kernel's first console line ("Linux version")
+    kernel     -> the init's first marker (``cvm-boot: init-start``, see
+                  :mod:`host_daemon.devguest.init`)
+    userspace  -> the agent answering the gRPC health check over its channel
+
+Each phase is the difference of two marks on the monotonic clock. A mark that never came
+(a guest whose init prints no marker, a daemon restarted mid-boot) leaves the phases that
+need it unrecorded rather than guessed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from host_daemon.devguest.init import BOOT_PHASES, MARKER_PREFIX
+
+PHASES: Final = ("daemon", "spawn", "firmware", "kernel", "userspace")
+#: Where each phase starts and ends, by mark name.
+PHASE_MARKS: Final = {
+    "daemon": ("request", "exec"),
+    "spawn": ("exec", "qmp"),
+    "firmware": ("qmp", "kernel"),
+    "kernel": ("kernel", "init"),
+    "userspace": ("init", "agent"),
+}
+KERNEL_FIRST_LINE: Final = re.compile(r"Linux version \d")
+INIT_MARKER: Final = f"{MARKER_PREFIX} {BOOT_PHASES[0]}"
+CONSOLE_TAIL_LINES: Final = 20
+CONSOLE_POLL_SECONDS: Final = 0.01
+
+
+class BootClock:
+    """The marks of one boot and the phases they give."""
+
+    def __init__(self, requested_at: float, spawned_at: float) -> None:
+        self.marks: dict[str, float] = {"request": requested_at, "exec": spawned_at}
+        self.phases: dict[str, float] = {}
+
+    def mark(self, name: str, at: float | None = None) -> None:
+        self.marks[name] = time.monotonic() if at is None else at
+
+    def phase(self, name: str) -> bool:
+        """Record phase ``name`` if both its marks exist; whether it was recorded."""
+        start, end = PHASE_MARKS[name]
+        if start not in self.marks or end not in self.marks:
+            return False
+        self.phases[name] = round(self.marks[end] - self.marks[start], 6)
+        return True
+
+
+async def console_marks(console: Path) -> AsyncIterator[str]:
+    """Yield "kernel" at the kernel's first line and "init" at the init's first marker.
+
+    The console log is a file QEMU appends to; it is polled (inotify would need a thread or
+    a C binding, and the poll stops as soon as init speaks).
+    """
+    seen_kernel = False
+    offset = 0
+    pending = b""
+    while True:
+        try:
+            with console.open("rb") as handle:
+                handle.seek(offset)
+                data = handle.read(1 << 20)
+        except OSError:
+            data = b""
+        offset += len(data)
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for raw in lines:
+            line = raw.decode("utf-8", "replace")
+            if not seen_kernel and KERNEL_FIRST_LINE.search(line):
+                seen_kernel = True
+                yield "kernel"
+            if INIT_MARKER in line:
+                if not seen_kernel:
+                    seen_kernel = True
+                    yield "kernel"
+                yield "init"
+                return
+        await trio.sleep(CONSOLE_POLL_SECONDS)
+
+
+def tail_lines(path: Path, count: int = CONSOLE_TAIL_LINES, max_bytes: int = 64 * 1024) -> tuple[str, ...]:
+    """The last ``count`` non-blank lines of a console log, decoded leniently."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - max_bytes))
+            data = handle.read()
+    except OSError:
+        return ()
+    lines = data.decode("utf-8", "replace").replace("\r", "").splitlines()
+    return tuple(line for line in lines if line.strip())[-count:]

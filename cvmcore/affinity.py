@@ -5,9 +5,8 @@ the grpc.aio loop's, grpcio core's poller) hand every RPC from one to another, a
 one of them runs Python at a time anyway. Spread over several vCPUs, each handoff wakes another vCPU
 with an inter-processor interrupt: in a VM that is a VMEXIT, and in a confidential VM a
 far more expensive one (the study's central finding). On one vCPU the same handoffs are
-plain context switches. Measured on this 2-vCPU KVM guest: unary RPC median 0.79-0.92 ms
-spread, 0.64-0.80 ms pinned (``benchmarks/rpc_latency.py``); a thread-to-thread round trip
-through a queue 43 us spread, 13 us pinned.
+plain context switches; ``benchmarks/rpc_latency.py`` measures the agent pinned and
+unpinned side by side.
 
 A pinned agent must not pass its restriction on: benchmark servers and the commands of
 guest workloads get the CPU set the agent itself was started with (:func:`restore_in_child`,

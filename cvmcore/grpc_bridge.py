@@ -11,14 +11,12 @@ scope whose deadline is the client's deadline capped by
 handler) cancels its scope.
 
 Why not grpcio's synchronous server and ``trio.from_thread.run`` (the first design): it
-answers faster, but it never sleeps. Side by side on this 2-vCPU KVM guest, all pinned to
-one CPU, three runs: unary median 0.55-0.59 ms through the synchronous bridge, 0.60-0.65 ms
-through this one (plain synchronous grpcio 0.43-0.47 ms); grpc.aio's own per-call Python
-is the difference. But the synchronous server polls its completion queue every 200 ms to
-check for signals (a constant in grpcio's Cython), so an idle agent scraped every 15 s used
-0.128 % of a core with it and 0.091 % with this one, over the same 120 s. An agent idles
-in every VM of a fleet for its whole life, and in a confidential VM each timer wakeup is
-an exit; a control call 50 us slower costs nobody anything.
+answers a little faster (grpc.aio's own per-call Python is the difference), but it never
+sleeps: it polls its completion queue every 200 ms to check for signals (a constant in
+grpcio's Cython), so an idle agent costs measurably more CPU with it. An agent idles in
+every VM of a fleet for its whole life, and in a confidential VM each timer wakeup is an
+exit, while a control call a few tens of microseconds slower costs nobody anything. The
+trade-off is measured side by side by ``benchmarks/rpc_latency.py``.
 
 Errors: a servicer raises :class:`RpcAbort` (or any :class:`cvmcore.errors.CvmError`,
 mapped to a status code) to answer with a status; any other exception is logged with

@@ -1,8 +1,8 @@
 """HTTP ``/metrics`` for the guest's Prometheus exposition, served natively by trio.
 
 Why not client_python's ``start_http_server``: its ``serve_forever`` loop wakes twice a
-second to poll for shutdown and starts a thread per request. Measured on the CI machine, an
-idle agent spent about a quarter of its 0.1 %-of-a-core budget on that polling. This server
+second to poll for shutdown and starts a thread per request, a cost an idle agent pays in
+every guest for its whole life (``benchmarks/scrape.py`` measures idle CPU). This server
 sleeps in trio's event loop until a connection arrives, and stops by cancellation.
 
 What it speaks: HTTP/1.1 ``GET`` and ``HEAD`` of ``/metrics`` (any query string is

@@ -22,7 +22,7 @@ that defines its options:
 
 Study-specific choices (``-cpu EPYC-v4`` for SNP, the Intel baseline mirroring the TD's
 ``pmu=off``, ``kernel_irqchip=split``, ``hpet=off``, forced bounce buffers) follow
-shared/reference/study.md, which records how the study ran its guests.
+docs/study.md ("QEMU command lines"), which records how the study ran its guests.
 
 Quoting: in ``key=value,...`` option strings QEMU escapes a comma in a value by doubling it;
 every path or user string placed in such a value goes through :func:`opt_value`. Options that
@@ -53,7 +53,7 @@ RESTRICTED_VIRTIO = "iommu_platform=on,disable-modern=off,disable-legacy=on"
 """Virtio device flags that make the device honour the DMA API (VIRTIO_F_ACCESS_PLATFORM) and
 be modern-only. A memory-encrypted Linux guest refuses virtio devices without
 ACCESS_PLATFORM; on a normal VM these flags plus ``swiotlb=<slabs>,force`` reproduce the
-CVM's bounce buffering (study.md, "Forcing bounce buffers in a normal VM"). Properties as
+CVM's bounce buffering (docs/study.md, "Forcing bounce buffers in a normal VM"). Properties as
 listed by ``-device virtio-net-pci,help`` (hw/virtio/virtio-pci.c)."""
 
 UNIX_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux

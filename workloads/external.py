@@ -2,7 +2,7 @@
 
 Nothing is run for them here. The host daemon times a VM's boot phases (the study's
 phases: QEMU, firmware, Linux, init, which the daemon records as daemon / spawn /
-firmware / kernel / userspace; shared/reference/study.md, "Boot time") and the agent times
+firmware / kernel / userspace; docs/study.md, "Boot time") and the agent times
 the steps of an attestation request. A VM target (:class:`cvmctl.vm_target.VMTarget`)
 measures them per repetition (a fresh boot; a report bound to a fresh nonce) and turns the
 ``{name: seconds}`` mappings into samples with :meth:`samples_from`; the runner stores and

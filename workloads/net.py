@@ -1,7 +1,7 @@
 """Network workloads: nginx + wrk, iperf3 TCP and UDP, ping, memcached + memaslap.
 
 The server runs in the guest, the client on the host, as in the study ("Confidential VMs
-Explained", evaluation code TUM-DSE/CVM_eval; parameters in shared/reference/study.md):
+Explained", evaluation code TUM-DSE/CVM_eval; parameters in docs/study.md):
 
 - nginx: 1 worker, ``access_log off``, one static index page; client ``wrk -t8 -c300 -d30s``,
   result ``Requests/sec`` (we add ``--latency`` for the 50/75/90/99th percentiles);

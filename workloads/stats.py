@@ -1,6 +1,6 @@
 """Statistics of repeated measurements: summaries, outliers and paired overheads (pure functions).
 
-Conventions (pyperf, hyperfine, PerfKitBenchmarker; shared/reference/observability.md):
+Conventions (pyperf, hyperfine, PerfKitBenchmarker; docs/observability.md):
 
 - :func:`summarize` gets the *measured* repetitions only; warm-ups are kept apart by the
   caller (the store flags them). It reports n, mean, median, the sample standard deviation

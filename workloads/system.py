@@ -3,7 +3,7 @@
 They run entirely in the guest: :meth:`guest_commands` gives the argv lists of one case,
 :meth:`parse_guest` reads their stdouts in the same order.
 
-fio follows the study (shared/reference/study.md, "Network and storage parameters"):
+fio follows the study (docs/study.md, "Network and storage parameters"):
 libaio, ``direct=1``, ``time_based``, runtime 30 s after a 20 s ramp, and the job set
 
     alat-{randread,randwrite,read,write}   bs 4k    iodepth 1    numjobs 1   (latency)

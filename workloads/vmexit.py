@@ -1,7 +1,7 @@
 """VMEXIT latency from user space: cpuid, port I/O and rdmsr, in cycles and nanoseconds.
 
 The study timed each exiting instruction in a kernel module, 100,000 iterations after
-1,000 warm-ups with rdtsc (shared/reference/study.md, "VMEXIT latency"): cpuid leaves 0, 1
+1,000 warm-ups with rdtsc (docs/study.md, "VMEXIT latency"): cpuid leaves 0, 1
 and 0x40000000; rdmsr 0x1b and 0xC0000100; the KVM hypercall; inb from ports 0x40, 0x70 and
 0xA0. We measure what user space can:
 
@@ -10,7 +10,7 @@ and 0x40000000; rdmsr 0x1b and 0xC0000100; the KVM hypercall; inb from ports 0x4
     intercepts it; on SEV-SNP and TDX it raises #VC / #VE and the guest kernel asks the
     hypervisor, except leaves the firmware answers from the CPUID page). So a user-space
     cpuid loop times the full exit round trip, and on bare metal it would time the
-    instruction alone. This machine is itself a KVM guest, so the exits are real here.
+    instruction alone. Inside a KVM guest (a cloud VM, a nested host) the exits are real.
 ``port I/O``
     ``pread(/dev/port, 1 byte, offset=PORT)`` makes the kernel execute ``inb PORT``; the
     time includes one system call, so a ``pread`` of ``/dev/zero`` is measured alongside

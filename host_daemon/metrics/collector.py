@@ -187,7 +187,7 @@ class HostCollector(Collector):
         """Read every VM's procfs files in one worker thread, each VM's result kept as it comes.
 
         One thread call per refresh rather than one per VM: the hop to a worker thread costs
-        more CPU than the reads (measured here: 11.9 ms against 2.9 ms of CPU for 64 VMs).
+        more CPU than the reads themselves (``benchmarks/host_scale.py`` measures the total).
         Reading ``/proc/<pid>/stat``, ``schedstat`` and ``comm`` of another process does not
         wait on that process (a stopped or stuck QEMU answers at once). Should a read hang
         all the same, the batch misses the deadline: the VMs it had not reached are marked

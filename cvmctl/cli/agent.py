@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Ask the agent's gRPC health service. Prints SERVING and exits 0 when it answers.",
     )
     add_connection_arguments(health)
+    health.add_argument("--json", action="store_true", help='print {"status": ..., "address": ...}')
     health.set_defaults(func=run_health)
 
     info = commands.add_parser(
@@ -51,7 +52,10 @@ def run_health(args: argparse.Namespace) -> int:
             return await client.health()
 
     status = trio.run(ask)
-    print(status)
+    if args.json:
+        print(json.dumps({"status": status, "address": args.connect}))
+    else:
+        print(status)
     return 0 if status == "SERVING" else 1
 
 

@@ -96,28 +96,32 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     verify.add_argument("file", type=Path, metavar="FILE", help="the evidence: binary, or ASCII hex")
     verify.add_argument("--tee", choices=TEES, help="the TEE, if detection should not decide")
+    # One value per flag (repeat the flag for more): a flag taking several values, or an
+    # optional one, would swallow the FILE that follows it (`--certs a.pem report.bin`).
     verify.add_argument(
         "--certs",
         type=Path,
-        nargs="+",
-        action="extend",
+        action="append",
         default=[],
         metavar="PATH",
-        help="certificates: PEM bundles, DER files or an SNP certificate table (auxblob)",
+        help="certificates: a PEM bundle, a DER file or an SNP certificate table (auxblob); repeatable",
     )
     verify.add_argument(
         "--kds",
-        nargs="?",
-        const=DEFAULT_KDS_URL,
+        action="store_true",
+        help="SNP: fetch the VCEK and its chain from AMD's KDS when --certs has no VCEK",
+    )
+    verify.add_argument(
+        "--kds-url",
+        default=DEFAULT_KDS_URL,
         metavar="URL",
-        help=f"SNP: fetch the VCEK and chain from AMD KDS if --certs has none (default: {DEFAULT_KDS_URL})",
+        help="the KDS to ask with --kds (default: %(default)s)",
     )
     verify.add_argument(
         "--kds-cache",
         type=Path,
-        default=default_kds_cache(),
         metavar="DIR",
-        help="where fetched certificates are kept (default: %(default)s)",
+        help="where fetched certificates are kept (default: $XDG_CACHE_HOME/cvmctl/kds)",
     )
     verify.add_argument(
         "--product",
@@ -252,7 +256,7 @@ def default_kds_cache() -> Path:
 def fetch_from_kds(report: SnpReport, args: argparse.Namespace) -> list[x509.Certificate]:
     """The VCEK and its chain for ``report`` from KDS (or the cache)."""
     product = report.product or (Product(args.product) if args.product else None)
-    client = KdsClient(base_url=args.kds, cache_dir=args.kds_cache)
+    client = KdsClient(base_url=args.kds_url, cache_dir=args.kds_cache or default_kds_cache())
     vcek = client.vcek_for_report(report, product)
     assert product is not None  # vcek_for_report refuses a report without one
     chain = client.cert_chain(product)

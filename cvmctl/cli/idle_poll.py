@@ -1,4 +1,4 @@
-"""``cvmctl idle-poll``: show, switch and revert guest idle polling (haltpoll) through the agent.
+"""cvmctl idle-poll: show, switch and revert guest idle polling (haltpoll) through the agent.
 
 The study found that guest halt polling wins back most of what VMEXITs cost an idle-heavy
 confidential VM; this switches it at run time, and reverts to exactly what was there.

@@ -4,7 +4,7 @@
 ``scripts/install-guest-kernel.sh`` fetched, or finds it in the cache when nothing changed,
 and prints where the kernel and initramfs are and the kernel command line that boots the
 project's agent. ``cvmctl image clean`` removes cached images other than the current one.
-The work is in :mod:`host_daemon.devguest`.
+The work is in the host_daemon.devguest package.
 """
 
 from __future__ import annotations
@@ -18,16 +18,17 @@ from cvmcore.defaults import AGENT_VSOCK_PORT
 from cvmctl.cli.output import print_table
 from host_daemon.devguest import (
     build_dev_guest,
-    default_cache_dir,
     dev_guest_cmdline,
     find_guest_kernel,
     remove_cached_images,
 )
 
+CACHE_HELP = "$XDG_CACHE_HOME/cvmctl/dev-guest"
+
 EXAMPLES = """\
 examples:
   cvmctl image build
-  cvmctl image build --json --agent /work/main/.venv/bin/cvm-agent
+  cvmctl image build --json --agent /opt/cvmctl/bin/cvm-agent
   cvmctl image clean
 
 inputs (see scripts/install-guest-kernel.sh):
@@ -70,21 +71,32 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     build.add_argument("--busybox", type=Path, metavar="PATH", help="a static busybox binary")
     build.add_argument(
-        "--cache-dir", type=Path, metavar="DIR", help=f"where images go (default: {default_cache_dir()})"
+        "--cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="where images go (default: $XDG_CACHE_HOME/cvmctl/dev-guest)",
     )
     build.add_argument(
-        "--agent", default=default_agent(), metavar="PATH", help="agent for the printed command line"
+        "--agent",
+        metavar="PATH",
+        help="agent for the printed command line (default: the cvm-agent installed beside cvmctl)",
     )
     build.add_argument("--port", type=int, default=AGENT_VSOCK_PORT, help="agent vsock port")
     build.set_defaults(func=run_build)
 
     clean = commands.add_parser("clean", help="remove cached images except the current one")
-    clean.add_argument("--cache-dir", type=Path, metavar="DIR")
+    clean.add_argument(
+        "--cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="where images are (default: $XDG_CACHE_HOME/cvmctl/dev-guest)",
+    )
+    clean.add_argument("--json", action="store_true", help='print {"kept": KEY, "removed": [DIR, ...]}')
     clean.set_defaults(func=run_clean)
 
 
 def run_build(args: argparse.Namespace) -> int:
-    cmdline = dev_guest_cmdline(args.agent, port=args.port)  # validate before the work
+    cmdline = dev_guest_cmdline(args.agent or default_agent(), port=args.port)  # validate before the work
     kernel = find_guest_kernel(args.kernel_tree) if args.kernel_tree is not None else None
     image = build_dev_guest(kernel=kernel, busybox=args.busybox, cache_dir=args.cache_dir, force=args.force)
     if args.json:
@@ -105,6 +117,10 @@ def run_build(args: argparse.Namespace) -> int:
 
 def run_clean(args: argparse.Namespace) -> int:
     image = build_dev_guest(cache_dir=args.cache_dir)
-    for path in remove_cached_images(args.cache_dir, keep=image.key):
+    removed = remove_cached_images(args.cache_dir, keep=image.key)
+    if args.json:
+        print(json.dumps({"kept": image.key, "removed": [str(p) for p in removed]}, indent=2))
+        return 0
+    for path in removed:
         print(f"removed {path}")
     return 0

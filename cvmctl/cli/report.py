@@ -1,18 +1,19 @@
-"""``cvmctl report``: draw the study's figures from stored runs, to PNG and SVG.
+"""cvmctl report: draw the study's figures from stored runs, to PNG and SVG.
 
     cvmctl report 3 -o figures/            # one run: its relative spread per metric
     cvmctl report 3 7 -o figures/          # run 7 relative to run 3
     cvmctl report 12 -o figures/           # a --compare run: B relative to A, paired CIs
 
 Figures (each as NAME.png and NAME.svg in the output directory, drawn by matplotlib's
-Agg backend): ``relative`` (relative performance bars with 95% CIs), ``boot`` (boot phases
-stacked, for boot runs) and ``vmexit`` (ns per exit, for vmexit runs). How each is
+Agg backend): "relative" (relative performance bars with 95% CIs), "boot" (boot phases
+stacked, for boot runs) and "vmexit" (ns per exit, for vmexit runs). How each is
 computed: the workloads.figures module.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from cvmcore.errors import UsageError
@@ -31,6 +32,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument(
         "-o", "--output", type=Path, required=True, metavar="DIR", help="directory for the figures"
     )
+    parser.add_argument("--json", action="store_true", help='print {"figures": [PATH, ...]}')
     add_data_dir_argument(parser)
     parser.set_defaults(func=run_report)
 
@@ -39,7 +41,7 @@ def run_report(args: argparse.Namespace) -> int:
     try:
         from workloads.figures import draw_all
     except ModuleNotFoundError as exc:  # matplotlib
-        raise UsageError(f"cvmctl report needs {exc.name} (pip install matplotlib)") from None
+        raise UsageError(f"cvmctl report needs {exc.name}: pip install 'cvmctl[report]'") from None
     ids = list(iter_ids(args.runs))
     with Store.open(args.data_dir) as store:
         runs = [(store.run(i), store.samples(i)) for i in ids]
@@ -49,6 +51,9 @@ def run_report(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot write figures to {args.output}: {exc.strerror}") from exc
     if not written:
         raise UsageError("nothing to draw: the runs have no measured samples")
+    if args.json:
+        print(json.dumps({"figures": [str(p) for p in written]}, indent=2))
+        return 0
     for path in written:
         print(path)
     return 0

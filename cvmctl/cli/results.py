@@ -1,4 +1,4 @@
-"""``cvmctl results``: list, show and export the runs ``cvmctl bench`` stored.
+"""cvmctl results: list, show and export the runs cvmctl bench stored.
 
     cvmctl results ls
     cvmctl results show 3

@@ -63,7 +63,12 @@ def test_verify_another_generations_chain_exit_1(
 ) -> None:
     root = attestation_testdata
     args = ["attest", "verify", str(root / "snp/genoa_v3_msft_report.bin"), "--at", AT]
-    args += ["--certs", str(root / "snp/milan_v3_msft_vcek.pem"), str(root / "snp/ask_ark_milan.pem")]
+    args += [
+        "--certs",
+        str(root / "snp/milan_v3_msft_vcek.pem"),
+        "--certs",
+        str(root / "snp/ask_ark_milan.pem"),
+    ]
     assert main(args) == 1
     assert "rejected: product: the report comes from Genoa (CPUID) but the certificate is for Milan" in (
         capsys.readouterr().out
@@ -143,7 +148,7 @@ def test_show_detects_each_kind(attestation_testdata: Path, capsys: pytest.Captu
 def test_verify_fetches_the_vcek_from_kds(
     attestation_testdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """--kds URL: the VCEK and chain come from a KDS-layout server (here on loopback), then the cache."""
+    """--kds --kds-url URL: the VCEK and chain come from a KDS-layout server (here on loopback), then the cache."""
     import threading
     from functools import partial
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -174,12 +179,12 @@ def test_verify_fetches_the_vcek_from_kds(
         url = f"http://127.0.0.1:{server.server_address[1]}"
         args = ["attest", "verify", str(root / "snp/genoa_v3_msft_report.bin"), "--at", AT]
         cache = ["--kds-cache", str(tmp_path / "cache")]
-        assert main([*args, "--kds", url, *cache]) == 0
+        assert main([*args, "--kds", "--kds-url", url, *cache]) == 0
     finally:
         server.shutdown()
         server.server_close()
         thread.join()
-    assert main([*args, "--kds", url, *cache]) == 0  # the server is gone: the cache answers
+    assert main([*args, "--kds", "--kds-url", url, *cache]) == 0  # the server is gone: the cache answers
     assert capsys.readouterr().out.splitlines()[-1] == "sev-snp-report: verified (12 checks)"
 
 
@@ -198,3 +203,17 @@ def test_show_tdx_quote_includes_pck_platform(
         "Intel SGX Root CA",
     ]
     assert data["body"]["mr_servicetd"] == "00" * 48
+
+
+def test_flags_before_the_file_do_not_swallow_it(
+    attestation_testdata: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--certs PATH FILE` and `--kds FILE`: FILE stays the evidence (one value per flag)."""
+    root = attestation_testdata
+    report = str(root / "snp/genoa_v3_msft_report.bin")
+    vcek = str(root / "snp/genoa_v3_msft_vcek.pem")
+    assert main(["attest", "verify", "--at", AT, "--certs", vcek, report]) == 0
+    capsys.readouterr()
+    # --kds is a switch: the report is still the positional FILE (the VCEK in --certs wins)
+    assert main(["attest", "verify", "--at", AT, "--certs", vcek, "--kds", report]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("sev-snp-report: verified")

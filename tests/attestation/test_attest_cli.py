@@ -148,7 +148,7 @@ def test_show_detects_each_kind(attestation_testdata: Path, capsys: pytest.Captu
 def test_verify_fetches_the_vcek_from_kds(
     attestation_testdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """--kds --kds-url URL: the VCEK and chain come from a KDS-layout server (here on loopback), then the cache."""
+    """--kds --kds-url URL: the VCEK and chain come from a KDS-layout server (on loopback), then the cache."""
     import threading
     from functools import partial
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer

@@ -1,4 +1,4 @@
-"""Benchmark: parse + verify time of every shared SNP report and TDX quote (median of N runs).
+"""Benchmark: parse + verify time of every SNP report and TDX quote in tests/fixtures/attestation (median of N runs).
 
 Each timed run starts from bytes - the evidence file and the certificate files as read from
 disk - and ends with a :class:`~cvmattest.result.VerificationResult`: parsing the
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -55,9 +54,7 @@ class Measurement:
 
 
 def default_testdata() -> Path:
-    shared = os.environ.get("CVM_SHARED_DIR")
-    base = Path(shared) if shared else Path(__file__).resolve().parent.parent.parent / "shared"
-    return base / "testdata" / "attestation"
+    return Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "attestation"
 
 
 def cases(root: Path) -> list[Case]:
@@ -114,9 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     if not (args.testdata / "expected.json").is_file():
-        print(
-            f"no attestation test data at {args.testdata} (set CVM_SHARED_DIR or --testdata)", file=sys.stderr
-        )
+        print(f"no attestation test data at {args.testdata} (see --testdata)", file=sys.stderr)
         return 2
     results = [measure(case, args.repeat) for case in cases(args.testdata)]
     if args.json:

@@ -147,7 +147,7 @@ def test_tdx_every_expected_field_matches(attestation_testdata: Path, name: str)
         assert key in actual, f"expected.json field {key} is not decoded"
         assert actual[key] == value, key
     assert set(actual) - set(exp) == set()
-    # the embedded chain is the one the README says was cut out of the quote
+    # the embedded chain is the one PROVENANCE.md says was cut out of the quote
     chain_file = attestation_testdata / exp["verifies_with"]["pck_chain"]
     assert load_certificates(quote.pck_chain_pem) == load_certificates(chain_file.read_bytes())
 

@@ -1,4 +1,4 @@
-"""The shared real-hardware vectors (../shared/testdata/attestation), loaded for the tests."""
+"""The real-hardware vectors in tests/fixtures/attestation (see PROVENANCE.md there), for the tests."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from cryptography import x509
 from cvmattest.certs import load_certificates
 
 VERIFIED_ON = datetime(2026, 11, 26, tzinfo=UTC)
-"""When the README says the vectors verified; every certificate but the VLEK is valid then."""
+"""When the vectors were verified (PROVENANCE.md); every certificate but the VLEK is valid then."""
 VLEK_VALID_AT = datetime(2025, 6, 1, tzinfo=UTC)
 """The AWS VLEK was valid from 2024-12-10 to 2025-12-10."""
 

@@ -1,4 +1,4 @@
-"""Benchmark: parse + verify time of every SNP report and TDX quote in tests/fixtures/attestation (median of N runs).
+"""Benchmark: parse + verify time of every SNP report and TDX quote in the test fixtures (median of N runs).
 
 Each timed run starts from bytes - the evidence file and the certificate files as read from
 disk - and ends with a :class:`~cvmattest.result.VerificationResult`: parsing the

@@ -2,27 +2,33 @@
 
 The spec (:mod:`host_daemon.spec`) says what the VM is; the :class:`Runtime` says what the
 daemon decided for this boot: the QEMU binary, the resolved accelerator and agent channel
-(:mod:`host_daemon.accel`), and where QEMU's control socket, pidfile and console log go.
-Nothing here touches the file system or the clock, so the same inputs always give the same
-argv; golden files under ``tests/host_daemon/golden`` pin it, case by case.
+(:mod:`host_daemon.accel`), the TDX quote generation service the host check found, and where
+QEMU's control socket, pidfile and console log go. Nothing here touches the file system or
+the clock, so the same inputs always give the same argv; golden files under
+``tests/host_daemon/golden`` pin it, case by case.
 
-The argv is built in a fixed order: identity and defaults, accelerator and machine, CPU and
-memory, the TEE object, firmware and kernel, console and control, then devices (the panic
-device, disks, network, 9p shares, the agent channel). Every group below names the upstream QEMU document
-that defines its options:
+The argv is built in a fixed order: the NUMA prefix, identity and defaults, accelerator and
+machine, CPU and memory, the TEE object, firmware and kernel, console and control, then
+devices (the panic device, disks, network, 9p shares, the agent channel).
 
-* ``qemu-options.hx`` - the reference of every command-line option (rendered as
-  docs/system/invocation.rst and ``qemu-system-x86_64 -help``);
-* ``docs/system/i386/amd-memory-encryption.rst`` - SEV / SEV-ES / SEV-SNP launch;
-* ``docs/system/i386/tdx.rst`` - TDX launch and the Quote Generation Service socket;
-* ``qapi/qom.json`` - the properties of ``-object`` types (``sev-snp-guest``, ``tdx-guest``,
-  ``memory-backend-*``, ``iothread``);
-* ``docs/system/devices/virtio/vhost-user.rst`` - vhost-user devices and their shared memory;
-* ``docs/specs/pvpanic.rst`` - the panic device behind the GUEST_PANICKED event.
+Where each option comes from: docs/qemu-options.md has one row per option and sub-option of
+the golden command lines, naming its reference and why it is there, and
+``tests/host_daemon/test_option_table.py`` fails when a golden gains an option the table does
+not explain. By group:
 
-Study-specific choices (``-cpu EPYC-v4`` for SNP, the Intel baseline mirroring the TD's
-``pmu=off``, ``kernel_irqchip=split``, ``hpet=off``, forced bounce buffers) follow
-docs/study.md ("QEMU command lines"), which records how the study ran its guests.
+* every group: ``qemu-options.hx`` (docs/system/invocation.rst, ``qemu-system-x86_64 -help``),
+  the reference of each command-line option;
+* TEE object, machine options, firmware: QEMU's ``docs/system/i386/amd-memory-encryption.rst``
+  and ``docs/system/i386/tdx.rst``, the QAPI schema ``qapi/qom.json`` (``sev-snp-guest``,
+  ``tdx-guest`` with ``quote-generation-socket``), compared with AMD's ``AMDESE/AMDSEV``
+  ``launch-qemu.sh``, ``canonical/tdx`` ``guest-tools`` and libvirt's
+  ``launch-security-sev-snp`` fixture;
+* CPU models, the baselines' mirrored machine flags (``vmport=off``; ``kernel_irqchip=split``,
+  ``hpet=off``, ``pmu=off``), one ``-bios`` OVMF for both arms, the virtio console, the NUMA
+  prefix, forced bounce buffers and idle polling: the study, docs/study.md ("QEMU command
+  lines", "vCPU pinning", "Forcing bounce buffers in a normal VM", "Idle polling");
+* memory backends and ``iothread``: ``qapi/qom.json``; vhost-user: QEMU's
+  ``docs/system/devices/virtio/vhost-user.rst``; the panic device: ``docs/specs/pvpanic.rst``.
 
 Quoting: in ``key=value,...`` option strings QEMU escapes a comma in a value by doubling it;
 every path or user string placed in such a value goes through :func:`opt_value`. Options that
@@ -40,12 +46,21 @@ from pathlib import Path
 from cvmcore.errors import UsageError
 
 from .accel import ResolvedAccel, ResolvedChannel
-from .spec import VMSpec, snp_kernel_hashes
+from .spec import QgsAddress, VMSpec
 
 MEMORY_BACKEND_ID = "ram1"
 SEV_ID = "sev0"
 TDX_ID = "tdx0"
 SERIAL_CHARDEV_ID = "serial0"
+"""The console's ``file`` chardev (the per-boot log the daemon reads), behind ttyS0 or hvc0."""
+CONSOLE_BUS_ID = "vcon0"
+SNP_CPU_MODEL = (
+    "EPYC-v4,host-phys-bits=true,+avx512f,+avx512dq,+avx512cd,+avx512bw,+avx512vl,"
+    "+avx512ifma,+avx512vbmi,+avx512vbmi2,+avx512vnni,+avx512bitalg"
+)
+"""The study's SNP CPU (docs/study.md, "QEMU command lines"): ``EPYC-v4`` hides AVX-512, so the
+flags are listed again, and ``host-phys-bits`` gives the host's MAXPHYADDR. The SNP baseline
+runs the same model, so the pair differs in SEV alone."""
 VIRTIO_SERIAL_PORT_NAME = "org.cvmctl.agent.0"
 """The virtserialport name of the agent channel; the guest sees /dev/virtio-ports/<name>."""
 
@@ -75,6 +90,8 @@ class Runtime:
     agent_channel: ResolvedChannel | None = None  # required when the spec says channel = "auto"
     agent_socket: Path | None = None  # vhost-user-vsock / virtio-serial socket, unless the spec names one
     guest_cid: int | None = None  # vhost-vsock guest CID, unless the spec sets one
+    qgs: QgsAddress | None = None  # the host's TDX QGS, for [tdx] quote_generation_socket = "auto"
+    numactl: str = "numactl"  # the program that binds QEMU to [pinning] numa_node
 
 
 def opt_value(value: str | Path) -> str:
@@ -83,7 +100,10 @@ def opt_value(value: str | Path) -> str:
 
 
 def kernel_cmdline(spec: VMSpec) -> str:
-    """The guest kernel command line: the spec's (default ``console=ttyS0``) plus the study's knobs.
+    """The guest kernel command line: the spec's, else the console's, plus the study's knobs.
+
+    Without ``boot.cmdline`` it is ``console=hvc0`` for a virtio console (CVMs and their
+    baselines, as the study booted them) and ``console=ttyS0`` for a serial one.
 
     * ``swiotlb=<slabs>,force`` bounces all DMA through swiotlb (kernel-parameters.txt), as a
       CVM must; used on a normal VM together with :data:`RESTRICTED_VIRTIO` devices.
@@ -91,7 +111,8 @@ def kernel_cmdline(spec: VMSpec) -> str:
       "realtime" hint, which CVMs do not advertise (Documentation/virt/guest-halt-polling.rst).
     * ``idle=poll`` makes idle CPUs spin instead of halting (kernel-parameters.txt).
     """
-    parts = [spec.boot.cmdline or "console=ttyS0"]
+    default = "console=hvc0" if spec.console_device == "virtio" else "console=ttyS0"
+    parts = [spec.boot.cmdline or default]
     if spec.guest.swiotlb_force is not None:
         parts.append(f"swiotlb={spec.guest.swiotlb_force},force")
     if spec.guest.haltpoll:
@@ -122,38 +143,66 @@ def memory_backend_type(spec: VMSpec, channel: ResolvedChannel) -> str:
 def cpu_model(spec: VMSpec, accel: ResolvedAccel) -> str:
     """The ``-cpu`` value: the spec's, else per platform as the study ran it.
 
-    SEV-SNP: ``EPYC-v4`` (study; a named model keeps the CPUID page the firmware validates
-    stable). TDX and its baseline: ``host,pmu=off`` (tdx.rst launches with ``-cpu host``; the
-    study turns the PMU off on both). Otherwise ``host`` under KVM and ``max`` (every feature
-    TCG emulates) under TCG.
+    SEV-SNP and its baseline: :data:`SNP_CPU_MODEL` (a named model keeps the CPUID page the SNP
+    firmware validates stable; the same string on both arms). TDX and its baseline:
+    ``host,pmu=off`` (tdx.rst launches with ``-cpu host``; the study turns the PMU off on both,
+    matching the TD, whose PERFMON attribute is off by default). Otherwise ``host`` under KVM
+    and ``max`` (every feature TCG emulates) under TCG.
     """
     if spec.cpu:
         return spec.cpu
+    if spec.flavour == "sev-snp":
+        return SNP_CPU_MODEL
     base = "host" if accel == "kvm" else "max"
-    if spec.tee == "sev-snp":
-        return "EPYC-v4"
     if spec.flavour == "tdx":
         return f"{base},pmu=off"
     return base
 
 
+def accel_option(accel: ResolvedAccel) -> str:
+    """The ``-accel`` value. TCG runs one host thread per vCPU (``thread=multi``, named
+    ``CPU n/TCG``), so that each vCPU can be pinned like a KVM vCPU thread. QEMU 10.0 already
+    defaults to it for an x86 guest on an x86 host; written out, QEMU refuses it where it
+    cannot provide it (e.g. with ``-icount``) instead of quietly running all vCPUs on one thread."""
+    return "tcg,thread=multi" if accel == "tcg" else "kvm"
+
+
+def numa_prefix(spec: VMSpec, runtime: Runtime) -> list[str]:
+    """``numactl --membind=N --cpunodebind=N --`` in front of QEMU when ``[pinning] numa_node`` is set.
+
+    ``host-nodes``/``policy=bind`` on the memory backend bind only what the backend allocates.
+    An SEV-SNP guest or a TD gets its private memory from guest_memfd, which the backend does
+    not cover: until KVM applies a memory policy to guest_memfd itself, those pages follow the
+    policy of the QEMU thread that faults them in (AMDSEV README: "Assigning NUMA affinities
+    for private guest memory is not supported"). A process policy set by numactl covers both,
+    as the study started QEMU (docs/study.md, "vCPU pinning"). Every flavour gets it, so both
+    arms of a comparison are placed alike.
+    """
+    node = spec.pinning.numa_node
+    if node is None:
+        return []
+    return [runtime.numactl, f"--membind={node}", f"--cpunodebind={node}", "--"]
+
+
 def build_qemu_argv(spec: VMSpec, runtime: Runtime) -> list[str]:
-    """The complete argv (``argv[0]`` is the QEMU binary) to start ``spec`` as ``runtime`` says.
+    """The complete argv to start ``spec`` as ``runtime`` says: the QEMU binary and its options,
+    behind ``numactl ... --`` when the spec binds a NUMA node (:func:`numa_prefix`).
 
     Pure. Raises :class:`ArgvError` when the two do not fit together (a TEE under TCG, a
-    channel that needs a socket or CID nobody supplied, a socket path too long for AF_UNIX).
+    channel that needs a socket or CID nobody supplied, a socket path too long for AF_UNIX, a
+    TD whose quote generation service is "auto" while the daemon found none).
     """
     if spec.tee != "none" and runtime.accel != "kvm":
         raise ArgvError(f'accel: a {spec.tee} guest needs KVM, but this boot resolved to "{runtime.accel}"')
     channel = _resolved_channel(spec, runtime)
-    argv = [runtime.qemu_binary]
+    argv = [*numa_prefix(spec, runtime), runtime.qemu_binary]
     for group in (
         _identity(spec),
         _accel_and_machine(spec, runtime),
         _cpu_and_memory(spec, runtime, channel),
-        _tee_object(spec),
+        _tee_object(spec, runtime),
         _firmware_and_kernel(spec),
-        _console_and_control(runtime),
+        _console_and_control(spec, runtime),
         _panic_device(),
         _disks(spec),
         _network(spec),
@@ -207,13 +256,13 @@ def _identity(spec: VMSpec) -> Iterator[str]:
 
 
 def _accel_and_machine(spec: VMSpec, runtime: Runtime) -> Iterator[str]:
-    # qemu-options.hx: -accel; -machine q35 with kernel_irqchip=, hpet=, vmport=,
-    # memory-backend= and confidential-guest-support=.
+    # qemu-options.hx: -accel (tcg,thread=multi: see accel_option); -machine q35 with
+    # kernel_irqchip=, hpet=, vmport=, memory-backend= and confidential-guest-support=.
     # tdx.rst: a TD needs kernel-irqchip split and confidential-guest-support=<tdx-guest id>;
     # the study adds hpet=off and mirrors all three on the Intel baseline.
     # amd-memory-encryption.rst: confidential-guest-support=<sev-snp-guest id>; vmport=off and
     # memory-backend= as in the study's SNP line, mirrored on the AMD baseline.
-    yield from ("-accel", runtime.accel)
+    yield from ("-accel", accel_option(runtime.accel))
     machine = ["q35"]
     if spec.flavour == "tdx":
         machine += ["kernel_irqchip=split", "hpet=off"]
@@ -231,7 +280,8 @@ def _cpu_and_memory(spec: VMSpec, runtime: Runtime, channel: ResolvedChannel) ->
     # qemu-options.hx: -cpu, -smp, -m. qapi/qom.json: memory-backend-ram / -memfd / -file with
     # size, share, prealloc, host-nodes + policy=bind (a host NUMA node), mem-path (file).
     # vhost-user.rst ("Shared memory object"): a vhost-user daemon maps guest RAM, so the
-    # backend is memfd (or file) with share=on and sized like -m.
+    # backend is memfd (or file) with share=on and sized like -m. For SNP and TDX the backend
+    # holds only shared memory; private memory comes from guest_memfd (see numa_prefix).
     yield from ("-cpu", cpu_model(spec, runtime.accel))
     yield from ("-smp", str(spec.vcpus))
     size = f"{spec.memory_mib}M"
@@ -249,11 +299,13 @@ def _cpu_and_memory(spec: VMSpec, runtime: Runtime, channel: ResolvedChannel) ->
     yield from ("-object", ",".join(props))
 
 
-def _tee_object(spec: VMSpec) -> Iterator[str]:
+def _tee_object(spec: VMSpec, runtime: Runtime) -> Iterator[str]:
     if spec.tee == "sev-snp":
         # amd-memory-encryption.rst, "Launching (SEV-SNP)", and qapi/qom.json
         # SevSnpGuestProperties: cbitpos, reduced-phys-bits, policy (SNP_LAUNCH_START),
-        # kernel-hashes (measured direct boot), host-data (32 bytes, base64; SNP_LAUNCH_FINISH).
+        # kernel-hashes (measured direct boot; off unless asked for, QEMU's default: it needs
+        # a firmware with a SEV hashes area, see host_daemon.firmware), host-data (32 bytes,
+        # base64; SNP_LAUNCH_FINISH).
         o = spec.sev_snp
         props = [
             "sev-snp-guest",
@@ -262,7 +314,7 @@ def _tee_object(spec: VMSpec) -> Iterator[str]:
             f"reduced-phys-bits={o.reduced_phys_bits}",
             f"policy={o.policy:#x}",
         ]
-        if snp_kernel_hashes(spec):
+        if o.kernel_hashes:
             props.append("kernel-hashes=on")
         if o.host_data:
             props.append(f"host-data={o.host_data}")
@@ -271,9 +323,17 @@ def _tee_object(spec: VMSpec) -> Iterator[str]:
         # tdx.rst, "Launching a TD" and "TD attestation": -object tdx-guest,id=...; the
         # quote-generation-socket property is a QAPI SocketAddress, so the object is given in
         # JSON form, e.g. {"type":"unix","path":"/var/run/tdx-qgs/qgs.socket"} or
-        # {"type":"vsock","cid":"2","port":"4050"} (cid and port are strings there).
+        # {"type":"vsock","cid":"2","port":"4050"} (cid and port are strings there). Without the
+        # property QEMU answers every quote request with "QGS unavailable".
         qgs = spec.tdx.quote_generation_socket
-        if qgs is None:
+        if qgs == "auto":
+            if runtime.qgs is None:
+                raise ArgvError(
+                    "no TDX quote generation service found: set [tdx] quote_generation_socket,"
+                    ' or "none" to launch without quotes'
+                )
+            qgs = runtime.qgs
+        if qgs == "none":
             yield from ("-object", f"tdx-guest,id={TDX_ID}")
             return
         addr = (
@@ -287,7 +347,9 @@ def _tee_object(spec: VMSpec) -> Iterator[str]:
 
 def _firmware_and_kernel(spec: VMSpec) -> Iterator[str]:
     # qemu-options.hx: -bios, -kernel, -initrd, -append. SEV-SNP and TDX load OVMF / TDVF
-    # with -bios (tdx.rst: "TDVF cannot be mapped as pflash"; amd-memory-encryption.rst).
+    # with -bios (tdx.rst: "TDVF cannot be mapped as pflash"; SNP with pflash needs KVM
+    # read-only memslots). A baseline loads its firmware the same way, so that both arms of a
+    # comparison run one image mapped alike (the study's single OVMF per host).
     if spec.boot.firmware is not None:
         yield from ("-bios", str(spec.boot.firmware))
     if spec.boot.kernel is not None:
@@ -297,12 +359,20 @@ def _firmware_and_kernel(spec: VMSpec) -> Iterator[str]:
         yield from ("-append", kernel_cmdline(spec))
 
 
-def _console_and_control(runtime: Runtime) -> Iterator[str]:
-    # qemu-options.hx: -chardev file,id=,path= and -serial chardev:<id> (the first serial port,
-    # ttyS0, written to a per-boot log); -qmp unix:<path>,server=on,wait=off (QMP, QEMU
-    # listening, not waiting for a client before starting); -pidfile.
+def _console_and_control(spec: VMSpec, runtime: Runtime) -> Iterator[str]:
+    # qemu-options.hx: -chardev file,id=,path= (the per-boot console log the daemon reads)
+    # behind either the first serial port (-serial chardev:<id>, ttyS0) or, for CVM flavours,
+    # a virtconsole (hvc0) on its own virtio-serial-pci controller with -serial none (no 8250:
+    # in a CVM each UART register access is a #VC / #VE exit; the study's consoles were
+    # virtconsoles, docs/study.md). -qmp unix:<path>,server=on,wait=off (QMP, QEMU listening,
+    # not waiting for a client before starting); -pidfile.
     yield from ("-chardev", f"file,id={SERIAL_CHARDEV_ID},path={opt_value(runtime.serial_log)}")
-    yield from ("-serial", f"chardev:{SERIAL_CHARDEV_ID}")
+    if spec.console_device == "virtio":
+        yield from ("-serial", "none")
+        yield from ("-device", _virtio(spec, f"virtio-serial-pci,id={CONSOLE_BUS_ID}"))
+        yield from ("-device", f"virtconsole,bus={CONSOLE_BUS_ID}.0,chardev={SERIAL_CHARDEV_ID}")
+    else:
+        yield from ("-serial", f"chardev:{SERIAL_CHARDEV_ID}")
     yield from ("-qmp", f"unix:{_unix_path('qmp_socket', runtime.qmp_socket)},server=on,wait=off")
     yield from ("-pidfile", str(runtime.pidfile))
 

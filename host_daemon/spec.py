@@ -12,6 +12,7 @@ The smallest spec is one line::
 and a fuller one reads::
 
     name = "snp-8c"
+    image = ""                 # "dev": the built-in dev guest's kernel, initramfs and 9p root
     tee = "sev-snp"            # none | sev-snp | tdx
     baseline_for = "none"      # with tee = "none": mirror the machine flags of "sev-snp" or "tdx"
     accel = "auto"             # auto | kvm | tcg
@@ -21,16 +22,17 @@ and a fuller one reads::
     memory_path = ""           # with memory_backend = "file": e.g. "/dev/hugepages"
     prealloc = false
     cpu = ""                   # QEMU -cpu model; empty = chosen from tee and accel
+    console = "auto"           # auto | serial | virtio; auto = virtio (hvc0) for CVMs and their baselines
 
     [pinning]                  # applied by the daemon from QMP query-cpus-fast thread ids
     host_cpus = [8, 9, 10, 11, 12, 13, 14, 15]   # one host CPU per vCPU
-    numa_node = 0              # guest RAM bound to this host node
+    numa_node = 0              # QEMU runs under numactl --membind/--cpunodebind of this host node
 
     [boot]
-    firmware = "/usr/share/ovmf/OVMF.amdsev.fd"  # -bios: OVMF, or TDVF for TDX
+    firmware = "/usr/share/ovmf/OVMF.fd"  # -bios: one SNP- and TDX-capable OVMF for both arms
     kernel = "bzImage"         # direct kernel boot; relative paths are relative to the spec file
     initrd = "initrd.img"
-    cmdline = "console=ttyS0"
+    cmdline = "console=hvc0"   # empty = console=hvc0 (virtio console) or console=ttyS0 (serial)
 
     [[disk]]                   # or a single [disk] table
     path = "/dev/nvme1n1"
@@ -63,11 +65,13 @@ and a fuller one reads::
     cbitpos = 51
     reduced_phys_bits = 1
     policy = 0x30000
-    kernel_hashes = true       # default: on when boot.kernel is set
+    kernel_hashes = false      # true: measured direct boot; needs a firmware with a SEV hashes
+                               # area (e.g. OVMF.amdsev.fd), which the baseline cannot boot
     host_data = ""             # base64 of exactly 32 bytes; empty = none
 
     # [tdx]                    # only with tee = "tdx"
-    # quote_generation_socket = "/var/run/tdx-qgs/qgs.socket"   # or "vsock:2:4050"
+    # quote_generation_socket = "auto"   # auto (the daemon finds the host's QGS) | none |
+    #                                    # "/var/run/tdx-qgs/qgs.socket" | "vsock:2:4050"
 
 Errors: every problem in a spec is collected (not just the first) into one
 :class:`SpecError`, whose message names each field, the bad value and what is allowed, e.g.
@@ -99,6 +103,10 @@ Cache = Literal["none", "writeback", "writethrough", "directsync", "unsafe"]
 NetMode = Literal["none", "user", "tap"]
 Proto = Literal["tcp", "udp"]
 Channel = Literal["auto", "vhost-vsock", "vhost-user-vsock", "virtio-serial", "none"]
+Image = Literal["", "dev"]
+Console = Literal["auto", "serial", "virtio"]
+ResolvedConsole = Literal["serial", "virtio"]
+QgsChoice = Literal["auto", "none"]
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 """VM names: lower-case letters, digits, '-' and '_', 1..63 characters, starting with a letter
@@ -219,7 +227,7 @@ class SevSnpOptions:
     cbitpos: int = 51
     reduced_phys_bits: int = 1
     policy: int = 0x30000
-    kernel_hashes: bool | None = None  # None = on when the spec boots a kernel directly
+    kernel_hashes: bool = False  # QEMU's default; on = measured direct boot (see docs/qemu-options.md)
     host_data: str | None = None  # base64, 32 bytes once decoded
 
 
@@ -235,12 +243,14 @@ class QgsAddress:
 
 @dataclass(frozen=True)
 class TdxOptions:
-    quote_generation_socket: QgsAddress | None = None
+    # "auto": the daemon's Runtime.qgs (what the host check found); "none": no quotes
+    quote_generation_socket: QgsAddress | QgsChoice = "auto"
 
 
 @dataclass(frozen=True)
 class VMSpec:
     name: str
+    image: Image = ""
     tee: Tee = "none"
     baseline_for: Tee = "none"
     accel: Accel = "auto"
@@ -250,6 +260,7 @@ class VMSpec:
     memory_path: Path | None = None
     prealloc: bool = False
     cpu: str = ""
+    console: Console = "auto"
     pinning: Pinning = field(default_factory=Pinning)
     boot: Boot = field(default_factory=Boot)
     disks: tuple[Disk, ...] = ()
@@ -268,6 +279,17 @@ class VMSpec:
     def flavour(self) -> Tee:
         """The platform whose machine flags this VM uses: its TEE, or the TEE it is a baseline for."""
         return self.tee if self.tee != "none" else self.baseline_for
+
+    @property
+    def console_device(self) -> ResolvedConsole:
+        """``virtio`` (hvc0) or ``serial`` (ttyS0): the spec's choice; ``auto`` = virtio for CVM flavours.
+
+        In a CVM every access to the 8250 UART's I/O ports is an exit through #VC (SNP) or #VE
+        (TDX); a virtio console moves bytes through shared rings instead (docs/qemu-options.md).
+        """
+        if self.console != "auto":
+            return self.console
+        return "virtio" if self.flavour != "none" else "serial"
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,6 +498,7 @@ def _read_spec(t: _Table) -> VMSpec:
     )
     if not t.has("name"):
         t.problem("name", None, "a name is required (1..63 of a-z 0-9 - _)")
+    image = t.choice("image", "", get_args(Image))
     tee = t.choice("tee", "none", get_args(Tee))
     baseline_for = t.choice("baseline_for", "none", get_args(Tee))
     accel = t.choice("accel", "auto", get_args(Accel))
@@ -495,6 +518,7 @@ def _read_spec(t: _Table) -> VMSpec:
         pattern=re.compile(r"[A-Za-z0-9_.,=+-]*"),
         what="expected a QEMU -cpu value (e.g. host,pmu=off)",
     )
+    console = t.choice("console", "auto", get_args(Console))
 
     pinning = _read_pinning(t.table("pinning"))
     boot = _read_boot(t.table("boot"))
@@ -511,6 +535,7 @@ def _read_spec(t: _Table) -> VMSpec:
         t.problem("tdx", "<table>", 'the [tdx] table needs tee = "tdx"')
     return VMSpec(  # with a bad name this is still built, so that cross-field rules run too
         name=name,
+        image=image,
         tee=tee,
         baseline_for=baseline_for,
         accel=accel,
@@ -520,6 +545,7 @@ def _read_spec(t: _Table) -> VMSpec:
         memory_path=memory_path,
         prealloc=prealloc,
         cpu=cpu,
+        console=console,
         pinning=pinning,
         boot=boot,
         disks=disks,
@@ -689,9 +715,7 @@ def _read_sev_snp(t: _Table) -> SevSnpOptions:
             "expected a 64-bit SNP guest policy (integer or hex string)"
             " with bit 17 (reserved, must be one) set",
         ),
-        kernel_hashes=t.custom(
-            "kernel_hashes", None, lambda v: v if isinstance(v, bool) else None, "true or false"
-        ),
+        kernel_hashes=t.boolean("kernel_hashes", False),
         host_data=t.custom(
             "host_data",
             "",
@@ -704,7 +728,9 @@ def _read_sev_snp(t: _Table) -> SevSnpOptions:
     return opts
 
 
-def _parse_qgs(value: object) -> QgsAddress | None:
+def _parse_qgs(value: object) -> QgsAddress | QgsChoice | None:
+    if value in get_args(QgsChoice):
+        return cast(QgsChoice, value)
     if not isinstance(value, str) or not value:
         return None
     m = re.fullmatch(r"vsock:(\d+):(\d+)", value)
@@ -719,9 +745,9 @@ def _read_tdx(t: _Table) -> TdxOptions:
     opts = TdxOptions(
         quote_generation_socket=t.custom(
             "quote_generation_socket",
-            None,
+            "auto",
             _parse_qgs,
-            'expected an absolute unix socket path or "vsock:CID:PORT"',
+            'expected "auto", "none", an absolute unix socket path or "vsock:CID:PORT"',
         )
     )
     t.finish()
@@ -747,9 +773,15 @@ def _check_combinations(spec: VMSpec, problems: list[SpecProblem]) -> None:
     if spec.tee != "none" and spec.boot.firmware is None:
         fw = "an SNP-capable OVMF" if spec.tee == "sev-snp" else "TDVF (OVMF built with TDX support)"
         bad("boot.firmware", None, f'tee = "{spec.tee}" boots {fw} with -bios: set its path')
+    if spec.image and (spec.boot.kernel is not None or spec.boot.initrd is not None):
+        bad(
+            "image",
+            spec.image,
+            "an image brings its own kernel and initrd: unset boot.kernel and boot.initrd",
+        )
     if spec.boot.initrd is not None and spec.boot.kernel is None:
         bad("boot.initrd", str(spec.boot.initrd), "an initrd needs boot.kernel (direct kernel boot)")
-    if spec.boot.cmdline and spec.boot.kernel is None:
+    if spec.boot.cmdline and spec.boot.kernel is None and not spec.image:
         bad("boot.cmdline", spec.boot.cmdline, "a command line needs boot.kernel (direct kernel boot)")
     if spec.pinning.host_cpus and len(spec.pinning.host_cpus) != spec.vcpus:
         bad(
@@ -776,8 +808,12 @@ def _check_combinations(spec: VMSpec, problems: list[SpecProblem]) -> None:
         ("guest.idle_poll", spec.guest.idle_poll),
     ]
     for where, on in kernel_knobs:
-        if on and spec.boot.kernel is None:
-            bad(where, True, "goes on the guest kernel command line, so it needs boot.kernel")
+        if on and spec.boot.kernel is None and not spec.image:
+            bad(
+                where,
+                True,
+                'goes on the guest kernel command line, so it needs boot.kernel (or image = "dev")',
+            )
     if spec.guest.swiotlb_force is not None and spec.tee != "none":
         bad(
             "guest.swiotlb_force",
@@ -811,9 +847,19 @@ def _check_combinations(spec: VMSpec, problems: list[SpecProblem]) -> None:
     if spec.tee == "sev-snp" and spec.sev_snp.kernel_hashes and spec.boot.kernel is None:
         bad("sev_snp.kernel_hashes", True, "kernel hashes measure a directly booted kernel: set boot.kernel")
 
-
-def snp_kernel_hashes(spec: VMSpec) -> bool:
-    """Whether the SNP launch measures the kernel, initrd and cmdline (default: with direct boot)."""
-    if spec.sev_snp.kernel_hashes is not None:
-        return spec.sev_snp.kernel_hashes
-    return spec.boot.kernel is not None
+    # The console the kernel is told about must be one QEMU gives it: with a virtio console
+    # there is no 8250 (ttyS0), with a serial console no virtconsole (hvc0).
+    device = spec.console_device
+    right, wrong = ("hvc", "ttyS") if device == "virtio" else ("ttyS", "hvc")
+    words = spec.boot.cmdline.split()
+    if any(w.startswith(f"console={wrong}") for w in words) and not any(
+        w.startswith(f"console={right}") for w in words
+    ):
+        why = f'console = "{spec.console}"'
+        if spec.console == "auto":
+            why += f" and a {spec.flavour} flavour"
+        bad(
+            "boot.cmdline",
+            spec.boot.cmdline,
+            f"with {why} the guest console is {right}0, not {wrong}0: use console={right}0 or set console",
+        )

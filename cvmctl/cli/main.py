@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "idle_poll",
     "attest",
     "image",
+    "host",
 )
 
 EPILOG = """\

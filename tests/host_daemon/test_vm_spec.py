@@ -17,7 +17,6 @@ from host_daemon.spec import (
     load_spec,
     parse_memory,
     parse_spec,
-    snp_kernel_hashes,
 )
 
 HOST_DATA = "Y3ZtY3RsLWhvc3QtZGF0YS0wMDAwMDAwMDAwMDAwMDA="  # 32 bytes
@@ -38,6 +37,9 @@ def test_minimal_spec_has_sane_defaults() -> None:
     assert spec.network.mode == "none" and spec.disks == () and spec.shares == ()
     assert spec.agent.channel == "auto" and spec.agent.cid is None
     assert spec.sev_snp.policy == 0x30000 and spec.sev_snp.cbitpos == 51
+    assert not spec.sev_snp.kernel_hashes
+    assert spec.tdx.quote_generation_socket == "auto"
+    assert spec.console == "auto" and spec.console_device == "serial"
     assert not spec.confidential and spec.flavour == "none"
 
 
@@ -199,9 +201,14 @@ def test_sev_snp_options() -> None:
     base = 'name = "x"\ntee = "sev-snp"\n[boot]\nfirmware = "/fw"\n'
     spec = parse_spec(base + f'[sev_snp]\npolicy = "0x30000"\nhost_data = "{HOST_DATA}"\ncbitpos = 47')
     assert (spec.sev_snp.policy, spec.sev_snp.host_data, spec.sev_snp.cbitpos) == (0x30000, HOST_DATA, 47)
-    assert not snp_kernel_hashes(spec)
-    assert snp_kernel_hashes(parse_spec(base + 'kernel = "/k"'))
-    assert not snp_kernel_hashes(parse_spec(base + 'kernel = "/k"\n[sev_snp]\nkernel_hashes = false'))
+    # kernel-hashes is off unless asked for (QEMU's default), also with direct kernel boot
+    assert not spec.sev_snp.kernel_hashes
+    assert not parse_spec(base + 'kernel = "/k"').sev_snp.kernel_hashes
+    assert parse_spec(base + 'kernel = "/k"\n[sev_snp]\nkernel_hashes = true').sev_snp.kernel_hashes
+    assert (
+        "true or false"
+        in problems(base + 'kernel = "/k"\n[sev_snp]\nkernel_hashes = "yes"')["sev_snp.kernel_hashes"]
+    )
     assert "bit 17" in problems(base + "[sev_snp]\npolicy = 0x10000")["sev_snp.policy"]
     assert "sev_snp.policy" in problems(base + '[sev_snp]\npolicy = "lots"')
     assert "32 bytes" in problems(base + '[sev_snp]\nhost_data = "aGVsbG8="')["sev_snp.host_data"]
@@ -218,7 +225,32 @@ def test_tdx_quote_generation_socket() -> None:
     assert qgs == QgsAddress("unix", path="/var/run/tdx-qgs/qgs.socket")
     qgs = parse_spec(base + 'quote_generation_socket = "vsock:2:4050"').tdx.quote_generation_socket
     assert qgs == QgsAddress("vsock", cid=2, port=4050)
-    assert "tdx.quote_generation_socket" in problems(base + 'quote_generation_socket = "qgs.sock"')
+    assert parse_spec(base + 'quote_generation_socket = "none"').tdx.quote_generation_socket == "none"
+    assert parse_spec(base + 'quote_generation_socket = "auto"').tdx.quote_generation_socket == "auto"
+    assert parse_spec(base).tdx.quote_generation_socket == "auto"
+    found = problems(base + 'quote_generation_socket = "qgs.sock"')["tdx.quote_generation_socket"]
+    assert '"auto", "none"' in found
+
+
+def test_console() -> None:
+    assert parse_spec('name = "x"').console_device == "serial"
+    assert parse_spec('name = "x"\nbaseline_for = "sev-snp"').console_device == "virtio"
+    assert parse_spec('name = "x"\ntee = "tdx"\n[boot]\nfirmware = "/f"').console_device == "virtio"
+    assert parse_spec('name = "x"\nbaseline_for = "tdx"\nconsole = "serial"').console_device == "serial"
+    assert parse_spec('name = "x"\nconsole = "virtio"').console_device == "virtio"
+    assert "expected one of: auto, serial, virtio" in problems('name = "x"\nconsole = "hvc"')["console"]
+
+
+def test_console_and_cmdline_must_agree() -> None:
+    kernel = '[boot]\nkernel = "/k"\n'
+    found = problems(f'name = "x"\nbaseline_for = "sev-snp"\n{kernel}cmdline = "root=/dev/vda console=ttyS0"')
+    assert "the guest console is hvc0, not ttyS0" in found["boot.cmdline"]
+    assert "sev-snp flavour" in found["boot.cmdline"]
+    found = problems(f'name = "x"\n{kernel}cmdline = "console=hvc0"')
+    assert "the guest console is ttyS0, not hvc0" in found["boot.cmdline"]
+    # both named, or the right one: fine
+    parse_spec(f'name = "x"\nconsole = "virtio"\n{kernel}cmdline = "console=ttyS0 console=hvc0"')
+    parse_spec(f'name = "x"\nbaseline_for = "tdx"\nconsole = "serial"\n{kernel}cmdline = "console=ttyS0"')
 
 
 def test_agent_rules() -> None:
@@ -251,6 +283,7 @@ RULES = [
     ('vcpus = 2\n[network]\nmode = "tap"\nifname = "t"\nqueues = 4', "network.queues"),
     ('tee = "tdx"\nbaseline_for = "tdx"\n[boot]\nfirmware = "/f"', "baseline_for"),
     ("[sev_snp]\ncbitpos = 51", "sev_snp"),
+    ('console = "tty"', "console"),
     ('[tdx]\nquote_generation_socket = "/q"', "tdx"),
     ('tee = "sev-snp"\nmemory_backend = "ram"\n[boot]\nfirmware = "/f"', "memory_backend"),
     ('memory_backend = "ram"\n[agent]\nchannel = "vhost-user-vsock"', "memory_backend"),
@@ -284,3 +317,5 @@ def test_the_module_docstring_examples_are_valid_specs(tmp_path: Path) -> None:
     spec = load_spec(spec_file)
     assert spec.tee == "sev-snp" and spec.boot.kernel == tmp_path / "bzImage"
     assert spec.sev_snp.host_data is None
+    assert not spec.sev_snp.kernel_hashes and spec.console_device == "virtio"
+    assert spec.boot.firmware == Path("/usr/share/ovmf/OVMF.fd")

@@ -22,7 +22,15 @@ import trio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cvmcore.address import Address
-from cvmcore.errors import ConnectError, CvmError, DeadlineExceeded, RemoteError, UsageError
+from cvmcore.errors import (
+    WIRE_KIND_KEY,
+    WIRE_KINDS,
+    ConnectError,
+    CvmError,
+    DeadlineExceeded,
+    RemoteError,
+    UsageError,
+)
 from cvmcore.relay import grpc_target
 
 DEFAULT_TIMEOUT: Final = 5.0
@@ -42,6 +50,12 @@ def error_from_rpc(exc: grpc.RpcError, address: Address, timeout: float, what: s
     """The cvmctl error for a failed call of ``what`` on ``address``."""
     code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = (exc.details() if isinstance(exc, grpc.Call) else None) or ""
+    trailing: tuple[tuple[str, str | bytes], ...] = (
+        exc.trailing_metadata() if isinstance(exc, grpc.Call) else None
+    ) or ()
+    kind = next((str(value) for key, value in trailing if key == WIRE_KIND_KEY), None)
+    if kind in WIRE_KINDS:
+        return WIRE_KINDS[kind](details)
     if code is grpc.StatusCode.UNAVAILABLE:
         if "shutting down" in details:
             return ConnectError(f"{address}: the server is shutting down")

@@ -47,7 +47,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 
-from cvmcore.errors import ConnectError, CvmError, DeadlineExceeded, UsageError
+from cvmcore.errors import WIRE_KIND_KEY, ConnectError, CvmError, DeadlineExceeded, UsageError
 from cvmcore.log import logs_at
 
 log = structlog.get_logger("cvmctl.grpc")
@@ -86,6 +86,12 @@ class CallInfo:
 
 #: Called once per finished RPC with (full method name, status code name, seconds).
 RpcObserver = Callable[[str, str, float], None]
+
+
+def _wire_metadata(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata naming the error class, for the classes that travel by name."""
+    kind = exc.wire_kind if isinstance(exc, CvmError) else None
+    return ((WIRE_KIND_KEY, kind),) if kind else ()
 
 
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -244,7 +250,7 @@ class GrpcBridge:
             except Exception as exc:
                 code, details = self._status(method, exc)
                 self._finish(method, info, started, code)
-                await context.abort(code, details)
+                await context.abort(code, details, _wire_metadata(exc))
             self._finish(method, info, started, grpc.StatusCode.OK)
             return response
 
@@ -310,7 +316,7 @@ class GrpcBridge:
                 raise
             except Exception as exc:
                 code, details = self._status(method, exc)
-                await context.abort(code, details)
+                await context.abort(code, details, _wire_metadata(exc))
             finally:
                 self._finish(method, info, started, code)
 

@@ -43,6 +43,8 @@ from cvmcore.errors import CvmError, UsageError
 from host_daemon import process as proc
 from host_daemon.accel import decide_channel, probe_channel, resolve_accel
 from host_daemon.boottiming import BootClock, console_marks, tail_lines
+from host_daemon.hostcheck import HostFacts, gather_host_facts
+from host_daemon.preflight import HostGrant, needs_facts, preflight
 from host_daemon.qemu_args import Runtime, build_qemu_argv
 from host_daemon.qmp import EventListener, QMPClient, QMPError, connect_qmp
 from host_daemon.spec import VMSpec, parse_spec
@@ -97,9 +99,11 @@ class VMManager:
         qemu_binary: str = "qemu-system-x86_64",
         boot_seconds: float = DEFAULT_BOOT_SECONDS,
         dev_guest: Callable[[VMSpec], VMSpec] | None = None,
+        host_facts: Callable[[str], HostFacts] = gather_host_facts,
     ) -> None:
         self.state_dir = state_dir
         self.qemu_binary = qemu_binary
+        self._host_facts = host_facts  # (qemu binary) -> facts; tests hand in a host of their own
         self.boot_seconds = boot_seconds
         self._complete_spec = dev_guest
         (state_dir / "vms").mkdir(parents=True, exist_ok=True)
@@ -215,6 +219,10 @@ class VMManager:
             spec = self._complete_spec(spec)
         return spec
 
+    def _preflight(self, spec: VMSpec) -> HostGrant:
+        facts = self._host_facts(self.qemu_binary) if needs_facts(spec) else None
+        return preflight(spec, facts)
+
     async def start(self, name: str) -> VMRecord:
         requested_at = time.monotonic()
         async with self._lock:
@@ -222,6 +230,7 @@ class VMManager:
             if record.state.live:
                 raise VMConflict(f"VM {name!r} is {record.state} already")
             spec = await trio.to_thread.run_sync(self._spec, record)
+            grant = await trio.to_thread.run_sync(self._preflight, spec)  # HostNotReady before QEMU
             accel = resolve_accel(spec.accel, spec.tee)
             channel = decide_channel(spec.agent.channel, probe_channel()).channel
             run_dir = _run_dir_for(self.state_dir, name)
@@ -243,6 +252,8 @@ class VMManager:
                     "virtio-serial": run_dir / "agent-serial.sock",
                 }.get(channel),
                 guest_cid=self._free_cid() if channel == "vhost-vsock" else None,
+                qgs=grant.qgs,
+                numactl=grant.numactl,
             )
             argv = build_qemu_argv(spec, runtime)
             helpers: list[proc.Spawned] = []

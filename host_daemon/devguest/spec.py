@@ -56,7 +56,8 @@ def agent_executable() -> Path:
 
 
 def wants_dev_guest(spec: VMSpec) -> bool:
-    return spec.boot.firmware is None and spec.boot.kernel is None
+    """``image = "dev"``, or a spec that names nothing to boot (no firmware, no kernel)."""
+    return spec.image == "dev" or (spec.boot.firmware is None and spec.boot.kernel is None)
 
 
 def complete_with_dev_guest(spec: VMSpec) -> VMSpec:
@@ -66,7 +67,9 @@ def complete_with_dev_guest(spec: VMSpec) -> VMSpec:
     # QEMU user networking hands out 10.0.2.15 with the gateway at 10.0.2.2 (qemu-options.hx,
     # -netdev user); the dev guest has no DHCP client, so it is told the address.
     ip = USER_NET_GUEST_IP if spec.network.mode == "user" else None
-    cmdline = dev_guest_cmdline(str(agent_executable()), port=AGENT_VSOCK_PORT, ip=ip)
+    # The console the VM has: hvc0 on a virtio console (CVM flavours), else the 8250's ttyS0.
+    console = "hvc0" if spec.console_device == "virtio" else "ttyS0"
+    cmdline = dev_guest_cmdline(str(agent_executable()), port=AGENT_VSOCK_PORT, ip=ip, console=console)
     if spec.boot.cmdline:
         cmdline = f"{cmdline} {spec.boot.cmdline}"
     boot = dataclasses.replace(spec.boot, kernel=image.kernel, initrd=image.initrd, cmdline=cmdline)

@@ -1,7 +1,7 @@
 """Certificates for attestation: loading them, AMD's extensions, and the pinned trust anchors.
 
 **Serial number 0.** Every AMD VCEK and VLEK has serial number 0, which RFC 5280 forbids.
-``cryptography`` (>= 42) loads such a certificate but emits a
+``cryptography`` (>= 43) loads such a certificate but emits a
 ``CryptographyDeprecationWarning`` and says a later release will refuse it. We load AMD
 certificates on purpose and know about the defect, so :func:`load_certificate` silences
 exactly that warning (matched by category *and* message) and nothing else. Should a future

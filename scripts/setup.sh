@@ -2,7 +2,8 @@
 # Set up everything cvmctl needs on a Debian 12 (bookworm) machine, idempotently:
 #   - Debian packages: Python, the tools the tests and benchmarks drive (QEMU 10 from
 #     bookworm-backports, the dev guest's kernel and busybox, vhost-device-vsock, promtool);
-#   - a virtualenv in .venv with cvmctl installed in editable mode with its dev extras.
+#   - a virtualenv in .venv with cvmctl installed in editable mode with its dev extras and
+#     every optional one (all: verify, report, host).
 # A second run does nothing that is already done (it checks before it installs), so every
 # entry point (scripts/quickstart.sh, scripts/test.sh, .ci/run) starts by calling it.
 #
@@ -18,6 +19,9 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 APT_PACKAGES=(
     python3 python3-venv python3-dev gcc
     prometheus         # promtool, and the server the metrics tests scrape with
+    zsh                # the completion tests check `cvmctl completion zsh` with zsh -n
+    ovmf               # /usr/share/ovmf/OVMF.fd: the firmware both arms of a CVM comparison boot
+    numactl            # [pinning] numa_node starts QEMU under numactl
 )
 
 apt_updated=0
@@ -73,7 +77,7 @@ fi
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]] || ! .venv/bin/python -c 'import cvmctl' 2>/dev/null; then
     log "installing cvmctl and its dependencies into .venv"
     .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e "$repo[dev,report]"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e "$repo[dev,all]"
     echo "$want" >"$stamp"
 fi
 log "ready: $(.venv/bin/cvmctl --version)"

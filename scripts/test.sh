@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run every check the project has: set-up (idempotent), lint, types, tests.
+# Run every check the project has: set-up (idempotent), lint, types, the wheel as users
+# install it (scripts/test-wheel.sh), tests.
 # Extra arguments go to pytest, e.g. scripts/test.sh -k relay -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,8 @@ echo "== ruff"
 .venv/bin/ruff format --check . >/dev/null || { .venv/bin/ruff format --check .; exit 1; }
 echo "== mypy"
 .venv/bin/mypy
+echo "== wheel"
+scripts/test-wheel.sh
 echo "== pytest"
 set +e
 .venv/bin/pytest "$@"

@@ -5,18 +5,23 @@ Each command group lives in its own module under :mod:`cvmctl.cli` and exposes
 ``(argparse.Namespace) -> int``. Handlers report a user's mistake or an unreachable peer
 by raising :class:`cvmcore.errors.CvmError`; this module turns it into one line on stderr
 and the error's exit code, never a traceback.
+
+Some command groups need a dependency that only an extra installs (``pip install cvmctl``
+in a guest brings what the agent needs and no more). When one is missing, the group is
+still listed and answers with one line naming the extra, and every other command works.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import sys
 from collections.abc import Sequence
 
 from cvmcore import __version__
-from cvmcore.errors import CvmError
+from cvmcore.errors import CvmError, UsageError
 
 # Modules under cvmctl.cli that provide a command group, in --help order.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -29,7 +34,12 @@ COMMAND_MODULES: tuple[str, ...] = (
     "attest",
     "image",
     "host",
+    "completion",
 )
+
+# Third-party modules that only an extra installs (pyproject.toml's optional-dependencies),
+# each with the extra that brings it.
+EXTRAS: dict[str, str] = {"cryptography": "verify", "matplotlib": "report", "shtab": "host"}
 
 EPILOG = """\
 examples:
@@ -63,9 +73,35 @@ def build_parser() -> argparse.ArgumentParser:
         except ModuleNotFoundError as exc:
             if exc.name == f"cvmctl.cli.{name}":
                 continue  # a command group not built yet
-            raise
+            extra = EXTRAS.get((exc.name or "").partition(".")[0])
+            if extra is None:
+                raise
+            register_unavailable(sub, name.replace("_", "-"), extra)
+            continue
         module.register(sub)
     return parser
+
+
+def register_unavailable(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], command: str, extra: str
+) -> None:
+    """Add COMMAND as a group whose every use is one line: install EXTRA."""
+    install = f"pip install 'cvmctl[{extra}]'"
+    parser = sub.add_parser(
+        command,
+        help=f"not installed: {install}",
+        description=f"cvmctl {command} needs the {extra} extra: {install}",
+        # Every word after COMMAND, --help included, is a word: none is an option here.
+        add_help=False,
+        prefix_chars="+",
+    )
+    parser.add_argument("words", nargs="*")
+    parser.set_defaults(func=functools.partial(run_unavailable, command, extra))
+
+
+def run_unavailable(command: str, extra: str, args: argparse.Namespace) -> int:
+    named = " ".join([command, *(word for word in args.words[:1] if not word.startswith("-"))])
+    raise UsageError(f"cvmctl {named} needs the {extra} extra: pip install 'cvmctl[{extra}]'")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,6 +116,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CvmError as exc:
         print(f"cvmctl: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        # A command that imports an extra's module only when it runs (matplotlib for figures).
+        extra = EXTRAS.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        message = f"this command needs the {extra} extra ({exc.name} is not installed)"
+        print(f"cvmctl: error: {message}: pip install 'cvmctl[{extra}]'", file=sys.stderr)
+        return UsageError.exit_code
     except KeyboardInterrupt:
         print("cvmctl: interrupted", file=sys.stderr)
         return 130

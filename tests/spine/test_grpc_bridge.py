@@ -178,7 +178,14 @@ async def test_calls_beyond_the_concurrency_bound_are_refused(tmp_path: Path) ->
             hanging.cancel()
             with trio.fail_after(3):
                 await behaviour.cancelled.wait()
-            assert await client.call(unary(client.channel), b"third") == b"THIRD"
+            # grpcio frees the slot just after the handler ends (before 1.84, ~20 ms later)
+            with trio.fail_after(3):
+                while True:
+                    try:
+                        assert await client.call(unary(client.channel), b"third") == b"THIRD"
+                        break
+                    except RemoteError:
+                        await trio.sleep(0.02)
         nursery.cancel_scope.cancel()
 
 

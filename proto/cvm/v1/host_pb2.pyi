@@ -139,6 +139,9 @@ class VM(_message.Message):
     BOOT_COUNT_FIELD_NUMBER: _builtins.int
     CONSOLE_PATH_FIELD_NUMBER: _builtins.int
     VCPU_THREAD_IDS_FIELD_NUMBER: _builtins.int
+    QEMU_ARGV_FIELD_NUMBER: _builtins.int
+    VCPU_PINS_FIELD_NUMBER: _builtins.int
+    EMULATOR_CPUS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     state: Global___VMState.ValueType
     tee: _common_pb2.Tee.ValueType
@@ -160,6 +163,8 @@ class VM(_message.Message):
     boot_count: _builtins.int
     console_path: _builtins.str
     """the serial console log of the current or last boot"""
+    emulator_cpus: _builtins.str
+    """where QEMU's other threads may run (a cpu list), if pinned"""
     @_builtins.property
     def last_console_lines(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -168,6 +173,14 @@ class VM(_message.Message):
 
     @_builtins.property
     def vcpu_thread_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def qemu_argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the command line of the current or last boot"""
+
+    @_builtins.property
+    def vcpu_pins(self) -> _containers.RepeatedCompositeFieldContainer[Global___VcpuPin]:
+        """[pinning] host_cpus as applied, read back from the kernel"""
+
     def __init__(
         self,
         *,
@@ -187,16 +200,51 @@ class VM(_message.Message):
         boot_count: _builtins.int = ...,
         console_path: _builtins.str = ...,
         vcpu_thread_ids: _abc.Iterable[_builtins.int] | None = ...,
+        qemu_argv: _abc.Iterable[_builtins.str] | None = ...,
+        vcpu_pins: _abc.Iterable[Global___VcpuPin] | None = ...,
+        emulator_cpus: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_status", b"_exit_status", "exit_status", b"exit_status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_status", b"_exit_status", "accel", b"accel", "agent_address", b"agent_address", "boot_count", b"boot_count", "boot_phases", b"boot_phases", "console_path", b"console_path", "created_at", b"created_at", "exit_status", b"exit_status", "last_console_lines", b"last_console_lines", "name", b"name", "qemu_pid", b"qemu_pid", "spec_toml", b"spec_toml", "started_at", b"started_at", "state", b"state", "state_reason", b"state_reason", "tee", b"tee", "vcpu_thread_ids", b"vcpu_thread_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_status", b"_exit_status", "accel", b"accel", "agent_address", b"agent_address", "boot_count", b"boot_count", "boot_phases", b"boot_phases", "console_path", b"console_path", "created_at", b"created_at", "emulator_cpus", b"emulator_cpus", "exit_status", b"exit_status", "last_console_lines", b"last_console_lines", "name", b"name", "qemu_argv", b"qemu_argv", "qemu_pid", b"qemu_pid", "spec_toml", b"spec_toml", "started_at", b"started_at", "state", b"state", "state_reason", b"state_reason", "tee", b"tee", "vcpu_pins", b"vcpu_pins", "vcpu_thread_ids", b"vcpu_thread_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_status: _TypeAlias = _typing.Literal["exit_status"]  # noqa: Y015
     _WhichOneofArgType__exit_status: _TypeAlias = _typing.Literal["_exit_status", b"_exit_status"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__exit_status) -> _WhichOneofReturnType__exit_status | None: ...
 
 Global___VM: _TypeAlias = VM  # noqa: Y015
+
+@_typing.final
+class VcpuPin(_message.Message):
+    """One vCPU thread's placement: the CPU the spec asked for, and what the kernel reports."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VCPU_FIELD_NUMBER: _builtins.int
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    HOST_CPU_FIELD_NUMBER: _builtins.int
+    ALLOWED_CPUS_FIELD_NUMBER: _builtins.int
+    vcpu: _builtins.int
+    thread_id: _builtins.int
+    host_cpu: _builtins.int
+    """from [pinning] host_cpus"""
+    allowed_cpus: _builtins.str
+    """Cpus_allowed_list of the thread, read back after applying"""
+    def __init__(
+        self,
+        *,
+        vcpu: _builtins.int = ...,
+        thread_id: _builtins.int = ...,
+        host_cpu: _builtins.int = ...,
+        allowed_cpus: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_cpus", b"allowed_cpus", "host_cpu", b"host_cpu", "thread_id", b"thread_id", "vcpu", b"vcpu"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VcpuPin: _TypeAlias = VcpuPin  # noqa: Y015
 
 @_typing.final
 class CreateVMRequest(_message.Message):

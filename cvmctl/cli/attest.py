@@ -33,6 +33,7 @@ from cvmattest.verify import verify_evidence
 from cvmcore.defaults import cache_dir
 from cvmcore.durable import write_durably
 from cvmcore.errors import UsageError
+from cvmctl.cli.args import add_connection_arguments
 from cvmctl.cli.output import print_table
 
 STATUS_MARKS = {CheckStatus.PASSED: "ok", CheckStatus.FAILED: "FAILED", CheckStatus.SKIPPED: "skipped"}
@@ -66,7 +67,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "Verify the result with: cvmctl attest verify FILE --nonce HEX [--certs CERTS]"
         ),
     )
-    fetch.add_argument("--connect", required=True, metavar="ADDR", help="the agent's address")
+    add_connection_arguments(fetch, timeout=30.0)
     fetch.add_argument("--nonce", required=True, metavar="HEX", help="up to 64 bytes in hex")
     fetch.add_argument(
         "-o", "--output", required=True, type=Path, metavar="FILE", help="where the evidence goes"
@@ -81,7 +82,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default="auto",
         help="the guest kernel interface (default: auto)",
     )
-    fetch.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="default 30")
     fetch.add_argument("--json", action="store_true", help="print what was fetched as JSON")
     fetch.set_defaults(func=run_fetch)
 

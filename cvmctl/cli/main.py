@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from cvmcore import __version__
 from cvmcore.errors import CvmError, UsageError
@@ -58,8 +60,25 @@ addresses:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, remembering its last error so that --json mode can repeat it as JSON."""
+
+    last_error: str | None = None
+
+    def error(self, message: str) -> NoReturn:
+        _Parser.last_error = f"{self.prog}: {message}"
+        super().error(message)
+
+
+def print_error(message: str, exit_code: int, kind: str, *, as_json: bool) -> None:
+    """One line on stderr; with --json also ``{"error": {...}}`` on stdout, for scripts."""
+    print(f"cvmctl: error: {message}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"error": {"type": kind, "message": message, "exit_code": exit_code}}))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _Parser(
         prog="cvmctl",
         description="Run, measure and monitor confidential VMs (SEV-SNP, TDX) beside normal VMs.",
         epilog=EPILOG,
@@ -106,15 +125,23 @@ def run_unavailable(command: str, extra: str, args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(words)
+    except SystemExit as exc:
+        if exc.code == 2 and "--json" in words and _Parser.last_error:
+            error = {"type": "UsageError", "message": _Parser.last_error, "exit_code": 2}
+            print(json.dumps({"error": error}))
+        raise
     handler = getattr(args, "func", None)
     if handler is None:
         parser.print_help(sys.stderr)
         return 2
+    as_json = bool(getattr(args, "json", False))
     try:
         result: int = handler(args)
     except CvmError as exc:
-        print(f"cvmctl: error: {exc}", file=sys.stderr)
+        print_error(str(exc), exc.exit_code, type(exc).__name__, as_json=as_json)
         return exc.exit_code
     except ModuleNotFoundError as exc:
         # A command that imports an extra's module only when it runs (matplotlib for figures).
@@ -122,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if extra is None:
             raise
         message = f"this command needs the {extra} extra ({exc.name} is not installed)"
-        print(f"cvmctl: error: {message}: pip install 'cvmctl[{extra}]'", file=sys.stderr)
+        print_error(f"{message}: pip install 'cvmctl[{extra}]'", 2, "UsageError", as_json=as_json)
         return UsageError.exit_code
     except KeyboardInterrupt:
         print("cvmctl: interrupted", file=sys.stderr)

@@ -21,7 +21,7 @@ configfs-tsm only names its provider inside a report entry, and creating one is 
 this module reads the ``provider`` of entries that already exist and otherwise relies on the
 other signals. ``/dev/kmsg`` is hard to fake in tests and may be restricted
 (``kernel.dmesg_restrict``), so the boot messages come from an injectable text;
-:func:`read_boot_messages` reads them once from ``/dev/kmsg`` (about 1 ms for 20 KB here): call
+:func:`read_boot_messages` reads them once from ``/dev/kmsg`` (a few kilobytes, read once): call
 it at agent start and keep the text.
 
 A verdict needs one strong signal (a CPU flag, a provider, a device node); the boot message

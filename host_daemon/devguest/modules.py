@@ -18,7 +18,7 @@ REQUIRED_MODULES: tuple[str, ...] = (
 )
 # Loaded, with their dependencies, only in the TEE named (a failure is logged, not fatal):
 # sev-guest serves SNP guests (/dev/sev-guest, configfs-tsm), tdx-guest TDs. Loading them
-# elsewhere only fails, and costs ~0.25 s under TCG. /init decides the TEE as ``tee=`` in
+# elsewhere only fails, and costs boot time. /init decides the TEE as ``tee=`` in
 # _INIT_TEMPLATE: the cpuinfo flag ``tdx_guest`` (X86_FEATURE_TDX_GUEST, set only in a TD);
 # ``sev_snp`` (in a guest, which is all /init ever runs in) or the ``sev-guest`` platform
 # device that an SNP guest kernel registers.

@@ -9,9 +9,10 @@ cvm-hostd manages, and the host side (wrk, iperf3 -c, ...) here:
   reaches it through the VM's user-networking forward ``127.0.0.1:HOST_PORT -> guest port``;
 * guest-only workloads: ``RunWorkload`` in role RUN streams the samples back.
 
-``vm`` alone means the built-in dev guest (``cvmctl-dev``): if no daemon answers at
-``$CVM_HOSTD`` (or the default socket), one is started for the call, with its state under
-``$XDG_STATE_HOME/cvmctl``; the dev guest is created with forwards for every catalogue
+A built-in target (``vm``, ``sev-snp``, ``tdx`` and their modifiers, :mod:`cvmctl.targets`)
+is the dev guest in a VM of its own (``cvmctl-dev``, ``cvmctl-sev-snp``...): if no daemon
+answers at ``$CVM_HOSTD`` (or the default socket), one is started for the call, with its
+state under ``$XDG_STATE_HOME/cvmctl``; the VM is created with forwards for every catalogue
 server port and booted when it is not running. A daemon or VM started for the call is
 stopped again at the end; one that was already there is left as it was.
 """
@@ -37,10 +38,10 @@ from cvmcore.client import RpcClient, connect, error_from_rpc
 from cvmcore.defaults import HOSTD_ADDRESS, HOSTD_ENV, state_dir
 from cvmcore.errors import ConnectError, CvmError, DeadlineExceeded, UsageError
 from cvmcore.tee import tee_name
+from cvmctl.targets import BuiltinTarget
 from workloads.model import Sample, ServerPlan, Unavailable, Workload
 from workloads.runner import free_port
 
-DEV_VM: Final = "cvmctl-dev"
 BOOT_WAIT: Final = 300.0
 #: Guest ports of the catalogue's servers (nginx, iperf3, memcached), forwarded from loopback.
 SERVER_PORTS: Final = (8080, 7175, 11211)
@@ -58,17 +59,6 @@ def console_tail(vm: host_pb2.VM, lines: int = 8) -> str:
     return "; last console lines: " + " | ".join(tail[-lines:]) if tail else ""
 
 
-def dev_guest_spec(name: str, forwards: Mapping[int, int], vcpus: int = 2, memory: str = "1G") -> str:
-    """The TOML spec of the built-in dev guest with loopback forwards ``guest port -> host port``."""
-    rules = ", ".join(
-        f"{{ host_port = {host}, guest_port = {guest} }}" for guest, host in sorted(forwards.items())
-    )
-    return (
-        f'name = "{name}"\nvcpus = {vcpus}\nmemory = "{memory}"\n\n'
-        f'[network]\nmode = "user"\nforwards = [{rules}]\n'
-    )
-
-
 def forwards_of(spec_toml: str) -> dict[int, int]:
     """``guest port -> host port`` of a VM spec's user-networking forwards (TCP)."""
     from host_daemon.spec import parse_spec
@@ -82,10 +72,22 @@ class VMTarget:
 
     listen_address = "0.0.0.0"  # servers in the guest bind the NIC the forward reaches
 
-    def __init__(self, vm: str | None = None, *, hostd: str | None = None, say: Say | None = None) -> None:
-        self.vm = vm or DEV_VM
-        self.name = "vm" if vm is None else f"vm:{vm}"
-        self._dev = vm is None
+    def __init__(
+        self,
+        vm: str | None = None,
+        *,
+        builtin: BuiltinTarget | None = None,
+        firmware: Path | None = None,
+        hostd: str | None = None,
+        say: Say | None = None,
+    ) -> None:
+        if vm is None and builtin is None:
+            builtin = BuiltinTarget("vm")
+        self._builtin = builtin
+        self._firmware = firmware
+        self.vm = builtin.vm_name if builtin is not None else str(vm)
+        self.name = builtin.name if builtin is not None else f"vm:{vm}"
+        self._dev = builtin is not None
         self._hostd = hostd or os.environ.get(HOSTD_ENV) or HOSTD_ADDRESS
         self._say = say or (lambda message: print(message, file=sys.stderr))
         self._stack = contextlib.AsyncExitStack()
@@ -134,10 +136,12 @@ class VMTarget:
         if vm is None:
             if not self._dev:
                 raise UsageError(f"no VM named {self.vm!r} (cvmctl vm ls lists them)")
+            assert self._builtin is not None
             forwards = {guest: free_port() for guest in SERVER_PORTS}
-            self._say(f"creating the dev guest {self.vm} (forwards {forwards})")
+            self._say(f"creating {self.vm} for target {self.name} (forwards {forwards})")
             spec = host_pb2.CreateVMRequest(
-                spec_toml=dev_guest_spec(self.vm, forwards), source="cvmctl bench"
+                spec_toml=self._builtin.spec_toml(forwards, self._firmware),
+                source=f"cvmctl target {self.name}",
             )
             vm = await self._hostd_client.call(stub.CreateVM, spec)
         if vm.state != host_pb2.VM_STATE_RUNNING:
@@ -299,13 +303,18 @@ class VMTarget:
 
     def describe(self) -> dict[str, Any]:
         vm = self._vm
+        builtin = {}
+        if self._builtin is not None:
+            builtin = {"target": self._builtin.name, "baseline_for": self._builtin.baseline_for}
         if vm is None:
-            return {"kind": "vm", "name": self.vm}
+            return {"kind": "vm", "name": self.vm, **builtin}
         return {
             "kind": "vm",
             "name": vm.name,
+            **builtin,
             "accel": vm.accel,
             "spec": vm.spec_toml,
+            "qemu_argv": list(vm.qemu_argv),
             "boot_phases": {p.name: p.seconds for p in vm.boot_phases},
             "agent": vm.agent_address,
             **self._agent_info,

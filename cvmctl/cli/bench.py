@@ -9,9 +9,11 @@ Progress goes to stderr, the table (or ``--json``) to stdout; the run, its sampl
 machine's metadata go to the results store (``cvmctl results``). ``--duration S`` scales
 the workload down so one repetition takes about S seconds; an explicit ``--param`` wins.
 
-Targets: :func:`resolve_target` turns ``--target`` (and each side of ``--compare``) into a
-:class:`workloads.runner.Target`. Only ``local`` exists in this module; the VM target
-plugs in there.
+Targets: :func:`resolve_targets` turns ``--target`` (or the two sides of ``--compare``) into
+:class:`workloads.runner.Target` objects: ``local`` here, VM targets from
+:mod:`cvmctl.vm_target`, the built-in ones (``vm``, ``sev-snp``, ``tdx`` and their
+modifiers) from :mod:`cvmctl.targets`. A confidential target this host cannot run is refused
+before anything boots, with the host check's reasons.
 """
 
 from __future__ import annotations
@@ -26,10 +28,14 @@ from typing import Any
 
 import trio
 
-from cvmcore.errors import UsageError
+from cvmcore.errors import HostNotReady, UsageError
 from cvmctl.cli.args import add_data_dir_argument, non_negative_int, positive_float, positive_int
 from cvmctl.cli.runview import print_run, run_json
+from cvmctl.targets import BuiltinTarget, pair, parse_target
+from cvmctl.targets import usage as target_usage
 from cvmctl.vm_target import VMTarget
+from host_daemon.firmware import find_firmware, first_fit
+from host_daemon.hostcheck import evaluate, gather_host_facts
 from workloads import catalogue
 from workloads.model import Workload
 from workloads.runner import LocalTarget, Progress, RunRequest, Target, run_benchmark
@@ -49,9 +55,22 @@ EPILOG = """\
 targets:
   vm       the built-in dev guest through cvm-hostd (the default): a daemon is started for
            the call if none answers at $CVM_HOSTD, the guest is booted if it is not running
+  sev-snp  the same guest as an AMD SEV-SNP VM (QEMU >= 9.1, an SNP host: cvmctl host check)
+  tdx      the same guest as an Intel TDX trust domain (QEMU >= 10.1, a TDX host)
+  +swiotlb +haltpoll +idle-poll
+           modifiers of those, one difference each: forced bounce buffers (normal VM only),
+           the guest's haltpoll cpuidle driver, idle=poll; e.g. vm+swiotlb, sev-snp+haltpoll
   vm:NAME  an existing VM of cvm-hostd (its spec must forward the workload's server port)
   local    everything on this machine, servers on 127.0.0.1 (measures the tools, not a VM)
   local:PORT  as local, against a server already listening on 127.0.0.1:PORT (none started)
+
+  In --compare vm,sev-snp (or vm,tdx) the vm arm is that TEE's baseline: the same firmware,
+  CPU model, machine and console, without memory encryption. Each arm's QEMU command line
+  is stored with the run (cvmctl results show).
+
+exit status:
+  0 done, 1 the run failed, 2 bad input, 3 nothing listening, 4 a deadline passed,
+  5 this host cannot run a target (the host check's reasons; nothing booted or stored)
 
 examples:
   cvmctl bench --list
@@ -59,6 +78,8 @@ examples:
   cvmctl bench iperf-udp --target local --param length=64,1460 --duration 4
   cvmctl bench vmexit --target local --json
   cvmctl bench nginx --target local --compare local,local
+  cvmctl bench nginx --compare vm,vm+swiotlb --duration 10
+  cvmctl bench nginx --compare vm,sev-snp
 """
 
 
@@ -132,11 +153,10 @@ def resolve_params(workload: Workload, raw: dict[str, str], duration: float | No
     return scaled
 
 
-def resolve_target(args: argparse.Namespace, spec: str | None = None) -> Target:
-    """The target named ``spec`` (default ``args.target``)."""
-    name = spec if spec is not None else args.target
-    if name == "vm":
-        return VMTarget()
+def resolve_target(name: str, builtin: BuiltinTarget | None = None) -> Target:
+    """The target named ``name``; ``builtin`` is its parsed (and paired) built-in form."""
+    if builtin is not None:
+        return VMTarget(builtin=builtin, firmware=firmware_for(builtin))
     if name.startswith("vm:"):
         vm = name.removeprefix("vm:")
         if not vm:
@@ -149,17 +169,49 @@ def resolve_target(args: argparse.Namespace, spec: str | None = None) -> Target:
         if not port.isdigit() or not 0 < int(port) < 65536:
             raise UsageError(f"target {name!r}: expected local:PORT with a TCP port")
         return LocalTarget(existing_port=int(port))
-    raise UsageError(f"unknown target {name!r} (available: vm, vm:NAME, local, local:PORT)")
+    raise UsageError(f"unknown target {name!r} (available: {target_usage()})")
+
+
+def firmware_for(target: BuiltinTarget) -> Path | None:
+    """The image a confidential target (or its baseline) boots: the host's first that fits."""
+    if target.flavour == "none":
+        return None
+    found = first_fit(find_firmware(target.flavour))  # type: ignore[arg-type]
+    return found.path if found is not None else None
+
+
+def check_builtin_targets(targets: list[BuiltinTarget]) -> None:
+    """Raise :class:`HostNotReady` before anything boots if this host cannot run a target.
+
+    Built-in targets boot the dev guest, whose root is this host's over 9p, so the daemon
+    runs here and the local host check is the one that counts.
+    """
+    tees = sorted({t.flavour for t in targets if t.flavour != "none"})
+    if not tees:
+        return
+    facts = gather_host_facts()
+    for tee in tees:
+        report = evaluate(facts, tee)  # type: ignore[arg-type]
+        if not report.ready:
+            raise HostNotReady(report.reasons() + " (cvmctl host check shows every requirement)")
 
 
 def resolve_targets(args: argparse.Namespace) -> dict[str, Target]:
     """``{"": target}`` for a plain run, ``{"A": ..., "B": ...}`` for ``--compare A,B``."""
     if not args.compare:
-        return {"": resolve_target(args)}
-    specs = [s.strip() for s in args.compare.split(",")]
-    if len(specs) != 2 or not all(specs):
-        raise UsageError(f"--compare {args.compare!r}: expected two targets, A,B")
-    return {"A": resolve_target(args, specs[0]), "B": resolve_target(args, specs[1])}
+        names = [args.target]
+    else:
+        names = [s.strip() for s in args.compare.split(",")]
+        if len(names) != 2 or not all(names):
+            raise UsageError(f"--compare {args.compare!r}: expected two targets, A,B")
+    builtins = [parse_target(name) for name in names]
+    if len(builtins) == 2 and builtins[0] is not None and builtins[1] is not None:
+        builtins = list(pair(builtins[0], builtins[1]))
+    check_builtin_targets([b for b in builtins if b is not None])
+    resolved = [resolve_target(name, builtin) for name, builtin in zip(names, builtins, strict=True)]
+    if len(resolved) == 1:
+        return {"": resolved[0]}
+    return {"A": resolved[0], "B": resolved[1]}
 
 
 async def run_with_targets(store: Store, request: RunRequest, progress: Any) -> int:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
+from collections.abc import Mapping
+from typing import Any
 
 from cvmctl.cli.output import format_value, print_columns
 from workloads.stats import Summary
@@ -63,6 +67,45 @@ def print_run(store: Store, run_id: int) -> None:
                 for o in paired_overheads(stored)
             ],
         )
+        print_argv_comparison(run.metadata)
+
+
+def comparable_argv(target: Mapping[str, Any]) -> list[str]:
+    """A VM arm's QEMU argv with what is only its identity (VM name, run dir, forward ports) masked.
+
+    Two arms of one comparison run in VMs of their own, so their names, run directories and
+    loopback ports always differ; what is left is what the comparison measures.
+    """
+    name = str(target.get("name") or "")
+    out = []
+    for arg in target.get("qemu_argv") or []:
+        text = str(arg).replace(name, "<vm>") if name else str(arg)
+        out.append(re.sub(r"(hostfwd=tcp:127\.0\.0\.1:)\d+", r"\1<port>", text))
+    return out
+
+
+def argv_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """Lines ``- arg`` (only in A) and ``+ arg`` (only in B), in argv order; [] when equal."""
+    lines = []
+    for line in difflib.ndiff(comparable_argv(a), comparable_argv(b)):
+        if line[:1] in "-+":
+            lines.append(line.rstrip())
+    return lines
+
+
+def print_argv_comparison(metadata: Mapping[str, Any]) -> None:
+    targets = metadata.get("targets") or {}
+    a, b = targets.get("A") or {}, targets.get("B") or {}
+    if not (a.get("qemu_argv") and b.get("qemu_argv")):
+        return
+    print()
+    differences = argv_differences(a, b)
+    if not differences:
+        print("QEMU command lines: the same for A and B (VM names, paths and ports aside)")
+        return
+    print("QEMU command lines: B differs from A in (VM names, paths and ports aside):")
+    for line in differences:
+        print(f"  {line}")
 
 
 def run_json(store: Store, run_id: int) -> str:

@@ -58,7 +58,8 @@ def test_bad_targets(capsys: pytest.CaptureFixture[str], data_dir: Path) -> None
     assert cli("bench", "vmexit", "--target", "cloud") == 2
     assert (
         one_error_line(capsys)
-        == "cvmctl: error: unknown target 'cloud' (available: vm, vm:NAME, local, local:PORT)"
+        == "cvmctl: error: unknown target 'cloud' (available: vm, sev-snp, tdx, each with +swiotlb,"
+        " +haltpoll, +idle-poll; vm:NAME; local; local:PORT)"
     )
     assert cli("bench", "vmexit", "--target", "vm:") == 2
     assert "expected vm:NAME" in one_error_line(capsys)

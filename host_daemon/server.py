@@ -56,6 +56,14 @@ def vm_to_proto(record: VMRecord) -> host_pb2.VM:
         boot_count=record.boot_count,
         console_path=record.console_path,
         vcpu_thread_ids=list(record.vcpu_thread_ids),
+        qemu_argv=list(record.qemu_argv),
+        vcpu_pins=[
+            host_pb2.VcpuPin(
+                vcpu=pin.vcpu, thread_id=pin.thread_id, host_cpu=pin.host_cpu, allowed_cpus=pin.allowed_cpus
+            )
+            for pin in record.vcpu_pins
+        ],
+        emulator_cpus=record.emulator_cpus,
     )
     if record.exit_status is not None:
         message.exit_status = record.exit_status

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 SCHEMA_VERSION = 1
 
@@ -37,6 +37,15 @@ class VMState(StrEnum):
     def live(self) -> bool:
         """A QEMU process belongs to the VM in this state."""
         return self in (VMState.STARTING, VMState.RUNNING, VMState.STOPPING)
+
+
+class VcpuPin(NamedTuple):
+    """One vCPU thread's placement: the CPU the spec asked for, and what the kernel reports."""
+
+    vcpu: int
+    thread_id: int
+    host_cpu: int  # from [pinning] host_cpus
+    allowed_cpus: str  # the thread's Cpus_allowed_list, read back after pinning
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,9 @@ class VMRecord:
     vcpu_thread_ids: tuple[int, ...] = ()
     last_console_lines: tuple[str, ...] = ()
     helper_pids: tuple[tuple[int, int], ...] = ()  # (pid, start ticks): vhost-device-vsock, ...
+    qemu_argv: tuple[str, ...] = ()  # the command line of the current or last boot
+    vcpu_pins: tuple[VcpuPin, ...] = ()  # [pinning] host_cpus as applied to the live QEMU
+    emulator_cpus: str = ""  # where QEMU's other threads may run, when pinned (a cpu list)
 
     def with_state(self, state: VMState, reason: str, **changes: Any) -> VMRecord:
         return replace(self, state=state, state_reason=reason, **changes)
@@ -79,7 +91,17 @@ _COLUMNS = (
     "console_path",
     "extra",
 )
-_EXTRA_FIELDS = ("boot_phases", "vcpu_thread_ids", "last_console_lines", "helper_pids")
+# Fields kept as JSON in the ``extra`` column: a field added here needs no schema change, and a
+# row written before it existed loads with the field's default.
+_EXTRA_FIELDS = (
+    "boot_phases",
+    "vcpu_thread_ids",
+    "last_console_lines",
+    "helper_pids",
+    "qemu_argv",
+    "vcpu_pins",
+    "emulator_cpus",
+)
 
 
 def _to_row(record: VMRecord) -> tuple[Any, ...]:
@@ -123,6 +145,12 @@ def _from_row(row: sqlite3.Row) -> VMRecord:
         vcpu_thread_ids=tuple(extra.get("vcpu_thread_ids", ())),
         last_console_lines=tuple(extra.get("last_console_lines", ())),
         helper_pids=tuple((int(pid), int(ticks)) for pid, ticks in extra.get("helper_pids", ())),
+        qemu_argv=tuple(str(arg) for arg in extra.get("qemu_argv", ())),
+        vcpu_pins=tuple(
+            VcpuPin(int(vcpu), int(tid), int(cpu), str(allowed))
+            for vcpu, tid, cpu, allowed in extra.get("vcpu_pins", ())
+        ),
+        emulator_cpus=str(extra.get("emulator_cpus", "")),
     )
 
 

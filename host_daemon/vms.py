@@ -16,10 +16,14 @@ backend process it follows.
 
 The boot task records the boot phases of :mod:`host_daemon.boottiming`; the agent's vsock
 channel (a CID, or a vhost-device-vsock backend) comes from :mod:`host_daemon.vsock_backend`.
+As soon as QMP names the vCPU threads it applies ``[pinning] host_cpus``
+(:mod:`host_daemon.pinning`) and records what the kernel reports; a VM whose pinning the
+kernel refuses is killed rather than left running unpinned.
 
 QEMU runs in its own session, so a daemon crash leaves VMs running; on start the daemon
 reattaches to every live VM whose pid still names the same process (pid + start time) and
-marks the others crashed.
+marks the others crashed. Reattaching applies the pinning again, so a restarted daemon
+enforces the spec even if a thread was moved while it was away.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import trio
 from cvmcore.address import parse_address
 from cvmcore.client import connect
 from cvmcore.errors import CvmError, UsageError
+from host_daemon import pinning
 from host_daemon import process as proc
 from host_daemon.accel import decide_channel, probe_channel, resolve_accel
 from host_daemon.boottiming import BootClock, console_marks, tail_lines
@@ -47,7 +52,7 @@ from host_daemon.hostcheck import HostFacts, gather_host_facts
 from host_daemon.preflight import HostGrant, needs_facts, preflight
 from host_daemon.qemu_args import Runtime, build_qemu_argv
 from host_daemon.qmp import EventListener, QMPClient, QMPError, connect_qmp
-from host_daemon.spec import VMSpec, parse_spec
+from host_daemon.spec import SpecError, VMSpec, parse_spec
 from host_daemon.store import VMRecord, VMState, VMStore, now
 from host_daemon.vsock_backend import BACKEND_SOCKET, free_cid, stale_sockets, start_vhost_device_vsock
 from host_daemon.vsock_backend import agent_address as vsock_agent_address
@@ -76,11 +81,13 @@ class LiveVM:
     run_dir: Path
     qemu: proc.Spawned
     helpers: list[proc.Spawned] = field(default_factory=list)
+    host_cpus: tuple[int, ...] = ()  # [pinning] host_cpus: vCPU i runs on host_cpus[i]
     qmp: QMPClient | None = None
     qmp_events: EventListener | None = None
     stop_requested: str = ""  # why, when the daemon itself ended the VM
     guest_shutdown: bool = False
     guest_panicked: bool = False
+    failure: str = ""  # why the daemon killed the VM because it could not run as specified
     exited: trio.Event = field(default_factory=trio.Event)
     boot_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
@@ -231,6 +238,7 @@ class VMManager:
                 raise VMConflict(f"VM {name!r} is {record.state} already")
             spec = await trio.to_thread.run_sync(self._spec, record)
             grant = await trio.to_thread.run_sync(self._preflight, spec)  # HostNotReady before QEMU
+            pinning.check_host_cpus(spec.pinning.host_cpus, name=spec.name)  # HostNotReady too
             accel = resolve_accel(spec.accel, spec.tee)
             channel = decide_channel(spec.agent.channel, probe_channel()).channel
             run_dir = _run_dir_for(self.state_dir, name)
@@ -270,7 +278,7 @@ class VMManager:
                     proc.send_signal(helper, signal.SIGKILL)
                     helper.close()
                 raise UsageError(f"cannot start QEMU ({argv[0]}): {exc.strerror}") from exc
-            live = LiveVM(name, run_dir, qemu, helpers)
+            live = LiveVM(name, run_dir, qemu, helpers, host_cpus=spec.pinning.host_cpus)
             self._live[name] = live
             record = self._save(
                 record.with_state(
@@ -288,6 +296,9 @@ class VMManager:
                     vcpu_thread_ids=(),
                     last_console_lines=(),
                     helper_pids=tuple((h.pid, h.start_ticks) for h in helpers),
+                    qemu_argv=tuple(argv),
+                    vcpu_pins=(),
+                    emulator_cpus="",
                 )
             )
             self._spawn_task(self._follow_exit, live)
@@ -321,7 +332,9 @@ class VMManager:
                     live.qmp = await self._connect_qmp(live)
                     clock.mark("qmp")
                     record_phase("spawn")
-                    await self._note_vcpus(live)
+                    vcpu_tids = await self._note_vcpus(live)
+                    if not await self._pin(live, vcpu_tids, at_boot=True):
+                        return  # killed: the exit task records why
                     self._spawn_task(self._follow_events, live)
                     async for mark in console_marks(console):
                         clock.mark(mark)
@@ -358,16 +371,64 @@ class VMManager:
         live.qmp_events = client.listen({"SHUTDOWN", "GUEST_PANICKED", "RESET"})
         return client
 
-    async def _note_vcpus(self, live: LiveVM) -> None:
+    async def _note_vcpus(self, live: LiveVM) -> tuple[int, ...] | None:
+        """Record the vCPU thread ids, in vCPU order; None when QMP did not tell."""
         assert live.qmp is not None
         try:
             cpus = await live.qmp.execute("query-cpus-fast", deadline=5)
         except QMPError as exc:
             log.warning("query_cpus_failed", vm=live.name, error=str(exc))
-            return
-        tids = tuple(int(cpu["thread-id"]) for cpu in cpus if "thread-id" in cpu)
+            return None
+        ordered = sorted(
+            (cpu for cpu in cpus if "thread-id" in cpu), key=lambda cpu: int(cpu.get("cpu-index", 0))
+        )
+        tids = tuple(int(cpu["thread-id"]) for cpu in ordered)
         record = self.get(live.name)
         self._save(dataclasses.replace(record, vcpu_thread_ids=tids), "vcpus")
+        return tids
+
+    async def _pin(self, live: LiveVM, vcpu_tids: tuple[int, ...] | None, *, at_boot: bool) -> bool:
+        """Apply ``[pinning] host_cpus`` and record what the kernel reports.
+
+        At boot a refusal kills the VM (False): a VM must not run unpinned when its spec pins
+        it. After a daemon restart the VM keeps running and the refusal is logged, with the
+        recorded pinning cleared, since what was recorded may no longer hold.
+        """
+        if not live.host_cpus:
+            return True
+        if vcpu_tids is None:
+            problem = "QMP query-cpus-fast did not name the vCPU threads"
+        else:
+            try:
+                applied = await trio.to_thread.run_sync(
+                    lambda: pinning.apply(live.qemu.pid, live.host_cpus, vcpu_tids)
+                )
+            except pinning.PinningError as exc:
+                problem = str(exc)
+            else:
+                for note in applied.notes:
+                    log.warning("pinning_note", vm=live.name, note=note)
+                record = self.get(live.name)
+                self._save(
+                    dataclasses.replace(record, vcpu_pins=applied.vcpus, emulator_cpus=applied.emulator_cpus),
+                    "pinned",
+                )
+                log.info(
+                    "vcpus_pinned",
+                    vm=live.name,
+                    vcpus=[list(pin) for pin in applied.vcpus],
+                    emulator_cpus=applied.emulator_cpus,
+                )
+                return True
+        if at_boot:
+            live.failure = f"vCPU pinning failed: {problem}"
+            log.error("pinning_failed", vm=live.name, error=problem)
+            proc.send_signal(live.qemu, signal.SIGKILL)
+            return False
+        log.error("pinning_failed", vm=live.name, error=problem, after="daemon restart")
+        record = self.get(live.name)
+        self._save(dataclasses.replace(record, vcpu_pins=(), emulator_cpus=""), "pinned")
+        return True
 
     async def _follow_events(self, live: LiveVM) -> None:
         if live.qmp_events is None:
@@ -424,7 +485,9 @@ class VMManager:
         console_tail = tail_lines(Path(record.console_path)) if record.console_path else ()
         qemu_log_tail = tail_lines(live.run_dir / "qemu.log", 5)
         described = "unknown (QEMU was started by an earlier daemon)" if status is None else str(status)
-        if live.stop_requested:
+        if live.failure and status in (-signal.SIGKILL, None):  # the daemon killed it for that
+            state, reason = VMState.CRASHED, live.failure
+        elif live.stop_requested:
             state, reason = VMState.STOPPED, live.stop_requested
         elif live.guest_panicked:
             state, reason = VMState.CRASHED, "the guest kernel panicked"
@@ -447,6 +510,8 @@ class VMManager:
                 exit_status=status,
                 last_console_lines=console_tail,
                 helper_pids=(),
+                vcpu_pins=(),
+                emulator_cpus="",
             )
         )
         live.exited.set()  # only now: whoever waits for the exit sees the final record
@@ -517,17 +582,38 @@ class VMManager:
                 )
                 continue
             helpers = [h for pid, ticks in record.helper_pids if (h := proc.adopt(pid, ticks)) is not None]
-            live = LiveVM(record.name, _run_dir_for(self.state_dir, record.name), qemu, helpers)
+            live = LiveVM(
+                record.name,
+                _run_dir_for(self.state_dir, record.name),
+                qemu,
+                helpers,
+                host_cpus=self._pinned_cpus(record),
+            )
             self._live[record.name] = live
             log.info("vm_reattached", vm=record.name, pid=qemu.pid)
             self._spawn_task(self._follow_exit, live)
             self._spawn_task(self._reconnect, live, record)
+
+    @staticmethod
+    def _pinned_cpus(record: VMRecord) -> tuple[int, ...]:
+        try:
+            return parse_spec(record.spec_toml, source=f"VM {record.name}").pinning.host_cpus
+        except SpecError as exc:  # a spec an older daemon accepted; the VM runs anyway
+            log.error("reattach_spec_unreadable", vm=record.name, error=str(exc))
+            return ()
 
     async def _reconnect(self, live: LiveVM, record: VMRecord) -> None:
         with live.boot_scope:
             with trio.move_on_after(QMP_CONNECT_SECONDS):
                 live.qmp = await self._connect_qmp(live)
                 self._spawn_task(self._follow_events, live)
+            if live.host_cpus:
+                # Enforce the spec again: a thread may have been moved while no daemon ran. The
+                # recorded thread ids stand in when QMP does not answer (same process: pid + start time).
+                tids = await self._note_vcpus(live) if live.qmp is not None else None
+                await self._pin(
+                    live, tids if tids is not None else record.vcpu_thread_ids or None, at_boot=False
+                )
             if record.state is VMState.STARTING and record.agent_address:
                 with trio.move_on_after(self.boot_seconds):
                     await self._wait_for_agent(record.agent_address)

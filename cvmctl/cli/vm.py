@@ -37,7 +37,7 @@ examples:
   echo 'name = "dev"' > dev.toml      # no image named: the built-in dev guest
   cvmctl vm create -f dev.toml
   cvmctl vm start dev                 # waits until the agent inside answers
-  cvmctl vm show dev                  # state, boot phases, agent address
+  cvmctl vm show dev                  # state, boot phases, agent address, vCPU pinning
   cvmctl agent info --connect "$(cvmctl vm show dev --json | jq -r .agent_address)"
   cvmctl vm stop dev && cvmctl vm rm dev
 """
@@ -98,7 +98,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ls = command("ls", "list VMs", takes_name=False)
     ls.set_defaults(func=run_ls)
 
-    show = command("show", "show a VM: state, boot phases, agent address")
+    show = command("show", "show a VM: state, boot phases, agent address, vCPU pinning")
     show.set_defaults(func=run_show)
 
     console = command("console", "print the VM's serial console log")
@@ -127,6 +127,13 @@ def vm_as_dict(vm: host_pb2.VM) -> dict[str, Any]:
     return data
 
 
+def format_pin(pin: host_pb2.VcpuPin) -> str:
+    """``vCPU 0  thread 1234  -> CPU 1 (allowed: 1)``: the spec's CPU, and what the kernel reports."""
+    return (
+        f"vCPU {pin.vcpu}  thread {pin.thread_id}  -> CPU {pin.host_cpu} (allowed: {pin.allowed_cpus or '?'})"
+    )
+
+
 def print_vm(vm: host_pb2.VM, as_json: bool) -> None:
     data = vm_as_dict(vm)
     if as_json:
@@ -150,6 +157,16 @@ def print_vm(vm: host_pb2.VM, as_json: bool) -> None:
         rows.append(("boot phases", f"{phases}  (total {total:.2f}s)"))
     if vm.vcpu_thread_ids:
         rows.append(("vcpu threads", " ".join(map(str, vm.vcpu_thread_ids))))
+    if vm.vcpu_pins:
+        rows.append(("pinning", "\n".join(format_pin(pin) for pin in vm.vcpu_pins)))
+        rows.append(
+            (
+                "emulator cpus",
+                f"{vm.emulator_cpus} (QEMU's other threads)"
+                if vm.emulator_cpus
+                else "not pinned (no CPU left beside the vCPUs')",
+            )
+        )
     print_table(rows)
     if vm.last_console_lines and vm.state == host_pb2.VM_STATE_CRASHED:
         print("last console lines:")

@@ -48,6 +48,10 @@ SERVER_PORTS: Final = (8080, 7175, 11211)
 
 Say = Callable[[str], None]
 
+#: Sockets of the daemons this process started for a run: the run's other targets stop the
+#: VMs they boot there too, before the target that started the daemon stops it.
+_DAEMONS_STARTED_HERE: set[str] = set()
+
 
 def console_tail(vm: host_pb2.VM, lines: int = 8) -> str:
     """The last console lines of ``vm`` as a suffix for an error (the daemon is on this host)."""
@@ -125,6 +129,7 @@ class VMTarget:
         # and trio's scopes must unwind in the order they were entered.
         await self._stack.aclose()
         if self._daemon is not None:
+            _DAEMONS_STARTED_HERE.discard(str(state_dir("hostd") / "hostd.sock"))
             self._daemon.terminate()
             with trio.CancelScope(shield=True), contextlib.suppress(subprocess.TimeoutExpired):
                 await trio.to_thread.run_sync(self._daemon.wait, 15)
@@ -184,6 +189,8 @@ class VMTarget:
         sock = state / "hostd.sock"
         client = await self._try_daemon(f"unix://{sock}")
         if client is not None:
+            # Another target of this run started it: its VMs go when the run ends, this one too.
+            self._stop_vm_at_exit = str(sock) in _DAEMONS_STARTED_HERE
             return client
         state.mkdir(parents=True, exist_ok=True)
         self._say(f"no cvm-hostd at {self._hostd}: starting one for this run (state in {state})")
@@ -196,6 +203,7 @@ class VMTarget:
         client = await self._stack.enter_async_context(connect(parse_address(f"unix://{sock}"), timeout=30))
         await client.health()
         self._stop_vm_at_exit = True
+        _DAEMONS_STARTED_HERE.add(str(sock))
         return client
 
     @staticmethod

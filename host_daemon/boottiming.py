@@ -13,6 +13,14 @@ in front and the agent at the end:
 Each phase is the difference of two marks on the monotonic clock. A mark that never came
 (a guest whose init prints no marker, a daemon restarted mid-boot) leaves the phases that
 need it unrecorded rather than guessed.
+
+Where the kernel starts: the init marker carries the guest's uptime, which the kernel's
+clock counts from its own start, so the kernel's start is the marker's arrival minus that
+uptime. The console's first kernel line ("Linux version") is only the fallback: on a
+virtio console (hvc0, the one confidential guests use) the kernel's early lines come late
+or not at all, which would move kernel time into the firmware phase. With neither (an
+uptime that disagrees with the host's clock, as a TCG guest's can under load, and no
+kernel line), the firmware and kernel phases are left unrecorded rather than guessed.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from typing import Final
 
 import trio
 
-from host_daemon.devguest.init import BOOT_PHASES, MARKER_PREFIX
+from host_daemon.devguest.init import BOOT_PHASES, MARKER_PREFIX, parse_boot_marker
 
 PHASES: Final = ("daemon", "spawn", "firmware", "kernel", "userspace")
 #: Where each phase starts and ends, by mark name.
@@ -53,6 +61,20 @@ class BootClock:
     def mark(self, name: str, at: float | None = None) -> None:
         self.marks[name] = time.monotonic() if at is None else at
 
+    def kernel_started(self, guest_uptime: float | None) -> bool:
+        """Set the kernel mark from the guest's uptime at the init mark; whether it was set.
+
+        Kept from the console when the uptime is missing or would put the kernel's start
+        before QMP answered (a guest clock that disagrees with the host's).
+        """
+        if guest_uptime is None or "init" not in self.marks or "qmp" not in self.marks:
+            return False
+        start = self.marks["init"] - guest_uptime
+        if start <= self.marks["qmp"]:
+            return False
+        self.marks["kernel"] = start
+        return True
+
     def phase(self, name: str) -> bool:
         """Record phase ``name`` if both its marks exist; whether it was recorded."""
         start, end = PHASE_MARKS[name]
@@ -62,8 +84,10 @@ class BootClock:
         return True
 
 
-async def console_marks(console: Path) -> AsyncIterator[str]:
-    """Yield "kernel" at the kernel's first line and "init" at the init's first marker.
+async def console_marks(console: Path) -> AsyncIterator[tuple[str, float | None]]:
+    """Yield ("kernel", None) at the kernel's first line, if the console shows it before init,
+    and ("init", uptime) at the init's first marker, with the guest uptime it reports (None
+    if it has none).
 
     The console log is a file QEMU appends to; it is polled (inotify would need a thread or
     a C binding, and the poll stops as soon as init speaks).
@@ -85,12 +109,10 @@ async def console_marks(console: Path) -> AsyncIterator[str]:
             line = raw.decode("utf-8", "replace")
             if not seen_kernel and KERNEL_FIRST_LINE.search(line):
                 seen_kernel = True
-                yield "kernel"
+                yield "kernel", None
             if INIT_MARKER in line:
-                if not seen_kernel:
-                    seen_kernel = True
-                    yield "kernel"
-                yield "init"
+                marker = parse_boot_marker(line[line.index(INIT_MARKER) :])
+                yield "init", marker.uptime if marker is not None else None
                 return
         await trio.sleep(CONSOLE_POLL_SECONDS)
 

@@ -336,11 +336,13 @@ class VMManager:
                     if not await self._pin(live, vcpu_tids, at_boot=True):
                         return  # killed: the exit task records why
                     self._spawn_task(self._follow_events, live)
-                    async for mark in console_marks(console):
+                    async for mark, guest_uptime in console_marks(console):
                         clock.mark(mark)
                         if mark == "kernel":
-                            record_phase("firmware")
+                            record_phase("firmware")  # from the console; corrected at init
                         elif mark == "init":
+                            if clock.kernel_started(guest_uptime):
+                                record_phase("firmware")
                             record_phase("kernel")
                             break
                     if agent_address:

@@ -34,6 +34,11 @@ DATA_DIR_ENV: Final = "CVMCTL_DATA_DIR"
 APP: Final = "cvmctl"
 
 
+def hostd_address(given: str | None = None) -> str:
+    """The daemon to talk to: ``given`` (a --host flag), else ``$CVM_HOSTD``, else the system one."""
+    return given or os.environ.get(HOSTD_ENV) or HOSTD_ADDRESS
+
+
 def _xdg(variable: str, fallback: str) -> Path:
     value = os.environ.get(variable)
     # The spec: a relative path in these variables is invalid and must be ignored.

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 import struct
 import uuid
 from dataclasses import dataclass, field
@@ -358,8 +359,17 @@ def check_firmware(
 ) -> FirmwareCandidate:
     """The same verdict as :func:`find_firmware` gives, for one file (e.g. a spec's ``boot.firmware``).
 
-    Descriptor features are not consulted here; the name and the table are.
+    Descriptor features are not consulted here; the name and the table are. The daemon runs
+    this as root on a path a client named, so a file that not everyone may read is refused
+    unread: its size or contents must not leak into the refusal (firmware images are public).
     """
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        mode = None
+    if mode is not None and stat.S_ISREG(mode) and not mode & stat.S_IROTH:
+        problem = "not readable by everyone (firmware images are public: make it world-readable)"
+        return FirmwareCandidate(path, exists=True, found_by=("given",), problems=(problem,))
     return _examine(path, path, _Found(["given"]), tee, kernel_hashes, pair)
 
 

@@ -11,7 +11,7 @@ Two halves, as elsewhere in the daemon:
   distributions backport and strip features;
 * :func:`evaluate` is pure: facts in, a :class:`HostReport` out.
 
-What each TEE needs (sources in docs/platform.md, "Host requirements"):
+What each TEE needs (facts and sources in docs/platform.md, "Host requirements"):
 
 normal    QEMU; KVM when ``/dev/kvm`` opens and the CPU shows ``vmx``/``svm``, else TCG
           (slower, never missing); an agent channel (vhost-vsock or vhost-device-vsock).

@@ -38,9 +38,16 @@ class HostGrant:
 
 
 def _firmware_check(spec: VMSpec) -> Check | None:
+    """The spec's own image: for a TEE, what that TEE needs; for a baseline, what a normal VM
+    booting a ``-kernel`` needs (the pairing is the user's choice, e.g. an AmdSev image with
+    kernel hashes for a measured SNP boot beside a plain OVMF for its baseline)."""
     if spec.boot.firmware is None or spec.flavour == "none":
         return None
-    candidate = check_firmware(spec.boot.firmware, spec.flavour, kernel_hashes=spec.sev_snp.kernel_hashes)
+    hashes = spec.tee == "sev-snp" and spec.sev_snp.kernel_hashes
+    if spec.tee != "none":
+        candidate = check_firmware(spec.boot.firmware, spec.tee, kernel_hashes=hashes, pair=not hashes)
+    else:
+        candidate = check_firmware(spec.boot.firmware, "none", pair=False)
     name = "firmware OVMF (SNP-capable)" if spec.flavour == "sev-snp" else "firmware TDVF"
     if candidate.fits:
         return Check(name, "ok", str(spec.boot.firmware))

@@ -87,3 +87,18 @@ def test_agent_address_from_the_environment(
     with pytest.raises(SystemExit):
         main(["agent", "health"])
     assert "--connect" in capsys.readouterr().err
+
+
+def test_environment_errors_are_one_line_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An OSError from a path the user gave: one line (and JSON), never a traceback."""
+    (tmp_path / "file").write_text("")
+    code, out, err = run_json(
+        ["image", "clean", "--cache-dir", str(tmp_path / "file" / "x"), "--json"], capsys
+    )
+    assert code == 1 and out["error"]["type"] == "NotADirectoryError"  # type: ignore[index]
+    assert err.startswith("cvmctl: error: ") and "Traceback" not in err
+
+
+def test_options_that_need_another_are_not_dropped(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_json(["attest", "verify", "x.bin", "--kds-url", "http://kds", "--json"], capsys)
+    assert code == 2 and "--kds-url applies only with --kds" in out["error"]["message"]  # type: ignore[index]

@@ -221,6 +221,16 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    if not args.kds:
+        # Options that only mean something with --kds must not be silently dropped.
+        given = [
+            flag for flag, value in (("--kds-cache", args.kds_cache), ("--product", args.product)) if value
+        ]
+        if args.kds_url != DEFAULT_KDS_URL:
+            given.insert(0, "--kds-url")
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            raise UsageError(f"{', '.join(given)} {verb} only with --kds (fetch the VCEK from AMD's KDS)")
     evidence = load_evidence(args.file, args.tee)
     certificates: list[x509.Certificate] = []
     for path in args.certs:

@@ -158,6 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (e.g. `| head`): not an error worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as exc:
+        # A file the command was pointed at (a directory that is a file, no permission):
+        # the user's environment, said in one line like every other error.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print_error(f"{where}{exc.strerror or exc}", 1, type(exc).__name__, as_json=as_json)
+        return 1
     return result
 
 

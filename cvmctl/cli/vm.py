@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ import trio
 from google.protobuf.json_format import MessageToDict
 
 from cvm.v1 import host_pb2, host_pb2_grpc
+from cvmcore import defaults
 from cvmcore.address import parse_address
 from cvmcore.client import RpcClient, connect
 from cvmcore.defaults import HOSTD_ADDRESS, HOSTD_ENV
@@ -44,7 +44,7 @@ examples:
 
 
 def hostd_address(args: argparse.Namespace) -> str:
-    return str(args.host or os.environ.get(HOSTD_ENV) or HOSTD_ADDRESS)
+    return defaults.hostd_address(args.host)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -278,6 +278,17 @@ def run_console(args: argparse.Namespace) -> int:
     if not vm.console_path:
         raise UsageError(f"VM {args.name} has not booted yet: no console log")
     path = Path(vm.console_path)
+    if args.json:
+        if args.follow:
+            raise UsageError("--follow streams raw text: drop --json")
+        try:
+            text = path.read_bytes().decode("utf-8", "replace")
+        except OSError as exc:
+            raise UsageError(f"cannot read the console log {path}: {exc.strerror}") from exc
+        print(
+            json.dumps({"vm": vm.name, "path": str(path), "boot": vm.boot_count, "lines": text.splitlines()})
+        )
+        return 0
     try:
         with path.open("rb") as handle:
             while True:

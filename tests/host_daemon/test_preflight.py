@@ -149,3 +149,33 @@ async def test_cli_vm_start_exits_5(
     assert code == 5
     err = capsys.readouterr().err
     assert "this host cannot run a sev-snp guest" in err and "Traceback" not in err
+
+
+def test_a_measured_snp_boot_and_its_own_baseline_image(tmp_path: Path) -> None:
+    """AmdSev + kernel_hashes for the SNP arm, a plain OVMF (no SEV metadata) for its baseline."""
+    from tests.host_daemon.test_firmware import amdsev_ovmf, tdx_only_ovmf
+
+    amdsev, plain = tmp_path / "OVMF.amdsev.fd", tmp_path / "plain.fd"
+    amdsev.write_bytes(amdsev_ovmf())
+    plain.write_bytes(tdx_only_ovmf())
+    measured = parse_spec(
+        f'name = "m"\ntee = "sev-snp"\n[boot]\nfirmware = "{amdsev}"\nkernel = "/k"\n'
+        "[sev_snp]\nkernel_hashes = true\n"
+    )
+    preflight(measured, facts_of(tmp_path, "snp-host"))
+    baseline = parse_spec(f'name = "b"\nbaseline_for = "sev-snp"\n[boot]\nfirmware = "{plain}"\n')
+    preflight(baseline, None)
+    without_hashes = parse_spec(SNP_SPEC.format(firmware=amdsev))
+    with pytest.raises(HostNotReady, match="kernel_hashes is off"):
+        preflight(without_hashes, facts_of(tmp_path / "2", "snp-host"))
+
+
+def test_a_firmware_path_not_everyone_may_read_is_refused_unread(tmp_path: Path) -> None:
+    """The daemon reads as root: a private file's size or contents must not leak."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"x" * 700)
+    secret.chmod(0o600)
+    spec = parse_spec(SNP_SPEC.format(firmware=secret))
+    with pytest.raises(HostNotReady) as refused:
+        preflight(spec, facts_of(tmp_path, "snp-host"))
+    assert "not readable by everyone" in str(refused.value) and "700" not in str(refused.value)

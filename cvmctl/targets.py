@@ -10,11 +10,12 @@ Grammar: ``BASE[+MODIFIER...]`` with
                haltpoll  the guest's cpuidle_haltpoll driver (the study's idle-polling fix)
                idle-poll idle=poll: idle vCPUs spin instead of halting
 
-Every built-in target is the dev guest (same kernel, initramfs and agent, 2 vCPUs, 1 GiB),
-so a comparison measures the one difference between its arms. A ``vm`` arm compared with a
-confidential arm becomes that TEE's *baseline*: the same firmware, CPU model, machine
-flags and console as the CVM arm, without the memory encryption (``baseline_for`` in the
-spec), e.g. ``--compare vm,sev-snp`` compares an SNP guest with its own baseline.
+Every built-in target is the dev guest (same kernel, initramfs and agent, 2 vCPUs, 1 GiB,
+a 2 GiB scratch disk for fio), so a comparison measures the one difference between its
+arms. A ``vm`` arm compared with a confidential arm becomes that TEE's *baseline*: the same
+firmware, CPU model, machine flags and console as the CVM arm, without the memory
+encryption (``baseline_for`` in the spec), e.g. ``--compare vm,sev-snp`` compares an SNP
+guest with its own baseline.
 
 Each target has its own VM (``cvmctl-dev``, ``cvmctl-dev-swiotlb``, ``cvmctl-sev-snp``,
 ``cvmctl-vm-for-sev-snp``...), so arms never share state; all are defined in the daemon
@@ -39,6 +40,11 @@ CONFIDENTIAL: Final = frozenset({"sev-snp", "tdx"})
 SWIOTLB_SLABS: Final = 524288
 DEV_VCPUS: Final = 2
 DEV_MEMORY: Final = "1G"
+#: ``[scratch] size``: the catalogue's fio lays out a 1 GiB file (``size_mb`` 1024) in a file
+#: system on this disk; 2 GiB leaves room for the file system and a larger ``size_mb``. The
+#: daemon creates the disk at each boot (``cache=none``, ``aio=native`` where O_DIRECT works,
+#: see host_daemon/scratch.py) and deletes it when the VM stops or is removed.
+DEV_SCRATCH: Final = "2G"
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,7 @@ class BuiltinTarget:
             lines.append(f'baseline_for = "{self.baseline_for}"')
         if self.flavour != "none":
             lines += ["", "[boot]", f'firmware = "{firmware}"']
+        lines += ["", "[scratch]", f'size = "{DEV_SCRATCH}"']
         lines += ["", "[network]", 'mode = "user"', f"forwards = [{rules}]"]
         knobs = []
         if "swiotlb" in self.modifiers:

@@ -9,7 +9,7 @@ the clock, so the same inputs always give the same argv; golden files under
 
 The argv is built in a fixed order: the NUMA prefix, identity and defaults, accelerator and
 machine, CPU and memory, the TEE object, firmware and kernel, console and control, then
-devices (the panic device, disks, network, 9p shares, the agent channel).
+devices (the panic device, disks, the scratch disk, network, 9p shares, the agent channel).
 
 Where each option comes from: docs/qemu-options.md has one row per option and sub-option of
 the golden command lines, naming its reference and why it is there, and
@@ -46,7 +46,7 @@ from pathlib import Path
 from cvmcore.errors import UsageError
 
 from .accel import ResolvedAccel, ResolvedChannel
-from .spec import QgsAddress, VMSpec
+from .spec import SCRATCH_SERIAL, Aio, Cache, QgsAddress, VMSpec
 
 MEMORY_BACKEND_ID = "ram1"
 SEV_ID = "sev0"
@@ -71,11 +71,28 @@ ACCESS_PLATFORM; on a normal VM these flags plus ``swiotlb=<slabs>,force`` repro
 CVM's bounce buffering (docs/study.md, "Forcing bounce buffers in a normal VM"). Properties as
 listed by ``-device virtio-net-pci,help`` (hw/virtio/virtio-pci.c)."""
 
+SCRATCH_DRIVE_ID = "scratch"
+SCRATCH_DEVICE_ID = "scratch0"
+"""The scratch disk's ``-drive`` id and ``-device`` id; QOM path ``/machine/peripheral/scratch0``."""
+SCRATCH_IOTHREAD_ID = "iothread-scratch"
+"""Its I/O thread, named ``IO iothread-scratch`` with ``debug-threads=on``."""
+
 UNIX_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 
 
 class ArgvError(UsageError):
     """The spec and runtime together cannot make a command line (e.g. a needed path is missing)."""
+
+
+@dataclass(frozen=True)
+class ScratchDrive:
+    """The ``[scratch]`` disk as the daemon made it for this boot (:mod:`host_daemon.scratch`):
+    the file it created in the run directory and the aio and cache modes it chose for the
+    file system there (``auto`` resolved)."""
+
+    path: Path
+    aio: Aio
+    cache: Cache
 
 
 @dataclass(frozen=True)
@@ -92,6 +109,7 @@ class Runtime:
     guest_cid: int | None = None  # vhost-vsock guest CID, unless the spec sets one
     qgs: QgsAddress | None = None  # the host's TDX QGS, for [tdx] quote_generation_socket = "auto"
     numactl: str = "numactl"  # the program that binds QEMU to [pinning] numa_node
+    scratch: ScratchDrive | None = None  # required when the spec has a [scratch] disk
 
 
 def opt_value(value: str | Path) -> str:
@@ -205,6 +223,7 @@ def build_qemu_argv(spec: VMSpec, runtime: Runtime) -> list[str]:
         _console_and_control(spec, runtime),
         _panic_device(),
         _disks(spec),
+        _scratch_disk(spec, runtime),
         _network(spec),
         _shares(spec),
         _agent_channel(spec, runtime, channel),
@@ -405,6 +424,37 @@ def _disks(spec: VMSpec) -> Iterator[str]:
             device += f",iothread=iothread{i}"
         yield from ("-drive", ",".join(drive))
         yield from ("-device", _virtio(spec, device))
+
+
+def _scratch_disk(spec: VMSpec, runtime: Runtime) -> Iterator[str]:
+    # The study's benchmark disk (docs/study.md; STUDY qemu_option_virtio_blk: raw,
+    # file.aio=native, cache.direct=on, cache.no-flush=off, its own iothread), as -drive
+    # options: cache=none is cache.direct=on + cache.no-flush=off (qemu-options.hx, the -drive
+    # cache table). The file and the modes are the daemon's (Runtime.scratch); the device
+    # carries a fixed serial (-device virtio-blk-pci,help: serial) for the guest to find it.
+    scratch = spec.scratch
+    if scratch is None:
+        return
+    drive = runtime.scratch
+    if drive is None:
+        raise ArgvError("scratch: the daemon must create the scratch disk first (Runtime.scratch)")
+    for key, wanted, got in (("aio", scratch.aio, drive.aio), ("cache", scratch.cache, drive.cache)):
+        if wanted not in ("auto", got):
+            raise ArgvError(f"scratch.{key}: the spec asks for {wanted!r}, the daemon chose {got!r}")
+    device = f"virtio-blk-pci,drive={SCRATCH_DRIVE_ID},id={SCRATCH_DEVICE_ID},serial={SCRATCH_SERIAL}"
+    if scratch.iothread:
+        yield from ("-object", f"iothread,id={SCRATCH_IOTHREAD_ID}")
+        device += f",iothread={SCRATCH_IOTHREAD_ID}"
+    drive_opts = [
+        f"file={opt_value(drive.path)}",
+        "if=none",
+        f"id={SCRATCH_DRIVE_ID}",
+        f"format={scratch.format}",
+        f"aio={drive.aio}",
+        f"cache={drive.cache}",
+    ]
+    yield from ("-drive", ",".join(drive_opts))
+    yield from ("-device", _virtio(spec, device))
 
 
 def _network(spec: VMSpec) -> Iterator[str]:

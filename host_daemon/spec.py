@@ -41,6 +41,14 @@ and a fuller one reads::
     aio = "native"             # threads | native | io_uring
     cache = "none"             # none | writeback | writethrough | directsync | unsafe
 
+    [scratch]                  # a benchmark disk the daemon creates for each boot and deletes after
+    size = "2G"                # K/M/G/T, whole MiB (a raw file in the VM's run directory)
+    format = "raw"             # raw only
+    aio = "auto"               # auto | threads | native | io_uring; auto = native when O_DIRECT works
+    cache = "auto"             # auto | none | writeback | ...; auto = none when O_DIRECT works
+    iothread = true            # its own QEMU I/O thread, as the study's disk
+                               # the guest finds it by its virtio-blk serial "cvm-scratch"
+
     [network]
     mode = "user"              # none | user | tap
     forwards = [{ host_port = 2222, guest_port = 22 }]   # host address defaults to 127.0.0.1
@@ -100,6 +108,9 @@ MemoryBackend = Literal["auto", "ram", "memfd", "file"]
 DiskFormat = Literal["raw", "qcow2"]
 Aio = Literal["threads", "native", "io_uring"]
 Cache = Literal["none", "writeback", "writethrough", "directsync", "unsafe"]
+ScratchAio = Literal["auto", "threads", "native", "io_uring"]
+ScratchCache = Literal["auto", "none", "writeback", "writethrough", "directsync", "unsafe"]
+ScratchFormat = Literal["raw"]
 NetMode = Literal["none", "user", "tap"]
 Proto = Literal["tcp", "udp"]
 Channel = Literal["auto", "vhost-vsock", "vhost-user-vsock", "virtio-serial", "none"]
@@ -122,6 +133,14 @@ MAX_VCPUS = 512
 SNP_POLICY_RESERVED_MBO = 1 << 17  # SNP ABI: guest policy bit 17 is reserved and must be one
 FIRST_GUEST_CID = 3  # 0..2 are hypervisor, local and host
 MAX_GUEST_CID = 0xFFFF_FFFE  # 0xFFFFFFFF is VMADDR_CID_ANY
+MIN_SCRATCH_MIB = 1
+MAX_SCRATCH_MIB = 16 * 1024 * 1024  # 16 TiB
+DEFAULT_SCRATCH_SIZE = "2G"
+SCRATCH_SERIAL = "cvm-scratch"
+"""The virtio-blk serial of the scratch disk: the guest finds it as the ``/sys/block/vdX`` whose
+``serial`` reads this (at most 20 bytes, VIRTIO_BLK_ID_BYTES)."""
+O_DIRECT_CACHES: tuple[Cache, ...] = ("none", "directsync")
+"""The ``cache`` modes that open the image with O_DIRECT (``cache.direct=on``, qemu-options.hx)."""
 
 
 @dataclass(frozen=True)
@@ -180,6 +199,20 @@ class Disk:
     iothread: bool = False
     aio: Aio = "threads"
     cache: Cache = "writeback"
+
+
+@dataclass(frozen=True)
+class ScratchDisk:
+    """``[scratch]``: a raw disk the daemon creates in the VM's run directory at each start and
+    deletes when QEMU exits (stop, kill, crash) and when the VM is removed. No path: the file is
+    always ``<run dir>/scratch.raw`` (:mod:`host_daemon.scratch`). ``auto`` aio and cache are
+    decided by the daemon from the run directory's file system (O_DIRECT or not)."""
+
+    size_mib: int
+    format: ScratchFormat = "raw"
+    aio: ScratchAio = "auto"
+    cache: ScratchCache = "auto"
+    iothread: bool = True
 
 
 @dataclass(frozen=True)
@@ -264,6 +297,7 @@ class VMSpec:
     pinning: Pinning = field(default_factory=Pinning)
     boot: Boot = field(default_factory=Boot)
     disks: tuple[Disk, ...] = ()
+    scratch: ScratchDisk | None = None
     network: Network = field(default_factory=Network)
     shares: tuple[Share, ...] = ()
     guest: GuestKnobs = field(default_factory=GuestKnobs)
@@ -523,6 +557,7 @@ def _read_spec(t: _Table) -> VMSpec:
     pinning = _read_pinning(t.table("pinning"))
     boot = _read_boot(t.table("boot"))
     disks = tuple(d for d in (_read_disk(dt) for dt in t.tables("disk")) if d is not None)
+    scratch = _read_scratch(t.table("scratch")) if t.has("scratch") else None
     network = _read_network(t.table("network"))
     shares = tuple(s for s in (_read_share(st) for st in t.tables("share")) if s is not None)
     guest = _read_guest(t.table("guest"))
@@ -549,6 +584,7 @@ def _read_spec(t: _Table) -> VMSpec:
         pinning=pinning,
         boot=boot,
         disks=disks,
+        scratch=scratch,
         network=network,
         shares=shares,
         guest=guest,
@@ -604,6 +640,36 @@ def _read_disk(t: _Table) -> Disk | None:
         t.problem("aio", "native", 'aio = "native" needs cache = "none" or "directsync" (O_DIRECT)')
     t.finish()
     return disk if path is not None else None
+
+
+def _read_scratch(t: _Table) -> ScratchDisk:
+    if t.has("path"):
+        t.problem(
+            "path",
+            t._get("path"),
+            "a scratch disk has no path: the daemon creates it in the VM's run directory and"
+            " deletes it with the VM (a disk of your own is a [[disk]])",
+        )
+    size_mib = t.custom(
+        "size",
+        parse_memory(DEFAULT_SCRATCH_SIZE) or 0,
+        lambda v: (
+            m if (m := parse_memory(v)) is not None and MIN_SCRATCH_MIB <= m <= MAX_SCRATCH_MIB else None
+        ),
+        f'expected a size of whole MiB from {MIN_SCRATCH_MIB}M to 16T, e.g. "{DEFAULT_SCRATCH_SIZE}"',
+    )
+    scratch = ScratchDisk(
+        size_mib=size_mib,
+        format=t.choice("format", "raw", get_args(ScratchFormat)),
+        aio=t.choice("aio", "auto", get_args(ScratchAio)),
+        cache=t.choice("cache", "auto", get_args(ScratchCache)),
+        iothread=t.boolean("iothread", True),
+    )
+    if scratch.aio == "native" and scratch.cache not in ("auto", *O_DIRECT_CACHES):
+        # QEMU refuses aio=native without O_DIRECT (qemu-options.hx, -drive aio=).
+        t.problem("aio", "native", 'aio = "native" needs cache = "auto", "none" or "directsync" (O_DIRECT)')
+    t.finish()
+    return scratch
 
 
 def _loopback_v4(addr: object) -> str | None:

@@ -8,7 +8,8 @@ States (:class:`~host_daemon.store.VMState`)::
                           +---- kill / guest powers off ---------------------------+
 
 Each started VM owns a run directory ``<state_dir>/vms/<name>/`` (QMP socket, pidfile,
-console log per boot, the hybrid vsock socket) and, while live, three trio tasks in the
+console log per boot, the hybrid vsock socket, the ``[scratch]`` disk's file while QEMU runs:
+:mod:`host_daemon.scratch`) and, while live, three trio tasks in the
 manager's nursery: the **boot** task (connect QMP, read the console, ask the agent for
 health, recording the boot phases), the **exit** task (a pidfd that wakes when QEMU exits,
 for the exit status and the verdict stopped or crashed) and, for ``vhost-user-vsock``, the
@@ -52,6 +53,7 @@ from host_daemon.hostcheck import HostFacts, gather_host_facts
 from host_daemon.preflight import HostGrant, needs_facts, preflight
 from host_daemon.qemu_args import Runtime, build_qemu_argv
 from host_daemon.qmp import EventListener, QMPClient, QMPError, connect_qmp
+from host_daemon.scratch import create_scratch, remove_scratch, remove_stale_scratch
 from host_daemon.spec import SpecError, VMSpec, parse_spec
 from host_daemon.store import VMRecord, VMState, VMStore, now
 from host_daemon.vsock_backend import BACKEND_SOCKET, free_cid, stale_sockets, start_vhost_device_vsock
@@ -248,36 +250,58 @@ class VMManager:
             for stale in (run_dir / "qmp.sock", *stale_sockets(run_dir)):
                 stale.unlink(missing_ok=True)
             console.write_bytes(b"")
-            runtime = Runtime(
-                accel=accel.accel,
-                qmp_socket=run_dir / "qmp.sock",
-                pidfile=run_dir / "qemu.pid",
-                serial_log=console,
-                qemu_binary=self.qemu_binary,
-                agent_channel=channel,
-                agent_socket={
-                    "vhost-user-vsock": run_dir / BACKEND_SOCKET,
-                    "virtio-serial": run_dir / "agent-serial.sock",
-                }.get(channel),
-                guest_cid=self._free_cid() if channel == "vhost-vsock" else None,
-                qgs=grant.qgs,
-                numactl=grant.numactl,
-            )
-            argv = build_qemu_argv(spec, runtime)
-            helpers: list[proc.Spawned] = []
-            if channel == "vhost-user-vsock":
-                helpers.append(await start_vhost_device_vsock(run_dir))
-            cid = spec.agent.cid or runtime.guest_cid
-            agent_address = vsock_agent_address(channel, run_dir, cid)
-            (run_dir / "qemu.argv").write_text("".join(f"{arg}\n" for arg in argv))
-            spawned_at = time.monotonic()
+            scratch = None
+            if spec.scratch is not None:  # a fresh file each boot; HostNotReady before QEMU
+                made = await trio.to_thread.run_sync(create_scratch, run_dir, spec.scratch)
+                scratch = made.drive
+                log.info(
+                    "scratch_created",
+                    vm=name,
+                    path=str(scratch.path),
+                    size_mib=spec.scratch.size_mib,
+                    filesystem=made.filesystem,
+                    direct_io=made.direct_io,
+                    allocation=made.allocation,
+                    aio=scratch.aio,
+                    cache=scratch.cache,
+                    seconds=round(made.seconds, 4),
+                )
             try:
-                qemu = proc.spawn(argv, run_dir / "qemu.log")
-            except OSError as exc:
-                for helper in helpers:
-                    proc.send_signal(helper, signal.SIGKILL)
-                    helper.close()
-                raise UsageError(f"cannot start QEMU ({argv[0]}): {exc.strerror}") from exc
+                runtime = Runtime(
+                    accel=accel.accel,
+                    qmp_socket=run_dir / "qmp.sock",
+                    pidfile=run_dir / "qemu.pid",
+                    serial_log=console,
+                    qemu_binary=self.qemu_binary,
+                    agent_channel=channel,
+                    agent_socket={
+                        "vhost-user-vsock": run_dir / BACKEND_SOCKET,
+                        "virtio-serial": run_dir / "agent-serial.sock",
+                    }.get(channel),
+                    guest_cid=self._free_cid() if channel == "vhost-vsock" else None,
+                    qgs=grant.qgs,
+                    numactl=grant.numactl,
+                    scratch=scratch,
+                )
+                argv = build_qemu_argv(spec, runtime)
+                helpers: list[proc.Spawned] = []
+                if channel == "vhost-user-vsock":
+                    helpers.append(await start_vhost_device_vsock(run_dir))
+                cid = spec.agent.cid or runtime.guest_cid
+                agent_address = vsock_agent_address(channel, run_dir, cid)
+                (run_dir / "qemu.argv").write_text("".join(f"{arg}\n" for arg in argv))
+                spawned_at = time.monotonic()
+                try:
+                    qemu = proc.spawn(argv, run_dir / "qemu.log")
+                except OSError as exc:
+                    for helper in helpers:
+                        proc.send_signal(helper, signal.SIGKILL)
+                        helper.close()
+                    raise UsageError(f"cannot start QEMU ({argv[0]}): {exc.strerror}") from exc
+            except BaseException:
+                if scratch is not None:
+                    remove_scratch(run_dir)  # no QEMU will use it
+                raise
             live = LiveVM(name, run_dir, qemu, helpers, host_cpus=spec.pinning.host_cpus)
             self._live[name] = live
             record = self._save(
@@ -343,6 +367,14 @@ class VMManager:
                         elif mark == "init":
                             if clock.kernel_started(guest_uptime):
                                 record_phase("firmware")
+                            elif "kernel" not in clock.marks:
+                                log.info(
+                                    "boot_phases_unmeasured",
+                                    vm=live.name,
+                                    phases="firmware,kernel",
+                                    why="no kernel line on the console and the guest uptime "
+                                    f"({guest_uptime}) disagrees with the host clock",
+                                )
                             record_phase("kernel")
                             break
                     if agent_address:
@@ -476,6 +508,8 @@ class VMManager:
             proc.send_signal(helper, signal.SIGKILL)
             helper.close()
         live.qemu.close()
+        if remove_scratch(live.run_dir):  # scratch: it does not outlive this QEMU
+            log.info("scratch_removed", vm=live.name)
         if live.qmp is not None:
             with trio.CancelScope(shield=True):
                 await live.qmp.aclose()
@@ -580,6 +614,8 @@ class VMManager:
                         if record.console_path
                         else (),
                         helper_pids=(),
+                        vcpu_pins=(),  # the threads are gone with the process
+                        emulator_cpus="",
                     )
                 )
                 continue
@@ -595,6 +631,10 @@ class VMManager:
             log.info("vm_reattached", vm=record.name, pid=qemu.pid)
             self._spawn_task(self._follow_exit, live)
             self._spawn_task(self._reconnect, live, record)
+        # Scratch disks of VMs whose QEMU ended while no daemon watched (or of a removal cut
+        # short): nothing uses them any more.
+        for path in remove_stale_scratch(self.state_dir / "vms", self._live):
+            log.info("scratch_removed", vm=path.parent.name, after="daemon restart")
 
     @staticmethod
     def _pinned_cpus(record: VMRecord) -> tuple[int, ...]:

@@ -464,3 +464,33 @@ def _started_under(directory: Path) -> list[int]:
         except OSError:
             continue
     return pids
+
+
+async def test_a_vm_that_died_while_the_daemon_was_down_loses_its_pins(tmp_path: Path) -> None:
+    """Pins name threads of a process: when the process is found gone, so are they."""
+    from host_daemon.store import VMState, VMStore
+    from host_daemon.vms import VMManager
+
+    (tmp_path / "vms").mkdir()
+    store = VMStore(tmp_path / "hostd.db")
+    store.insert(VMRecord(name="gone", spec_toml='name = "gone"\n', created_at=1.0))
+    store.save(
+        VMRecord(
+            name="gone",
+            spec_toml='name = "gone"\n',
+            created_at=1.0,
+            state=VMState.RUNNING,
+            qemu_pid=999_999_999,
+            qemu_start_ticks=1,
+            vcpu_pins=(VcpuPin(0, 4242, 0, "0"),),
+            emulator_cpus="1-3",
+        )
+    )
+    store.close()
+    manager = VMManager(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        record = manager.get("gone")
+        nursery.cancel_scope.cancel()
+    assert record.state is VMState.CRASHED
+    assert (record.vcpu_pins, record.emulator_cpus) == ((), "")

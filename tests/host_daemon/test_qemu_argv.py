@@ -26,6 +26,7 @@ from host_daemon.qemu_args import (
     SNP_CPU_MODEL,
     ArgvError,
     Runtime,
+    ScratchDrive,
     build_qemu_argv,
     format_argv,
     kernel_cmdline,
@@ -33,7 +34,8 @@ from host_daemon.qemu_args import (
 )
 from host_daemon.qmp import ConnectError as QMPConnectError
 from host_daemon.qmp import Disconnected, open_qmp
-from host_daemon.spec import GuestKnobs, QgsAddress, VMSpec, load_spec, parse_spec
+from host_daemon.scratch import SCRATCH_FILE, create_scratch, resolve_io
+from host_daemon.spec import SCRATCH_SERIAL, GuestKnobs, QgsAddress, VMSpec, load_spec, parse_spec
 
 GOLDEN = Path(__file__).parent / "golden"
 CASES = sorted(p.stem for p in GOLDEN.glob("*.toml"))
@@ -45,8 +47,13 @@ GOLDEN_QGS = QgsAddress("vsock", cid=2, port=4050)
 
 
 def golden_runtime(spec: VMSpec) -> Runtime:
-    """The paths a daemon with state dir /run/cvmctl would choose for this VM's first boot."""
+    """The paths a daemon with state dir /run/cvmctl would choose for this VM's first boot,
+    on a file system where O_DIRECT works (the scratch disk's ``auto`` modes resolved so)."""
     vm_dir = Path("/run/cvmctl/vms") / spec.name
+    scratch = None
+    if spec.scratch is not None:
+        aio, cache = resolve_io(spec.scratch, direct_io=True)
+        scratch = ScratchDrive(vm_dir / SCRATCH_FILE, aio, cache)
     return Runtime(
         accel="tcg" if spec.accel == "tcg" else "kvm",
         qmp_socket=vm_dir / "qmp.sock",
@@ -55,6 +62,7 @@ def golden_runtime(spec: VMSpec) -> Runtime:
         agent_socket=vm_dir / "agent.sock",
         guest_cid=3,
         qgs=GOLDEN_QGS,
+        scratch=scratch,
     )
 
 
@@ -70,8 +78,11 @@ GOLDEN_CASES = {
     "sev-snp-haltpoll",
     "sev-snp-idle-poll",
     "vhost-user-vsock",
+    "scratch-devguest",
+    "sev-snp-scratch",
 }
-"""The cases issue 11 asks for: normal, both CVMs and their baselines, and each ablation."""
+"""The cases issue 11 asks for: normal, both CVMs and their baselines, and each ablation; and
+issue 15's scratch disk on a normal VM and on a CVM."""
 
 
 def test_every_case_has_both_files() -> None:
@@ -269,6 +280,48 @@ def test_builder_refusals() -> None:
         _argv('name = "x"', agent_channel="none", qmp_socket=Path("/" + "q" * 120))
     with pytest.raises(ArgvError, match="cannot be shared"):
         _argv('name = "x"\nmemory_backend = "ram"', agent_channel="vhost-user-vsock")
+
+
+def test_scratch_disk_argv() -> None:
+    """The study's disk: raw, the daemon's file and modes, an iothread, the fixed serial."""
+    text = 'name = "x"\n[scratch]\n'
+    drive = ScratchDrive(Path("/run/cvmctl/vms/x/scratch.raw"), "native", "none")
+    argv = _argv(text, agent_channel="none", scratch=drive)
+    assert _after(argv, "-drive") == [
+        "file=/run/cvmctl/vms/x/scratch.raw,if=none,id=scratch,format=raw,aio=native,cache=none"
+    ]
+    assert _after(argv, "-object")[-1] == "iothread,id=iothread-scratch"
+    assert _after(argv, "-device")[-1] == (
+        "virtio-blk-pci,drive=scratch,id=scratch0,serial=cvm-scratch,iothread=iothread-scratch"
+    )
+    # without O_DIRECT the daemon passes writeback + threads; without an iothread no object
+    buffered = ScratchDrive(Path("/s,1/scratch.raw"), "threads", "writeback")
+    argv = _argv(text + "iothread = false\n", agent_channel="none", scratch=buffered)
+    assert _after(argv, "-drive") == [
+        "file=/s,,1/scratch.raw,if=none,id=scratch,format=raw,aio=threads,cache=writeback"
+    ]
+    assert "iothread,id=iothread-scratch" not in argv
+    assert _after(argv, "-device")[-1] == "virtio-blk-pci,drive=scratch,id=scratch0,serial=cvm-scratch"
+    # after the user's disks, with the restricted-virtio flags where every device has them
+    snp = 'name = "x"\ntee = "sev-snp"\n[boot]\nfirmware = "/fw"\n[[disk]]\npath = "/d"\n[scratch]\n'
+    devices = _after(_argv(snp, agent_channel="none", scratch=drive), "-device")
+    blk = [d for d in devices if d.startswith("virtio-blk-pci")]
+    assert blk[0].startswith("virtio-blk-pci,drive=disk0") and blk[1].startswith(
+        "virtio-blk-pci,drive=scratch,"
+    )
+    assert all(d.endswith(RESTRICTED_VIRTIO) for d in blk)
+    # no [scratch]: nothing, whatever the runtime holds
+    assert "-drive" not in _argv('name = "x"', agent_channel="none", scratch=drive)
+
+
+def test_scratch_disk_refusals() -> None:
+    with pytest.raises(ArgvError, match="daemon must create the scratch disk"):
+        _argv('name = "x"\n[scratch]\n', agent_channel="none", scratch=None)
+    writeback = ScratchDrive(Path("/s.raw"), "threads", "writeback")
+    with pytest.raises(ArgvError, match=r"scratch\.cache: the spec asks for 'none'"):
+        _argv(
+            'name = "x"\n[scratch]\ncache = "none"\naio = "threads"', agent_channel="none", scratch=writeback
+        )
 
 
 def test_tdx_quote_generation_socket_forms() -> None:
@@ -507,6 +560,51 @@ async def test_baseline_machine_flags_are_accepted_under_kvm(tmp_path: Path, cas
     runtime = dataclasses.replace(runtime, pidfile=tmp_path / "q.pid", serial_log=tmp_path / "c.log")
     _, stderr = await run_qemu(build_qemu_argv(spec, runtime), deadline=5.0)
     assert not OPTION_PARSE_ERRORS.search(stderr), f"QEMU rejected the command line:\n{stderr}"
+
+
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed (scripts/install-qemu.sh)")
+async def test_scratch_disk_starts_under_tcg(tmp_path: Path) -> None:
+    """The scratch disk's options (a file the daemon made, O_DIRECT where it works, native AIO,
+    its iothread, the serial) on a restricted virtio-blk-pci: QEMU creates the device, and QMP
+    shows the serial and the cache mode the guest will get."""
+    spec, runtime = _real_files_runtime('name = "scratch"\n[scratch]\nsize = "16M"\n', tmp_path)
+    assert spec.scratch is not None
+    made = create_scratch(tmp_path, spec.scratch)
+    spec = dataclasses.replace(spec, guest=GuestKnobs(swiotlb_force=1024))  # restricted devices
+    runtime = dataclasses.replace(runtime, accel="tcg", agent_channel="none", scratch=made.drive)
+    argv = build_qemu_argv(spec, runtime)
+    assert f"serial={SCRATCH_SERIAL}" in _after(argv, "-device")[-1]
+    assert QEMU is not None
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(
+            partial(trio.run_process, [*argv, "-S"], check=False, stderr=subprocess.DEVNULL)
+        )
+        try:
+            with trio.fail_after(20):
+                while True:
+                    try:
+                        async with open_qmp(runtime.qmp_socket, deadline=2) as qmp:
+                            await qmp.execute("query-status", deadline=5)  # all devices made
+                            blocks = await qmp.execute("query-block", deadline=5)
+                            serial = await qmp.execute(
+                                "qom-get",
+                                {"path": "/machine/peripheral/scratch0/virtio-backend", "property": "serial"},
+                                deadline=5,
+                            )
+                            break
+                    except (QMPConnectError, Disconnected):
+                        assert process.returncode is None, "QEMU exited"
+                        await trio.sleep(0.02)
+        finally:
+            process.kill()
+    assert serial == SCRATCH_SERIAL
+    block = next(b for b in blocks if b.get("qdev") == "/machine/peripheral/scratch0/virtio-backend")
+    assert block["inserted"]["file"] == str(made.drive.path)
+    assert block["inserted"]["cache"] == {
+        "direct": made.drive.cache == "none",
+        "no-flush": False,
+        "writeback": True,
+    }
 
 
 @pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed (scripts/install-qemu.sh)")

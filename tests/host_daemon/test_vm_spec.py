@@ -10,9 +10,11 @@ import pytest
 import host_daemon.spec as spec_module
 from cvmcore.errors import UsageError
 from host_daemon.spec import (
+    SCRATCH_SERIAL,
     UNKNOWN_KEY,
     HostForward,
     QgsAddress,
+    ScratchDisk,
     SpecError,
     load_spec,
     parse_memory,
@@ -265,6 +267,26 @@ def test_pinning_rules() -> None:
     assert spec.pinning.host_cpus == (4, 5) and spec.pinning.numa_node == 0
 
 
+def test_scratch_disk() -> None:
+    assert parse_spec('name = "x"').scratch is None
+    default = parse_spec('name = "x"\n[scratch]').scratch
+    assert default == ScratchDisk(size_mib=2048, format="raw", aio="auto", cache="auto", iothread=True)
+    spec = parse_spec(
+        'name = "x"\n[scratch]\nsize = "512M"\naio = "io_uring"\ncache = "writeback"\niothread = false'
+    )
+    assert spec.scratch == ScratchDisk(size_mib=512, aio="io_uring", cache="writeback", iothread=False)
+    assert parse_spec('name = "x"\n[scratch]\nsize = 100').scratch == ScratchDisk(size_mib=100)
+    native = parse_spec('name = "x"\n[scratch]\naio = "native"\ncache = "directsync"').scratch
+    assert native is not None and native.aio == "native"
+    # "auto" cache becomes "none" wherever native AIO can work, so native + auto is allowed
+    assert parse_spec('name = "x"\n[scratch]\naio = "native"').scratch is not None
+    # the daemon names the file: a path is refused with that reason
+    found = problems('name = "x"\n[scratch]\npath = "/etc/passwd"')
+    assert "has no path" in found["scratch.path"] and "[[disk]]" in found["scratch.path"]
+    assert "whole MiB" in problems('name = "x"\n[scratch]\nsize = "2.5G"')["scratch.size"]
+    assert SCRATCH_SERIAL == "cvm-scratch" and len(SCRATCH_SERIAL.encode()) <= 20  # VIRTIO_BLK_ID_BYTES
+
+
 def test_golden_specs_all_parse() -> None:
     golden = Path(__file__).parent / "golden"
     names = {load_spec(p).name for p in golden.glob("*.toml")}
@@ -301,6 +323,16 @@ RULES = [
     ('accel = "hvf"', "accel"),
     ("prealloc = 1", "prealloc"),
     ("network = 1", "network"),
+    ('[scratch]\nsize = "1.5G"', "scratch.size"),
+    ('[scratch]\nsize = "0M"', "scratch.size"),
+    ('[scratch]\nsize = "17T"', "scratch.size"),
+    ('[scratch]\nformat = "qcow2"', "scratch.format"),
+    ('[scratch]\naio = "posix"', "scratch.aio"),
+    ('[scratch]\ncache = "fast"', "scratch.cache"),
+    ('[scratch]\naio = "native"\ncache = "writeback"', "scratch.aio"),
+    ('[scratch]\npath = "/var/lib/x.raw"', "scratch.path"),
+    ('[scratch]\nserial = "x"', "scratch.serial"),
+    ("scratch = true", "scratch"),
 ]
 
 

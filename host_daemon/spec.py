@@ -910,7 +910,7 @@ def _check_combinations(spec: VMSpec, problems: list[SpecProblem]) -> None:
     for i, tag in enumerate(tags):
         if tag in tags[:i]:
             bad(f"share[{i}].tag", tag, "expected a tag not used by another share")
-    if spec.tee == "sev-snp" and spec.sev_snp.kernel_hashes and spec.boot.kernel is None:
+    if spec.tee == "sev-snp" and spec.sev_snp.kernel_hashes and spec.boot.kernel is None and not spec.image:
         bad("sev_snp.kernel_hashes", True, "kernel hashes measure a directly booted kernel: set boot.kernel")
 
     # The console the kernel is told about must be one QEMU gives it: with a virtio console

@@ -15,6 +15,13 @@ answers at ``$CVM_HOSTD`` (or the default socket), one is started for the call, 
 state under ``$XDG_STATE_HOME/cvmctl``; the VM is created with forwards for every catalogue
 server port and booted when it is not running. A daemon or VM started for the call is
 stopped again at the end; one that was already there is left as it was.
+
+What a VM can run is read from its spec (:func:`spec_capabilities`): the network mode
+decides ``tcp`` / ``udp`` / ``icmp``, the storage ``scratch-disk``
+(:mod:`workloads.capabilities`). A built-in target knows its spec before anything starts,
+so ``cvmctl bench`` refuses a workload it cannot run before a daemon or a VM is started;
+for ``vm:NAME`` the spec comes from the daemon, and :meth:`VMTarget.expect` makes the
+target refuse the workload after looking the VM up and before booting it.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import grpc
 import trio
@@ -39,8 +46,12 @@ from cvmcore.defaults import HOSTD_ADDRESS, HOSTD_ENV, state_dir
 from cvmcore.errors import ConnectError, CvmError, DeadlineExceeded, UsageError
 from cvmcore.tee import tee_name
 from cvmctl.targets import BuiltinTarget
+from workloads.capabilities import ICMP, SCRATCH_DISK, TCP, UDP, VM, Capabilities, WorkloadRefused, refusal
 from workloads.model import Sample, ServerPlan, Unavailable, Workload
 from workloads.runner import free_port
+
+if TYPE_CHECKING:
+    from host_daemon.spec import VMSpec
 
 BOOT_WAIT: Final = 300.0
 #: Guest ports of the catalogue's servers (nginx, iperf3, memcached), forwarded from loopback.
@@ -69,6 +80,82 @@ def forwards_of(spec_toml: str) -> dict[int, int]:
 
     spec = parse_spec(spec_toml)
     return {f.guest_port: f.host_port for f in spec.network.forwards if f.proto == "tcp"}
+
+
+#: Where a guest mounts its ``[scratch]`` disk, for scratch files (fio's); None while
+#: nothing in the guest formats and mounts it. The hook for the storage path: once the dev
+#: guest (its /init or the agent) mounts the disk that the daemon attaches with the serial
+#: ``cvm-scratch``, set this to that directory (under one of fio's prefixes, e.g.
+#: ``/scratch``) and every VM whose spec has a ``[scratch]`` table offers ``scratch-disk``
+#: there; fio's scratch file then goes in it.
+GUEST_SCRATCH_DIR: str | None = None
+
+#: Network modes through which this target reaches a guest's servers, and what each carries.
+#: The hook for the network path: a tap or passt mode adds its entry here (with ``udp`` and
+#: ``icmp``) once :meth:`VMTarget.start_server` and :meth:`VMTarget.guest_address` reach the
+#: guest through it.
+NETWORK_OFFERS: Final[dict[str, dict[str, str]]] = {
+    "user": {TCP: "QEMU user networking: loopback forwards to the guest's ports"},
+}
+
+
+def network_capabilities(mode: str, name: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(offered, lacking) of the network capabilities of a VM with network ``mode``."""
+    offered = dict(NETWORK_OFFERS.get(mode, {}))
+    if mode == "user":
+        why = {
+            UDP: (
+                f"target {name} has QEMU user-mode networking (SLIRP): the host reaches the guest only "
+                "through loopback port forwards, TCP ones here, and SLIRP's UDP forwarding is unfit for "
+                "a throughput test; it needs a tap or passt network (not built yet)"
+            ),
+            ICMP: (
+                f"target {name} has QEMU user-mode networking (SLIRP), which passes no ICMP echo "
+                "from the host to the guest; it needs a tap or passt network (not built yet)"
+            ),
+        }
+    elif mode == "none":
+        why = dict.fromkeys((TCP, UDP, ICMP), f'target {name} has no network ([network] mode = "none")')
+    else:
+        why = dict.fromkeys(
+            (TCP, UDP, ICMP),
+            f"cvmctl cannot yet run a host client toward a guest on a {mode!r} network (target {name}); "
+            "only user-mode forwards",
+        )
+    return offered, {cap: reason for cap, reason in why.items() if cap not in offered}
+
+
+def spec_capabilities(spec: VMSpec, name: str) -> Capabilities:
+    """What a VM with ``spec`` offers the catalogue, and why not the rest (see the hooks above)."""
+    offered, lacking = network_capabilities(spec.network.mode, name)
+    offered[VM] = "the host daemon and the VM's agent"
+    scratch = getattr(spec, "scratch", None)  # [scratch], the storage path's spec table
+    if scratch is not None and GUEST_SCRATCH_DIR is not None:
+        offered[SCRATCH_DISK] = GUEST_SCRATCH_DIR
+    elif scratch is not None:
+        lacking[SCRATCH_DISK] = (
+            f"target {name} has a scratch disk, but nothing in the guest formats and mounts it yet"
+        )
+    elif spec.image == "dev":
+        lacking[SCRATCH_DISK] = (
+            f"target {name} is the dev guest, whose only writable storage is its in-memory overlay "
+            "(tmpfs: no O_DIRECT, at most half the guest's memory); it needs a scratch disk "
+            "(a [scratch] table in its spec)"
+        )
+    elif spec.disks:
+        offered[SCRATCH_DISK] = "/var/tmp"  # the guest's own root disk
+    else:
+        lacking[SCRATCH_DISK] = f"target {name} has no disk"
+    return Capabilities(offered, lacking)
+
+
+def builtin_capabilities(builtin: BuiltinTarget) -> Capabilities:
+    """What a built-in target offers: its spec is known without a daemon."""
+    from host_daemon.spec import parse_spec
+
+    forwards = {port: 1 + i for i, port in enumerate(SERVER_PORTS)}  # the ports do not matter here
+    firmware = Path("/firmware.fd") if builtin.flavour != "none" else None
+    return spec_capabilities(parse_spec(builtin.spec_toml(forwards, firmware)), builtin.name)
 
 
 class VMTarget:
@@ -105,6 +192,8 @@ class VMTarget:
         self._server_call: Any = None
         self._agent_info: dict[str, Any] = {}
         self._stop_vm_at_exit = False
+        self._expected: tuple[Workload, dict[str, Any]] | None = None
+        self._guest_unavailable: dict[str, Unavailable] = {}  # metric -> the agent's note
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -149,6 +238,7 @@ class VMTarget:
                 source=f"cvmctl target {self.name}",
             )
             vm = await self._hostd_client.call(stub.CreateVM, spec)
+        self._refuse_unrunnable(vm)
         if vm.state != host_pb2.VM_STATE_RUNNING:
             vm = await self._boot(stub, vm)
         self._vm = vm
@@ -168,6 +258,41 @@ class VMTarget:
             "tee_evidence": info.tee_evidence,
             "agent_version": info.agent_version,
         }
+
+    def expect(self, workload: Workload, params: Mapping[str, Any]) -> None:
+        """Refuse ``workload`` on opening if the VM cannot run it, before booting the VM."""
+        self._expected = (workload, dict(params))
+
+    def capabilities(self) -> Capabilities:
+        """From the VM's spec once known; a built-in target's before; else assume the best
+        (:meth:`expect` checks ``vm:NAME`` against its spec before it boots)."""
+        if self._vm is not None:
+            from host_daemon.spec import parse_spec
+
+            return spec_capabilities(parse_spec(self._vm.spec_toml), self.name)
+        if self._builtin is not None:
+            return builtin_capabilities(self._builtin)
+        note = "not known before the daemon describes the VM"
+        return Capabilities(dict.fromkeys((TCP, UDP, ICMP, SCRATCH_DISK, VM), note), {})
+
+    def _refuse_unrunnable(self, vm: host_pb2.VM) -> None:
+        """Raise :class:`WorkloadRefused` if the expected workload cannot run on ``vm``."""
+        if self._expected is None:
+            return
+        from host_daemon.spec import parse_spec
+
+        workload, params = self._expected
+        spec = parse_spec(vm.spec_toml)
+        reason = refusal(workload, spec_capabilities(spec, self.name))
+        plan = workload.guest_server(params) if workload.kind == "client-server" else None
+        forwarded = {f.guest_port for f in spec.network.forwards if f.proto == "tcp"}
+        if reason is None and plan is not None and spec.network.mode == "user" and plan.port not in forwarded:
+            reason = (
+                f"{workload.name}'s server listens on guest port {plan.port}, which VM {vm.name} does not "
+                f"forward: add {{ host_port = N, guest_port = {plan.port} }} to its network.forwards"
+            )
+        if reason is not None:
+            raise WorkloadRefused(reason)
 
     async def _try_daemon(self, address: str) -> RpcClient | None:
         try:
@@ -268,7 +393,9 @@ class VMTarget:
         """Nothing to do here: the agent removes a workload's scratch files after each run."""
 
     async def unavailable(self, workload: Workload, params: Mapping[str, Any]) -> list[Unavailable]:
-        notes = workload.unavailable(params)
+        # A guest workload's notes come from the agent (what the guest lacks: /dev/port, the
+        # msr module), not from this host; the others have none of their own.
+        notes = list(self._guest_unavailable.values()) if workload.kind == "guest" else []
         if workload.name == "attestation" and self._agent_info.get("tee") == "none":
             notes.append(
                 Unavailable("attestation", f"{self.vm} is not a confidential VM: no attestation interface")
@@ -387,4 +514,7 @@ class VMTarget:
                 s = event.sample
                 direction: Literal["higher", "lower"] = "higher" if s.direction == "higher" else "lower"
                 samples.append(Sample(s.metric, s.value, s.unit, direction, dict(s.metadata)))
+            elif event.HasField("unavailable"):
+                note = event.unavailable
+                self._guest_unavailable[note.metric] = Unavailable(note.metric, note.reason)
         return samples

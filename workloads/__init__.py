@@ -8,6 +8,8 @@ Read in this order:
   :mod:`workloads.net` (nginx, iperf, ping, memcached), :mod:`workloads.system` (fio,
   memory, sysbench), :mod:`workloads.vmexit` (cpuid / port I/O / rdmsr exit latency from
   a machine-code loop) and :mod:`workloads.external` (boot phases, attestation steps);
+- :mod:`workloads.capabilities`: what a workload needs of a target (ICMP, UDP, a scratch
+  disk, a VM) and the refusal, before anything boots, where a target lacks it;
 - :mod:`workloads.parsers`: the tools' outputs to numbers (pure);
 - :mod:`workloads.stats`: summaries, outliers, paired overheads (pure);
 - :mod:`workloads.execute`: running servers and commands with deadlines (shared by the

@@ -44,19 +44,31 @@ from workloads.model import MissingToolError, Sample, ServerPlan, Unavailable, W
 
 SERVER_START_TIMEOUT = 15.0
 SERVER_STOP_TIMEOUT = 10.0
+#: seconds a command whose output is complete (Workload.output_complete) gets to exit by itself
+COMPLETE_GRACE = 2.0
 STDERR_TAIL = 400
 
 #: called before each guest command: (index, count, argv)
 CommandCallback = Callable[[int, int, list[str]], None]
 
 
-async def run_command(argv: list[str], timeout: float, what: str) -> str:
+async def run_command(
+    argv: list[str], timeout: float, what: str, complete: Callable[[str], bool] | None = None
+) -> str:
     """Run ``argv`` to completion within ``timeout`` seconds; its stdout.
 
     A non-zero exit is a :class:`RemoteError` carrying the tail of stderr; running past
     the deadline kills the process (trio's run_process does on cancellation) and raises
     :class:`DeadlineExceeded`.
+
+    ``complete`` (a workload's :meth:`Workload.output_complete`) is asked about the stdout
+    read so far: once it holds everything the parser needs, the process gets
+    :data:`COMPLETE_GRACE` seconds to exit by itself and is then stopped, and its stdout is
+    the result whatever its exit status (memaslap can hang in its teardown after printing
+    its summary).
     """
+    if complete is not None:
+        return await _run_until_complete(argv, timeout, what, complete)
     with trio.move_on_after(timeout) as scope:
         done = await trio.run_process(
             argv, capture_stdout=True, capture_stderr=True, check=False, preexec_fn=child_preexec()
@@ -67,6 +79,56 @@ async def run_command(argv: list[str], timeout: float, what: str) -> str:
         tail = done.stderr.decode(errors="replace").strip()[-STDERR_TAIL:]
         raise RemoteError(f"{what}: {argv[0]} exited with {done.returncode}: {tail or '(no stderr)'}")
     return bytes(done.stdout).decode(errors="replace")
+
+
+async def _run_until_complete(
+    argv: list[str], timeout: float, what: str, complete: Callable[[str], bool]
+) -> str:
+    stdout, stderr = bytearray(), bytearray()
+    finished_early = False
+    process = await trio.lowlevel.open_process(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=child_preexec(),
+    )
+    assert process.stdout is not None and process.stderr is not None
+    err_stream, out_stream = process.stderr, process.stdout
+
+    async def drain_stderr() -> None:
+        async for chunk in err_stream:
+            stderr.extend(chunk)
+
+    async def stop_after_grace() -> None:
+        with trio.move_on_after(COMPLETE_GRACE):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+
+    try:
+        with trio.move_on_after(timeout) as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drain_stderr)
+                async for chunk in out_stream:
+                    stdout.extend(chunk)
+                    if not finished_early and complete(stdout.decode(errors="replace")):
+                        finished_early = True
+                        nursery.start_soon(stop_after_grace)
+                await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+            await out_stream.aclose()
+            await err_stream.aclose()
+    if scope.cancelled_caught:
+        raise DeadlineExceeded(f"{what}: {argv[0]} did not finish within {timeout:g} s")
+    if process.returncode != 0 and not finished_early:
+        tail = stderr.decode(errors="replace").strip()[-STDERR_TAIL:]
+        raise RemoteError(f"{what}: {argv[0]} exited with {process.returncode}: {tail or '(no stderr)'}")
+    return stdout.decode(errors="replace")
 
 
 async def run_guest_work(

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 from cvmcore.errors import UsageError
+from workloads.capabilities import VM
 from workloads.model import Param, Sample, Workload
 
 
@@ -37,6 +38,7 @@ class Boot(Workload):
     name = "boot"
     summary = "boot time by phase (QEMU, firmware, Linux, init), measured by the host daemon"
     kind = "external"
+    needs = frozenset({VM})
     PHASES: ClassVar[tuple[str, ...]] = ("qemu", "firmware", "linux", "init")
     params = (
         Param(
@@ -59,6 +61,7 @@ class Attestation(Workload):
     name = "attestation"
     summary = "attestation time by step (get report / quote, fetch certificates, verify), from the agent"
     kind = "external"
+    needs = frozenset({VM})
     params = ()
 
     def samples_from(self, values: Mapping[str, float]) -> list[Sample]:

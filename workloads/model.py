@@ -52,11 +52,12 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 from cvmcore.errors import CvmError, UsageError
+from workloads.capabilities import Capabilities
 
 ParamKind = Literal["int", "float", "str", "bool", "list[int]"]
 Direction = Literal["higher", "lower"]
@@ -222,7 +223,9 @@ class Workload:
     ``guest_tools`` / ``host_tools`` ({binary: Debian package}), ``duration_param`` (the
     parameter that :meth:`scaled` sets from ``--duration``; ``None`` when a run's length is
     not a parameter), ``case_param`` (the list parameter :meth:`cases` expands) and
-    ``in_process`` (the guest side is :meth:`run_in_process`, not argv lists).
+    ``in_process`` (the guest side is :meth:`run_in_process`, not argv lists) and ``needs``
+    (what a target must offer, from :data:`workloads.capabilities.CAPABILITIES`: a target
+    that lacks one refuses the workload before anything boots).
     """
 
     name: ClassVar[str] = ""
@@ -234,6 +237,7 @@ class Workload:
     duration_param: ClassVar[str | None] = None
     case_param: ClassVar[str | None] = None
     in_process: ClassVar[bool] = False
+    needs: ClassVar[frozenset[str]] = frozenset()
 
     # -- parameters -------------------------------------------------------------------
 
@@ -271,6 +275,15 @@ class Workload:
         return {
             name: known[name].format(value) if name in known else str(value) for name, value in params.items()
         }
+
+    def for_target(
+        self, params: dict[str, Any], capabilities: Capabilities, explicit: frozenset[str]
+    ) -> dict[str, Any]:
+        """``params`` adapted to a target's :class:`Capabilities` (fio: its scratch directory).
+
+        ``explicit`` names the parameters the user set, which are never changed.
+        """
+        return params
 
     def scaled(self, params: dict[str, Any], duration_seconds: float) -> dict[str, Any]:
         """``params`` with the run length set so one repetition takes about ``duration_seconds``.
@@ -343,6 +356,11 @@ class Workload:
     def parse_host(self, output: str, params: Mapping[str, Any]) -> list[Sample]:
         """Samples from the host client's stdout, for one case."""
         return []
+
+    #: Whether the host client's stdout so far holds all that :meth:`parse_host` reads; the
+    #: client is then stopped if it does not exit by itself (:func:`workloads.execute.run_command`).
+    #: None: wait for the client to exit.
+    output_complete: Callable[[str], bool] | None = None
 
     def timeout(self, params: Mapping[str, Any]) -> float:
         """A deadline (seconds) for one command of one case: the run length plus slack."""

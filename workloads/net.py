@@ -21,13 +21,21 @@ non-root local run works (the port does not change what is measured).
 from __future__ import annotations
 
 import os
+import re
 import statistics
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from cvmcore.errors import UsageError
 from workloads import parsers
+from workloads.capabilities import ICMP, TCP, UDP
 from workloads.model import Param, Sample, ServerPlan, Workload, euid_is_root
+
+#: memaslap's last line: ``Run time: 2.0s Ops: 11590 TPS: 5795 Net_rate: 5.9M/s``
+MEMASLAP_DONE = re.compile(r"^Run time: [0-9.]+s Ops: \d+ TPS: \d+ Net_rate: \S+\n", re.M)
+
+#: seconds allowed per memaslap connection to open (see Memcached.timeout)
+CONNECT_ALLOWANCE = 0.1
 
 LISTEN = Param("listen", "str", "0.0.0.0", "address the server binds in the guest (0.0.0.0 or 127.0.0.1)")
 
@@ -109,6 +117,7 @@ class Nginx(Workload):
     guest_tools: ClassVar[dict[str, str]] = {"nginx": "nginx"}
     host_tools: ClassVar[dict[str, str]] = {"wrk": "wrk"}
     duration_param = "duration"
+    needs = frozenset({TCP})
 
     def check(self, params: dict[str, Any]) -> None:
         check_listen(params)
@@ -159,6 +168,7 @@ class _Iperf(Workload):
     host_tools: ClassVar[dict[str, str]] = {"iperf3": "iperf3"}
     duration_param = "duration"
     udp: ClassVar[bool] = False
+    needs = frozenset({TCP})
 
     def check(self, params: dict[str, Any]) -> None:
         check_listen(params)
@@ -225,6 +235,7 @@ class IperfUdp(_Iperf):
     summary = "UDP throughput per datagram size: iperf3 -u -b 0 -P 8, lengths 64..1460"
     udp = True
     case_param = "length"
+    needs = frozenset({TCP, UDP})  # iperf3's control connection is TCP
     params = (
         Param("streams", "int", 8, "parallel streams (-P)", minimum=1, maximum=128),
         Param(
@@ -252,6 +263,7 @@ class Ping(Workload):
     summary = "ICMP round-trip time per payload size (ping -c 30 -i 0.1, first 3 dropped)"
     kind = "client-server"
     case_param = "size"
+    needs = frozenset({ICMP})
     params = (
         Param(
             "size",
@@ -322,6 +334,12 @@ class Memcached(Workload):
     requests in flight instead. ``memcslap`` from the same package only reports one wall
     time per batch, and mc-crusher / memtier are not packaged. The study's memtier
     ``-t <nvcpu> -c 100`` becomes ``-T threads -c threads*100``.
+
+    Through QEMU's user networking (the dev guest today) two things stretch a run, and
+    neither changes what is measured: memaslap opens all its connections before its clock
+    starts, and the forward accepts them one at a time (so :meth:`timeout` allows for
+    opening them), and after printing its summary it can hang in its teardown (so the
+    summary ends the run: :meth:`output_complete`).
     """
 
     name = "memcached"
@@ -355,6 +373,7 @@ class Memcached(Workload):
     guest_tools: ClassVar[dict[str, str]] = {"memcached": "memcached"}
     host_tools: ClassVar[dict[str, str]] = {"memcaslap": "libmemcached-tools"}
     duration_param = "duration"
+    needs = frozenset({TCP})
 
     def check(self, params: dict[str, Any]) -> None:
         check_listen(params)
@@ -381,6 +400,19 @@ class Memcached(Workload):
             f"{params['duration']}s",
             "-B",
         ]
+
+    def timeout(self, params: Mapping[str, Any]) -> float:
+        """The run, plus time to open every connection: memaslap starts its clock only once
+        all are open, and QEMU's user networking accepts forwarded connections one at a time
+        (listen backlog 1), so under TCG the study's 800 take about 30 s (SYN retries back off)."""
+        connections = params["threads"] * params["connections"]
+        return float(params["duration"] * 2 + 30 + CONNECT_ALLOWANCE * connections)
+
+    def output_complete(self, output: str) -> bool:
+        """The summary's last line is out: memaslap through QEMU's user networking can then
+        hang in its teardown (a thread whose connections saw no event after the run time never
+        notices the end), so it is stopped instead of waited for."""
+        return MEMASLAP_DONE.search(output) is not None
 
     def parse_host(self, output: str, params: Mapping[str, Any]) -> list[Sample]:
         result = parsers.parse_memaslap(output)

@@ -7,6 +7,7 @@ through the host daemon and implements the same methods.
 
 One run, by :func:`run_benchmark`::
 
+    check what each target offers            -> WorkloadRefused with the reason (workloads.capabilities)
     check host tools (wrk, iperf3, ...)      -> MissingToolError naming the package
     store.begin(...)                          -> run id, status running
     for each arm: target.prepare(workload, params); target.describe()   (guest tools checked)
@@ -26,7 +27,9 @@ each host command :meth:`Workload.timeout`, server readiness and stopping the de
 :mod:`workloads.execute`.
 
 Parameters of client/server workloads: unless the caller set ``listen``, the server binds
-``target.listen_address`` (``127.0.0.1`` locally, all addresses in a guest).
+``target.listen_address`` (``127.0.0.1`` locally, all addresses in a guest). Every workload's
+parameters then pass :meth:`Workload.for_target` with the target's capabilities (fio's
+scratch file goes on the target's scratch disk).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from typing import Any, Literal, Protocol
 import trio
 
 from cvmcore.errors import CvmError, RemoteError, UsageError
+from workloads.capabilities import VM, Capabilities, WorkloadRefused, local_capabilities, refusal
 from workloads.execute import ServerProcess, remove_scratch_files, run_command, run_guest_work
 from workloads.metadata import TeeDetector, run_metadata
 from workloads.model import Sample, ServerPlan, Unavailable, Workload
@@ -53,6 +57,9 @@ class Target(Protocol):
     name: str
     #: the address servers bind in this target (a client/server workload's ``listen``)
     listen_address: str
+
+    def capabilities(self) -> Capabilities:
+        """What this target offers workloads, and why not the rest; known before it boots."""
 
     async def prepare(self, workload: Workload, params: Mapping[str, Any]) -> None:
         """Get ready to run ``workload`` (check its guest tools, boot, ...)."""
@@ -118,24 +125,40 @@ class RunRequest:
     detect_tee: TeeDetector | None = None  # names the local machine's TEE for the metadata
 
 
+def capabilities_of(target: Target) -> Capabilities:
+    """``target.capabilities()``; for a target without that method, this machine's, with
+    ``vm`` offered when it measures external workloads."""
+    method = getattr(target, "capabilities", None)
+    if method is not None:
+        answer: Capabilities = method()
+        return answer
+    local = local_capabilities()
+    if not hasattr(target, "measure_external"):
+        return local
+    return Capabilities({**local.offered, VM: target.name}, {})
+
+
+def refuse_unrunnable(workload: Workload, targets: Mapping[str, Target]) -> None:
+    """Raise :class:`WorkloadRefused` if a target cannot run ``workload`` (before anything runs)."""
+    for target in targets.values():
+        reason = refusal(workload, capabilities_of(target))
+        if reason is not None:
+            raise WorkloadRefused(reason)
+
+
 def params_for(request: RunRequest, target: Target) -> dict[str, Any]:
-    """The request's params with ``listen`` filled in from the target unless set explicitly."""
+    """The request's params with ``listen`` filled in from the target unless set explicitly,
+    then adapted to the target's capabilities (:meth:`Workload.for_target`)."""
     params = dict(request.params)
     if "listen" in params and "listen" not in request.explicit:
         params["listen"] = target.listen_address
-    return params
+    return request.workload.for_target(params, capabilities_of(target), request.explicit)
 
 
 async def run_benchmark(store: Store, request: RunRequest, progress: ProgressCallback | None = None) -> int:
     """Run ``request``, storing as it goes; the run id. Re-raises what stopped it."""
     workload = request.workload
-    if workload.kind == "external":
-        lacking = [t.name for t in request.targets.values() if not hasattr(t, "measure_external")]
-        if lacking:
-            raise UsageError(
-                f"{workload.name} is measured by the host daemon and the agent of a VM: use --target vm "
-                f"or vm:NAME (not {', '.join(lacking)})"
-            )
+    refuse_unrunnable(workload, request.targets)
     if request.repeat < 1 or request.warmup < 0:
         raise UsageError("--repeat must be at least 1 and --warmup at least 0")
     workload.require_tools("host")
@@ -231,7 +254,7 @@ async def run_case(
     argv = workload.host_command(params, host, port)
     if argv is None:
         raise UsageError(f"{workload.name} has no host-side client")
-    output = await run_command(argv, workload.timeout(params), workload.name)
+    output = await run_command(argv, workload.timeout(params), workload.name, workload.output_complete)
     return workload.parse_host(output, params)
 
 
@@ -256,6 +279,9 @@ class LocalTarget:
         self.existing_port = existing_port
         self.name = "local" if existing_port is None else f"local:{existing_port}"
         self._server = ServerProcess()
+
+    def capabilities(self) -> Capabilities:
+        return local_capabilities()
 
     async def prepare(self, workload: Workload, params: Mapping[str, Any]) -> None:
         workload.require_tools("guest")

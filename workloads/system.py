@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 
 from cvmcore.errors import UsageError
 from workloads import parsers
+from workloads.capabilities import SCRATCH_DISK, Capabilities
 from workloads.model import Param, Sample, Workload
 
 # job name -> (fio --rw, block size, iodepth, numjobs, extra arguments)
@@ -52,6 +53,7 @@ FIO_JOBS: dict[str, tuple[str, str, int, int, tuple[str, ...]]] = {
 
 # Where the fio scratch file may live (see the module docstring).
 FIO_PREFIXES = ("/var/tmp/", "/tmp/", "/mnt/", "/srv/", "/scratch/")
+FIO_FILE = "cvmctl-fio.scratch"
 
 
 def cpu_count() -> int:
@@ -81,8 +83,9 @@ class Fio(Workload):
         Param(
             "filename",
             "str",
-            "/var/tmp/cvmctl-fio.scratch",
-            "scratch file (under /var/tmp, /tmp, /mnt, /srv or /scratch; not tmpfs)",
+            f"/var/tmp/{FIO_FILE}",
+            "scratch file (under /var/tmp, /tmp, /mnt, /srv or /scratch; not tmpfs); "
+            "default: on the target's scratch disk",
         ),
         Param("size_mb", "int", 1024, "size of the scratch file in MiB", minimum=1, maximum=1 << 22),
         Param("runtime", "int", 30, "seconds measured per job (after the ramp)", minimum=1, maximum=3600),
@@ -91,6 +94,18 @@ class Fio(Workload):
         Param("direct", "bool", True, "O_DIRECT (the study: yes)"),
     )
     guest_tools: ClassVar[dict[str, str]] = {"fio": "fio"}
+    needs = frozenset({SCRATCH_DISK})
+
+    def for_target(
+        self, params: dict[str, Any], capabilities: Capabilities, explicit: frozenset[str]
+    ) -> dict[str, Any]:
+        """The scratch file in the directory of the target's scratch disk, unless set."""
+        directory = capabilities.offered.get(SCRATCH_DISK, "")
+        if "filename" in explicit or not directory.startswith("/"):
+            return params
+        out = {**params, "filename": posixpath.join(posixpath.normpath(directory), FIO_FILE)}
+        self.check(out)
+        return out
 
     def check(self, params: dict[str, Any]) -> None:
         split_names(params["jobs"], FIO_JOBS, "jobs")
@@ -225,6 +240,11 @@ class Memory(Workload):
 
 
 STRESSORS = ("cpu", "switch", "pipe", "matrix", "memcpy", "futex", "vm")
+#: stress-ng writes its YAML to a path: our stdout, through procfs. Not /dev/stdout: that
+#: symlink is made by udev or systemd, and a guest with a bare devtmpfs (the dev guest's
+#: initramfs) has none, so stress-ng could not open it, said so on stderr, exited 0 and left
+#: no metrics.
+STDOUT_PATH = "/proc/self/fd/1"
 
 
 class Sysbench(Workload):
@@ -280,7 +300,7 @@ class Sysbench(Workload):
                     time,
                     "--metrics-brief",
                     "--yaml",
-                    "/dev/stdout",
+                    STDOUT_PATH,
                 ]
             )
         return commands

@@ -25,9 +25,11 @@ and 0x40000000; rdmsr 0x1b and 0xC0000100; the KVM hypercall; inb from ports 0x4
 
 Why machine code and no compiler: a confidential guest image has no gcc, and a prebuilt
 helper binary would be an opaque blob to ship and trust. The loop is a few dozen bytes of
-x86-64, written out below instruction by instruction, copied into an anonymous mapping
-that is made executable only after it is written (W^X: mmap RW, memmove, mprotect RX) and
-called through ctypes with the System V calling convention (arguments in rdi, rsi, rdx;
+x86-64, written out below instruction by instruction, written into a memfd that is then
+mapped read+execute (never writable and executable, and no ``mprotect`` adding execute:
+what ``MemoryDenyWriteExecute=yes`` and the kernel's ``PR_SET_MDWE`` forbid; where a memfd
+cannot be mapped executable, an anonymous mapping written first and then made executable
+is the fallback) and called through ctypes with the System V calling convention (arguments in rdi, rsi, rdx;
 result in rax; rbx, r12-r14 saved because cpuid clobbers ebx and we use the others). One
 ctypes call (about a microsecond) per 100,000 iterations does not show in the result.
 
@@ -38,6 +40,13 @@ Two loops are generated:
   TSC frequency as cycles / ns, recorded in the metadata);
 - ``each(leaf, n, out)``: rdtsc / cpuid / rdtsc per iteration into ``out[i]``, for the
   median and 99th percentile; ``each`` without the cpuid measures rdtsc's own cost.
+
+The loops run on one CPU (``cpu``, default ``auto``), pinned for their duration on the
+worker thread that runs them. The CPUs to choose from are the workload's, not the agent's:
+the agent keeps its own threads on one vCPU (``cvm-agent --cpu auto``, the highest), but
+hands its workloads the CPU set it was started with (:mod:`cvmcore.affinity`), and so does
+this loop. ``auto`` is the lowest of those CPUs other than the agent's own, so the loop
+and the agent do not share a vCPU.
 
 cpuid is serializing, so no fence is needed between it and the counter reads; an lfence
 before each rdtsc keeps rdtsc from running ahead of earlier instructions.
@@ -50,11 +59,13 @@ import mmap
 import os
 import platform
 import statistics
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Set
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
+from cvmcore.affinity import child_preexec, format_cpu_list
 from cvmcore.errors import UsageError
 from workloads.model import Param, Sample, Unavailable, Workload
 
@@ -190,20 +201,49 @@ class MachineCode:
         self._mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         self._munmap = libc.munmap
         self._munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        address = self._mmap(
-            None, self._size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0
-        )
-        if address in (None, ctypes.c_void_p(-1).value):
-            raise OSError(ctypes.get_errno(), "mmap of the vmexit loop failed")
-        self._address: int | None = address
-        ctypes.memmove(address, blob, len(blob))
-        if self._mprotect(address, self._size, mmap.PROT_READ | mmap.PROT_EXEC) != 0:
-            errno = ctypes.get_errno()
-            self.close()
-            raise OSError(errno, "mprotect(PROT_EXEC) of the vmexit loop failed (noexec policy?)")
+        self._address: int | None = None
+        #: how the code is mapped: "memfd" (read+execute from the start) or "anonymous"
+        self.mapping = "memfd"
+        try:
+            address = self._map_memfd(blob)
+        except OSError as first:
+            self.mapping = "anonymous"
+            try:
+                address = self._map_anonymous(blob)
+            except OSError as second:
+                raise OSError(second.errno, f"{second.strerror} (and a memfd mapping: {first})") from None
+        self._address = address
         self.bulk = BulkFn(address + offsets[0])
         self.each = EachFn(address + offsets[1])
         self.each_empty = EachFn(address + offsets[2])
+
+    def _map(self, prot: int, flags: int, fd: int) -> int:
+        address = self._mmap(None, self._size, prot, flags, fd, 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"mmap of the vmexit loop failed: {os.strerror(errno)}")
+        return int(address)
+
+    def _map_memfd(self, blob: bytes) -> int:
+        """The code written into a memfd, mapped read+execute: never writable and executable."""
+        fd = os.memfd_create("cvmctl-vmexit", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, self._size)
+            os.pwrite(fd, blob, 0)
+            address = self._map(mmap.PROT_READ | mmap.PROT_EXEC, mmap.MAP_PRIVATE, fd)
+        finally:
+            os.close(fd)
+        return address
+
+    def _map_anonymous(self, blob: bytes) -> int:
+        """Anonymous memory written, then made read+execute (refused under MDWE)."""
+        address = self._map(mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1)
+        ctypes.memmove(address, blob, len(blob))
+        if self._mprotect(address, self._size, mmap.PROT_READ | mmap.PROT_EXEC) != 0:
+            errno = ctypes.get_errno()
+            self._munmap(address, self._size)
+            raise OSError(errno, "mprotect(PROT_EXEC) of the vmexit loop failed (noexec policy?)")
+        return address
 
     def close(self) -> None:
         if self._address is not None:
@@ -217,9 +257,69 @@ class MachineCode:
         self.close()
 
 
+def workload_cpus() -> frozenset[int]:
+    """The CPUs a workload may use here: the set this process had before it pinned itself.
+
+    The agent pins its threads to one CPU (:func:`cvmcore.affinity.pin_process`) and gives
+    its children the set it was started with back (:func:`cvmcore.affinity.restore_in_child`).
+    An in-process workload gets that same set: a short-lived thread applies the restore to
+    itself (affinity is per thread) and reads it. Unpinned (the CLI, a local run), the set is
+    this thread's.
+    """
+    restore = child_preexec()
+    if restore is None:
+        return frozenset(os.sched_getaffinity(0))
+    found: list[frozenset[int]] = []
+    failed: list[BaseException] = []
+
+    def probe() -> None:
+        try:
+            restore()
+            found.append(frozenset(os.sched_getaffinity(0)))
+        except BaseException as exc:  # handed to the caller
+            failed.append(exc)
+
+    thread = threading.Thread(target=probe, name="cvmctl-cpu-probe")
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return found[0]
+
+
+def choose_cpu(choice: str, usable: Set[int], busy: Set[int] = frozenset()) -> int:
+    """The CPU the loops run on for ``cpu=choice``: ``auto`` or a number from ``usable``.
+
+    ``auto`` is the lowest usable CPU outside ``busy`` (the agent's own, when it pinned
+    itself), or the lowest usable one when every usable CPU is busy.
+    """
+    if not usable:
+        raise UsageError("vmexit: this process may use no CPU")
+    if choice == "auto":
+        return min(set(usable) - set(busy) or usable)
+    cpu = int(choice)
+    if cpu not in usable:
+        raise UsageError(
+            f"parameter cpu: {cpu} is not allowed (expected auto or one of the CPUs workloads may use "
+            f"here: {format_cpu_list(usable)})"
+        )
+    return cpu
+
+
+def resolve_cpu(choice: str) -> int:
+    """:func:`choose_cpu` among :func:`workload_cpus`, avoiding the CPUs the caller is pinned to."""
+    usable = workload_cpus()
+    own = frozenset(os.sched_getaffinity(0))
+    return choose_cpu(choice, usable, own if own != usable else frozenset())
+
+
 @contextmanager
 def pinned(cpu: int) -> Iterator[None]:
-    """Run the block on ``cpu`` only (the TSC and /dev/cpu/N/msr are per CPU), then restore."""
+    """Run the block on ``cpu`` only (the TSC and /dev/cpu/N/msr are per CPU), then restore.
+
+    Only the calling thread moves (the loops run on a worker thread of their own): the
+    agent's other threads stay where it pinned them.
+    """
     before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {cpu})
     try:
@@ -232,6 +332,7 @@ def leaf_name(leaf: int) -> str:
     return f"cpuid_{leaf:#x}" if leaf > 9 else f"cpuid_{leaf}"
 
 
+MAX_CPU = 4095
 PORT_DEVICE = "/dev/port"
 MSR_DEVICE = "/dev/cpu/{cpu}/msr"
 
@@ -322,16 +423,23 @@ class Vmexit(Workload):
             maximum=0xFFFFFFFF,
             hex=True,
         ),
-        Param("cpu", "int", 0, "CPU to pin to while measuring", minimum=0, maximum=4095),
+        Param(
+            "cpu",
+            "str",
+            "auto",
+            "CPU to pin the loops to while measuring; auto: the lowest one workloads may use, "
+            "other than the agent's own (checked where the loops run)",
+        ),
     )
     guest_tools: ClassVar[dict[str, str]] = {}
 
     def check(self, params: dict[str, Any]) -> None:
-        if params["cpu"] not in os.sched_getaffinity(0):
+        # The CPU set is checked where the loops run (the guest's, not the host's): here
+        # only the form. Both sides call this.
+        cpu = params["cpu"]
+        if cpu != "auto" and not (cpu.isdigit() and int(cpu) <= MAX_CPU):
             raise UsageError(
-                f"parameter cpu: {params['cpu']} is not allowed "
-                "(expected one of the CPUs this process may use: "
-                f"{', '.join(str(c) for c in sorted(os.sched_getaffinity(0)))})"
+                f"parameter cpu: {cpu!r} is not allowed (expected auto or a CPU number from 0 to {MAX_CPU})"
             )
 
     def scaled(self, params: dict[str, Any], duration_seconds: float) -> dict[str, Any]:
@@ -352,15 +460,16 @@ class Vmexit(Workload):
         port_problem = _device_problem(PORT_DEVICE, "port I/O")
         if port_problem and params["ports"]:
             notes += [Unavailable(f"pio_{port:#x}", port_problem) for port in params["ports"]]
-        msr_problem = _device_problem(MSR_DEVICE.format(cpu=params["cpu"]), "rdmsr")
+        msr_problem = _device_problem(MSR_DEVICE.format(cpu=resolve_cpu(params["cpu"])), "rdmsr")
         if msr_problem and params["msrs"]:
             notes += [Unavailable(f"msr_{msr:#x}", msr_problem) for msr in params["msrs"]]
         return notes
 
     def run_in_process(self, params: Mapping[str, Any]) -> list[Sample]:
         n, warmup = params["iterations"], params["warmup"]
+        cpu = resolve_cpu(params["cpu"])
         samples: list[Sample] = []
-        with MachineCode() as code, pinned(params["cpu"]):
+        with MachineCode() as code, pinned(cpu):
             # rdtsc's own cost, to read the per-iteration figures against.
             buffer = (ctypes.c_uint64 * n)()
             code.each_empty(0, n, buffer)
@@ -393,7 +502,7 @@ class Vmexit(Workload):
                     io_samples.append(
                         Sample(f"pio_{port:#x}_ns", ns, "ns", "lower", {**base_meta, "port": f"{port:#x}"})
                     )
-            msr_path = MSR_DEVICE.format(cpu=params["cpu"])
+            msr_path = MSR_DEVICE.format(cpu=cpu)
             if _device_problem(msr_path, "rdmsr") is None:
                 for msr in params["msrs"]:
                     ns = time_pread_ns(msr_path, 8, msr, io_n, io_warmup)
@@ -404,7 +513,12 @@ class Vmexit(Workload):
                 baseline = time_pread_ns("/dev/zero", 1, 0, io_n, io_warmup)
                 samples += [*io_samples, Sample("syscall_pread_ns", baseline, "ns", "lower", base_meta)]
         tsc_ghz = statistics.median(tsc_per_ns) if tsc_per_ns else 0.0
-        extra = {"tsc_ghz": f"{tsc_ghz:.4f}", "rdtsc_cycles": f"{rdtsc_cycles:g}", "cpu": str(params["cpu"])}
+        extra = {
+            "tsc_ghz": f"{tsc_ghz:.4f}",
+            "rdtsc_cycles": f"{rdtsc_cycles:g}",
+            "cpu": str(cpu),
+            "code_mapping": code.mapping,
+        }
         return [s.with_metadata(**extra) for s in samples]
 
 

@@ -13,7 +13,9 @@ Targets: :func:`resolve_targets` turns ``--target`` (or the two sides of ``--com
 :class:`workloads.runner.Target` objects: ``local`` here, VM targets from
 :mod:`cvmctl.vm_target`, the built-in ones (``vm``, ``sev-snp``, ``tdx`` and their
 modifiers) from :mod:`cvmctl.targets`. A confidential target this host cannot run is refused
-before anything boots, with the host check's reasons.
+before anything boots, with the host check's reasons; so is a workload a target cannot run
+(its needs against the target's capabilities, :mod:`workloads.capabilities`), with the
+reason ``--list`` shows.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,12 +36,13 @@ from cvmctl.cli.args import add_data_dir_argument, non_negative_int, positive_fl
 from cvmctl.cli.runview import print_run, run_json
 from cvmctl.targets import BuiltinTarget, pair, parse_target
 from cvmctl.targets import usage as target_usage
-from cvmctl.vm_target import VMTarget
+from cvmctl.vm_target import VMTarget, builtin_capabilities
 from host_daemon.firmware import find_firmware, first_fit
 from host_daemon.hostcheck import evaluate, gather_host_facts
 from workloads import catalogue
+from workloads.capabilities import Capabilities, local_capabilities, refusal
 from workloads.model import Workload
-from workloads.runner import LocalTarget, Progress, RunRequest, Target, run_benchmark
+from workloads.runner import LocalTarget, Progress, RunRequest, Target, refuse_unrunnable, run_benchmark
 from workloads.store import Store
 
 DEFAULT_TARGET = "vm"
@@ -233,6 +237,10 @@ def run_bench(args: argparse.Namespace) -> int:
     raw = parse_param_args(args.param)
     params = resolve_params(workload, raw, args.duration)
     targets = resolve_targets(args)
+    refuse_unrunnable(workload, targets)  # before anything starts or boots
+    for target in targets.values():
+        if isinstance(target, VMTarget):
+            target.expect(workload, params)  # vm:NAME: checked against its spec before it boots
     request = RunRequest(
         workload=workload,
         params=params,
@@ -277,13 +285,33 @@ def print_progress(name: str) -> Callable[[Progress], None]:
     return show
 
 
+def listed_targets() -> dict[str, Capabilities]:
+    """The targets ``--list`` answers for: this machine and the built-in dev guest."""
+    return {"local": local_capabilities(), "vm": builtin_capabilities(BuiltinTarget("vm"))}
+
+
 def print_catalogue() -> None:
+    targets = listed_targets()
     for workload in catalogue.CATALOGUE.values():
         print(f"{workload.name}  ({workload.kind})")
         print(f"    {workload.summary}")
         tools = {**workload.guest_tools, **workload.host_tools}
         if tools:
             print("    tools: " + ", ".join(f"{b} ({p})" for b, p in tools.items()))
+        refusals = {name: refusal(workload, caps) for name, caps in targets.items()}
+        runs_on = [name for name, reason in refusals.items() if reason is None]
+        print("    runs on: " + (", ".join(runs_on) or "none of " + ", ".join(targets)))
+        for name, reason in refusals.items():
+            if reason is not None:
+                print(
+                    textwrap.fill(
+                        reason, 100, initial_indent=f"    not on {name}: ", subsequent_indent=" " * 8
+                    )
+                )
         for p in workload.params:
             print(f"    {p.name}={p.format(p.default)}  {p.help}; {p.allowed()}")
         print()
+    print(
+        "targets: vm stands for every built-in target (sev-snp, tdx and the +modifiers are the same\n"
+        "dev guest); vm:NAME can run what its spec offers, checked before the VM boots."
+    )

@@ -11,6 +11,7 @@ from cvmcore.errors import DeadlineExceeded, RemoteError, UsageError
 from tests.workloads.conftest import require
 from workloads.catalogue import get
 from workloads.execute import (
+    COMPLETE_GRACE,
     ServerProcess,
     run_command,
     run_guest_request,
@@ -27,6 +28,31 @@ async def test_command_output_failure_and_deadline() -> None:
         await run_command(["sh", "-c", "echo boom >&2; exit 3"], 5, "t")
     with pytest.raises(DeadlineExceeded, match=r"t: sleep did not finish within 0\.2 s"):
         await run_command(["sleep", "5"], 0.2, "t")
+
+
+async def test_a_complete_output_ends_a_client_that_hangs_after_it() -> None:
+    """memaslap through QEMU's user networking: the summary, then a hang in its teardown."""
+    done = lambda out: "summary\n" in out  # noqa: E731
+    hangs = ["sh", "-c", "echo partial; sleep 0.2; echo summary; exec sleep 60"]
+    started = trio.current_time()
+    assert await run_command(hangs, 30, "t", done) == "partial\nsummary\n"
+    assert trio.current_time() - started < COMPLETE_GRACE + 5
+    # exiting by itself within the grace: no wait beyond it, its status does not matter then
+    assert await run_command(["sh", "-c", "echo summary; exit 1"], 30, "t", done) == "summary\n"
+    # never complete: the usual failure and deadline
+    with pytest.raises(RemoteError, match=r"t: sh exited with 3: boom"):
+        await run_command(["sh", "-c", "echo boom >&2; exit 3"], 5, "t", done)
+    with pytest.raises(DeadlineExceeded, match=r"t: sh did not finish within 0\.3 s"):
+        await run_command(["sh", "-c", "echo partial; exec sleep 5"], 0.3, "t", done)
+
+
+def test_memcached_allows_for_opening_its_connections() -> None:
+    memcached = get("memcached")
+    study = memcached.validate({"duration": "2"})  # 8 threads x 100 connections
+    assert memcached.timeout(study) >= 2 * 2 + 30 + 800 * 0.1
+    assert memcached.output_complete is not None and get("nginx").output_complete is None
+    assert not memcached.output_complete("cmd_get: 1\nRun time: 2.0s Ops: 5 TPS: 2")
+    assert memcached.output_complete("cmd_get: 1\n\nRun time: 2.0s Ops: 5 TPS: 2 Net_rate: 0.1M/s\n")
 
 
 async def test_a_server_that_dies_reports_its_stderr() -> None:

@@ -11,6 +11,7 @@ import trio
 import trio.lowlevel
 
 from cvmcore.errors import RemoteError
+from workloads.capabilities import Capabilities, local_capabilities
 from workloads.catalogue import get
 from workloads.model import Sample, ServerPlan, Unavailable, Workload
 from workloads.runner import Progress, RunRequest, run_benchmark
@@ -22,6 +23,9 @@ class FakeTarget:
 
     def __init__(self, name: str, log: list[str], value: float = 10.0, fail_at: int | None = None) -> None:
         self.name, self.log, self.value, self.fail_at, self.calls = name, log, value, fail_at, 0
+
+    def capabilities(self) -> Capabilities:
+        return local_capabilities()
 
     async def prepare(self, workload: Workload, params: Mapping[str, Any]) -> None:
         self.log.append(f"{self.name}:prepare")
@@ -133,3 +137,23 @@ async def test_server_up_once_for_one_arm_and_per_turn_for_two(tmp_path: Path) -
         ]  # fmt: skip
         params = store.runs()[0].params
         assert params["listen"] == "127.0.0.1"  # filled in from the target
+
+
+async def test_a_workload_the_target_cannot_run_is_refused_before_anything(tmp_path: Path) -> None:
+    from workloads.capabilities import ICMP, WorkloadRefused
+
+    class NoIcmp(FakeTarget):
+        def capabilities(self) -> Capabilities:
+            local = local_capabilities()
+            offered = {k: v for k, v in local.offered.items() if k != ICMP}
+            return Capabilities(offered, {**local.lacking, ICMP: "its network passes no ICMP"})
+
+    log: list[str] = []
+    ping = get("ping")
+    request = RunRequest(ping, ping.validate({}), {"A": FakeTarget("a", log), "B": NoIcmp("b", log)})
+    with Store.open(tmp_path) as store:
+        with pytest.raises(
+            WorkloadRefused, match=r"^ping needs ICMP echo from the host to the guest: its network"
+        ):
+            await run_benchmark(store, request)
+        assert store.runs() == [] and log == []

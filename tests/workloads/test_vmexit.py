@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from cvmcore.errors import UsageError
 from workloads import vmexit
 from workloads.catalogue import get
 
@@ -76,7 +80,75 @@ def test_pio_and_msr_paths_time_pread(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_cpu_must_be_usable() -> None:
-    from cvmcore.errors import UsageError
+    # The form is checked on both sides; the CPU set where the loops run (the guest's).
+    for bad in ("x", "-1", "4096"):
+        with pytest.raises(UsageError, match=f"parameter cpu: '{bad}' is not allowed"):
+            get("vmexit").validate({"cpu": bad})
+    params = get("vmexit").validate({"cpu": "4000", "iterations": "10"})
+    with pytest.raises(UsageError, match=r"parameter cpu: 4000 is not allowed .* may use here"):
+        get("vmexit").run_in_process(params)
 
-    with pytest.raises(UsageError, match="parameter cpu: 4000 is not allowed"):
-        get("vmexit").validate({"cpu": "4000"})
+
+def test_auto_avoids_the_agents_cpu() -> None:
+    assert vmexit.choose_cpu("auto", {0, 1, 2, 3}, busy={3}) == 0
+    assert vmexit.choose_cpu("auto", {2, 3}, busy={2}) == 3
+    assert vmexit.choose_cpu("auto", {3}, busy={3}) == 3  # nothing else to choose
+    assert vmexit.choose_cpu("1", {0, 1}, busy={1}) == 1  # an explicit CPU is taken as given
+    with pytest.raises(UsageError, match="expected auto or one of the CPUs workloads may use here: 0-1"):
+        vmexit.choose_cpu("5", {0, 1})
+
+
+PINNED_AGENT = """
+import os, sys
+from cvmcore.affinity import pin_process
+from workloads import vmexit
+from workloads.catalogue import get
+
+allowed = os.sched_getaffinity(0)
+pin_process(max(allowed))  # what cvm-agent --cpu auto does
+assert os.sched_getaffinity(0) == {max(allowed)}
+assert vmexit.workload_cpus() == allowed, vmexit.workload_cpus()
+workload = get("vmexit")
+params = workload.validate({"iterations": "200", "warmup": "10", "leaves": "0"})
+samples = workload.run_in_process(params)
+print(samples[0].metadata["cpu"], sorted(os.sched_getaffinity(0)))
+"""
+
+
+@x86_only
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_default_cpu_is_the_workloads_not_the_pinned_agents() -> None:
+    """The issue-15 failure: the agent pinned to its highest CPU, vmexit's default refused."""
+    done = subprocess.run(
+        [sys.executable, "-c", PINNED_AGENT], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    cpu, agent_cpus = done.stdout.split(maxsplit=1)
+    allowed = sorted(os.sched_getaffinity(0))
+    assert int(cpu) == min(allowed) and agent_cpus.strip() == f"[{max(allowed)}]"
+
+
+UNDER_MDWE = """
+import ctypes
+from workloads import vmexit
+
+PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
+if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0:
+    print("unsupported")
+    raise SystemExit
+with vmexit.MachineCode() as code:
+    assert code.bulk(0, 10) > 0
+    print(code.mapping)
+"""
+
+
+@x86_only
+def test_runs_under_memory_deny_write_execute() -> None:
+    """No writable+executable memory and no mprotect(PROT_EXEC): MemoryDenyWriteExecute's rules."""
+    done = subprocess.run(
+        [sys.executable, "-c", UNDER_MDWE], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    if done.stdout.strip() == "unsupported":
+        pytest.skip("this kernel has no PR_SET_MDWE (Linux < 6.3)")
+    assert done.stdout.strip() == "memfd"

@@ -21,6 +21,12 @@ AGENT_METRICS_PORT: Final = 9464
 #: The host daemon's ``/metrics`` and ``/sd`` port used in the examples and deploy files.
 HOSTD_METRICS_PORT: Final = 9465
 
+#: The virtio-blk serial of a VM's scratch disk: the host daemon attaches it, the guest finds
+#: it by this in /sys/block/vd*/serial (never by a path the host names).
+SCRATCH_SERIAL: Final = "cvm-scratch"
+#: Where a guest mounts its scratch disk (fio's scratch file goes there).
+GUEST_SCRATCH_DIR: Final = "/scratch"
+
 #: Where the system-wide host daemon listens (systemd's RuntimeDirectory=cvm-hostd).
 HOSTD_SOCKET: Final = "/run/cvm-hostd/hostd.sock"
 HOSTD_ADDRESS: Final = f"unix://{HOSTD_SOCKET}"

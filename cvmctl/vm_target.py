@@ -40,6 +40,7 @@ import grpc
 import trio
 
 from cvm.v1 import agent_pb2, agent_pb2_grpc, host_pb2, host_pb2_grpc
+from cvmcore import defaults
 from cvmcore.address import parse_address
 from cvmcore.client import RpcClient, connect, error_from_rpc
 from cvmcore.defaults import HOSTD_ADDRESS, HOSTD_ENV, state_dir
@@ -82,13 +83,10 @@ def forwards_of(spec_toml: str) -> dict[int, int]:
     return {f.guest_port: f.host_port for f in spec.network.forwards if f.proto == "tcp"}
 
 
-#: Where a guest mounts its ``[scratch]`` disk, for scratch files (fio's); None while
-#: nothing in the guest formats and mounts it. The hook for the storage path: once the dev
-#: guest (its /init or the agent) mounts the disk that the daemon attaches with the serial
-#: ``cvm-scratch``, set this to that directory (under one of fio's prefixes, e.g.
-#: ``/scratch``) and every VM whose spec has a ``[scratch]`` table offers ``scratch-disk``
-#: there; fio's scratch file then goes in it.
-GUEST_SCRATCH_DIR: str | None = None
+#: Where the dev guest's /init mounts the ``[scratch]`` disk the daemon attaches (found by
+#: its serial, a fresh ext4 each boot): fio's scratch file goes there. Other images may
+#: mount it elsewhere, or not at all, so only ``image = "dev"`` VMs offer it.
+GUEST_SCRATCH_DIR: str = defaults.GUEST_SCRATCH_DIR
 
 #: Network modes through which this target reaches a guest's servers, and what each carries.
 #: The hook for the network path: a tap or passt mode adds its entry here (with ``udp`` and
@@ -130,11 +128,12 @@ def spec_capabilities(spec: VMSpec, name: str) -> Capabilities:
     offered, lacking = network_capabilities(spec.network.mode, name)
     offered[VM] = "the host daemon and the VM's agent"
     scratch = getattr(spec, "scratch", None)  # [scratch], the storage path's spec table
-    if scratch is not None and GUEST_SCRATCH_DIR is not None:
+    if scratch is not None and spec.image == "dev":
         offered[SCRATCH_DISK] = GUEST_SCRATCH_DIR
     elif scratch is not None:
         lacking[SCRATCH_DISK] = (
-            f"target {name} has a scratch disk, but nothing in the guest formats and mounts it yet"
+            f"target {name} has a scratch disk, but only the dev guest is known to mount it"
+            f" (at {GUEST_SCRATCH_DIR})"
         )
     elif spec.image == "dev":
         lacking[SCRATCH_DISK] = (

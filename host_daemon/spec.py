@@ -100,6 +100,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast, get_args
 
+from cvmcore import defaults
 from cvmcore.errors import UsageError
 
 Tee = Literal["none", "sev-snp", "tdx"]
@@ -136,7 +137,7 @@ MAX_GUEST_CID = 0xFFFF_FFFE  # 0xFFFFFFFF is VMADDR_CID_ANY
 MIN_SCRATCH_MIB = 1
 MAX_SCRATCH_MIB = 16 * 1024 * 1024  # 16 TiB
 DEFAULT_SCRATCH_SIZE = "2G"
-SCRATCH_SERIAL = "cvm-scratch"
+SCRATCH_SERIAL = defaults.SCRATCH_SERIAL
 """The virtio-blk serial of the scratch disk: the guest finds it as the ``/sys/block/vdX`` whose
 ``serial`` reads this (at most 20 bytes, VIRTIO_BLK_ID_BYTES)."""
 O_DIRECT_CACHES: tuple[Cache, ...] = ("none", "directsync")

@@ -7,7 +7,7 @@ import itertools
 import re
 from collections.abc import Sequence
 
-from cvmcore.defaults import AGENT_VSOCK_PORT
+from cvmcore.defaults import AGENT_VSOCK_PORT, GUEST_SCRATCH_DIR, SCRATCH_SERIAL
 from cvmcore.errors import UsageError
 from host_daemon.devguest.base import FORMAT_VERSION
 
@@ -53,7 +53,12 @@ def render_init(modules: Sequence[InitModule]) -> str:
         if tee is not None:
             lines.append("fi")
     module_block = "\n".join(lines) if lines else ":"
-    return _INIT_TEMPLATE.replace("@FORMAT@", str(FORMAT_VERSION)).replace("@MODULES@", module_block)
+    return (
+        _INIT_TEMPLATE.replace("@FORMAT@", str(FORMAT_VERSION))
+        .replace("@MODULES@", module_block)
+        .replace("@SCRATCH_SERIAL@", SCRATCH_SERIAL)
+        .replace("@SCRATCH_DIR@", GUEST_SCRATCH_DIR)
+    )
 
 
 _INIT_TEMPLATE = r"""#!/bin/busybox sh
@@ -135,6 +140,22 @@ mount -t devpts -o gid=5,mode=0620,ptmxmode=0666 devpts /newroot/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm
 ln -sf /proc/self/fd /newroot/dev/fd 2>/dev/null
 mark root-mounted "$rootmode"
+
+# The scratch disk the daemon attaches (virtio-blk serial @SCRATCH_SERIAL@), new at every boot:
+# a fresh ext4 at @SCRATCH_DIR@ for workloads' scratch files (fio), made with the host root's
+# mkfs.ext4. Found by its serial, never by a name the host chose.
+for serial in /newroot/sys/block/vd*/serial; do
+    [ "$(cat "$serial" 2>/dev/null)" = "@SCRATCH_SERIAL@" ] || continue
+    disk=${serial%/serial}
+    disk=${disk##*/}
+    if chroot /newroot /sbin/mkfs.ext4 -q -F -E lazy_itable_init=1,lazy_journal_init=1 "/dev/$disk" \
+        >/dev/null 2>&1 && mkdir -p "/newroot@SCRATCH_DIR@" \
+        && mount -t ext4 "/newroot/dev/$disk" "/newroot@SCRATCH_DIR@"; then
+        mark scratch-mounted "$disk"
+    else
+        mark scratch-failed "$disk"
+    fi
+done
 
 hostname cvm-dev
 ip link set lo up

@@ -15,6 +15,11 @@ REQUIRED_MODULES: tuple[str, ...] = (
     "vmw_vsock_virtio_transport",
     "virtio_net",
     "virtio_blk",
+    # The scratch disk's file system (Debian builds ext4 as a module). ext4 asks the crypto
+    # API for crc32c at mount time, which would modprobe it: there is no modprobe here, so
+    # the generic implementation is loaded first.
+    "crc32c_generic",
+    "ext4",
 )
 # Loaded, with their dependencies, only in the TEE named (a failure is logged, not fatal):
 # sev-guest serves SNP guests (/dev/sev-guest, configfs-tsm), tdx-guest TDs. Loading them

@@ -43,10 +43,11 @@ from cvm.v1 import agent_pb2, agent_pb2_grpc, host_pb2, host_pb2_grpc
 from cvmcore import defaults
 from cvmcore.address import parse_address
 from cvmcore.client import RpcClient, connect, error_from_rpc
-from cvmcore.defaults import HOSTD_ADDRESS, HOSTD_ENV, state_dir
+from cvmcore.defaults import state_dir
 from cvmcore.errors import ConnectError, CvmError, DeadlineExceeded, UsageError
 from cvmcore.tee import tee_name
 from cvmctl.targets import BuiltinTarget
+from workloads import catalogue
 from workloads.capabilities import ICMP, SCRATCH_DISK, TCP, UDP, VM, Capabilities, WorkloadRefused, refusal
 from workloads.model import Sample, ServerPlan, Unavailable, Workload
 from workloads.runner import free_port
@@ -55,8 +56,18 @@ if TYPE_CHECKING:
     from host_daemon.spec import VMSpec
 
 BOOT_WAIT: Final = 300.0
-#: Guest ports of the catalogue's servers (nginx, iperf3, memcached), forwarded from loopback.
-SERVER_PORTS: Final = (8080, 7175, 11211)
+
+
+def _catalogue_server_ports() -> tuple[int, ...]:
+    """The default guest ports of the catalogue's servers (nginx, iperf3, memcached): the
+    built-in VMs forward each from loopback. Read from the workloads' own ``port`` params."""
+    return tuple(
+        sorted({int(p.default) for w in catalogue.CATALOGUE.values() for p in w.params if p.name == "port"})
+    )
+
+
+#: Guest ports of the catalogue's servers, forwarded from loopback.
+SERVER_PORTS: Final = _catalogue_server_ports()
 
 Say = Callable[[str], None]
 
@@ -178,7 +189,7 @@ class VMTarget:
         self.vm = builtin.vm_name if builtin is not None else str(vm)
         self.name = builtin.name if builtin is not None else f"vm:{vm}"
         self._dev = builtin is not None
-        self._hostd = hostd or os.environ.get(HOSTD_ENV) or HOSTD_ADDRESS
+        self._hostd = defaults.hostd_address(hostd)
         self._say = say or (lambda message: print(message, file=sys.stderr))
         self._stack = contextlib.AsyncExitStack()
         self._daemon: subprocess.Popen[bytes] | None = None

@@ -31,6 +31,7 @@ from typing import Any
 
 import trio
 
+from cvmcore.defaults import HOSTD_ADDRESS, HOSTD_ENV
 from cvmcore.errors import HostNotReady, UsageError
 from cvmctl.cli.args import add_data_dir_argument, non_negative_int, positive_float, positive_int
 from cvmctl.cli.runview import print_run, run_json
@@ -131,6 +132,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the stored run as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument(
+        "--host",
+        metavar="ADDR",
+        help=f"the daemon for VM targets (default: ${HOSTD_ENV}, else {HOSTD_ADDRESS}; with neither"
+        " answering, a built-in target starts one for the run)",
+    )
     add_data_dir_argument(parser)
     parser.set_defaults(func=run_bench)
 
@@ -157,15 +164,16 @@ def resolve_params(workload: Workload, raw: dict[str, str], duration: float | No
     return scaled
 
 
-def resolve_target(name: str, builtin: BuiltinTarget | None = None) -> Target:
-    """The target named ``name``; ``builtin`` is its parsed (and paired) built-in form."""
+def resolve_target(name: str, builtin: BuiltinTarget | None = None, hostd: str | None = None) -> Target:
+    """The target named ``name``; ``builtin`` is its parsed (and paired) built-in form;
+    ``hostd`` the daemon's address (--host), else $CVM_HOSTD, else the system daemon."""
     if builtin is not None:
-        return VMTarget(builtin=builtin, firmware=firmware_for(builtin))
+        return VMTarget(builtin=builtin, firmware=firmware_for(builtin), hostd=hostd)
     if name.startswith("vm:"):
         vm = name.removeprefix("vm:")
         if not vm:
             raise UsageError(f"target {name!r}: expected vm:NAME with a VM's name (cvmctl vm ls)")
-        return VMTarget(vm)
+        return VMTarget(vm, hostd=hostd)
     if name == "local":
         return LocalTarget()
     if name.startswith("local:"):
@@ -212,7 +220,8 @@ def resolve_targets(args: argparse.Namespace) -> dict[str, Target]:
     if len(builtins) == 2 and builtins[0] is not None and builtins[1] is not None:
         builtins = list(pair(builtins[0], builtins[1]))
     check_builtin_targets([b for b in builtins if b is not None])
-    resolved = [resolve_target(name, builtin) for name, builtin in zip(names, builtins, strict=True)]
+    hostd = getattr(args, "host", None)
+    resolved = [resolve_target(name, builtin, hostd) for name, builtin in zip(names, builtins, strict=True)]
     if len(resolved) == 1:
         return {"": resolved[0]}
     return {"A": resolved[0], "B": resolved[1]}

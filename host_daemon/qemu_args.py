@@ -46,7 +46,7 @@ from pathlib import Path
 from cvmcore.errors import UsageError
 
 from .accel import ResolvedAccel, ResolvedChannel
-from .spec import SCRATCH_SERIAL, Aio, Cache, QgsAddress, VMSpec
+from .spec import DEFAULT_TAP_NAME, SCRATCH_SERIAL, Aio, Cache, QgsAddress, VMSpec
 
 MEMORY_BACKEND_ID = "ram1"
 SEV_ID = "sev0"
@@ -110,6 +110,7 @@ class Runtime:
     qgs: QgsAddress | None = None  # the host's TDX QGS, for [tdx] quote_generation_socket = "auto"
     numactl: str = "numactl"  # the program that binds QEMU to [pinning] numa_node
     scratch: ScratchDrive | None = None  # required when the spec has a [scratch] disk
+    vhost_net: bool = False  # the host has /dev/vhost-net: [network] vhost = true turns it on
 
 
 def opt_value(value: str | Path) -> str:
@@ -224,7 +225,7 @@ def build_qemu_argv(spec: VMSpec, runtime: Runtime) -> list[str]:
         _panic_device(),
         _disks(spec),
         _scratch_disk(spec, runtime),
-        _network(spec),
+        _network(spec, runtime),
         _shares(spec),
         _agent_channel(spec, runtime, channel),
     ):
@@ -454,12 +455,19 @@ def _scratch_disk(spec: VMSpec, runtime: Runtime) -> Iterator[str]:
     yield from ("-device", _virtio(spec, device))
 
 
-def _network(spec: VMSpec) -> Iterator[str]:
+def tap_vhost(spec: VMSpec, runtime: Runtime) -> bool:
+    """Whether the tap NIC uses vhost-net: the spec allows it and the daemon found /dev/vhost-net."""
+    return spec.network.vhost and runtime.vhost_net
+
+
+def _network(spec: VMSpec, runtime: Runtime) -> Iterator[str]:
     # qemu-options.hx: -netdev user,id=,hostfwd=[tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport
     # (the spec only allows loopback host addresses); -netdev tap,id=,ifname=,script=no,
     # downscript=no,vhost=on|off,queues=n ("queues=n ... for multiqueue TAP").
     # virtio-net-pci mq=on and vectors=2*queues+2 (a vector per rx and tx queue, plus config
     # and control: the study's 8-queue NIC used vectors=18).
+    # The tap is the one the daemon made in the VM's network namespace (host_daemon.netns),
+    # where QEMU runs; vhost=on only where the daemon found /dev/vhost-net (Runtime.vhost_net).
     net = spec.network
     if net.mode == "none":
         return
@@ -469,13 +477,14 @@ def _network(spec: VMSpec) -> Iterator[str]:
         yield from ("-netdev", ",".join(props))
         yield from ("-device", _virtio(spec, "virtio-net-pci,netdev=net0"))
         return
-    assert net.ifname is not None  # checked by the spec
-    props = ["tap", "id=net0", f"ifname={net.ifname}", "script=no", "downscript=no"]
-    props.append(f"vhost={'on' if net.vhost else 'off'}")
+    ifname = net.ifname or DEFAULT_TAP_NAME
+    props = ["tap", "id=net0", f"ifname={ifname}", "script=no", "downscript=no"]
+    props.append(f"vhost={'on' if tap_vhost(spec, runtime) else 'off'}")
     device = "virtio-net-pci,netdev=net0"
-    if net.queues > 1:
-        props.append(f"queues={net.queues}")
-        device += f",mq=on,vectors={2 * net.queues + 2}"
+    queues = net.tap_queues(spec.vcpus)
+    if queues > 1:
+        props.append(f"queues={queues}")
+        device += f",mq=on,vectors={2 * queues + 2}"
     yield from ("-netdev", ",".join(props))
     yield from ("-device", _virtio(spec, device))
 

@@ -52,7 +52,11 @@ and a fuller one reads::
     [network]
     mode = "user"              # none | user | tap
     forwards = [{ host_port = 2222, guest_port = 22 }]   # host address defaults to 127.0.0.1
-    # mode = "tap": ifname = "tap0", vhost = true, queues = 8
+    # mode = "tap": the study's NIC, virtio-net on a multi-queue tap in a network namespace
+    # the daemon creates for the VM (host_daemon.netns); the guest is at 10.213.0.2 there
+    # vhost = true             # vhost-net where /dev/vhost-net exists (false: never)
+    # queues = 8               # default: one per vCPU (the study's queues=<nvcpu>), at most 256
+    # ifname = "tap0"          # the tap's name inside the namespace
 
     [[share]]                  # 9p (virtio-9p-pci)
     path = "/"
@@ -126,6 +130,8 @@ or digit. Safe as a file name, a Prometheus label value, a systemd unit suffix a
 QEMU option value (no commas, no '=')."""
 
 TAG_RE = re.compile(r"[A-Za-z0-9_-]{1,31}")
+DEFAULT_TAP_NAME = "tap0"
+"""The tap's name inside the VM's network namespace (``[network] ifname``, mode = "tap")."""
 IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # IFNAMSIZ is 16 including the NUL
 
 MIN_MEMORY_MIB = 32
@@ -230,9 +236,14 @@ class HostForward:
 class Network:
     mode: NetMode = "none"
     forwards: tuple[HostForward, ...] = ()
-    ifname: str | None = None
-    vhost: bool = True
-    queues: int = 1
+    ifname: str | None = None  # mode = "tap": the tap in the VM's namespace; None = "tap0"
+    vhost: bool = True  # mode = "tap": vhost-net where the host has /dev/vhost-net
+    queues: int | None = None  # mode = "tap": None = one per vCPU, at most 256
+
+    def tap_queues(self, vcpus: int) -> int:
+        """The tap's queue count: the spec's, else one per vCPU (the study's ``queues=<nvcpu>``)
+        up to 256 (the tun driver's limit)."""
+        return self.queues if self.queues is not None else max(1, min(vcpus, 256))
 
 
 @dataclass(frozen=True)
@@ -706,11 +717,9 @@ def _read_network(t: _Table) -> Network:
         "ifname", "", pattern=IFNAME_RE, what="expected an interface name (1..15 of A-Z a-z 0-9 _ . -)"
     )
     vhost = t.boolean("vhost", True)
-    queues = t.integer("queues", 1, 1, 256)
+    queues = t.integer("queues", None, 1, 256)
     if forwards and mode != "user":
         t.problem("forwards", "<list>", 'host forwards need mode = "user"')
-    if mode == "tap" and not ifname:
-        t.problem("ifname", None, 'mode = "tap" needs the name of an existing tap interface')
     if mode != "tap":
         for key in ("ifname", "vhost", "queues"):
             if t.has(key):
@@ -894,7 +903,7 @@ def _check_combinations(spec: VMSpec, problems: list[SpecProblem]) -> None:
             "choose one of guest.haltpoll and guest.idle_poll (idle=poll bypasses cpuidle)",
         )
 
-    if spec.network.mode == "tap" and spec.network.queues > spec.vcpus:
+    if spec.network.mode == "tap" and spec.network.queues is not None and spec.network.queues > spec.vcpus:
         bad(
             "network.queues",
             spec.network.queues,

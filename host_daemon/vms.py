@@ -9,8 +9,10 @@ States (:class:`~host_daemon.store.VMState`)::
 
 Each started VM owns a run directory ``<state_dir>/vms/<name>/`` (QMP socket, pidfile,
 console log per boot, the hybrid vsock socket, the ``[scratch]`` disk's file while QEMU runs:
-:mod:`host_daemon.scratch`) and, while live, three trio tasks in the
-manager's nursery: the **boot** task (connect QMP, read the console, ask the agent for
+:mod:`host_daemon.scratch`), with ``[network] mode = "tap"`` a network namespace holding its tap
+(made before QEMU, which runs inside it, and deleted when QEMU exits, on ``vm rm`` and, for
+VMs no longer running, at daemon start: :mod:`host_daemon.netns`) and, while live, three trio
+tasks in the manager's nursery: the **boot** task (connect QMP, read the console, ask the agent for
 health, recording the boot phases), the **exit** task (a pidfd that wakes when QEMU exits,
 for the exit status and the verdict stopped or crashed) and, for ``vhost-user-vsock``, the
 backend process it follows.
@@ -45,7 +47,7 @@ import trio
 from cvmcore.address import parse_address
 from cvmcore.client import connect
 from cvmcore.errors import CvmError, UsageError
-from host_daemon import pinning
+from host_daemon import netns, pinning
 from host_daemon import process as proc
 from host_daemon.accel import decide_channel, probe_channel, resolve_accel
 from host_daemon.boottiming import BootClock, console_marks, tail_lines
@@ -90,6 +92,7 @@ class LiveVM:
     guest_shutdown: bool = False
     guest_panicked: bool = False
     failure: str = ""  # why the daemon killed the VM because it could not run as specified
+    netns: str = ""  # the network namespace the daemon made for the tap path: deleted on exit
     exited: trio.Event = field(default_factory=trio.Event)
     boot_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
@@ -215,6 +218,7 @@ class VMManager:
                 raise VMConflict(f"VM {name!r} is {record.state}: stop or kill it first")
             self.store.delete(name)
             shutil.rmtree(_run_dir_for(self.state_dir, name), ignore_errors=True)
+            await self._delete_netns(name, netns.plan(name, self.state_dir).namespace)
         for channel in list(self._watchers):
             with suppress(trio.WouldBlock, trio.BrokenResourceError):
                 channel.send_nowait(("destroyed", dataclasses.replace(record)))
@@ -266,7 +270,25 @@ class VMManager:
                     cache=scratch.cache,
                     seconds=round(made.seconds, 4),
                 )
+            tap = None
             try:
+                if spec.network.mode == "tap":  # HostNotReady before QEMU
+                    tap = netns.plan(name, self.state_dir, spec.network.ifname)
+                    queues = spec.network.tap_queues(spec.vcpus)
+                    seconds = await trio.to_thread.run_sync(netns.create, tap, queues)
+                    vhost_net = await trio.to_thread.run_sync(netns.vhost_net_available)
+                    log.info(
+                        "netns_created",
+                        vm=name,
+                        netns=tap.namespace,
+                        tap=tap.tap,
+                        queues=queues,
+                        vhost_net=vhost_net,
+                        guest=tap.guest_address,
+                        seconds=round(seconds, 4),
+                    )
+                else:
+                    vhost_net = False
                 runtime = Runtime(
                     accel=accel.accel,
                     qmp_socket=run_dir / "qmp.sock",
@@ -282,8 +304,11 @@ class VMManager:
                     qgs=grant.qgs,
                     numactl=grant.numactl,
                     scratch=scratch,
+                    vhost_net=vhost_net,
                 )
                 argv = build_qemu_argv(spec, runtime)
+                if tap is not None:  # QEMU opens the tap in the VM's namespace (host_daemon.netns)
+                    argv = [*netns.exec_prefix(tap.namespace, netns.ip_binary()), *argv]
                 helpers: list[proc.Spawned] = []
                 if channel == "vhost-user-vsock":
                     helpers.append(await start_vhost_device_vsock(run_dir))
@@ -301,8 +326,18 @@ class VMManager:
             except BaseException:
                 if scratch is not None:
                     remove_scratch(run_dir)  # no QEMU will use it
+                if tap is not None:
+                    with suppress(CvmError):
+                        netns.delete(tap.namespace)
                 raise
-            live = LiveVM(name, run_dir, qemu, helpers, host_cpus=spec.pinning.host_cpus)
+            live = LiveVM(
+                name,
+                run_dir,
+                qemu,
+                helpers,
+                host_cpus=spec.pinning.host_cpus,
+                netns=tap.namespace if tap is not None else "",
+            )
             self._live[name] = live
             record = self._save(
                 record.with_state(
@@ -510,6 +545,8 @@ class VMManager:
         live.qemu.close()
         if remove_scratch(live.run_dir):  # scratch: it does not outlive this QEMU
             log.info("scratch_removed", vm=live.name)
+        if live.netns:  # nor does the tap network
+            await self._delete_netns(live.name, live.netns)
         if live.qmp is not None:
             with trio.CancelScope(shield=True):
                 await live.qmp.aclose()
@@ -551,6 +588,17 @@ class VMManager:
             )
         )
         live.exited.set()  # only now: whoever waits for the exit sees the final record
+
+    async def _delete_netns(self, name: str, namespace: str, **context: str) -> None:
+        """Delete a VM's network namespace (with its tap), if there is one; errors are logged."""
+        try:
+            with trio.CancelScope(shield=True):
+                gone = await trio.to_thread.run_sync(netns.delete, namespace)
+        except CvmError as exc:
+            log.error("netns_delete_failed", vm=name, netns=namespace, error=str(exc))
+            return
+        if gone:
+            log.info("netns_deleted", vm=name, netns=namespace, **context)
 
     # -- stop and kill ------------------------------------------------------------------
 
@@ -601,9 +649,12 @@ class VMManager:
             if not record.state.live:
                 continue
             qemu = proc.adopt(record.qemu_pid, record.qemu_start_ticks)
+            namespace = netns.network_from_argv(record.qemu_argv).namespace
             if qemu is None:
                 for pid, ticks in record.helper_pids:
                     proc.kill_pid_if_same(pid, ticks)
+                if namespace:
+                    await self._delete_netns(record.name, namespace, after="daemon restart")
                 self._save(
                     record.with_state(
                         VMState.CRASHED,
@@ -626,6 +677,7 @@ class VMManager:
                 qemu,
                 helpers,
                 host_cpus=self._pinned_cpus(record),
+                netns=namespace,
             )
             self._live[record.name] = live
             log.info("vm_reattached", vm=record.name, pid=qemu.pid)
@@ -635,6 +687,9 @@ class VMManager:
         # short): nothing uses them any more.
         for path in remove_stale_scratch(self.state_dir / "vms", self._live):
             log.info("scratch_removed", vm=path.parent.name, after="daemon restart")
+        # Likewise this daemon's network namespaces (by its tag) that no running VM uses.
+        for namespace in await trio.to_thread.run_sync(netns.remove_stale, self.state_dir, list(self._live)):
+            log.info("netns_deleted", netns=namespace, after="daemon restart")
 
     @staticmethod
     def _pinned_cpus(record: VMRecord) -> tuple[int, ...]:

@@ -22,6 +22,7 @@ APT_PACKAGES=(
     zsh                # the completion tests check `cvmctl completion zsh` with zsh -n
     ovmf               # /usr/share/ovmf/OVMF.fd: the firmware both arms of a CVM comparison boot
     numactl            # [pinning] numa_node starts QEMU under numactl
+    iproute2           # ip netns / ip tuntap: the tap network path's namespace
 )
 
 apt_updated=0

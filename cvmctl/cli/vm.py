@@ -37,7 +37,7 @@ examples:
   echo 'name = "dev"' > dev.toml      # no image named: the built-in dev guest
   cvmctl vm create -f dev.toml
   cvmctl vm start dev                 # waits until the agent inside answers
-  cvmctl vm show dev                  # state, boot phases, agent address, vCPU pinning
+  cvmctl vm show dev                  # state, boot phases, agent address, network, vCPU pinning
   cvmctl agent info --connect "$(cvmctl vm show dev --json | jq -r .agent_address)"
   cvmctl vm stop dev && cvmctl vm rm dev
 """
@@ -124,7 +124,36 @@ def vm_as_dict(vm: host_pb2.VM) -> dict[str, Any]:
     # A list, not an object: JSON objects have no order, and the phases do.
     data["boot_phases"] = [{"name": phase.name, "seconds": phase.seconds} for phase in vm.boot_phases]
     data["exit_status"] = vm.exit_status if vm.HasField("exit_status") else None
+    data["network"] = vm_network(vm)
     return data
+
+
+def vm_network(vm: host_pb2.VM) -> dict[str, Any] | None:
+    """The network path of the current or last boot (None before the first): ``path``
+    (tap+vhost, tap, user, none), and for the tap paths the ``namespace`` a client runs in
+    (``ip netns exec NAMESPACE ...``) and the ``guest_address`` it reaches the guest at. Read
+    from the recorded QEMU argv (:func:`host_daemon.netns.network_from_argv`)."""
+    if not vm.qemu_argv:
+        return None
+    from host_daemon.netns import network_from_argv
+
+    net = network_from_argv(list(vm.qemu_argv))
+    return {
+        "path": net.path,
+        "namespace": net.namespace,
+        "guest_address": net.guest_address,
+        "host_address": net.host_address,
+        "queues": net.queues,
+    }
+
+
+def _network_row(net: dict[str, Any] | None) -> str:
+    if net is None:
+        return "- (not booted yet)"
+    if not net["namespace"]:
+        return str(net["path"])
+    queues = f", {net['queues']} queues" if net["queues"] > 1 else ""
+    return f"{net['path']}{queues}: guest {net['guest_address']} in network namespace {net['namespace']}"
 
 
 def format_pin(pin: host_pb2.VcpuPin) -> str:
@@ -146,6 +175,7 @@ def print_vm(vm: host_pb2.VM, as_json: bool) -> None:
         ("accel", vm.accel or "-"),
         ("qemu pid", str(vm.qemu_pid or "-")),
         ("agent", vm.agent_address or "-"),
+        ("network", _network_row(data["network"])),
         ("boots", str(vm.boot_count)),
         ("console", vm.console_path or "-"),
     ]

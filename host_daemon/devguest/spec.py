@@ -18,9 +18,13 @@ from cvmcore.defaults import AGENT_VSOCK_PORT
 from host_daemon.devguest.build import DevGuestImage, build_dev_guest
 from host_daemon.devguest.init import HOST_ROOT_TAG, dev_guest_cmdline
 from host_daemon.devguest.inputs import find_busybox, kernel_root
+from host_daemon.netns import GUEST_ADDRESS, HOST_ADDRESS, PREFIX_LEN
 from host_daemon.spec import Share, VMSpec
 
 USER_NET_GUEST_IP = "10.0.2.15/24,10.0.2.2"
+TAP_NET_GUEST_IP = f"{GUEST_ADDRESS}/{PREFIX_LEN},{HOST_ADDRESS}"
+"""The guest's eth0 on the tap path: the guest end of the /30 in the VM's network namespace
+(:mod:`host_daemon.netns`), the tap's address as its gateway."""
 
 # build_dev_guest hashes every input (~0.1 s for a 12 MB kernel) to find its cached image;
 # a start should not pay that each time. Remember the image per the inputs' stat().
@@ -65,8 +69,11 @@ def complete_with_dev_guest(spec: VMSpec) -> VMSpec:
         return spec
     image = dev_guest_image()
     # QEMU user networking hands out 10.0.2.15 with the gateway at 10.0.2.2 (qemu-options.hx,
-    # -netdev user); the dev guest has no DHCP client, so it is told the address.
-    ip = USER_NET_GUEST_IP if spec.network.mode == "user" else None
+    # -netdev user); the dev guest has no DHCP client, so it is told the address. On the tap
+    # path it is the guest end of the namespace's /30. The virtio-net driver enables every
+    # queue pair up to the number of online CPUs by itself (virtnet_probe), so the guest needs
+    # no `ethtool -L eth0 combined N`.
+    ip = {"user": USER_NET_GUEST_IP, "tap": TAP_NET_GUEST_IP}.get(spec.network.mode)
     # The console the VM has: hvc0 on a virtio console (CVM flavours), else the 8250's ttyS0.
     console = "hvc0" if spec.console_device == "virtio" else "ttyS0"
     cmdline = dev_guest_cmdline(str(agent_executable()), port=AGENT_VSOCK_PORT, ip=ip, console=console)

@@ -63,6 +63,7 @@ def golden_runtime(spec: VMSpec) -> Runtime:
         guest_cid=3,
         qgs=GOLDEN_QGS,
         scratch=scratch,
+        vhost_net=True,
     )
 
 
@@ -80,9 +81,10 @@ GOLDEN_CASES = {
     "vhost-user-vsock",
     "scratch-devguest",
     "sev-snp-scratch",
+    "tap-devguest",
 }
 """The cases issue 11 asks for: normal, both CVMs and their baselines, and each ablation; and
-issue 15's scratch disk on a normal VM and on a CVM."""
+issue 15's scratch disk on a normal VM and on a CVM, and its tap network path."""
 
 
 def test_every_case_has_both_files() -> None:

@@ -151,6 +151,15 @@ def test_tap_options() -> None:
         'name = "x"\nvcpus = 4\n[network]\nmode = "tap"\nifname = "t"\nvhost = false\nqueues = 4'
     )
     assert (net.network.vhost, net.network.queues) == (False, 4)
+    assert net.network.tap_queues(net.vcpus) == 4
+
+
+@pytest.mark.parametrize(("vcpus", "queues"), [(1, 1), (2, 2), (8, 8), (300, 256)])
+def test_tap_defaults(vcpus: int, queues: int) -> None:
+    """``mode = "tap"`` alone: the daemon's tap0, vhost where the host has it, a queue per vCPU."""
+    spec = parse_spec(f'name = "x"\nvcpus = {vcpus}\n[network]\nmode = "tap"')
+    assert (spec.network.ifname, spec.network.vhost, spec.network.queues) == (None, True, None)
+    assert spec.network.tap_queues(spec.vcpus) == queues
 
 
 def test_disk_rules() -> None:
@@ -299,7 +308,7 @@ RULES = [
         '[network]\nmode = "tap"\nifname = "t0"\nforwards = [{host_port = 1, guest_port = 2}]',
         "network.forwards",
     ),
-    ('[network]\nmode = "tap"', "network.ifname"),
+    ('[network]\nmode = "tap"\nqueues = 0', "network.queues"),
     ('[network]\nmode = "tap"\nifname = "much-too-long-name"', "network.ifname"),
     ('[network]\nmode = "user"\nqueues = 2', "network.queues"),
     ('vcpus = 2\n[network]\nmode = "tap"\nifname = "t"\nqueues = 4', "network.queues"),

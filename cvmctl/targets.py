@@ -80,17 +80,16 @@ class BuiltinTarget:
             stem = f"cvmctl-{self.base}"
         return "-".join([stem, *self.modifiers])
 
-    def spec_toml(self, forwards: Mapping[int, int], firmware: Path | None = None) -> str:
+    def spec_toml(self, forwards: Mapping[int, int] | None, firmware: Path | None = None) -> str:
         """The VM spec: the dev guest, this target's TEE or baseline, its modifiers.
 
-        ``forwards`` maps guest ports to loopback host ports; ``firmware`` is the image both
-        arms of a confidential comparison boot (required when :attr:`flavour` is a TEE).
+        ``forwards`` maps guest ports to loopback host ports for QEMU's user-mode network;
+        None gives the study's network path instead, a multi-queue tap in a namespace the
+        daemon owns (it needs root). ``firmware`` is the image both arms of a confidential
+        comparison boot (required when :attr:`flavour` is a TEE).
         """
         if self.flavour != "none" and firmware is None:
             raise UsageError(f"target {self.name}: a {self.flavour} guest needs a firmware image")
-        rules = ", ".join(
-            f"{{ host_port = {host}, guest_port = {guest} }}" for guest, host in sorted(forwards.items())
-        )
         lines = [
             f'name = "{self.vm_name}"',
             'image = "dev"',
@@ -104,7 +103,13 @@ class BuiltinTarget:
         if self.flavour != "none":
             lines += ["", "[boot]", f'firmware = "{firmware}"']
         lines += ["", "[scratch]", f'size = "{DEV_SCRATCH}"']
-        lines += ["", "[network]", 'mode = "user"', f"forwards = [{rules}]"]
+        if forwards is None:
+            lines += ["", "[network]", 'mode = "tap"']
+        else:
+            rules = ", ".join(
+                f"{{ host_port = {host}, guest_port = {guest} }}" for guest, host in sorted(forwards.items())
+            )
+            lines += ["", "[network]", 'mode = "user"', f"forwards = [{rules}]"]
         knobs = []
         if "swiotlb" in self.modifiers:
             knobs.append(f"swiotlb_force = {SWIOTLB_SLABS}")

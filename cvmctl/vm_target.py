@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -47,6 +48,7 @@ from cvmcore.defaults import state_dir
 from cvmcore.errors import ConnectError, CvmError, DeadlineExceeded, UsageError
 from cvmcore.tee import tee_name
 from cvmctl.targets import BuiltinTarget
+from host_daemon.netns import GuestNetwork, network_from_argv
 from workloads import catalogue
 from workloads.capabilities import ICMP, SCRATCH_DISK, TCP, UDP, VM, Capabilities, WorkloadRefused, refusal
 from workloads.model import Sample, ServerPlan, Unavailable, Workload
@@ -105,6 +107,11 @@ GUEST_SCRATCH_DIR: str = defaults.GUEST_SCRATCH_DIR
 #: guest through it.
 NETWORK_OFFERS: Final[dict[str, dict[str, str]]] = {
     "user": {TCP: "QEMU user networking: loopback forwards to the guest's ports"},
+    "tap": {
+        TCP: "a virtio-net tap in the VM's network namespace: clients run there",
+        UDP: "a virtio-net tap in the VM's network namespace: clients run there",
+        ICMP: "a virtio-net tap in the VM's network namespace: clients run there",
+    },
 }
 
 
@@ -163,9 +170,15 @@ def builtin_capabilities(builtin: BuiltinTarget) -> Capabilities:
     """What a built-in target offers: its spec is known without a daemon."""
     from host_daemon.spec import parse_spec
 
-    forwards = {port: 1 + i for i, port in enumerate(SERVER_PORTS)}  # the ports do not matter here
+    forwards = None if tap_network_available() else {port: 1 + i for i, port in enumerate(SERVER_PORTS)}
     firmware = Path("/firmware.fd") if builtin.flavour != "none" else None
     return spec_capabilities(parse_spec(builtin.spec_toml(forwards, firmware)), builtin.name)
+
+
+def tap_network_available() -> bool:
+    """Whether a built-in VM gets the study's network path (a tap in a namespace, which the
+    daemon can make only as root with /dev/net/tun and iproute2) or QEMU's user-mode one."""
+    return os.geteuid() == 0 and Path("/dev/net/tun").exists() and shutil.which("ip") is not None
 
 
 class VMTarget:
@@ -197,6 +210,7 @@ class VMTarget:
         self._agent: RpcClient | None = None
         self._vm: host_pb2.VM | None = None
         self._forwards: dict[int, int] = {}
+        self._network = GuestNetwork("none")
         self._workload: Workload | None = None
         self._params: dict[str, Any] = {}
         self._server_call: Any = None
@@ -241,8 +255,9 @@ class VMTarget:
             if not self._dev:
                 raise UsageError(f"no VM named {self.vm!r} (cvmctl vm ls lists them)")
             assert self._builtin is not None
-            forwards = {guest: free_port() for guest in SERVER_PORTS}
-            self._say(f"creating {self.vm} for target {self.name} (forwards {forwards})")
+            forwards = None if tap_network_available() else {guest: free_port() for guest in SERVER_PORTS}
+            network = "a tap in its own network namespace" if forwards is None else f"forwards {forwards}"
+            self._say(f"creating {self.vm} for target {self.name} ({network})")
             spec = host_pb2.CreateVMRequest(
                 spec_toml=self._builtin.spec_toml(forwards, self._firmware),
                 source=f"cvmctl target {self.name}",
@@ -253,6 +268,7 @@ class VMTarget:
             vm = await self._boot(stub, vm)
         self._vm = vm
         self._forwards = forwards_of(vm.spec_toml)
+        self._network = network_from_argv(list(vm.qemu_argv))
         if not vm.agent_address:
             raise UsageError(f"VM {self.vm} has no agent channel that cvmctl can reach")
         self._agent = await self._stack.enter_async_context(
@@ -444,7 +460,16 @@ class VMTarget:
         return samples
 
     def guest_address(self) -> str:
+        if self._network.namespace:
+            return self._network.guest_address  # the tap path: reached inside the namespace
         return "10.0.2.15"  # QEMU user networking's guest address; ping does not cross it
+
+    def client_prefix(self) -> list[str]:
+        """On the tap path the guest is reachable only inside the VM's network namespace
+        (which the daemon owns), so the host-side client runs there: traffic stays inside."""
+        if self._network.namespace:
+            return ["ip", "netns", "exec", self._network.namespace]
+        return []
 
     def describe(self) -> dict[str, Any]:
         vm = self._vm
@@ -460,6 +485,7 @@ class VMTarget:
             "accel": vm.accel,
             "spec": vm.spec_toml,
             "qemu_argv": list(vm.qemu_argv),
+            "network": self._network.path,
             "boot_phases": {p.name: p.seconds for p in vm.boot_phases},
             "agent": vm.agent_address,
             **self._agent_info,
@@ -476,7 +502,7 @@ class VMTarget:
     async def start_server(self, plan: ServerPlan) -> tuple[str, int]:
         assert self._agent is not None and self._workload is not None
         await self.stop_server()
-        host_port = self._forwards.get(plan.port)
+        host_port = plan.port if self._network.namespace else self._forwards.get(plan.port)
         if host_port is None:
             raise UsageError(
                 f"VM {self.vm} forwards no host port to guest port {plan.port}; add "
@@ -500,6 +526,8 @@ class VMTarget:
         if not event.HasField("server_ready"):
             await self.stop_server()
             raise CvmError(f"{self._workload.name}: unexpected first event from the agent: {event}")
+        if self._network.namespace:
+            return self._network.guest_address, host_port  # the client runs in the namespace
         return "127.0.0.1", host_port
 
     async def stop_server(self) -> None:

@@ -238,6 +238,9 @@ class Workload:
     case_param: ClassVar[str | None] = None
     in_process: ClassVar[bool] = False
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: A server that serves one test well and not always the next (iperf3): started afresh
+    #: for every repetition instead of kept up across a plain run's repetitions.
+    fresh_server_each_repetition: ClassVar[bool] = False
 
     # -- parameters -------------------------------------------------------------------
 

@@ -84,6 +84,10 @@ class Target(Protocol):
     def guest_address(self) -> str:
         """The address of the guest as the host sees it (what ``ping`` pings)."""
 
+    def client_prefix(self) -> list[str]:
+        """What the host-side client's argv runs under: ``[]``, or e.g. ``ip netns exec NS``
+        when the guest is reachable only inside a network namespace."""
+
     async def unavailable(self, workload: Workload, params: Mapping[str, Any]) -> list[Unavailable]:
         """What the workload could not measure in this target, and why (asked after the run)."""
 
@@ -214,7 +218,7 @@ async def _repetitions(
     workload, arms = request.workload, request.targets
     plans = {arm: workload.guest_server(params) for arm, params in arm_params.items()}
     endpoints: dict[str, tuple[str, int]] = {}
-    keep_up = len(arms) == 1
+    keep_up = len(arms) == 1 and not workload.fresh_server_each_repetition
     schedule = [(True, i) for i in range(request.warmup)] + [(False, i) for i in range(request.repeat)]
     steps = len(schedule) * len(arms)
     step = 0
@@ -254,6 +258,7 @@ async def run_case(
     argv = workload.host_command(params, host, port)
     if argv is None:
         raise UsageError(f"{workload.name} has no host-side client")
+    argv = [*target.client_prefix(), *argv]
     output = await run_command(argv, workload.timeout(params), workload.name, workload.output_complete)
     return workload.parse_host(output, params)
 
@@ -288,6 +293,9 @@ class LocalTarget:
 
     async def unavailable(self, workload: Workload, params: Mapping[str, Any]) -> list[Unavailable]:
         return workload.unavailable(params)
+
+    def client_prefix(self) -> list[str]:
+        return []
 
     def guest_address(self) -> str:
         return "127.0.0.1"

@@ -49,6 +49,13 @@ def print_run(store: Store, run_id: int) -> None:
         for (arm, metric), (sample, summary) in summaries.items()
     ]
     print_columns(["arm", *header] if compare else header, rows)
+    paths = {
+        arm: t.get("network") for arm, t in (run.metadata.get("targets") or {}).items() if t.get("network")
+    }
+    if paths:  # runs over different network paths must never be compared silently
+        print(
+            "network path: " + ", ".join(f"{arm} {path}" if arm else str(path) for arm, path in paths.items())
+        )
     for arm, notes in (run.metadata.get("unavailable") or {}).items():
         for note in notes:
             print(f"unavailable{' ' + arm if arm else ''}: {note['metric']}: {note['reason']}")

@@ -46,6 +46,9 @@ class FakeTarget:
     def guest_address(self) -> str:
         return "127.0.0.1"
 
+    def client_prefix(self) -> list[str]:
+        return []
+
     async def run_guest(self, workload: Workload, params: Mapping[str, Any]) -> list[Sample]:
         self.calls += 1
         self.log.append(f"{self.name}:run")

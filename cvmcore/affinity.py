@@ -76,6 +76,19 @@ def format_cpu_list(cpus: Set[int]) -> str:
     return ",".join(ranges)
 
 
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """The kernel's cpulist format (``0-2,5``) -> ``{0, 1, 2, 5}``; empty text -> empty set
+    (the inverse of :func:`format_cpu_list`)."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        first, _, last = part.partition("-")
+        start = int(first)
+        cpus.update(range(start, int(last) + 1) if last else (start,))
+    return frozenset(cpus)
+
+
 class _ChildMask:
     """The CPU set children get back, prepared before any fork.
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -48,7 +47,7 @@ from cvmcore.defaults import state_dir
 from cvmcore.errors import ConnectError, CvmError, DeadlineExceeded, UsageError
 from cvmcore.tee import tee_name
 from cvmctl.targets import BuiltinTarget
-from host_daemon.netns import GuestNetwork, network_from_argv
+from host_daemon.netns import GuestNetwork, can_make_tap, network_from_argv
 from workloads import catalogue
 from workloads.capabilities import ICMP, SCRATCH_DISK, TCP, UDP, VM, Capabilities, WorkloadRefused, refusal
 from workloads.model import Sample, ServerPlan, Unavailable, Workload
@@ -76,6 +75,11 @@ Say = Callable[[str], None]
 #: Sockets of the daemons this process started for a run: the run's other targets stop the
 #: VMs they boot there too, before the target that started the daemon stops it.
 _DAEMONS_STARTED_HERE: set[str] = set()
+
+
+def private_hostd_socket() -> Path:
+    """Where the daemon cvmctl starts for a run listens, when no system daemon answers."""
+    return state_dir("hostd") / "hostd.sock"
 
 
 def console_tail(vm: host_pb2.VM, lines: int = 8) -> str:
@@ -145,7 +149,7 @@ def spec_capabilities(spec: VMSpec, name: str) -> Capabilities:
     """What a VM with ``spec`` offers the catalogue, and why not the rest (see the hooks above)."""
     offered, lacking = network_capabilities(spec.network.mode, name)
     offered[VM] = "the host daemon and the VM's agent"
-    scratch = getattr(spec, "scratch", None)  # [scratch], the storage path's spec table
+    scratch = spec.scratch
     if scratch is not None and spec.image == "dev":
         offered[SCRATCH_DISK] = GUEST_SCRATCH_DIR
     elif scratch is not None:
@@ -176,9 +180,9 @@ def builtin_capabilities(builtin: BuiltinTarget) -> Capabilities:
 
 
 def tap_network_available() -> bool:
-    """Whether a built-in VM gets the study's network path (a tap in a namespace, which the
-    daemon can make only as root with /dev/net/tun and iproute2) or QEMU's user-mode one."""
-    return os.geteuid() == 0 and Path("/dev/net/tun").exists() and shutil.which("ip") is not None
+    """Whether a built-in VM gets the study's network path (a tap in a namespace the daemon
+    makes, host_daemon.netns) or QEMU's user-mode one."""
+    return can_make_tap()
 
 
 class VMTarget:
@@ -242,7 +246,7 @@ class VMTarget:
         # and trio's scopes must unwind in the order they were entered.
         await self._stack.aclose()
         if self._daemon is not None:
-            _DAEMONS_STARTED_HERE.discard(str(state_dir("hostd") / "hostd.sock"))
+            _DAEMONS_STARTED_HERE.discard(str(private_hostd_socket()))
             self._daemon.terminate()
             with trio.CancelScope(shield=True), contextlib.suppress(subprocess.TimeoutExpired):
                 await trio.to_thread.run_sync(self._daemon.wait, 15)
@@ -337,7 +341,7 @@ class VMTarget:
         # No system daemon: use (or start) one private to this user, at a fixed place so that
         # two runs never start two daemons on the same state.
         state = state_dir("hostd")
-        sock = state / "hostd.sock"
+        sock = private_hostd_socket()
         client = await self._try_daemon(f"unix://{sock}")
         if client is not None:
             # Another target of this run started it: its VMs go when the run ends, this one too.

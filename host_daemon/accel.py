@@ -91,24 +91,28 @@ def decide_accel(requested: Accel, probe: KvmProbe, tee: Tee = "none") -> AccelD
     return AccelDecision("tcg", f"auto: {why}")
 
 
-def probe_kvm(root: Path = Path("/")) -> KvmProbe:
-    """Read the host: try to open ``<root>/dev/kvm`` read-write and read ``<root>/proc/cpuinfo``.
+def open_error(device: Path) -> str | None:
+    """None when ``device`` opens read-write (as QEMU will open it), else why not.
 
-    Both are local, non-blocking operations (open(2) on a character device, a procfs read).
+    Opening a character device and closing it again is local and does not block.
     """
-    dev = root / "dev" / "kvm"
     try:
-        fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
-        opens, error = False, f"{exc.strerror or exc}"
-    else:
-        os.close(fd)
-        opens, error = True, ""
+        return f"{exc.strerror or exc}"
+    os.close(fd)
+    return None
+
+
+def probe_kvm(root: Path = Path("/")) -> KvmProbe:
+    """Read the host: try to open ``<root>/dev/kvm`` read-write and read ``<root>/proc/cpuinfo``."""
+    error = open_error(root / "dev" / "kvm")
+    opens = error is None
     try:
         flags = cpu_flags((root / "proc" / "cpuinfo").read_text(encoding="utf-8", errors="replace"))
     except OSError:
         flags = frozenset()
-    return KvmProbe(dev_kvm_opens=opens, dev_kvm_error=error, cpu_flags=flags)
+    return KvmProbe(dev_kvm_opens=opens, dev_kvm_error=error or "", cpu_flags=flags)
 
 
 def resolve_accel(requested: Accel, tee: Tee = "none", root: Path = Path("/")) -> AccelDecision:

@@ -36,6 +36,7 @@ import ctypes
 import fcntl
 import os
 import re
+import shutil
 import stat
 import struct
 import subprocess
@@ -45,8 +46,8 @@ from pathlib import Path
 from typing import Final, Literal
 
 from cvmcore.cpuinfo import cpu_flags
-from host_daemon.accel import KvmProbe, probe_channel, probe_kvm
-from host_daemon.firmware import FirmwareCandidate, find_firmware
+from host_daemon.accel import KvmProbe, open_error, probe_channel, probe_kvm
+from host_daemon.firmware import FirmwareCandidate, find_firmware, first_fit
 from host_daemon.spec import QgsAddress
 
 Status = Literal["ok", "missing", "warn"]
@@ -209,8 +210,28 @@ def _read(path: Path) -> str | None:
         return None
 
 
+#: QEMU's answers by (resolved binary, its mtime): a daemon asks before every CVM start, and
+#: the answer changes only when the binary does.
+_qemu_answers: dict[tuple[str, int], QemuCaps] = {}
+
+
 def probe_qemu(binary: str = "qemu-system-x86_64") -> QemuCaps:
-    """Ask QEMU its version and its user-creatable object types (two short runs, no guest)."""
+    """Ask QEMU its version and its user-creatable object types (two short runs, no guest),
+    once per binary as long as it is not replaced."""
+    resolved = shutil.which(binary)
+    try:
+        key = (resolved, os.stat(resolved).st_mtime_ns) if resolved else None
+    except OSError:
+        key = None
+    if key is not None and key in _qemu_answers:
+        return _qemu_answers[key]
+    caps = _ask_qemu(binary)
+    if key is not None and caps.found:
+        _qemu_answers[key] = caps
+    return caps
+
+
+def _ask_qemu(binary: str) -> QemuCaps:
     try:
         version = subprocess.run(
             [binary, "-version"], capture_output=True, text=True, timeout=QEMU_PROBE_SECONDS, check=False
@@ -240,12 +261,8 @@ def _device(root: Path, relative: str) -> DeviceAccess:
     path = root / relative
     if not path.exists():
         return DeviceAccess(f"/{relative}", exists=False)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        return DeviceAccess(f"/{relative}", exists=True, error=exc.strerror or str(exc))
-    os.close(fd)
-    return DeviceAccess(f"/{relative}", exists=True, readable_writable=True)
+    error = open_error(path)
+    return DeviceAccess(f"/{relative}", exists=True, readable_writable=error is None, error=error or "")
 
 
 def read_snp_firmware(root: Path) -> tuple[tuple[int, int, int] | None, str]:
@@ -287,9 +304,17 @@ def find_qgs(root: Path) -> tuple[QgsAddress | None, str]:
 
 
 def gather(
-    root: Path = Path("/"), qemu_binary: str = "qemu-system-x86_64", qemu: QemuCaps | None = None
+    root: Path = Path("/"),
+    qemu_binary: str = "qemu-system-x86_64",
+    qemu: QemuCaps | None = None,
+    *,
+    search_firmware: bool = True,
 ) -> HostFacts:
-    """Read this host (or the tree under ``root``); ``qemu`` skips asking QEMU (tests)."""
+    """Read this host (or the tree under ``root``); ``qemu`` skips asking QEMU (tests).
+
+    ``search_firmware=False`` skips reading the host's firmware images: a spec that names its
+    own (every confidential spec does) has that one checked instead.
+    """
     params = {}
     for module, names in (("kvm_amd", ("sev", "sev_es", "sev_snp")), ("kvm_intel", ("tdx",))):
         for name in names:
@@ -316,7 +341,9 @@ def gather(
         snp_firmware=firmware,
         snp_firmware_note=note,
         qemu=qemu if qemu is not None else probe_qemu(qemu_binary),
-        firmware={tee: tuple(find_firmware(tee, root)) for tee in ("sev-snp", "tdx")},
+        firmware={tee: tuple(find_firmware(tee, root)) for tee in ("sev-snp", "tdx")}
+        if search_firmware
+        else {},
         qgs=qgs,
         qgs_note=qgs_note,
         hugepages=parse_hugepages(hugepages),
@@ -397,16 +424,22 @@ def _kvm_check(facts: HostFacts, flag: str | None) -> tuple[Check, str]:
     )
 
 
-def _firmware_check(facts: HostFacts, tee: str, what: str) -> Check:
+#: The name of the firmware requirement of each TEE (the daemon's preflight checks a spec's own
+#: image under the same name).
+FIRMWARE_CHECK: Final = {"sev-snp": "firmware OVMF (SNP-capable)", "tdx": "firmware TDVF"}
+
+
+def _firmware_check(facts: HostFacts, tee: str) -> Check:
     candidates = facts.firmware.get(tee, ())
-    fitting = [c for c in candidates if c.exists and not c.problems]
-    if fitting:
-        return Check(f"firmware {what}", "ok", str(fitting[0].path))
+    name = FIRMWARE_CHECK[tee]
+    fitting = first_fit(list(candidates))
+    if fitting is not None:
+        return Check(name, "ok", str(fitting.path))
     looked = ", ".join(
         f"{c.path} ({'; '.join(c.problems)})" if c.exists else f"{c.path} (absent)" for c in candidates
     )
     return Check(
-        f"firmware {what}",
+        name,
         "missing",
         f"none fits; looked at {looked or 'nothing'}",
         "install an edk2 OVMF build with "
@@ -520,7 +553,7 @@ def evaluate(facts: HostFacts, tee: TeeName) -> HostReport:
                     )
                 )
     checks += _qemu_checks(facts, object_type)
-    checks.append(_firmware_check(facts, tee, "OVMF (SNP-capable)" if tee == "sev-snp" else "TDVF"))
+    checks.append(_firmware_check(facts, tee))
     if tee == "tdx":
         if facts.qgs is not None:
             where = facts.qgs.path or f"vsock {facts.qgs.cid}:{facts.qgs.port}"
@@ -546,6 +579,6 @@ def check_host(
     return [evaluate(facts, tee) for tee in tees]
 
 
-def gather_host_facts(qemu_binary: str = "qemu-system-x86_64") -> HostFacts:
+def gather_host_facts(qemu_binary: str = "qemu-system-x86_64", *, search_firmware: bool = True) -> HostFacts:
     """:func:`gather` of this host with ``qemu_binary``: what the daemon asks before a CVM start."""
-    return gather(Path("/"), qemu_binary)
+    return gather(Path("/"), qemu_binary, search_firmware=search_firmware)

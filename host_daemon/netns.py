@@ -60,7 +60,8 @@ from pathlib import Path
 from typing import Final, Literal
 
 from cvmcore.errors import HostNotReady
-from host_daemon.spec import DEFAULT_TAP_NAME
+from host_daemon.accel import open_error
+from host_daemon.spec import DEFAULT_TAP_NAME, NAME_RE
 
 NETNS_PREFIX: Final = "cvm-"
 PREFIX_LEN: Final = 30
@@ -70,6 +71,7 @@ GUEST_ADDRESS: Final = "10.213.0.2"
 """The guest's address: its eth0, reachable from (and only from) the VM's namespace."""
 NETNS_DIR: Final = Path("/run/netns")
 VHOST_NET: Final = Path("/dev/vhost-net")
+TUN: Final = Path("/dev/net/tun")
 IP_SECONDS: Final = 10.0
 MAX_TAP_QUEUES: Final = 256  # MAX_TAP_QUEUES in drivers/net/tun.c
 
@@ -100,7 +102,7 @@ def daemon_tag(state_dir: Path) -> str:
 def namespace_name(vm_name: str, tag: str) -> str:
     """``cvm-<tag>-<vm name>``: a file name under /run/netns (VM names are at most 63
     characters of ``[a-z0-9_-]``, so the result is always a valid namespace name)."""
-    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", vm_name) or not re.fullmatch(r"[0-9a-f]{6}", tag):
+    if not NAME_RE.fullmatch(vm_name) or not re.fullmatch(r"[0-9a-f]{6}", tag):
         raise ValueError(f"not a VM name and daemon tag: {vm_name!r}, {tag!r}")
     return f"{NETNS_PREFIX}{tag}-{vm_name}"
 
@@ -184,18 +186,22 @@ def network_from_argv(argv: Sequence[str]) -> GuestNetwork:
 
 def vhost_net_available(path: Path = VHOST_NET) -> bool:
     """Whether QEMU can use in-kernel vhost-net: the device exists and opens read-write."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
+    return open_error(path) is None
+
+
+def _find_ip() -> str | None:
+    return shutil.which("ip") or next(
+        (str(p) for p in (Path("/usr/sbin/ip"), Path("/sbin/ip"), Path("/usr/bin/ip")) if p.exists()), None
+    )
+
+
+def can_make_tap() -> bool:
+    """Whether this process could make a VM's tap network: root, ``/dev/net/tun``, iproute2."""
+    return os.geteuid() == 0 and TUN.exists() and _find_ip() is not None
 
 
 def ip_binary() -> str:
-    found = shutil.which("ip") or next(
-        (str(p) for p in (Path("/usr/sbin/ip"), Path("/sbin/ip"), Path("/usr/bin/ip")) if p.exists()), None
-    )
+    found = _find_ip()
     if found is None:
         raise HostNotReady(
             '[network] mode = "tap" needs the ip command (Debian package iproute2): apt-get install iproute2'

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cvmcore.affinity import format_cpu_list
+from cvmcore.affinity import format_cpu_list, parse_cpu_list
 from cvmcore.errors import CvmError, HostNotReady
 from host_daemon.store import VcpuPin
 
@@ -88,18 +88,6 @@ def plan(
         for tid in others:
             threads[tid] = emulator
     return Plan(threads=threads, vcpus=tuple(vcpus), emulator=emulator, notes=tuple(notes))
-
-
-def parse_cpu_list(text: str) -> frozenset[int]:
-    """The kernel's cpulist format (``0-2,5``) -> ``{0, 1, 2, 5}``; empty text -> empty set."""
-    cpus: set[int] = set()
-    for part in text.strip().split(","):
-        if not part:
-            continue
-        first, _, last = part.partition("-")
-        start = int(first)
-        cpus.update(range(start, int(last) + 1) if last else (start,))
-    return frozenset(cpus)
 
 
 def parse_allowed_list(status: str) -> str | None:

@@ -14,7 +14,8 @@ What is checked, per spec:
   except that the firmware is the spec's own ``boot.firmware`` when it names one;
 * a baseline (``baseline_for``): the firmware, with the same rules as its TEE arm (one
   image must boot both);
-* ``[pinning] numa_node``: the ``numactl`` program QEMU is started under.
+* ``[pinning] numa_node``: the ``numactl`` program QEMU is started under;
+* ``[pinning] host_cpus``: CPUs this host has and the daemon may use.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from dataclasses import dataclass, replace
 
 from cvmcore.errors import HostNotReady
 from host_daemon.firmware import check_firmware
-from host_daemon.hostcheck import Check, HostFacts, HostReport, evaluate
+from host_daemon.hostcheck import FIRMWARE_CHECK, Check, HostFacts, HostReport, evaluate
+from host_daemon.pinning import check_host_cpus
 from host_daemon.spec import QgsAddress, VMSpec
 
 
@@ -48,7 +50,7 @@ def _firmware_check(spec: VMSpec) -> Check | None:
         candidate = check_firmware(spec.boot.firmware, spec.tee, kernel_hashes=hashes, pair=not hashes)
     else:
         candidate = check_firmware(spec.boot.firmware, "none", pair=False)
-    name = "firmware OVMF (SNP-capable)" if spec.flavour == "sev-snp" else "firmware TDVF"
+    name = FIRMWARE_CHECK[spec.flavour]
     if candidate.fits:
         return Check(name, "ok", str(spec.boot.firmware))
     why = "; ".join(candidate.problems) if candidate.exists else "does not exist"
@@ -65,8 +67,10 @@ def preflight(
 ) -> HostGrant:
     """Raise :class:`HostNotReady` if this host cannot start ``spec``; else what it grants.
 
-    ``facts`` may be None when :func:`needs_facts` says so.
+    ``facts`` may be None when :func:`needs_facts` says so. ``[pinning] host_cpus`` naming a
+    CPU this host lacks or the daemon may not use is refused here too.
     """
+    check_host_cpus(spec.pinning.host_cpus, name=spec.name)
     find = which
     missing: list[Check] = []
     report: HostReport | None = None

@@ -97,6 +97,12 @@ class LiveVM:
     boot_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
+def _daemon_host_facts(qemu_binary: str) -> HostFacts:
+    # A confidential spec names its own firmware image, which preflight checks: the host's
+    # images are not searched (that reads every OVMF file there) on each start.
+    return gather_host_facts(qemu_binary, search_firmware=False)
+
+
 def _run_dir_for(state_dir: Path, name: str) -> Path:
     return state_dir / "vms" / name
 
@@ -111,7 +117,7 @@ class VMManager:
         qemu_binary: str = "qemu-system-x86_64",
         boot_seconds: float = DEFAULT_BOOT_SECONDS,
         dev_guest: Callable[[VMSpec], VMSpec] | None = None,
-        host_facts: Callable[[str], HostFacts] = gather_host_facts,
+        host_facts: Callable[[str], HostFacts] = _daemon_host_facts,
     ) -> None:
         self.state_dir = state_dir
         self.qemu_binary = qemu_binary
@@ -244,7 +250,6 @@ class VMManager:
                 raise VMConflict(f"VM {name!r} is {record.state} already")
             spec = await trio.to_thread.run_sync(self._spec, record)
             grant = await trio.to_thread.run_sync(self._preflight, spec)  # HostNotReady before QEMU
-            pinning.check_host_cpus(spec.pinning.host_cpus, name=spec.name)  # HostNotReady too
             accel = resolve_accel(spec.accel, spec.tee)
             channel = decide_channel(spec.agent.channel, probe_channel()).channel
             run_dir = _run_dir_for(self.state_dir, name)

@@ -58,8 +58,8 @@ async def run_command(
     """Run ``argv`` to completion within ``timeout`` seconds; its stdout.
 
     A non-zero exit is a :class:`RemoteError` carrying the tail of stderr; running past
-    the deadline kills the process (trio's run_process does on cancellation) and raises
-    :class:`DeadlineExceeded`.
+    the deadline kills the process and raises :class:`DeadlineExceeded`. Its stdin is
+    /dev/null.
 
     ``complete`` (a workload's :meth:`Workload.output_complete`) is asked about the stdout
     read so far: once it holds everything the parser needs, the process gets
@@ -67,23 +67,6 @@ async def run_command(
     the result whatever its exit status (memaslap can hang in its teardown after printing
     its summary).
     """
-    if complete is not None:
-        return await _run_until_complete(argv, timeout, what, complete)
-    with trio.move_on_after(timeout) as scope:
-        done = await trio.run_process(
-            argv, capture_stdout=True, capture_stderr=True, check=False, preexec_fn=child_preexec()
-        )
-    if scope.cancelled_caught:
-        raise DeadlineExceeded(f"{what}: {argv[0]} did not finish within {timeout:g} s")
-    if done.returncode != 0:
-        tail = done.stderr.decode(errors="replace").strip()[-STDERR_TAIL:]
-        raise RemoteError(f"{what}: {argv[0]} exited with {done.returncode}: {tail or '(no stderr)'}")
-    return bytes(done.stdout).decode(errors="replace")
-
-
-async def _run_until_complete(
-    argv: list[str], timeout: float, what: str, complete: Callable[[str], bool]
-) -> str:
     stdout, stderr = bytearray(), bytearray()
     finished_early = False
     process = await trio.lowlevel.open_process(
@@ -112,7 +95,11 @@ async def _run_until_complete(
                 nursery.start_soon(drain_stderr)
                 async for chunk in out_stream:
                     stdout.extend(chunk)
-                    if not finished_early and complete(stdout.decode(errors="replace")):
+                    if (
+                        complete is not None
+                        and not finished_early
+                        and complete(stdout.decode(errors="replace"))
+                    ):
                         finished_early = True
                         nursery.start_soon(stop_after_grace)
                 await process.wait()

@@ -43,7 +43,7 @@ from typing import Any, Literal, Protocol
 import trio
 
 from cvmcore.errors import CvmError, RemoteError, UsageError
-from workloads.capabilities import VM, Capabilities, WorkloadRefused, local_capabilities, refusal
+from workloads.capabilities import Capabilities, WorkloadRefused, local_capabilities, refusal
 from workloads.execute import ServerProcess, remove_scratch_files, run_command, run_guest_work
 from workloads.metadata import TeeDetector, run_metadata
 from workloads.model import Sample, ServerPlan, Unavailable, Workload
@@ -129,23 +129,10 @@ class RunRequest:
     detect_tee: TeeDetector | None = None  # names the local machine's TEE for the metadata
 
 
-def capabilities_of(target: Target) -> Capabilities:
-    """``target.capabilities()``; for a target without that method, this machine's, with
-    ``vm`` offered when it measures external workloads."""
-    method = getattr(target, "capabilities", None)
-    if method is not None:
-        answer: Capabilities = method()
-        return answer
-    local = local_capabilities()
-    if not hasattr(target, "measure_external"):
-        return local
-    return Capabilities({**local.offered, VM: target.name}, {})
-
-
 def refuse_unrunnable(workload: Workload, targets: Mapping[str, Target]) -> None:
     """Raise :class:`WorkloadRefused` if a target cannot run ``workload`` (before anything runs)."""
     for target in targets.values():
-        reason = refusal(workload, capabilities_of(target))
+        reason = refusal(workload, target.capabilities())
         if reason is not None:
             raise WorkloadRefused(reason)
 
@@ -156,7 +143,7 @@ def params_for(request: RunRequest, target: Target) -> dict[str, Any]:
     params = dict(request.params)
     if "listen" in params and "listen" not in request.explicit:
         params["listen"] = target.listen_address
-    return request.workload.for_target(params, capabilities_of(target), request.explicit)
+    return request.workload.for_target(params, target.capabilities(), request.explicit)
 
 
 async def run_benchmark(store: Store, request: RunRequest, progress: ProgressCallback | None = None) -> int:

@@ -38,8 +38,8 @@ from cvmctl.cli.runview import print_run, run_json
 from cvmctl.targets import BuiltinTarget, pair, parse_target
 from cvmctl.targets import usage as target_usage
 from cvmctl.vm_target import VMTarget, builtin_capabilities
-from host_daemon.firmware import find_firmware, first_fit
-from host_daemon.hostcheck import evaluate, gather_host_facts
+from host_daemon.firmware import first_fit
+from host_daemon.hostcheck import HostFacts, evaluate, gather_host_facts
 from workloads import catalogue
 from workloads.capabilities import Capabilities, local_capabilities, refusal
 from workloads.model import Workload
@@ -164,11 +164,17 @@ def resolve_params(workload: Workload, raw: dict[str, str], duration: float | No
     return scaled
 
 
-def resolve_target(name: str, builtin: BuiltinTarget | None = None, hostd: str | None = None) -> Target:
+def resolve_target(
+    name: str,
+    builtin: BuiltinTarget | None = None,
+    hostd: str | None = None,
+    facts: HostFacts | None = None,
+) -> Target:
     """The target named ``name``; ``builtin`` is its parsed (and paired) built-in form;
-    ``hostd`` the daemon's address (--host), else $CVM_HOSTD, else the system daemon."""
+    ``hostd`` the daemon's address (--host), else $CVM_HOSTD, else the system daemon;
+    ``facts`` the host check's, whose firmware search a confidential built-in target boots."""
     if builtin is not None:
-        return VMTarget(builtin=builtin, firmware=firmware_for(builtin), hostd=hostd)
+        return VMTarget(builtin=builtin, firmware=firmware_for(builtin, facts), hostd=hostd)
     if name.startswith("vm:"):
         vm = name.removeprefix("vm:")
         if not vm:
@@ -184,28 +190,31 @@ def resolve_target(name: str, builtin: BuiltinTarget | None = None, hostd: str |
     raise UsageError(f"unknown target {name!r} (available: {target_usage()})")
 
 
-def firmware_for(target: BuiltinTarget) -> Path | None:
-    """The image a confidential target (or its baseline) boots: the host's first that fits."""
-    if target.flavour == "none":
+def firmware_for(target: BuiltinTarget, facts: HostFacts | None) -> Path | None:
+    """The image a confidential target (or its baseline) boots: the first of the host's that
+    fits, from the host check's search (:func:`check_builtin_targets`)."""
+    if target.flavour == "none" or facts is None:
         return None
-    found = first_fit(find_firmware(target.flavour))  # type: ignore[arg-type]
+    found = first_fit(list(facts.firmware.get(target.flavour, ())))
     return found.path if found is not None else None
 
 
-def check_builtin_targets(targets: list[BuiltinTarget]) -> None:
-    """Raise :class:`HostNotReady` before anything boots if this host cannot run a target.
+def check_builtin_targets(targets: list[BuiltinTarget]) -> HostFacts | None:
+    """Raise :class:`HostNotReady` before anything boots if this host cannot run a target;
+    the host's facts when a target is confidential (or a baseline), else None.
 
     Built-in targets boot the dev guest, whose root is this host's over 9p, so the daemon
     runs here and the local host check is the one that counts.
     """
     tees = sorted({t.flavour for t in targets if t.flavour != "none"})
     if not tees:
-        return
+        return None
     facts = gather_host_facts()
     for tee in tees:
         report = evaluate(facts, tee)  # type: ignore[arg-type]
         if not report.ready:
             raise HostNotReady(report.reasons() + " (cvmctl host check shows every requirement)")
+    return facts
 
 
 def resolve_targets(args: argparse.Namespace) -> dict[str, Target]:
@@ -219,9 +228,11 @@ def resolve_targets(args: argparse.Namespace) -> dict[str, Target]:
     builtins = [parse_target(name) for name in names]
     if len(builtins) == 2 and builtins[0] is not None and builtins[1] is not None:
         builtins = list(pair(builtins[0], builtins[1]))
-    check_builtin_targets([b for b in builtins if b is not None])
-    hostd = getattr(args, "host", None)
-    resolved = [resolve_target(name, builtin, hostd) for name, builtin in zip(names, builtins, strict=True)]
+    facts = check_builtin_targets([b for b in builtins if b is not None])
+    hostd = args.host
+    resolved = [
+        resolve_target(name, builtin, hostd, facts) for name, builtin in zip(names, builtins, strict=True)
+    ]
     if len(resolved) == 1:
         return {"": resolved[0]}
     return {"A": resolved[0], "B": resolved[1]}

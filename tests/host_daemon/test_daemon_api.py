@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -17,19 +18,27 @@ from host_daemon.server import HostDaemonService, daemon_handlers
 from host_daemon.vms import VMManager
 
 
-@pytest.fixture
-async def daemon(tmp_path: Path) -> AsyncIterator[tuple[RpcClient, host_pb2_grpc.HostDaemonStub]]:
-    manager = VMManager(tmp_path / "state")
-    service = HostDaemonService(state_dir=tmp_path / "state", manager=manager)
-    sock = UnixAddress(str(tmp_path / "h.sock"))
+@asynccontextmanager
+async def serve_daemon(
+    manager: VMManager, sock: Path
+) -> AsyncIterator[tuple[RpcClient, host_pb2_grpc.HostDaemonStub]]:
+    """The daemon's API for ``manager`` served in this process on ``sock``, and a client."""
+    service = HostDaemonService(state_dir=manager.state_dir, manager=manager)
+    address = UnixAddress(str(sock))
     async with trio.open_nursery() as nursery:
         await nursery.start(manager.run)
         await nursery.start(
-            serve_grpc, daemon_handlers(service), ServerOptions(listen=[sock], stop_grace=0.5)
+            serve_grpc, daemon_handlers(service), ServerOptions(listen=[address], stop_grace=0.5)
         )
-        async with connect(sock, timeout=10) as client:
+        async with connect(address, timeout=10) as client:
             yield client, host_pb2_grpc.HostDaemonStub(client.channel)
         nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path) -> AsyncIterator[tuple[RpcClient, host_pb2_grpc.HostDaemonStub]]:
+    async with serve_daemon(VMManager(tmp_path / "state"), tmp_path / "h.sock") as served:
+        yield served
 
 
 async def test_create_list_watch_destroy(daemon: tuple[RpcClient, host_pb2_grpc.HostDaemonStub]) -> None:

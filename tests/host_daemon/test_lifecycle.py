@@ -36,6 +36,20 @@ def _missing(what: str) -> None:
     pytest.skip(what)
 
 
+#: Where scripts/setup.sh gets each tool these tests run, for the skip (or CI failure) message.
+INSTALLERS = {
+    "qemu-system-x86_64": "scripts/install-qemu.sh",
+    "vhost-device-vsock": "scripts/install-vhost-device-vsock.sh",
+}
+
+
+def require_tools(*tools: str) -> None:
+    """Skip the test (fail it in CI) when a tool it runs is not installed."""
+    for tool in tools:
+        if shutil.which(tool) is None:
+            _missing(f"{tool} not installed (run {INSTALLERS.get(tool, 'scripts/setup.sh')})")
+
+
 class Daemon:
     def __init__(self, state_dir: Path, socket: Path) -> None:
         self.state_dir, self.socket = state_dir, socket
@@ -70,6 +84,16 @@ class Daemon:
             self.process.terminate()
             self.process.wait(10)
 
+    def shutdown(self, *, remove: bool = False) -> None:
+        """Kill every VM whose QEMU runs (and with ``remove``, remove every VM), then stop."""
+        if self.process is not None and self.process.poll() is None:
+            for vm in json.loads(self.cvmctl("vm", "ls", "--json").stdout or "[]"):
+                if vm["qemu_pid"]:
+                    self.cvmctl("vm", "kill", vm["name"])
+                if remove:
+                    self.cvmctl("vm", "rm", vm["name"])
+        self.stop()
+
     def cvmctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(BIN / "cvmctl"), *args],
@@ -98,23 +122,14 @@ def running(pid: int) -> bool:
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    for tool, script in (
-        ("qemu-system-x86_64", "install-qemu.sh"),
-        ("vhost-device-vsock", "install-vhost-device-vsock.sh"),
-    ):
-        if shutil.which(tool) is None:
-            _missing(f"{tool} not installed (run scripts/{script})")
+    require_tools("qemu-system-x86_64", "vhost-device-vsock")
     # Short paths: unix socket paths are limited to 107 bytes.
     d = Daemon(tmp_path / "s", tmp_path / "h.sock")
     d.start()
     try:
         yield d
     finally:
-        if d.process is not None and d.process.poll() is None:
-            for vm in json.loads(d.cvmctl("vm", "ls", "--json").stdout or "[]"):
-                if vm["qemu_pid"]:
-                    d.cvmctl("vm", "kill", vm["name"])
-        d.stop()
+        d.shutdown()
         subprocess.run(["pkill", "-KILL", "-f", str(tmp_path / "s")], check=False)
 
 

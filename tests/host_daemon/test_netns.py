@@ -24,7 +24,7 @@ from host_daemon import netns
 from host_daemon.devguest.spec import TAP_NET_GUEST_IP, complete_with_dev_guest
 from host_daemon.qemu_args import Runtime, build_qemu_argv
 from host_daemon.spec import parse_spec
-from tests.host_daemon.test_lifecycle import START_WAIT, Daemon, _missing
+from tests.host_daemon.test_lifecycle import START_WAIT, Daemon, _missing, require_tools
 
 
 def test_namespace_name_is_per_daemon_and_vm() -> None:
@@ -154,20 +154,13 @@ def _ns(*argv: str, namespace: str, timeout: float = 30) -> subprocess.Completed
 def tap_daemon(tmp_path: Path) -> Iterator[Daemon]:
     if os.geteuid() != 0:
         _missing("the tap path needs root (ip netns)")
-    for tool in ("qemu-system-x86_64", "vhost-device-vsock", "ip"):
-        if shutil.which(tool) is None:
-            _missing(f"{tool} not installed (scripts/setup.sh)")
+    require_tools("qemu-system-x86_64", "vhost-device-vsock", "ip")
     d = Daemon(tmp_path / "s", tmp_path / "h.sock")
     d.start()
     try:
         yield d
     finally:
-        if d.process is not None and d.process.poll() is None:
-            for vm in json.loads(d.cvmctl("vm", "ls", "--json").stdout or "[]"):
-                if vm["qemu_pid"]:
-                    d.cvmctl("vm", "kill", vm["name"])
-                d.cvmctl("vm", "rm", vm["name"])
-        d.stop()
+        d.shutdown(remove=True)
         for namespace in netns.owned(d.state_dir):
             netns.delete(namespace)
 

@@ -25,7 +25,7 @@ import pytest
 import trio
 
 from cvm.v1 import host_pb2
-from cvmcore.affinity import format_cpu_list
+from cvmcore.affinity import format_cpu_list, parse_cpu_list
 from cvmcore.errors import HostNotReady
 from cvmctl.cli.vm import print_vm
 from host_daemon.pinning import (
@@ -33,13 +33,12 @@ from host_daemon.pinning import (
     apply,
     check_host_cpus,
     parse_allowed_list,
-    parse_cpu_list,
     plan,
 )
 from host_daemon.server import vm_to_proto
 from host_daemon.store import VcpuPin, VMRecord, VMStore
 from host_daemon.vms import VMManager
-from tests.host_daemon.test_lifecycle import START_WAIT, Daemon, _missing, running
+from tests.host_daemon.test_lifecycle import START_WAIT, Daemon, require_tools, running
 
 # -- the plan ---------------------------------------------------------------------------
 
@@ -375,12 +374,7 @@ def test_vcpu_pinned_under_tcg_and_again_after_the_daemon_is_killed(short_dir: P
     allowed = os.sched_getaffinity(0)
     if 1 not in allowed or not allowed - {1}:
         pytest.skip(f"needs CPU 1 and another CPU (this process may use CPUs {format_cpu_list(allowed)})")
-    for tool, script in (
-        ("qemu-system-x86_64", "install-qemu.sh"),
-        ("vhost-device-vsock", "install-vhost-device-vsock.sh"),
-    ):
-        if shutil.which(tool) is None:
-            _missing(f"{tool} not installed (run scripts/{script})")
+    require_tools("qemu-system-x86_64", "vhost-device-vsock")
     daemon = Daemon(short_dir / "s", short_dir / "h.sock")
     daemon.start()
     try:

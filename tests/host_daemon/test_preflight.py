@@ -11,16 +11,14 @@ import pytest
 import trio
 
 from cvm.v1 import host_pb2, host_pb2_grpc
-from cvmcore.address import UnixAddress
-from cvmcore.client import RpcClient, connect
+from cvmcore.client import RpcClient
 from cvmcore.errors import HostNotReady
-from cvmcore.serve import ServerOptions, serve_grpc
 from cvmctl.cli.main import main
 from host_daemon.hostcheck import HostFacts, gather
 from host_daemon.preflight import needs_facts, preflight
-from host_daemon.server import HostDaemonService, daemon_handlers
 from host_daemon.spec import parse_spec
 from host_daemon.vms import VMManager
+from tests.host_daemon.test_daemon_api import serve_daemon
 from tests.host_daemon.test_hostcheck import HOSTROOTS, QEMU_10_0, QEMU_10_1, firmware_image
 
 SNP_SPEC = """\
@@ -105,16 +103,8 @@ def test_a_baseline_checks_its_firmware_and_numactl(tmp_path: Path) -> None:
 async def daemon(tmp_path: Path) -> AsyncIterator[tuple[RpcClient, host_pb2_grpc.HostDaemonStub, Path]]:
     nested = facts_of(tmp_path, "nested-kvm-6.18")
     manager = VMManager(tmp_path / "state", host_facts=lambda _qemu: nested)
-    service = HostDaemonService(state_dir=tmp_path / "state", manager=manager)
-    sock = UnixAddress(str(tmp_path / "h.sock"))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(manager.run)
-        await nursery.start(
-            serve_grpc, daemon_handlers(service), ServerOptions(listen=[sock], stop_grace=0.5)
-        )
-        async with connect(sock, timeout=10) as client:
-            yield client, host_pb2_grpc.HostDaemonStub(client.channel), tmp_path
-        nursery.cancel_scope.cancel()
+    async with serve_daemon(manager, tmp_path / "h.sock") as (client, stub):
+        yield client, stub, tmp_path
 
 
 async def test_start_is_refused_over_grpc_as_host_not_ready(

@@ -73,7 +73,9 @@ def complete_with_dev_guest(spec: VMSpec) -> VMSpec:
     # path it is the guest end of the namespace's /30. The virtio-net driver enables every
     # queue pair up to the number of online CPUs by itself (virtnet_probe), so the guest needs
     # no `ethtool -L eth0 combined N`.
-    ip = {"user": USER_NET_GUEST_IP, "tap": TAP_NET_GUEST_IP}.get(spec.network.mode)
+    # passt is told the same configuration as user networking's (host_daemon.passt).
+    ips = {"user": USER_NET_GUEST_IP, "passt": USER_NET_GUEST_IP, "tap": TAP_NET_GUEST_IP}
+    ip = ips.get(spec.network.mode)
     # The console the VM has: hvc0 on a virtio console (CVM flavours), else the 8250's ttyS0.
     console = "hvc0" if spec.console_device == "virtio" else "ttyS0"
     cmdline = dev_guest_cmdline(str(agent_executable()), port=AGENT_VSOCK_PORT, ip=ip, console=console)

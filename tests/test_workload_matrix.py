@@ -1,9 +1,10 @@
 """Every catalogue workload on every target that CI can run: completed with metrics, or refused.
 
 For each workload and each of ``local``, ``vm`` (the built-in dev guest under TCG) and the
-ablation targets of a normal VM (``vm+swiotlb``, ``vm+haltpoll``, ``vm+idle-poll``), the test
-runs ``cvmctl bench NAME --target T --duration 1 --repeat 1 --warmup 0`` with parameters
-made small enough for the whole matrix to take a few minutes, as a user would: the installed
+ablation targets of a normal VM that run here (``vm+swiotlb``, ``vm+haltpoll``; see
+:data:`VM_TARGETS`), the test runs
+``cvmctl bench NAME --target T --duration 1 --repeat 1 --warmup 0`` with parameters made
+small enough for the whole matrix to take a few minutes, as a user would: the installed
 program, a results store of its own. What the target's capabilities say it cannot run
 (:mod:`workloads.capabilities`) must be refused up front with that reason (exit status 2, one
 line, nothing booted); everything else must complete with its key metric.
@@ -81,9 +82,14 @@ def builtin(name: str) -> BuiltinTarget:
     return target
 
 
-#: The built-in VM targets that run on this machine: the default one and each ablation of a
-#: normal VM (the confidential ones need SEV-SNP or TDX hardware).
-VM_TARGETS = ("vm", "vm+swiotlb", "vm+haltpoll", "vm+idle-poll")
+#: The built-in VM targets that run on this machine: the default one and the ablations of a
+#: normal VM (the confidential ones need SEV-SNP or TDX hardware). Not ``vm+idle-poll``:
+#: under TCG, ``idle=poll`` turns each idle vCPU into an emulator thread that never sleeps,
+#: so the dev guest's two vCPUs take both of a 2-CPU machine's CPUs from everything else;
+#: tried here, its boot missed the daemon's 180 s deadline (the agent started at guest
+#: uptime 73 s, after more than 180 s of wall time), and every workload after it timed out.
+#: Its command line is pinned by the golden files and the knob by test_targets.py.
+VM_TARGETS = ("vm", "vm+swiotlb", "vm+haltpoll")
 
 TARGETS: dict[str, Capabilities] = {
     "local": local_capabilities(),

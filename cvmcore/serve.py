@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from contextlib import suppress
@@ -46,7 +44,9 @@ from cvmcore.address import (
 )
 from cvmcore.errors import UsageError
 from cvmcore.grpc_bridge import GrpcBridge, RpcObserver
+from cvmcore.instance import PrivateDirectory
 from cvmcore.relay import (
+    FIRST_BYTE_SECONDS,
     RelayStats,
     dialer_for,
     open_vsock_listener,
@@ -180,7 +180,9 @@ async def serve_grpc(
         observer=options.observer,
     )
     handlers = list(make_handlers(bridge))
-    private_dir = tempfile.mkdtemp(prefix="cvm-grpc-")
+    # The vsock backends' sockets; a killed server's directory is removed by the next one.
+    private = PrivateDirectory("cvm-grpc-")
+    private_dir = str(private.path)
     asyncio_thread = _AsyncioThread()
     asyncio_thread.start()
     serving = _Serving()
@@ -218,7 +220,7 @@ async def serve_grpc(
                 with trio.move_on_after(1.0):
                     await asyncio_thread.call(serving.server.stop(None))
             await asyncio_thread.stop(1.0)
-        shutil.rmtree(private_dir, ignore_errors=True)
+        private.cleanup()
         for address in serving.bound:
             if isinstance(address, UnixAddress) and os.path.exists(address.path):
                 os.unlink(address.path)
@@ -282,6 +284,7 @@ async def _serve_vsock_relay(
         dialer_for(UnixAddress(backend)),
         stats,
         allow_peer=vsock_peer_filter(allowed_cids),
+        first_byte_timeout=FIRST_BYTE_SECONDS,  # gRPC clients send their preface at once
         task_status=task_status,
     )
 

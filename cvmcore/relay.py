@@ -145,14 +145,15 @@ def _is_io_error(exc: BaseException) -> bool:
     return isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError | OSError)
 
 
-async def _first_bytes(accepted: trio.abc.Stream, seconds: float) -> bytes:
-    """What the client sends first, or b"" when it closes or stays silent for ``seconds``."""
+async def _first_bytes(accepted: trio.abc.Stream, seconds: float) -> bytes | None:
+    """What the client sends first: b"" when it closes first (a reachability probe does),
+    None when it stays silent for ``seconds``."""
     with trio.move_on_after(seconds):
         try:
             return bytes(await accepted.receive_some(RELAY_BUFFER_BYTES))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return b""
-    return b""
+    return None
 
 
 async def _relay_one(
@@ -162,24 +163,31 @@ async def _relay_one(
     connect_timeout: float,
     first_byte_timeout: float | None,
 ) -> None:
-    first = b""
+    first: bytes | None = b""
     if first_byte_timeout is not None:
         first = await _first_bytes(accepted, first_byte_timeout)
         if not first:
-            stats.refused()
+            if first is None:  # silent: it only held a connection
+                stats.refused()
             await trio.aclose_forcefully(accepted)
             return
     try:
         with trio.fail_after(connect_timeout):
             upstream = await dial()
-        if first:
-            await upstream.send_all(first)
-            stats.transferred("in", len(first))
-    except (OSError, ConnectError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+    except (OSError, ConnectError, trio.TooSlowError) as exc:
         stats.refused()
         log.warning("relay_dial_failed", error=str(exc))
         await trio.aclose_forcefully(accepted)
         return
+    if first:
+        try:
+            await upstream.send_all(first)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            stats.failed()
+            await trio.aclose_forcefully(upstream)
+            await trio.aclose_forcefully(accepted)
+            return
+        stats.transferred("in", len(first))
     await _carry(accepted, upstream, stats)
 
 

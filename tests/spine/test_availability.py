@@ -158,25 +158,19 @@ def _soft_limit_1024() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (DEFAULT_SOFT_LIMIT, hard))
 
 
-def test_1100_idle_connections_leave_the_agent_answering(tmp_path: Path) -> None:
+@pytest.mark.parametrize("daemon", ["cvm-agent", "cvm-hostd"])
+def test_1100_idle_connections_leave_the_daemon_answering(tmp_path: Path, daemon: str) -> None:
+    """Started with the service default of 1024 open files, each daemon raises its own limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < 4 * IDLE_CONNECTIONS:
         pytest.skip(f"the hard limit on open files here is {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this test holds 1,100 itself
-    sock = tmp_path / "a.sock"
+    sock = tmp_path / "d.sock"
+    argv = [str(BIN / daemon), "--listen", f"unix://{sock}", "--state-dir", str(tmp_path / "s")]
+    if daemon == "cvm-agent":
+        argv.append("--no-mount-debugfs")
     process = subprocess.Popen(
-        [
-            str(BIN / "cvm-agent"),
-            "--listen",
-            f"unix://{sock}",
-            "--state-dir",
-            str(tmp_path / "s"),
-            "--no-mount-debugfs",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=_soft_limit_1024,
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_soft_limit_1024
     )
     idle: list[socket.socket] = []
     try:

@@ -248,3 +248,12 @@ async def test_a_silent_connection_is_closed_before_anything_is_dialled(
             assert await talker.receive_some(10) == b"hello"
         for stream in (silent, talker):
             await trio.aclose_forcefully(stream)
+
+
+async def test_a_probe_that_closes_at_once_is_not_a_refusal(tmp_path: Path) -> None:
+    """grpc_target checks reachability by connecting and closing: not a silent hoarder."""
+    async with relay_to_echo(tmp_path, first_byte_timeout=10.0) as (front, stats):
+        probe = await trio.open_unix_socket(front)
+        await probe.aclose()
+        await trio.sleep(0.2)
+        assert stats.refused_total == 0

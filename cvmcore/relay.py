@@ -222,13 +222,30 @@ async def serve_relay(
     peer is closed at once and counted in ``stats.refused_total``, as is a connection over
     ``max_connections`` and, with ``first_byte_timeout``, one that stays silent that long.
     """
+
+    async def relay_one(stream: trio.SocketStream) -> None:
+        await _relay_one(stream, dial, stats, connect_timeout, first_byte_timeout)
+
+    await _accept_capped(listener, relay_one, stats, max_connections, allow_peer, task_status)
+
+
+async def _accept_capped(
+    listener: trio.abc.Listener[trio.SocketStream],
+    handle: Callable[[trio.SocketStream], Awaitable[None]],
+    stats: RelayStats,
+    max_connections: int,
+    allow_peer: Callable[[trio.SocketStream], bool] | None,
+    task_status: trio.TaskStatus[None],
+) -> None:
+    """Accept forever; ``handle`` each allowed connection while fewer than ``max_connections``
+    are held, close (and count as refused) the rest."""
     held = 0
     logged_at = -LIMIT_LOG_INTERVAL_SECONDS
 
-    async def relay_one(stream: trio.SocketStream) -> None:
+    async def hold(stream: trio.SocketStream) -> None:
         nonlocal held
         try:
-            await _relay_one(stream, dial, stats, connect_timeout, first_byte_timeout)
+            await handle(stream)
         finally:
             held -= 1
 
@@ -258,7 +275,7 @@ async def serve_relay(
                     )
                 continue
             held += 1
-            nursery.start_soon(relay_one, stream)
+            nursery.start_soon(hold, stream)
 
 
 # --- dialling ---------------------------------------------------------------------------
@@ -475,6 +492,7 @@ async def serve_hybrid_vsock(
     stats: RelayStats | None = None,
     *,
     handshake_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    max_connections: int = DEFAULT_MAX_RELAY_CONNECTIONS,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the host side of a hybrid vsock socket at ``path``.
@@ -482,14 +500,13 @@ async def serve_hybrid_vsock(
     Each connection must open with ``CONNECT <port>\\n``; a known port is answered with
     ``OK <port>\\n`` and relayed to ``ports[port]()``, anything else is closed.
     """
-    stats = stats if stats is not None else RelayStats()
+    counted = stats if stats is not None else RelayStats()
     listener = await open_unix_listener(path)
-    async with listener, trio.open_nursery() as nursery:
-        task_status.started()
-        while True:
-            stream = await listener.accept()
-            stats.accepted()
-            nursery.start_soon(_answer_hybrid_connect, stream, ports, stats, handshake_timeout)
+
+    async def answer(stream: trio.SocketStream) -> None:
+        await _answer_hybrid_connect(stream, ports, counted, handshake_timeout)
+
+    await _accept_capped(listener, answer, counted, max_connections, None, task_status)
 
 
 # --- grpcio targets for any address -------------------------------------------------------

@@ -13,6 +13,7 @@ share, each piece in one place:
 ``defaults``      ports, socket paths and directories: the one home of each
 ``durable``       writing a file so that a crash leaves the old or the new, never half
 ``metrics_http``  a small HTTP server for Prometheus' text exposition
+``instance``      one daemon per state directory; private directories a killed process cannot leak
 ``affinity``, ``cpuinfo``, ``log``, ``sdnotify``, ``watchdog``, ``tee``
 """
 

@@ -9,6 +9,7 @@ prints ``cvmctl: error: <message>`` and exits with :attr:`CvmError.exit_code`.
     ├── ConnectError           nothing answered at an address (exit 3)
     ├── DeadlineExceeded       an operation ran past its deadline (exit 4)
     ├── HostNotReady           this host cannot run what was asked, e.g. a TEE it lacks (exit 5)
+    ├── AlreadyRunning         a live daemon owns that socket or state directory (exit 6)
     └── RemoteError            the peer answered with an error status (exit 1)
 
 Over gRPC an error becomes a status code; a class with a :attr:`CvmError.wire_kind` also
@@ -66,6 +67,15 @@ class HostNotReady(CvmError):
 
     exit_code = 5
     wire_kind = "host-not-ready"
+
+
+class AlreadyRunning(CvmError):
+    """Another live process owns the socket or the state directory this one was asked to use.
+
+    A daemon refuses to start rather than take either over (:mod:`cvmcore.instance`).
+    """
+
+    exit_code = 6
 
 
 WIRE_KIND_KEY = "cvm-error-kind"

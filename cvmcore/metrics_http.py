@@ -9,8 +9,18 @@ What it speaks: HTTP/1.1 ``GET`` and ``HEAD`` of ``/metrics`` (any query string 
 ignored), one request per connection (``Connection: close``), the text exposition format
 0.0.4 with its content type. Anything else gets 404 or 405. Requests are bounded: the
 request head is at most :data:`MAX_REQUEST_HEAD` bytes and must arrive within
-:data:`REQUEST_TIMEOUT_SECONDS`; at most :data:`MAX_CONNECTIONS` are served at once (more are
-closed at once), so a slow or hostile client cannot pin the agent.
+:data:`REQUEST_TIMEOUT_SECONDS`, and the answer must be taken within
+:data:`SEND_TIMEOUT_SECONDS`.
+
+Slow clients (slowloris): at most :data:`MAX_CONNECTIONS` connections are open at once, and
+when a new one arrives at that limit the *oldest* connection that is waiting on its client
+(still sending its request head, or not reading its answer) is dropped to make room
+(:class:`ConnectionSlots`). A client that holds hundreds of connections open and silent
+therefore only ever displaces its own connections, while a scrape, which sends its request at
+once, is answered in milliseconds; refusing newcomers instead (a plain cap) would hand the
+server to whoever opened connections first. Only connections whose answer is being rendered
+are never dropped; when all are, the newcomer is closed. The open descriptors stay bounded by
+the limit, so a flood cannot run the process out of them either.
 
 Scrapes never touch the kernel: the registry's collectors serve snapshots that the trio
 refresher keeps fresh (the guest agent's collectors). Rendering the text (a few ms for
@@ -21,15 +31,21 @@ bridge, is never blocked by it.
 from __future__ import annotations
 
 import functools
+import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 
+import structlog
 import trio
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from cvmcore.defaults import AGENT_METRICS_PORT
+from cvmcore.errors import UsageError
+
+log = structlog.get_logger("cvmcore.metrics_http")
 
 #: The content type of :func:`render_text` output: the text format 0.0.4 (every name here is a
 #: classic Prometheus name, so no UTF-8 escaping is involved). Spelled out rather than taken
@@ -39,7 +55,11 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 MAX_REQUEST_HEAD = 8192
 REQUEST_TIMEOUT_SECONDS = 10.0
+SEND_TIMEOUT_SECONDS = 10.0
 MAX_CONNECTIONS = 32
+#: At most one log line per this many seconds about dropped connections (a flood would
+#: otherwise turn into a flood of log lines).
+DROP_LOG_INTERVAL_SECONDS = 60.0
 METRICS_PATH = "/metrics"
 
 
@@ -96,32 +116,123 @@ async def read_head(stream: trio.abc.ReceiveStream) -> bytes | None:
     return buffer
 
 
-async def serve_connection(answer: Answer, slots: trio.CapacityLimiter, stream: trio.SocketStream) -> None:
+class _Connection:
+    """One open connection's place in :class:`ConnectionSlots`."""
+
+    __slots__ = ("evictable", "scope")
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        #: Waiting on the client (reading its head, sending it the answer): may be dropped.
+        self.evictable = True
+
+
+class ConnectionSlots:
+    """The connections one HTTP server has open, with the slow-client policy of this module.
+
+    :meth:`admit` gives a new connection its place, dropping the oldest evictable one when
+    all :attr:`limit` places are taken; ``None`` means every open connection is busy
+    rendering and the newcomer should be closed. Used from the trio thread only.
+    """
+
+    def __init__(self, limit: int = MAX_CONNECTIONS) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.limit = limit
+        self._open: dict[_Connection, None] = {}  # insertion order: oldest first
+        self.dropped_total = 0
+        self.refused_total = 0
+        self._logged_at = -DROP_LOG_INTERVAL_SECONDS
+
+    @property
+    def open(self) -> int:
+        return len(self._open)
+
+    def admit(self) -> _Connection | None:
+        if len(self._open) >= self.limit:
+            oldest = next((c for c in self._open if c.evictable), None)
+            if oldest is None:
+                self.refused_total += 1
+                self._note()
+                return None
+            del self._open[oldest]
+            oldest.scope.cancel()
+            self.dropped_total += 1
+            self._note()
+        connection = _Connection()
+        self._open[connection] = None
+        return connection
+
+    def release(self, connection: _Connection) -> None:
+        self._open.pop(connection, None)
+
+    def _note(self) -> None:
+        now = time.monotonic()
+        if now - self._logged_at >= DROP_LOG_INTERVAL_SECONDS:
+            self._logged_at = now
+            log.warning(
+                "http_connections_at_limit",
+                limit=self.limit,
+                dropped_total=self.dropped_total,
+                refused_total=self.refused_total,
+                why="slow or idle clients hold every connection: the oldest waiting one is dropped",
+            )
+
+
+async def serve_connection(answer: Answer, slots: ConnectionSlots, stream: trio.SocketStream) -> None:
     """One connection: a bounded request head within the timeout, one answer, close.
 
     Shared by every HTTP endpoint cvmctl serves (this one and the host daemon's); they
     differ only in ``answer``.
     """
     async with stream:
+        connection = slots.admit()
+        if connection is None:
+            return  # every place is busy rendering: close this one rather than queue it
         try:
-            slots.acquire_nowait()
-        except trio.WouldBlock:
-            return  # too many at once: close this one rather than queue it
-        try:
-            reply = b""
-            with trio.move_on_after(REQUEST_TIMEOUT_SECONDS):
-                head = await read_head(stream)
-                request = parse_request_line(head) if head is not None else None
-                if request is None:
-                    reply = http_response(HTTPStatus.BAD_REQUEST, b"bad request\n", "text/plain")
-                else:
-                    reply = await answer(*request)
-            if reply:
-                await stream.send_all(reply)
+            with connection.scope:  # cancelled when a newcomer needs the place
+                reply = b""
+                with trio.move_on_after(REQUEST_TIMEOUT_SECONDS):
+                    head = await read_head(stream)
+                    request = parse_request_line(head) if head is not None else None
+                    if request is None:
+                        reply = http_response(HTTPStatus.BAD_REQUEST, b"bad request\n", "text/plain")
+                    else:
+                        connection.evictable = False
+                        reply = await answer(*request)
+                        connection.evictable = True
+                if reply:
+                    with trio.move_on_after(SEND_TIMEOUT_SECONDS):
+                        await stream.send_all(reply)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away
         finally:
-            slots.release()
+            slots.release(connection)
+
+
+async def open_http_listeners(host: str, port: int, what: str = "/metrics") -> list[trio.SocketListener]:
+    """Listen on ``host:port``; a port in use (or an address not here) is a one-line
+    :class:`~cvmcore.errors.UsageError`, never a traceback."""
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        shown = f"[{host}]" if ":" in host else host
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise UsageError(f"cannot serve {what} on tcp://{shown}:{port}: {reason}") from exc
+
+
+async def serve_http(answer: Answer, listeners: list[trio.SocketListener]) -> None:
+    """Serve ``answer`` on ``listeners`` until cancelled (then close them)."""
+    try:
+        slots = ConnectionSlots()
+        await trio.serve_listeners(functools.partial(serve_connection, answer, slots), listeners)
+    finally:
+        await close_listeners(listeners)
+
+
+async def close_listeners(listeners: list[trio.SocketListener]) -> None:
+    for listener in listeners:
+        await trio.aclose_forcefully(listener)
 
 
 def metrics_answer(render: Callable[[], bytes]) -> Answer:
@@ -151,14 +262,8 @@ async def serve_metrics_http(
     :class:`MetricsEndpoint` once the socket listens; cancelling the nursery (or an
     enclosing scope) closes the listener and every connection.
     """
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    try:
-        bound_port = int(listeners[0].socket.getsockname()[1])
-        slots = trio.CapacityLimiter(MAX_CONNECTIONS)
-        answer = metrics_answer(functools.partial(render_text, registry))
-        handler = functools.partial(serve_connection, answer, slots)
-        task_status.started(MetricsEndpoint(host, bound_port))
-        await trio.serve_listeners(handler, listeners)
-    finally:
-        for listener in listeners:
-            await trio.aclose_forcefully(listener)
+    listeners = await open_http_listeners(host, port)
+    bound_port = int(listeners[0].socket.getsockname()[1])
+    answer = metrics_answer(functools.partial(render_text, registry))
+    task_status.started(MetricsEndpoint(host, bound_port))
+    await serve_http(answer, listeners)

@@ -19,6 +19,15 @@ half-close is passed on with ``send_eof``, and an error on one connection is cou
 logged without touching the others. :class:`RelayStats` counts connections, bytes and
 refusals for the metrics exporters.
 
+Each relayed connection costs three descriptors in a server (the accepted socket, the
+upstream socket and, when the upstream is the process's own gRPC server, its side of it), so
+a peer that opens connections and never closes them would run the process out of them,
+and with it every other file it must open. :func:`serve_relay` therefore holds at most
+``max_connections`` (:data:`DEFAULT_MAX_RELAY_CONNECTIONS`) and closes any more at once,
+counted as refused and logged (at most once a minute); and with ``first_byte_timeout`` (the
+agent's vsock relay: gRPC clients speak first, with the HTTP/2 preface) a connection that
+sends nothing in that time is closed before anything is dialled for it.
+
 :func:`serve_hybrid_vsock` is the host side of a hybrid vsock socket, as Firecracker,
 Cloud Hypervisor and vhost-device-vsock implement it. The daemon does not need it in
 production (the VMM provides it); it lets an agent be reached through the very same
@@ -30,7 +39,6 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -48,7 +56,8 @@ from cvmcore.address import (
     UnixAddress,
     VsockAddress,
 )
-from cvmcore.errors import ConnectError, DeadlineExceeded, UsageError
+from cvmcore.errors import AlreadyRunning, ConnectError, DeadlineExceeded, UsageError
+from cvmcore.instance import private_directory
 
 log = structlog.get_logger("cvmcore.relay")
 
@@ -56,6 +65,10 @@ RELAY_BUFFER_BYTES: Final = 64 * 1024
 #: Longest handshake line accepted on a hybrid vsock socket ("CONNECT 4294967294\n" is 19).
 HANDSHAKE_MAX_BYTES: Final = 64
 DEFAULT_CONNECT_TIMEOUT: Final = 5.0
+DEFAULT_MAX_RELAY_CONNECTIONS: Final = 256
+#: For a relay whose clients speak first (gRPC): how long a connection may stay silent.
+FIRST_BYTE_SECONDS: Final = 10.0
+LIMIT_LOG_INTERVAL_SECONDS: Final = 60.0
 
 Dialer = Callable[[], Awaitable[trio.abc.Stream]]
 
@@ -132,9 +145,32 @@ def _is_io_error(exc: BaseException) -> bool:
     return isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError | OSError)
 
 
+async def _first_bytes(accepted: trio.abc.Stream, seconds: float) -> bytes | None:
+    """What the client sends first: b"" when it closes first (a reachability probe does),
+    None when it stays silent for ``seconds``."""
+    with trio.move_on_after(seconds):
+        try:
+            return bytes(await accepted.receive_some(RELAY_BUFFER_BYTES))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return b""
+    return None
+
+
 async def _relay_one(
-    accepted: trio.abc.Stream, dial: Dialer, stats: RelayStats, connect_timeout: float
+    accepted: trio.abc.Stream,
+    dial: Dialer,
+    stats: RelayStats,
+    connect_timeout: float,
+    first_byte_timeout: float | None,
 ) -> None:
+    first: bytes | None = b""
+    if first_byte_timeout is not None:
+        first = await _first_bytes(accepted, first_byte_timeout)
+        if not first:
+            if first is None:  # silent: it only held a connection
+                stats.refused()
+            await trio.aclose_forcefully(accepted)
+            return
     try:
         with trio.fail_after(connect_timeout):
             upstream = await dial()
@@ -143,6 +179,15 @@ async def _relay_one(
         log.warning("relay_dial_failed", error=str(exc))
         await trio.aclose_forcefully(accepted)
         return
+    if first:
+        try:
+            await upstream.send_all(first)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            stats.failed()
+            await trio.aclose_forcefully(upstream)
+            await trio.aclose_forcefully(accepted)
+            return
+        stats.transferred("in", len(first))
     await _carry(accepted, upstream, stats)
 
 
@@ -167,13 +212,43 @@ async def serve_relay(
     *,
     allow_peer: Callable[[trio.SocketStream], bool] | None = None,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    max_connections: int = DEFAULT_MAX_RELAY_CONNECTIONS,
+    first_byte_timeout: float | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept connections on ``listener`` forever; relay each to a fresh ``dial()``.
 
     ``allow_peer`` decides per accepted connection (e.g. a vsock CID filter); a rejected
-    peer is closed at once and counted in ``stats.refused_total``.
+    peer is closed at once and counted in ``stats.refused_total``, as is a connection over
+    ``max_connections`` and, with ``first_byte_timeout``, one that stays silent that long.
     """
+
+    async def relay_one(stream: trio.SocketStream) -> None:
+        await _relay_one(stream, dial, stats, connect_timeout, first_byte_timeout)
+
+    await _accept_capped(listener, relay_one, stats, max_connections, allow_peer, task_status)
+
+
+async def _accept_capped(
+    listener: trio.abc.Listener[trio.SocketStream],
+    handle: Callable[[trio.SocketStream], Awaitable[None]],
+    stats: RelayStats,
+    max_connections: int,
+    allow_peer: Callable[[trio.SocketStream], bool] | None,
+    task_status: trio.TaskStatus[None],
+) -> None:
+    """Accept forever; ``handle`` each allowed connection while fewer than ``max_connections``
+    are held, close (and count as refused) the rest."""
+    held = 0
+    logged_at = -LIMIT_LOG_INTERVAL_SECONDS
+
+    async def hold(stream: trio.SocketStream) -> None:
+        nonlocal held
+        try:
+            await handle(stream)
+        finally:
+            held -= 1
+
     async with listener, trio.open_nursery() as nursery:
         task_status.started()
         while True:
@@ -190,7 +265,17 @@ async def serve_relay(
                 stats.refused()
                 await trio.aclose_forcefully(stream)
                 continue
-            nursery.start_soon(_relay_one, stream, dial, stats, connect_timeout)
+            if held >= max_connections:
+                stats.refused()
+                await trio.aclose_forcefully(stream)
+                if trio.current_time() - logged_at >= LIMIT_LOG_INTERVAL_SECONDS:
+                    logged_at = trio.current_time()
+                    log.warning(
+                        "relay_connection_limit", limit=max_connections, refused_total=stats.refused_total
+                    )
+                continue
+            held += 1
+            nursery.start_soon(hold, stream)
 
 
 # --- dialling ---------------------------------------------------------------------------
@@ -295,11 +380,38 @@ def open_vsock_listener(port: int, cid: int = VMADDR_CID_ANY, backlog: int = 128
     return trio.SocketListener(sock)
 
 
+def socket_answers(path: str) -> bool:
+    """Whether a server accepts connections on the unix socket at ``path`` now.
+
+    A non-blocking connect: accepted (or its backlog full) means a live listener;
+    ``ECONNREFUSED`` means a socket file whose server is gone.
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except (BlockingIOError, InterruptedError):
+        return True  # the backlog is full: somebody listens
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return False
+        raise UsageError(f"cannot listen on unix://{path}: {os.strerror(exc.errno or 0)}") from exc
+    finally:
+        probe.close()
+    return True
+
+
 def remove_stale_socket(path: str) -> None:
     """Make way for a listener at ``path``: remove a socket file left by an earlier run, and
-    refuse (rather than delete) anything else that is there."""
+    refuse (rather than delete) anything else that is there, above all a socket that a live
+    server still answers on (taking it over would silently cut that server off)."""
     p = Path(path)
     if p.is_socket():
+        if socket_answers(path):
+            raise AlreadyRunning(
+                f"cannot listen on unix://{path}: another server is listening there "
+                "(stop it first, or choose another --listen)"
+            )
         p.unlink()
     elif p.exists():
         raise UsageError(f"cannot listen on unix://{path}: a file that is not a socket is in the way")
@@ -380,6 +492,7 @@ async def serve_hybrid_vsock(
     stats: RelayStats | None = None,
     *,
     handshake_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    max_connections: int = DEFAULT_MAX_RELAY_CONNECTIONS,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the host side of a hybrid vsock socket at ``path``.
@@ -387,14 +500,13 @@ async def serve_hybrid_vsock(
     Each connection must open with ``CONNECT <port>\\n``; a known port is answered with
     ``OK <port>\\n`` and relayed to ``ports[port]()``, anything else is closed.
     """
-    stats = stats if stats is not None else RelayStats()
+    counted = stats if stats is not None else RelayStats()
     listener = await open_unix_listener(path)
-    async with listener, trio.open_nursery() as nursery:
-        task_status.started()
-        while True:
-            stream = await listener.accept()
-            stats.accepted()
-            nursery.start_soon(_answer_hybrid_connect, stream, ports, stats, handshake_timeout)
+
+    async def answer(stream: trio.SocketStream) -> None:
+        await _answer_hybrid_connect(stream, ports, counted, handshake_timeout)
+
+    await _accept_capped(listener, answer, counted, max_connections, None, task_status)
 
 
 # --- grpcio targets for any address -------------------------------------------------------
@@ -423,8 +535,8 @@ async def grpc_target(
         raise DeadlineExceeded(f"{address}: no answer within {connect_timeout:g} s") from None
     await trio.aclose_forcefully(probe)
     stats = stats if stats is not None else RelayStats()
-    with tempfile.TemporaryDirectory(prefix="cvmctl-relay-") as tmp:
-        path = os.path.join(tmp, "relay.sock")
+    with private_directory("cvmctl-relay-") as tmp:
+        path = str(tmp / "relay.sock")
         listener = await open_unix_listener(path, mode=0o600)
         async with trio.open_nursery() as nursery:
             await nursery.start(

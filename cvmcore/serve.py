@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from contextlib import suppress
@@ -46,7 +44,9 @@ from cvmcore.address import (
 )
 from cvmcore.errors import UsageError
 from cvmcore.grpc_bridge import GrpcBridge, RpcObserver
+from cvmcore.instance import PrivateDirectory
 from cvmcore.relay import (
+    FIRST_BYTE_SECONDS,
     RelayStats,
     dialer_for,
     open_vsock_listener,
@@ -180,17 +180,15 @@ async def serve_grpc(
         observer=options.observer,
     )
     handlers = list(make_handlers(bridge))
-    private_dir = tempfile.mkdtemp(prefix="cvm-grpc-")
+    # The vsock backends' sockets; a killed server's directory is removed by the next one.
+    private = PrivateDirectory("cvm-grpc-")
+    private_dir = str(private.path)
     asyncio_thread = _AsyncioThread()
     asyncio_thread.start()
     serving = _Serving()
     try:
         await asyncio_thread.call(_start_server(options, handlers, private_dir, serving))
         assert serving.server is not None and serving.health is not None
-        for address in serving.bound:
-            if isinstance(address, UnixAddress):
-                os.chmod(address.path, options.unix_socket_mode)
-
         async with trio.open_nursery() as nursery:
             for address, backend in serving.vsock_backends:
                 listener = open_vsock_listener(address.port, address.cid)
@@ -218,7 +216,7 @@ async def serve_grpc(
                 with trio.move_on_after(1.0):
                     await asyncio_thread.call(serving.server.stop(None))
             await asyncio_thread.stop(1.0)
-        shutil.rmtree(private_dir, ignore_errors=True)
+        private.cleanup()
         for address in serving.bound:
             if isinstance(address, UnixAddress) and os.path.exists(address.path):
                 os.unlink(address.path)
@@ -243,7 +241,7 @@ async def _start_server(
         match address:
             case UnixAddress(path=path):
                 remove_stale_socket(path)
-                _add_port(server, address, address.grpc_target())
+                _add_unix_port(server, address, options.unix_socket_mode)
                 serving.bound.append(address)
             case TcpAddress(host=host):
                 port = _add_port(server, address, address.grpc_target())
@@ -282,8 +280,34 @@ async def _serve_vsock_relay(
         dialer_for(UnixAddress(backend)),
         stats,
         allow_peer=vsock_peer_filter(allowed_cids),
+        first_byte_timeout=FIRST_BYTE_SECONDS,  # gRPC clients send their preface at once
         task_status=task_status,
     )
+
+
+#: The longest unix socket path (``sun_path`` is 108 bytes with its terminating NUL).
+UNIX_PATH_MAX: Final = 107
+
+
+def _add_unix_port(server: grpc.aio.Server, address: UnixAddress, mode: int) -> None:
+    """Bind ``address`` so that its file appears with ``mode`` already set.
+
+    grpc-core creates the socket file when the port is added, with the process umask; it is
+    created under a staging name, given its mode and renamed into place, so nobody sees (or
+    connects through) a wider mode. The umask is not narrowed instead: it is process-wide, and
+    other threads may be creating files meanwhile. A path too long for the staging name is
+    bound directly and given its mode just after.
+    """
+    staging = f"{address.path}.{os.getpid()}"
+    if len(staging.encode()) > UNIX_PATH_MAX:
+        _add_port(server, address, address.grpc_target())
+        os.chmod(address.path, mode)
+        return
+    with suppress(FileNotFoundError):
+        os.unlink(staging)  # a previous run with this pid left it
+    _add_port(server, address, f"unix:{staging}")
+    os.chmod(staging, mode)
+    os.replace(staging, address.path)
 
 
 def _add_port(server: grpc.aio.Server, address: Address, target: str) -> int:

@@ -41,9 +41,19 @@ Safety model
    written are restored in reverse order, a module the agent loaded is unloaded, and
    :class:`SysfsWriteError` names the file and the errno.
 3. :meth:`IdlePollingController.revert` restores every saved byte and removes the state file.
+   A recorded file that no longer exists (after a reboot the module holding it may not be
+   loaded) has nothing to restore: the kernel forgot the change with the file, so it is
+   skipped and named, not an error.
 4. An agent that died with changes applied finds the state file on its next start;
    :meth:`IdlePollingController.recover` restores the originals (or, with ``keep=True``,
    leaves the applied values and keeps the record so that a later revert still works).
+   Recovery never stops the agent from starting: a state file it cannot parse (truncated
+   by a crash of the file system under it, edited by hand) is set aside as
+   ``idle-polling.json.corrupt-<time>`` for a person to inspect, and a restore the kernel
+   refuses keeps the record for a later revert, and a record from an earlier boot (the
+   kernel's ``boot_id`` differs) is dropped unapplied, since a reboot already undid its
+   changes; in every case :class:`Recovery` says what happened and the agent logs and
+   exports it.
 
 Every path is taken relative to an injectable ``root`` (``/`` in production, a fixture copy
 in tests), the module loader is injectable (``modprobe`` in production), and so is the
@@ -60,12 +70,13 @@ import json
 import os
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from cvmcore.durable import remove_durably, write_durably
+from cvmcore.durable import fsync_directory, remove_durably, write_durably
 from cvmcore.errors import CvmError
 
 CPUIDLE_DIR = "sys/devices/system/cpu/cpuidle"
@@ -73,6 +84,7 @@ HALTPOLL_PARAMS_DIR = "sys/module/haltpoll/parameters"
 HALTPOLL_DRIVER_MODULE = "cpuidle_haltpoll"
 HALTPOLL_DRIVER_MODULE_DIR = f"sys/module/{HALTPOLL_DRIVER_MODULE}"
 KERNEL_CMDLINE = "proc/cmdline"
+BOOT_ID = "proc/sys/kernel/random/boot_id"
 STATE_FILE_NAME = "idle-polling.json"
 STATE_FORMAT = 1
 
@@ -225,6 +237,26 @@ class RecoveryOutcome(enum.StrEnum):
     NOTHING_TO_RECOVER = "nothing-to-recover"
     RESTORED = "restored"
     KEPT = "kept"
+    #: The state file could not be parsed: set aside, nothing restored.
+    DISCARDED = "discarded"
+    #: The kernel refused a restore: the record is kept for a later revert.
+    RESTORE_FAILED = "restore-failed"
+    #: The record was made in an earlier boot, whose runtime changes the kernel has
+    #: forgotten: dropped without writing anything (its "originals" would now overwrite
+    #: what this boot chose).
+    PREVIOUS_BOOT = "previous-boot"
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """The outcome of :meth:`IdlePollingController.recover`, with what it could not do."""
+
+    outcome: RecoveryOutcome
+    #: Recorded files that no longer exist (nothing to restore in them).
+    gone: tuple[str, ...] = ()
+    #: Where an unparsable state file was moved.
+    set_aside: Path | None = None
+    problem: str = ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,6 +400,8 @@ class _Record:
     targets: dict[str, bytes] = field(default_factory=dict)
     module_loaded_by_agent: bool = False
     original_driver: str = ""
+    #: The kernel's boot id when the first change was made: runtime changes end with the boot.
+    boot_id: str = ""
 
     def to_json(self) -> dict[str, Any]:
         # latin-1 maps every byte to one code point: the round trip is byte-exact.
@@ -378,6 +412,7 @@ class _Record:
             "targets": [[path, value.decode("latin-1")] for path, value in self.targets.items()],
             "module_loaded_by_agent": self.module_loaded_by_agent,
             "original_driver": self.original_driver,
+            "boot_id": self.boot_id,
         }
 
     @classmethod
@@ -391,6 +426,7 @@ class _Record:
             targets={str(p): str(v).encode("latin-1") for p, v in data["targets"]},
             module_loaded_by_agent=bool(data["module_loaded_by_agent"]),
             original_driver=str(data["original_driver"]),
+            boot_id=str(data.get("boot_id", "")),  # absent in records of earlier agents
         )
 
 
@@ -533,6 +569,7 @@ class IdlePollingController:
         driver = self._read_text(f"{CPUIDLE_DIR}/current_driver", "none")
         if previous is None:
             record.original_driver = driver
+            record.boot_id = self._read_text(BOOT_ID)
 
         writes: list[tuple[str, bytes]] = [(f"{CPUIDLE_DIR}/current_governor", b"haltpoll")]
         writes += [(f"{HALTPOLL_PARAMS_DIR}/{name}", value) for name, value in param_values.items()]
@@ -614,12 +651,22 @@ class IdlePollingController:
         else:
             self._save_record(previous)
 
-    def _restore(self, originals: Mapping[str, bytes], written: Sequence[str]) -> list[str]:
-        """Write originals back in reverse order; return the failures (keep going past them)."""
+    def _restore(
+        self, originals: Mapping[str, bytes], written: Sequence[str], gone: list[str] | None = None
+    ) -> list[str]:
+        """Write originals back in reverse order; return the failures (keep going past them).
+
+        A file that no longer exists is appended to ``gone`` instead, when it is given.
+        """
         problems: list[str] = []
         for relative in reversed(written):
             try:
                 self._write(self._path(relative), originals[relative])
+            except FileNotFoundError:
+                if gone is None:
+                    problems.append(f"{self._path(relative)}: no such file")
+                else:
+                    gone.append(relative)
             except OSError as exc:
                 problems.append(f"{self._path(relative)}: {exc.strerror or exc}")
         return problems
@@ -646,16 +693,17 @@ class IdlePollingController:
         """Restore every original byte and unload a module the agent loaded.
 
         The state file is removed only when everything was restored, so a failed revert can
-        be retried (and is retried by :meth:`recover` on the next start).
+        be retried (and is retried by :meth:`recover` on the next start). Recorded files that
+        no longer exist are skipped (the kernel holds no change there to undo).
         """
         with self._lock:
-            return self._revert()
+            return self._revert([])
 
-    def _revert(self) -> IdlePollingStatus:
+    def _revert(self, gone: list[str]) -> IdlePollingStatus:
         record = self._read_record()
         if record is None:
             return self.status()
-        problems = self._restore(record.originals, list(record.originals))
+        problems = self._restore(record.originals, list(record.originals), gone)
         if record.module_loaded_by_agent and self._read_text(f"{CPUIDLE_DIR}/current_driver") == "haltpoll":
             try:
                 self._modules.unload(HALTPOLL_DRIVER_MODULE)
@@ -668,17 +716,37 @@ class IdlePollingController:
         remove_durably(self.state_file)
         return self.status()
 
-    def recover(self, *, keep: bool = False) -> RecoveryOutcome:
+    def recover(self, *, keep: bool = False) -> Recovery:
         """On agent start: undo changes a previous agent left applied, unless ``keep``.
 
-        Raises :class:`StateFileError` if the record is unreadable (nothing is changed then)
-        and :class:`IdlePollingError` if a restore failed (the record is kept for a retry).
+        Never raises for what it finds: an unparsable record is set aside
+        (:attr:`RecoveryOutcome.DISCARDED`), a refused restore keeps the record for a retry
+        (:attr:`RecoveryOutcome.RESTORE_FAILED`); the agent starts either way.
         """
         with self._lock:
-            record = self._read_record()
+            try:
+                record = self._read_record()
+            except StateFileError as exc:
+                return Recovery(RecoveryOutcome.DISCARDED, set_aside=self._set_aside(), problem=str(exc))
             if record is None:
-                return RecoveryOutcome.NOTHING_TO_RECOVER
+                return Recovery(RecoveryOutcome.NOTHING_TO_RECOVER)
+            boot_id = self._read_text(BOOT_ID)
+            if record.boot_id and boot_id and record.boot_id != boot_id:
+                remove_durably(self.state_file)
+                return Recovery(RecoveryOutcome.PREVIOUS_BOOT, gone=tuple(record.originals))
             if keep:
-                return RecoveryOutcome.KEPT
-            self._revert()
-            return RecoveryOutcome.RESTORED
+                return Recovery(RecoveryOutcome.KEPT)
+            gone: list[str] = []
+            try:
+                self._revert(gone)
+            except IdlePollingError as exc:
+                return Recovery(RecoveryOutcome.RESTORE_FAILED, gone=tuple(gone), problem=str(exc))
+            return Recovery(RecoveryOutcome.RESTORED, gone=tuple(gone))
+
+    def _set_aside(self) -> Path:
+        """Move the unparsable state file out of the way, kept for a person to inspect."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        aside = self.state_file.with_name(f"{self.state_file.name}.corrupt-{stamp}-{os.getpid()}")
+        os.replace(self.state_file, aside)
+        fsync_directory(self.state_file.parent)
+        return aside

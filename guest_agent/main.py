@@ -17,13 +17,14 @@ from cvmcore.affinity import choose_cpu, format_cpu_list, parse_cpu_choice, pin_
 from cvmcore.daemon import add_logging_arguments, run_daemon
 from cvmcore.defaults import AGENT_VSOCK_PORT
 from cvmcore.errors import CvmError, UsageError
+from cvmcore.instance import lock_state_dir
 from cvmcore.metrics_http import serve_metrics_http
 from cvmcore.serve import ServerOptions, serve_grpc
 from cvmcore.watchdog import feed_watchdog
 from guest_agent.collectors.agent import AgentStats
 from guest_agent.collectors.registry import Roots, build_registry
 from guest_agent.collectors.swiotlb import mount_debugfs_readonly
-from guest_agent.idle_polling import IdlePollingController, RecoveryOutcome
+from guest_agent.idle_polling import IdlePollingController, Recovery, RecoveryOutcome
 from guest_agent.observability import MeteredRelayStats, rpc_observer
 from guest_agent.server import GuestAgentService, agent_handlers
 from guest_agent.tee import detect_tee, read_boot_messages
@@ -132,6 +133,25 @@ def prepare_state_dir(path: Path) -> None:
         raise UsageError(f"cannot create the state directory {path}: {exc.strerror}") from exc
 
 
+def report_recovery(recovery: Recovery, stats: AgentStats, state_dir: Path) -> None:
+    """Log what start-up recovery did and export it (``cvm_guest_agent_state_recovery``)."""
+    discarded = len(recovery.gone) + (recovery.set_aside is not None)
+    stats.recovered(str(recovery.outcome), discarded)
+    if recovery.outcome is RecoveryOutcome.NOTHING_TO_RECOVER:
+        return
+    fields = {"outcome": str(recovery.outcome), "state_dir": str(state_dir)}
+    if recovery.gone:
+        fields["gone"] = ", ".join(recovery.gone)
+    if recovery.set_aside is not None:
+        fields["set_aside"] = str(recovery.set_aside)
+    if recovery.problem:
+        fields["problem"] = recovery.problem
+    if recovery.outcome in (RecoveryOutcome.DISCARDED, RecoveryOutcome.RESTORE_FAILED):
+        log.error("idle_polling_recovery_incomplete", **fields)
+    else:
+        log.warning("idle_polling_recovered", **fields)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -166,9 +186,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if inherited is not None:
             log.info("pinned", cpu=cpu, children_cpus=format_cpu_list(inherited))
         await trio.to_thread.run_sync(prepare_state_dir, args.state_dir)
-        outcome = await trio.to_thread.run_sync(lambda: idle_polling.recover(keep=args.keep_idle_polling))
-        if outcome is not RecoveryOutcome.NOTHING_TO_RECOVER:
-            log.warning("idle_polling_recovered", outcome=str(outcome), state_dir=str(args.state_dir))
+        # One agent per state directory (two would restore each other's idle-polling
+        # originals); the lock lasts as long as this process.
+        state_lock = lock_state_dir(args.state_dir, "cvm-agent")
+        try:
+            await serve()
+        finally:
+            os.close(state_lock)
+
+    async def serve() -> None:
+        recovery = await trio.to_thread.run_sync(lambda: idle_polling.recover(keep=args.keep_idle_polling))
+        report_recovery(recovery, stats, args.state_dir)
         boot_messages = await trio.to_thread.run_sync(read_boot_messages, args.root)
         verdict = detect_tee(args.root, boot_messages)
         registry, refresher = build_registry(

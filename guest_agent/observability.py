@@ -30,6 +30,10 @@ class MeteredRelayStats(RelayStats):
         super().closed()
         self._stats.relay_closed(self._relay)
 
+    def refused(self) -> None:
+        super().refused()
+        self._stats.relay_refused(self._relay)
+
     def transferred(self, direction: Literal["in", "out"], nbytes: int) -> None:
         super().transferred(direction, nbytes)
         self._stats.relay_transferred(self._relay, direction, nbytes)

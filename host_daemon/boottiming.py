@@ -12,7 +12,13 @@ in front and the agent at the end:
 
 Each phase is the difference of two marks on the monotonic clock. A mark that never came
 (a guest whose init prints no marker, a daemon restarted mid-boot) leaves the phases that
-need it unrecorded rather than guessed.
+need it unrecorded rather than guessed, and :meth:`BootClock.unmeasured` says which and why.
+
+The marks are kept with the VM's record: the monotonic clock (``CLOCK_MONOTONIC``) is one
+clock for every process on the host, so a daemon restarted during a boot picks the marks up
+where the dead one left them (:meth:`BootClock.resume`). What happened while no daemon
+watched cannot be timed: an init marker already on the console when the new daemon looks
+came at an unknown moment, so the phases that end or start there are marked unmeasured.
 
 Where the kernel starts: the init marker carries the guest's uptime, which the kernel's
 clock counts from its own start, so the kernel's start is the marker's arrival minus that
@@ -28,7 +34,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Final
 
@@ -51,12 +57,34 @@ CONSOLE_TAIL_LINES: Final = 20
 CONSOLE_POLL_SECONDS: Final = 0.01
 
 
+#: Why phases have no figure after a daemon restart during the boot.
+RESTARTED_MID_BOOT: Final = "the daemon was not running when this phase ended"
+
+
 class BootClock:
     """The marks of one boot and the phases they give."""
 
     def __init__(self, requested_at: float, spawned_at: float) -> None:
         self.marks: dict[str, float] = {"request": requested_at, "exec": spawned_at}
         self.phases: dict[str, float] = {}
+        self.unmeasured: dict[str, str] = {}
+
+    @classmethod
+    def resume(
+        cls, marks: Mapping[str, float], phases: Mapping[str, float], unmeasured: Mapping[str, str]
+    ) -> BootClock:
+        """The clock of a boot a previous daemon started, from what it recorded."""
+        clock = cls(marks.get("request", 0.0), marks.get("exec", 0.0))
+        clock.marks = dict(marks)
+        clock.phases = dict(phases)
+        clock.unmeasured = dict(unmeasured)
+        return clock
+
+    def give_up(self, why: str, *names: str) -> None:
+        """Mark the phases ``names`` that have no figure as unmeasured, for ``why``."""
+        for name in names:
+            if name not in self.phases:
+                self.unmeasured.setdefault(name, why)
 
     def mark(self, name: str, at: float | None = None) -> None:
         self.marks[name] = time.monotonic() if at is None else at
@@ -81,7 +109,17 @@ class BootClock:
         if start not in self.marks or end not in self.marks:
             return False
         self.phases[name] = round(self.marks[end] - self.marks[start], 6)
+        self.unmeasured.pop(name, None)
         return True
+
+
+def console_has_init_marker(console: Path, max_bytes: int = 8 << 20) -> bool:
+    """Whether the guest's init has already printed its first marker on ``console``."""
+    try:
+        with console.open("rb") as handle:
+            return INIT_MARKER.encode() in handle.read(max_bytes)
+    except OSError:
+        return False
 
 
 async def console_marks(console: Path) -> AsyncIterator[tuple[str, float | None]]:

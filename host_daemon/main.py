@@ -16,6 +16,7 @@ from cvmcore.address import Address, UnixAddress, parse_address
 from cvmcore.daemon import add_logging_arguments, run_daemon
 from cvmcore.defaults import HOSTD_ADDRESS
 from cvmcore.errors import CvmError, UsageError
+from cvmcore.instance import lock_state_dir
 from cvmcore.serve import ServerOptions, serve_grpc
 from cvmcore.watchdog import feed_watchdog
 from host_daemon.devguest import complete_with_dev_guest, dev_guest_image
@@ -96,6 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     os.makedirs(os.path.dirname(address.path), mode=0o750, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"cannot create {exc.filename}: {exc.strerror}") from exc
+        # One daemon per state directory: a second would manage the same QEMU processes.
+        # Held (by this descriptor) until the process ends.
+        state_lock = lock_state_dir(state_dir, "cvm-hostd")
     except CvmError as exc:
         print(f"cvm-hostd: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -113,7 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             await serve_grpc(daemon_handlers(service), options)
             nursery.cancel_scope.cancel()
 
-    return run_daemon("cvm-hostd", args, body)
+    try:
+        return run_daemon("cvm-hostd", args, body)
+    finally:
+        os.close(state_lock)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
@@ -129,8 +128,7 @@ async def start(run_dir: Path, forwards: Iterable[HostForward]) -> proc.Spawned:
                 break
             await trio.sleep(0.002)
     if not socket_path.exists():
-        proc.send_signal(helper, signal.SIGKILL)
-        helper.close()
+        await proc.kill_and_reap(helper)
         detail = " | ".join(tail_lines(run_dir / LOG, 3))
         raise CvmError(f"passt did not create its socket {socket_path}: {detail}")
     return helper

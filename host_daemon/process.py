@@ -116,6 +116,19 @@ def send_signal(process: Spawned, signum: signal.Signals) -> bool:
     return True
 
 
+async def kill_and_reap(process: Spawned, seconds: float = 5.0) -> None:
+    """SIGKILL ``process``, collect its exit status when it is this daemon's child, close it.
+
+    A child that is killed but never waited for stays a zombie for the daemon's whole life
+    (one per VM start for vhost-device-vsock, before this); SIGKILL ends a process within
+    ``seconds`` unless it is stuck in the kernel, and then the daemon moves on.
+    """
+    send_signal(process, signal.SIGKILL)
+    with trio.move_on_after(seconds):
+        await wait_exit(process)
+    process.close()
+
+
 def kill_pid_if_same(pid: int, start_ticks: int, signum: signal.Signals = signal.SIGKILL) -> None:
     """Kill a helper recorded by pid and start time, unless the pid now names another process."""
     process = adopt(pid, start_ticks)

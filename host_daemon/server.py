@@ -48,6 +48,7 @@ def vm_to_proto(record: VMRecord) -> host_pb2.VM:
             for phase in PHASES
             if phase in record.boot_phases
         ],
+        boot_unmeasured=dict(record.boot_unmeasured),
         agent_address=record.agent_address,
         spec_toml=record.spec_toml,
         created_at=record.created_at,

@@ -64,6 +64,11 @@ class VMRecord:
     agent_address: str = ""
     console_path: str = ""
     boot_phases: dict[str, float] = field(default_factory=dict)
+    #: The boot's marks on the host's monotonic clock (CLOCK_MONOTONIC: one clock for every
+    #: process since the host booted), so a daemon restarted mid-boot can finish the phases.
+    boot_marks: dict[str, float] = field(default_factory=dict)
+    #: Phases of this boot that have no figure, and why (never silently missing).
+    boot_unmeasured: dict[str, str] = field(default_factory=dict)
     vcpu_thread_ids: tuple[int, ...] = ()
     last_console_lines: tuple[str, ...] = ()
     helper_pids: tuple[tuple[int, int], ...] = ()  # (pid, start ticks): vhost-device-vsock, ...
@@ -95,6 +100,8 @@ _COLUMNS = (
 # row written before it existed loads with the field's default.
 _EXTRA_FIELDS = (
     "boot_phases",
+    "boot_marks",
+    "boot_unmeasured",
     "vcpu_thread_ids",
     "last_console_lines",
     "helper_pids",
@@ -142,6 +149,8 @@ def _from_row(row: sqlite3.Row) -> VMRecord:
         agent_address=row["agent_address"],
         console_path=row["console_path"],
         boot_phases={str(k): float(v) for k, v in extra.get("boot_phases", {}).items()},
+        boot_marks={str(k): float(v) for k, v in extra.get("boot_marks", {}).items()},
+        boot_unmeasured={str(k): str(v) for k, v in extra.get("boot_unmeasured", {}).items()},
         vcpu_thread_ids=tuple(extra.get("vcpu_thread_ids", ())),
         last_console_lines=tuple(extra.get("last_console_lines", ())),
         helper_pids=tuple((int(pid), int(ticks)) for pid, ticks in extra.get("helper_pids", ())),

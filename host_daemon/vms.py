@@ -50,7 +50,14 @@ from cvmcore.errors import CvmError, UsageError
 from host_daemon import netns, passt, pinning
 from host_daemon import process as proc
 from host_daemon.accel import decide_channel, probe_channel, resolve_accel
-from host_daemon.boottiming import BootClock, console_marks, tail_lines
+from host_daemon.boottiming import (
+    PHASES,
+    RESTARTED_MID_BOOT,
+    BootClock,
+    console_has_init_marker,
+    console_marks,
+    tail_lines,
+)
 from host_daemon.hostcheck import HostFacts, gather_host_facts
 from host_daemon.preflight import HostGrant, needs_facts, preflight
 from host_daemon.qemu_args import Runtime, build_qemu_argv
@@ -330,9 +337,9 @@ class VMManager:
                 except OSError as exc:
                     raise UsageError(f"cannot start QEMU ({argv[0]}): {exc.strerror}") from exc
             except BaseException:
-                for helper in helpers:  # no QEMU will connect to them
-                    proc.send_signal(helper, signal.SIGKILL)
-                    helper.close()
+                with trio.CancelScope(shield=True):  # reaped even when the start is cancelled
+                    for helper in helpers:  # no QEMU will connect to them
+                        await proc.kill_and_reap(helper)
                 if scratch is not None:
                     remove_scratch(run_dir)  # no QEMU will use it
                 if tap is not None:
@@ -361,6 +368,8 @@ class VMManager:
                     agent_address=agent_address,
                     console_path=str(console),
                     boot_phases={},
+                    boot_marks={},
+                    boot_unmeasured={},
                     vcpu_thread_ids=(),
                     last_console_lines=(),
                     helper_pids=tuple((h.pid, h.start_ticks) for h in helpers),
@@ -389,9 +398,8 @@ class VMManager:
         clock = BootClock(requested_at, spawned_at)
 
         def record_phase(name: str) -> None:
-            if clock.phase(name):
-                record = self.get(live.name)
-                self._save(dataclasses.replace(record, boot_phases=dict(clock.phases)), "boot-phase")
+            clock.phase(name)
+            self._save_clock(live.name, clock)
 
         with live.boot_scope:
             try:
@@ -412,12 +420,13 @@ class VMManager:
                             if clock.kernel_started(guest_uptime):
                                 record_phase("firmware")
                             elif "kernel" not in clock.marks:
+                                why = (
+                                    "no kernel line on the console and the guest uptime "
+                                    f"({guest_uptime}) disagrees with the host clock"
+                                )
+                                clock.give_up(why, "firmware", "kernel")
                                 log.info(
-                                    "boot_phases_unmeasured",
-                                    vm=live.name,
-                                    phases="firmware,kernel",
-                                    why="no kernel line on the console and the guest uptime "
-                                    f"({guest_uptime}) disagrees with the host clock",
+                                    "boot_phases_unmeasured", vm=live.name, phases="firmware,kernel", why=why
                                 )
                             record_phase("kernel")
                             break
@@ -439,6 +448,67 @@ class VMManager:
                             '(under KVM on a nested host, try accel = "tcg")',
                         )
                     )
+
+    def _save_clock(self, name: str, clock: BootClock) -> None:
+        record = self.get(name)
+        self._save(
+            dataclasses.replace(
+                record,
+                boot_phases=dict(clock.phases),
+                boot_marks=dict(clock.marks),
+                boot_unmeasured=dict(clock.unmeasured),
+            ),
+            "boot-phase",
+        )
+
+    async def _resume_boot(self, live: LiveVM, record: VMRecord) -> None:
+        """Finish the boot a previous daemon was timing when it died, from its recorded marks.
+
+        The init marker is timed only if it arrives while this daemon watches the console;
+        one already there came at an unknown moment, and the phases that need it are marked
+        unmeasured (:data:`~host_daemon.boottiming.RESTARTED_MID_BOOT`), as is every phase
+        whose start was never recorded.
+        """
+        clock = BootClock.resume(record.boot_marks, record.boot_phases, record.boot_unmeasured)
+        console = Path(record.console_path)
+
+        async def watch_console() -> None:
+            if "init" in clock.marks:
+                return
+            if await trio.to_thread.run_sync(console_has_init_marker, console):
+                return  # it came while no daemon watched
+            async for mark, guest_uptime in console_marks(console):
+                if mark == "init":  # a kernel line seen now may be old: only init is timed
+                    clock.mark("init")
+                    if "kernel" not in clock.marks and clock.kernel_started(guest_uptime):
+                        clock.phase("firmware")
+                    clock.phase("kernel")
+                    self._save_clock(live.name, clock)
+                    return
+
+        with trio.move_on_after(self.boot_seconds):
+            if record.agent_address:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(watch_console)
+                    await self._wait_for_agent(record.agent_address)
+                    clock.mark("agent")
+                    nursery.cancel_scope.cancel()
+                clock.phase("userspace")
+                timed: tuple[str, ...] = PHASES
+                reason = "the agent answers health"
+            else:  # the boot ends at init, as in _boot
+                await watch_console()
+                timed, reason = PHASES[:-1], "no agent channel; QEMU runs"
+            clock.give_up(RESTARTED_MID_BOOT, *timed)
+            self._save_clock(live.name, clock)
+            log.info(
+                "boot_resumed",
+                vm=live.name,
+                phases=clock.phases,
+                unmeasured=sorted(clock.unmeasured),
+                after="daemon restart",
+            )
+            self._starting_to_running(live.name, reason)
 
     async def _connect_qmp(self, live: LiveVM) -> QMPClient:
         """Connect (retrying while QEMU creates the socket) and subscribe to events at once."""
@@ -549,8 +619,7 @@ class VMManager:
         status = await proc.wait_exit(live.qemu)
         live.boot_scope.cancel()
         for helper in live.helpers:
-            proc.send_signal(helper, signal.SIGKILL)
-            helper.close()
+            await proc.kill_and_reap(helper)
         live.qemu.close()
         if remove_scratch(live.run_dir):  # scratch: it does not outlive this QEMU
             log.info("scratch_removed", vm=live.name)
@@ -720,10 +789,8 @@ class VMManager:
                 await self._pin(
                     live, tids if tids is not None else record.vcpu_thread_ids or None, at_boot=False
                 )
-            if record.state is VMState.STARTING and record.agent_address:
-                with trio.move_on_after(self.boot_seconds):
-                    await self._wait_for_agent(record.agent_address)
-                    self._starting_to_running(live.name, "the agent answers health")
+            if record.state is VMState.STARTING:
+                await self._resume_boot(live, record)
             elif record.state is VMState.STOPPING:
                 # The stop was cut short by the daemon's death: finish it.
                 self._spawn_task(self.stop, live.name, DEFAULT_STOP_SECONDS)

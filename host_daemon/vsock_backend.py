@@ -15,7 +15,6 @@ Two ways to give a guest a vsock device (see :mod:`host_daemon.accel` for which 
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
@@ -79,8 +78,7 @@ async def start_vhost_device_vsock(run_dir: Path) -> proc.Spawned:
                 break
             await trio.sleep(0.002)
     if not socket_path.exists():
-        proc.send_signal(helper, signal.SIGKILL)
-        helper.close()
+        await proc.kill_and_reap(helper)
         detail = " ".join(tail_lines(run_dir / "vhost-device-vsock.log", 3))
         raise CvmError(f"vhost-device-vsock did not create its socket: {detail}")
     return helper

@@ -30,7 +30,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ import trio
 
 from cvmcore.affinity import child_preexec, restore_in_child
 from cvmcore.errors import CvmError, DeadlineExceeded, RemoteError, UsageError
+from cvmcore.instance import PrivateDirectory
 from workloads.catalogue import get
 from workloads.model import MissingToolError, Sample, ServerPlan, Unavailable, Workload
 
@@ -318,7 +318,7 @@ class ServerProcess:
 
     def __init__(self) -> None:
         self._process: subprocess.Popen[bytes] | None = None
-        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self._dir: PrivateDirectory | None = None
 
     @property
     def running(self) -> bool:
@@ -327,8 +327,9 @@ class ServerProcess:
     async def start(self, plan: ServerPlan, probe_host: str = "127.0.0.1") -> int:
         """Start the server and wait until ``probe_host:plan.port`` accepts; the port."""
         await self.stop()
-        self._dir = tempfile.TemporaryDirectory(prefix="cvmctl-server-")
-        directory = Path(self._dir.name)
+        # A killed agent's or CLI's server directory is removed by the next server's start.
+        self._dir = PrivateDirectory("cvmctl-server-")
+        directory = self._dir.path
         argv, files = plan.materialise(str(directory))
         write_server_files(directory, files)
         if shutil.which(argv[0]) is None:

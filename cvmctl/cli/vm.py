@@ -186,6 +186,8 @@ def print_vm(vm: host_pb2.VM, as_json: bool) -> None:
         total = sum(p.seconds for p in vm.boot_phases)
         phases = "  ".join(f"{p.name} {p.seconds:.2f}s" for p in vm.boot_phases)
         rows.append(("boot phases", f"{phases}  (total {total:.2f}s)"))
+    for phase, why in sorted(vm.boot_unmeasured.items()):
+        rows.append((f"{phase} phase", f"not measured: {why}"))
     if vm.vcpu_thread_ids:
         rows.append(("vcpu threads", " ".join(map(str, vm.vcpu_thread_ids))))
     if vm.vcpu_pins:

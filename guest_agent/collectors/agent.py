@@ -6,7 +6,8 @@ of it into metric families at scrape time. It holds no snapshot: reading it is a
 
 Labels stay bounded: ``method`` is a gRPC method name (a fixed set, capped at
 :data:`MAX_METHODS` with the rest counted as ``other``), ``code`` a gRPC status code name,
-``relay`` a name the agent chooses, ``direction`` is ``in`` or ``out``.
+``relay`` a name the agent chooses, ``direction`` is ``in`` or ``out``, ``outcome`` one of
+:class:`guest_agent.idle_polling.RecoveryOutcome`.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ class AgentStats:
         self._relay_connections: dict[str, int] = {}
         self._relay_active: dict[str, int] = {}
         self._relay_bytes: dict[tuple[str, str], int] = {}
+        self._relay_refused: dict[str, int] = {}
+        self._recovery: tuple[str, int] | None = None
 
     def _method(self, method: str) -> str:
         if method in self._durations or len(self._durations) < MAX_METHODS:
@@ -92,6 +95,15 @@ class AgentStats:
             key = (relay, direction)
             self._relay_bytes[key] = self._relay_bytes.get(key, 0) + nbytes
 
+    def relay_refused(self, relay: str) -> None:
+        with self._lock:
+            self._relay_refused[relay] = self._relay_refused.get(relay, 0) + 1
+
+    def recovered(self, outcome: str, discarded: int) -> None:
+        """What start-up recovery of the state directory did, and how many entries it dropped."""
+        with self._lock:
+            self._recovery = (outcome, discarded)
+
     def copy(self) -> AgentStatsView:
         with self._lock:
             return AgentStatsView(
@@ -100,6 +112,8 @@ class AgentStats:
                 relay_connections=dict(self._relay_connections),
                 relay_active=dict(self._relay_active),
                 relay_bytes=dict(self._relay_bytes),
+                relay_refused=dict(self._relay_refused),
+                recovery=self._recovery,
             )
 
 
@@ -110,6 +124,8 @@ class AgentStatsView:
     relay_connections: dict[str, int]
     relay_active: dict[str, int]
     relay_bytes: dict[tuple[str, str], int]
+    relay_refused: dict[str, int] = field(default_factory=dict)
+    recovery: tuple[str, int] | None = None
 
 
 class AgentStatsCollector(Collector):
@@ -167,3 +183,31 @@ class AgentStatsCollector(Collector):
         for (relay, direction), count in sorted(view.relay_bytes.items()):
             transferred.add_metric([relay, direction], float(count))
         yield transferred
+
+        refused = CounterMetricFamily(
+            "cvm_guest_agent_relay_refused_connections",
+            "Connections the agent's relays closed unserved: a peer not allowed, the connection "
+            "limit reached, or no bytes before the first-byte deadline.",
+            labels=["relay"],
+        )
+        for relay, count in sorted(view.relay_refused.items()):
+            refused.add_metric([relay], float(count))
+        yield refused
+
+        if view.recovery is not None:
+            outcome, discarded = view.recovery
+            recovery = GaugeMetricFamily(
+                "cvm_guest_agent_state_recovery",
+                "What the agent did at start with the idle-polling record a previous agent left "
+                "(1 for the outcome: nothing-to-recover, restored, kept, discarded, restore-failed, "
+                "previous-boot).",
+                labels=["outcome"],
+            )
+            recovery.add_metric([outcome], 1.0)
+            yield recovery
+            yield GaugeMetricFamily(
+                "cvm_guest_agent_state_discarded_entries",
+                "Recorded files the start-up recovery could not restore because they no longer "
+                "exist, or whose record it set aside (unparsable) or dropped (an earlier boot).",
+                value=float(discarded),
+            )

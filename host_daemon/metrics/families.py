@@ -26,13 +26,22 @@ def info_families(states: list[VMState]) -> Iterator[Metric]:
         "Duration of each phase of the VM's last boot (spawn, firmware, kernel, userspace).",
         labels=["vm", "phase"],
     )
+    unmeasured = GaugeMetricFamily(
+        "cvm_vm_boot_phase_unmeasured",
+        "1 for each phase of the VM's last boot that has no figure (e.g. the daemon restarted while "
+        "it ended); the reason is in cvmctl vm show.",
+        labels=["vm", "phase"],
+    )
     for state in states:
         view = state.view
         info.add_metric([view.name, view.tee, view.machine, view.qemu_version], 1.0)
         for phase, seconds in sorted(view.boot_phases.items()):
             phases.add_metric([view.name, phase], seconds)
+        for phase in sorted(view.boot_unmeasured):
+            unmeasured.add_metric([view.name, phase], 1.0)
     yield info
     yield phases
+    yield unmeasured
 
 
 def kvm_families(states: list[VMState]) -> Iterator[Metric]:

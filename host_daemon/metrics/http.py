@@ -28,10 +28,9 @@ The guest series are served with ``vm`` already set; the scrape job must keep it
 
 from __future__ import annotations
 
-import functools
 import json
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import unquote
@@ -42,7 +41,13 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from cvmcore.defaults import HOSTD_METRICS_PORT
-from cvmcore.metrics_http import MAX_CONNECTIONS, METRICS_CONTENT_TYPE, http_response, serve_connection
+from cvmcore.metrics_http import (
+    METRICS_CONTENT_TYPE,
+    close_listeners,
+    http_response,
+    open_http_listeners,
+    serve_http,
+)
 from host_daemon.metrics.collector import HostCollector
 
 VM_PATH_PREFIX = "/metrics/vm/"
@@ -163,16 +168,13 @@ async def serve_host_metrics_http(
     address, or this machine's name for a wildcard bind); ``host_label`` the ``host`` label
     (default: the short host name).
     """
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    listeners = await open_http_listeners(host, port)
     try:
         bound = int(listeners[0].socket.getsockname()[1])
         advertised = advertise or advertised_address(host, bound)
         app = HostMetricsApp(collector, advertised, host_label or socket.gethostname().split(".")[0])
-        handler: Callable[[trio.SocketStream], object] = functools.partial(
-            serve_connection, app.answer, trio.CapacityLimiter(MAX_CONNECTIONS)
-        )
-        task_status.started(HostEndpoint(host, bound, advertised))
-        await trio.serve_listeners(handler, listeners)  # type: ignore[arg-type]
-    finally:
-        for listener in listeners:
-            await trio.aclose_forcefully(listener)
+    except BaseException:
+        await close_listeners(listeners)
+        raise
+    task_status.started(HostEndpoint(host, bound, advertised))
+    await serve_http(app.answer, listeners)

@@ -33,6 +33,7 @@ class VMView:
     qmp: QMPClient | None = None
     agent_address: str = ""
     boot_phases: Mapping[str, float] = field(default_factory=dict)
+    boot_unmeasured: Mapping[str, str] = field(default_factory=dict)  # phase -> why it has no figure
 
     def same_process(self, other: VMView) -> bool:
         """Whether ``other`` describes the same QEMU process (cached state stays valid)."""

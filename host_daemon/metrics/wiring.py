@@ -65,6 +65,7 @@ def view_of(manager: VMManager, record: VMRecord) -> VMView:
         qmp=qmp,
         agent_address=record.agent_address,
         boot_phases=dict(record.boot_phases),
+        boot_unmeasured=dict(record.boot_unmeasured),
     )
 
 

@@ -16,6 +16,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from cvmcore.metrics_http import render_text
 from guest_agent.collectors import AgentStats, Roots, build_registry
+from guest_agent.collectors.agent import AgentStatsCollector
 from guest_agent.collectors.base import (
     CollectorUnavailable,
     SlotState,
@@ -329,6 +330,18 @@ async def test_agent_stats() -> None:
     assert value(registry, "cvm_guest_agent_relay_connections_total", relay="vsock") == 2
     assert value(registry, "cvm_guest_agent_relay_active_connections", relay="vsock") == 1
     assert value(registry, "cvm_guest_agent_relay_bytes_total", relay="vsock", direction="in") == 100
+
+
+async def test_agent_stats_recovery_and_refusals() -> None:
+    stats = AgentStats()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(AgentStatsCollector(stats))
+    assert value(registry, "cvm_guest_agent_state_recovery", outcome="discarded") is None
+    stats.recovered("discarded", 1)
+    stats.relay_refused("vsock")
+    assert value(registry, "cvm_guest_agent_state_recovery", outcome="discarded") == 1
+    assert value(registry, "cvm_guest_agent_state_discarded_entries") == 1
+    assert value(registry, "cvm_guest_agent_relay_refused_connections_total", relay="vsock") == 1
 
 
 def test_method_label_is_bounded() -> None:

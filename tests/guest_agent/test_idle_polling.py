@@ -383,9 +383,9 @@ def test_crash_between_apply_and_revert_then_recover(sysroot: Sysroot, tmp_path:
 
     restarted, _ = controller(root, tmp_path / "state")
     assert restarted.status().applied_mode is IdleMode.HALTPOLL
-    assert restarted.recover() is RecoveryOutcome.RESTORED
+    assert restarted.recover().outcome is RecoveryOutcome.RESTORED
     assert tree_bytes(root) == before
-    assert restarted.recover() is RecoveryOutcome.NOTHING_TO_RECOVER
+    assert restarted.recover().outcome is RecoveryOutcome.NOTHING_TO_RECOVER
 
 
 def test_recover_can_keep_the_applied_values(sysroot: Sysroot, tmp_path: Path) -> None:
@@ -394,21 +394,80 @@ def test_recover_can_keep_the_applied_values(sysroot: Sysroot, tmp_path: Path) -
     controller(root, tmp_path / "state")[0].apply(IdleMode.HALTPOLL)
     applied = tree_bytes(root)
     restarted, _ = controller(root, tmp_path / "state")
-    assert restarted.recover(keep=True) is RecoveryOutcome.KEPT
+    assert restarted.recover(keep=True).outcome is RecoveryOutcome.KEPT
     assert tree_bytes(root) == applied
     restarted.revert()
     assert tree_bytes(root) == before
 
 
-def test_an_unreadable_state_file_changes_nothing(sysroot: Sysroot, tmp_path: Path) -> None:
+@pytest.mark.parametrize("content", ["{not json", '{"format": 1, "mode": "haltpoll", "origi', ""])
+def test_an_unreadable_state_file_is_set_aside_and_changes_nothing(
+    sysroot: Sysroot, tmp_path: Path, content: str
+) -> None:
+    """A truncated record must not keep the agent from starting, ever: it is moved aside
+    (kept for a person to read) and nothing is written to the kernel."""
     root = sysroot("kvm-guest-default")
     before = tree_bytes(root)
-    (tmp_path / "state").mkdir()
-    (tmp_path / "state" / STATE_FILE_NAME).write_text("{not json")
-    ctl, _ = controller(root, tmp_path / "state")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / STATE_FILE_NAME).write_text(content)
+    ctl, _ = controller(root, state)
     with pytest.raises(StateFileError, match="unreadable"):
-        ctl.recover()
+        ctl.status()  # an RPC names the problem ...
+    recovery = ctl.recover()  # ... and the start sets the file aside
+    assert recovery.outcome is RecoveryOutcome.DISCARDED
+    assert "unreadable" in recovery.problem
+    assert recovery.set_aside is not None and recovery.set_aside.read_text() == content
+    assert recovery.set_aside.name.startswith(f"{STATE_FILE_NAME}.corrupt-")
+    assert not (state / STATE_FILE_NAME).exists()
     assert tree_bytes(root) == before
+    assert ctl.recover().outcome is RecoveryOutcome.NOTHING_TO_RECOVER
+    assert ctl.status().applied_mode is None
+
+
+def test_a_recorded_file_that_is_gone_is_skipped_and_named(sysroot: Sysroot, tmp_path: Path) -> None:
+    """After a reboot a recorded parameter file may not exist: nothing to restore there."""
+    root = sysroot("kvm-guest-default")
+    before = tree_bytes(root)
+    controller(root, tmp_path / "state")[0].apply(
+        IdleMode.HALTPOLL, HaltpollParams(guest_halt_poll_ns=9, guest_halt_poll_grow=3)
+    )
+    gone = f"{HALTPOLL_PARAMS_DIR}/guest_halt_poll_ns"
+    (root / gone).unlink()
+    recovery = controller(root, tmp_path / "state")[0].recover()
+    assert recovery.outcome is RecoveryOutcome.RESTORED
+    assert recovery.gone == (gone,)
+    del before[gone]
+    assert tree_bytes(root) == before
+    assert not (tmp_path / "state" / STATE_FILE_NAME).exists()
+
+
+def test_a_refused_restore_keeps_the_record_and_does_not_raise(sysroot: Sysroot, tmp_path: Path) -> None:
+    root = sysroot("kvm-guest-default")
+    controller(root, tmp_path / "state")[0].apply(IdleMode.HALTPOLL, HaltpollParams(guest_halt_poll_ns=9))
+
+    def refuse(path: Path, value: bytes) -> None:
+        raise OSError(errno.EINVAL, "Invalid argument", str(path))
+
+    recovery = controller(root, tmp_path / "state", writer=refuse)[0].recover()
+    assert recovery.outcome is RecoveryOutcome.RESTORE_FAILED
+    assert "revert incomplete" in recovery.problem
+    assert (tmp_path / "state" / STATE_FILE_NAME).exists()  # for a later revert
+
+
+def test_a_record_from_an_earlier_boot_is_dropped_unapplied(sysroot: Sysroot, tmp_path: Path) -> None:
+    root = sysroot("kvm-guest-default")
+    boot_id = root / "proc/sys/kernel/random/boot_id"
+    boot_id.parent.mkdir(parents=True, exist_ok=True)
+    boot_id.write_text("11111111-1111-1111-1111-111111111111\n")
+    controller(root, tmp_path / "state")[0].apply(IdleMode.HALTPOLL, HaltpollParams(guest_halt_poll_ns=9))
+    boot_id.write_text("22222222-2222-2222-2222-222222222222\n")  # rebooted
+    this_boot = tree_bytes(root)
+    recovery = controller(root, tmp_path / "state")[0].recover()
+    assert recovery.outcome is RecoveryOutcome.PREVIOUS_BOOT
+    assert f"{HALTPOLL_PARAMS_DIR}/guest_halt_poll_ns" in recovery.gone
+    assert tree_bytes(root) == this_boot  # the new boot's settings are left alone
+    assert not (tmp_path / "state" / STATE_FILE_NAME).exists()
 
 
 CHILD = textwrap.dedent(
@@ -463,7 +522,7 @@ def test_kill_9_then_restart_restores_originals(sysroot: Sysroot, tmp_path: Path
             child.wait()
 
     restarted, _ = controller(root, tmp_path / "state")
-    assert restarted.recover() is RecoveryOutcome.RESTORED
+    assert restarted.recover().outcome is RecoveryOutcome.RESTORED
     assert tree_bytes(root) == before
 
 

@@ -18,10 +18,18 @@ import pytest
 import trio
 from prometheus_client.registry import CollectorRegistry
 
-from cvmcore.metrics_http import MetricsEndpoint, parse_request_line, serve_metrics_http
+from cvmcore.errors import UsageError
+from cvmcore.metrics_http import (
+    MAX_CONNECTIONS,
+    ConnectionSlots,
+    MetricsEndpoint,
+    parse_request_line,
+    serve_metrics_http,
+)
 from guest_agent.collectors import AgentStats, Roots, build_registry
 from guest_agent.collectors.base import SlotState, SnapshotExporter, SnapshotSource
 from guest_agent.collectors.registry import Refresher
+from tests.slow_clients import SLOW_CONNECTIONS, scrape_beside_slow_clients
 from workloads.runner import free_port
 
 SYSROOTS = Path(__file__).resolve().parent.parent / "fixtures" / "sysroots"
@@ -187,3 +195,44 @@ async def test_a_real_prometheus_scrapes_the_agent(tmp_path: Path) -> None:
     series = {(r["metric"]["cpu"], r["metric"]["state"]): float(r["value"][1]) for r in result}
     assert series[("0", "haltpoll idle")] == 434.883613
     assert {r["metric"]["job"] for r in result} == {"cvm-agent"}
+
+
+async def test_a_scrape_is_answered_while_200_slow_clients_hold_connections() -> None:
+    """Slowloris: silent half-requests fill the server, and the scrape still gets through
+    (the oldest waiting connections are dropped to make room, so at most the limit stay open)."""
+    async with trio.open_nursery() as nursery:
+        endpoint: MetricsEndpoint = await nursery.start(
+            serve_metrics_http, await fixture_registry(), "127.0.0.1", 0
+        )
+        status, seconds, dropped = await scrape_beside_slow_clients(endpoint.url, endpoint.port)
+        print(
+            f"scrape beside {SLOW_CONNECTIONS} slow connections: {seconds * 1000:.1f} ms, {dropped} dropped"
+        )
+        assert status == 200
+        assert dropped >= SLOW_CONNECTIONS - MAX_CONNECTIONS
+        nursery.cancel_scope.cancel()
+
+
+async def test_connection_slots_drop_the_oldest_waiting_connection() -> None:
+    slots = ConnectionSlots(limit=2)
+    first, second = slots.admit(), slots.admit()
+    assert first is not None and second is not None
+    second.evictable = False  # rendering its answer: never dropped
+    third = slots.admit()
+    assert third is not None and first.scope.cancel_called and not second.scope.cancel_called
+    third.evictable = False
+    assert slots.admit() is None  # all busy rendering: the newcomer is closed
+    assert (slots.dropped_total, slots.refused_total, slots.open) == (1, 1, 2)
+    slots.release(second)
+    assert slots.admit() is not None
+
+
+async def test_a_taken_port_is_one_clear_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(
+            UsageError, match=rf"cannot serve /metrics on tcp://127\.0\.0\.1:{port}: .*in use"
+        ):
+            await serve_metrics_http(CollectorRegistry(), "127.0.0.1", port)

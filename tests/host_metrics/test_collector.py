@@ -163,12 +163,18 @@ async def test_vms_come_and_go(proc_tree: ProcTree) -> None:
 
 
 async def test_boot_phases(proc_tree: ProcTree) -> None:
-    view = VMView("vm0", pid=QEMU_PID, boot_phases={"spawn": 0.05, "firmware": 1.5, "kernel": 2.25})
+    view = VMView(
+        "vm0",
+        pid=QEMU_PID,
+        boot_phases={"spawn": 0.05, "firmware": 1.5, "kernel": 2.25},
+        boot_unmeasured={"userspace": "the daemon was not running when this phase ended"},
+    )
     collector = HostCollector(lambda: [view], procfs=ProcfsReader(proc_tree.root))
     await collector.refresh_once()
     found = samples(collector)
     assert value(found, "cvm_vm_boot_phase_seconds", vm="vm0", phase="firmware") == 1.5
     assert len(found["cvm_vm_boot_phase_seconds"]) == 3
+    assert value(found, "cvm_vm_boot_phase_unmeasured", vm="vm0", phase="userspace") == 1
 
 
 @pytest.mark.slow

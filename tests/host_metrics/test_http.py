@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from cvmcore.metrics_http import MAX_CONNECTIONS
 from host_daemon.metrics.collector import HostCollector
 from host_daemon.metrics.http import HostEndpoint, serve_host_metrics_http
 from host_daemon.metrics.procfs import ProcfsReader
@@ -22,6 +23,7 @@ from host_daemon.metrics.state import VMView
 from host_daemon.qmp import open_qmp
 from tests.host_metrics.conftest import QEMU_PID, VCPU_TIDS, ProcTree, fake_qmp_client
 from tests.host_metrics.fake_qmp import FakeQemu
+from tests.slow_clients import SLOW_CONNECTIONS, scrape_beside_slow_clients
 
 
 def http_get(url: str) -> tuple[int, str, bytes]:
@@ -158,3 +160,14 @@ async def test_sigstopped_qemu_does_not_delay_the_others(tmp_path: Path) -> None
             process.send_signal(signal.SIGCONT)
             process.kill()
             process.wait(10)
+
+
+async def test_a_scrape_is_answered_while_200_slow_clients_hold_connections() -> None:
+    async with serving(HostCollector(list, deadline=0.5)) as endpoint:
+        status, seconds, dropped = await scrape_beside_slow_clients(endpoint.url, endpoint.port)
+    print(
+        f"host /metrics beside {SLOW_CONNECTIONS} slow connections: {seconds * 1000:.1f} ms, "
+        f"{dropped} dropped"
+    )
+    assert status == 200
+    assert dropped >= SLOW_CONNECTIONS - MAX_CONNECTIONS

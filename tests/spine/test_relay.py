@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,6 +19,7 @@ import trio.testing
 from cvmcore.address import UnixAddress
 from cvmcore.errors import ConnectError
 from cvmcore.relay import (
+    Dialer,
     RelayStats,
     dialer_for,
     open_hybrid_vsock_stream,
@@ -185,3 +189,71 @@ async def test_hybrid_vsock_survives_a_backend_that_is_gone(tmp_path: Path) -> N
             await stream.send_eof()
             assert await read_all(stream) == b"backbye"
         nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def relay_to_echo(
+    tmp_path: Path, dial: Dialer | None = None, **options: Any
+) -> AsyncIterator[tuple[str, RelayStats]]:
+    """A relay on ``front.sock`` to an echo server (or to ``dial``); its address and counters."""
+    backend, front = str(tmp_path / "backend.sock"), str(tmp_path / "front.sock")
+    stats = RelayStats()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(echo_server, backend)
+        listener = await open_unix_listener(front)
+        relay = functools.partial(
+            serve_relay, listener, dial or dialer_for(UnixAddress(backend)), stats, **options
+        )
+        await nursery.start(relay)
+        yield front, stats
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_relay_holds_at_most_its_limit_and_counts_the_rest(tmp_path: Path) -> None:
+    """Idle connections cannot run a relay out of descriptors: past the limit they are closed."""
+    async with relay_to_echo(tmp_path, max_connections=8) as (front, stats):
+        idle = [await trio.open_unix_socket(front) for _ in range(8)]
+        await trio.sleep(0.2)
+        extra = await trio.open_unix_socket(front)
+        with trio.fail_after(5):
+            assert await extra.receive_some(10) == b""  # closed unserved
+        assert stats.refused_total == 1
+        await trio.aclose_forcefully(idle.pop())  # a place frees up: served again
+        await trio.sleep(0.2)
+        with trio.fail_after(5):
+            again = await trio.open_unix_socket(front)
+            await again.send_all(b"ping")
+            assert await again.receive_some(10) == b"ping"
+        for stream in [*idle, extra, again]:
+            await trio.aclose_forcefully(stream)
+
+
+async def test_a_silent_connection_is_closed_before_anything_is_dialled(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    dialled: list[int] = []
+
+    async def dial() -> trio.abc.Stream:
+        dialled.append(1)
+        return await trio.open_unix_socket(str(tmp_path / "backend.sock"))
+
+    async with relay_to_echo(tmp_path, dial, first_byte_timeout=10.0) as (front, stats):
+        silent = await trio.open_unix_socket(front)
+        with trio.fail_after(60):
+            assert await silent.receive_some(10) == b""
+        assert (stats.refused_total, dialled) == (1, [])
+        talker = await trio.open_unix_socket(front)
+        await talker.send_all(b"hello")
+        with trio.fail_after(60):
+            assert await talker.receive_some(10) == b"hello"
+        for stream in (silent, talker):
+            await trio.aclose_forcefully(stream)
+
+
+async def test_a_probe_that_closes_at_once_is_not_a_refusal(tmp_path: Path) -> None:
+    """grpc_target checks reachability by connecting and closing: not a silent hoarder."""
+    async with relay_to_echo(tmp_path, first_byte_timeout=10.0) as (front, stats):
+        probe = await trio.open_unix_socket(front)
+        await probe.aclose()
+        await trio.sleep(0.2)
+        assert stats.refused_total == 0

@@ -25,15 +25,17 @@ _sym_db = _symbol_database.Default()
 from cvm.v1 import common_pb2 as cvm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x63vm/v1/host.proto\x12\x06\x63vm.v1\x1a\x13\x63vm/v1/common.proto\"\x16\n\x14GetDaemonInfoRequest\"\x87\x01\n\x15GetDaemonInfoResponse\x12\x16\n\x0e\x64\x61\x65mon_version\x18\x01 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x01\x12\x11\n\tstate_dir\x18\x03 \x01(\t\x12\x14\n\x0cqemu_version\x18\x04 \x01(\t\x12\x15\n\rdefault_accel\x18\x05 \x01(\t\"*\n\tBootPhase\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\xd4\x03\n\x02VM\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1e\n\x05state\x18\x02 \x01(\x0e\x32\x0f.cvm.v1.VMState\x12\x18\n\x03tee\x18\x03 \x01(\x0e\x32\x0b.cvm.v1.Tee\x12\r\n\x05\x61\x63\x63\x65l\x18\x04 \x01(\t\x12\x10\n\x08qemu_pid\x18\x05 \x01(\x05\x12\x18\n\x0b\x65xit_status\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\x12last_console_lines\x18\x07 \x03(\t\x12&\n\x0b\x62oot_phases\x18\x08 \x03(\x0b\x32\x11.cvm.v1.BootPhase\x12\x15\n\ragent_address\x18\t \x01(\t\x12\x11\n\tspec_toml\x18\n \x01(\t\x12\x12\n\ncreated_at\x18\x0b \x01(\x01\x12\x12\n\nstarted_at\x18\x0c \x01(\x01\x12\x14\n\x0cstate_reason\x18\r \x01(\t\x12\x12\n\nboot_count\x18\x0e \x01(\r\x12\x14\n\x0c\x63onsole_path\x18\x0f \x01(\t\x12\x17\n\x0fvcpu_thread_ids\x18\x10 \x03(\x05\x12\x11\n\tqemu_argv\x18\x11 \x03(\t\x12\"\n\tvcpu_pins\x18\x12 \x03(\x0b\x32\x0f.cvm.v1.VcpuPin\x12\x15\n\remulator_cpus\x18\x13 \x01(\tB\x0e\n\x0c_exit_status\"R\n\x07VcpuPin\x12\x0c\n\x04vcpu\x18\x01 \x01(\x05\x12\x11\n\tthread_id\x18\x02 \x01(\x05\x12\x10\n\x08host_cpu\x18\x03 \x01(\x05\x12\x14\n\x0c\x61llowed_cpus\x18\x04 \x01(\t\"4\n\x0f\x43reateVMRequest\x12\x11\n\tspec_toml\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"\x15\n\x05VMRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"6\n\rStopVMRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\"\x13\n\x11\x44\x65stroyVMResponse\"\x10\n\x0eListVMsRequest\"*\n\x0fListVMsResponse\x12\x17\n\x03vms\x18\x01 \x03(\x0b\x32\n.cvm.v1.VM\"\x11\n\x0fWatchVMsRequest\"C\n\x07VMEvent\x12\x16\n\x02vm\x18\x01 \x01(\x0b\x32\n.cvm.v1.VM\x12\r\n\x05\x65vent\x18\x02 \x01(\t\x12\x11\n\ttimestamp\x18\x03 \x01(\x01*\xa9\x01\n\x07VMState\x12\x18\n\x14VM_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10VM_STATE_DEFINED\x10\x01\x12\x15\n\x11VM_STATE_STARTING\x10\x02\x12\x14\n\x10VM_STATE_RUNNING\x10\x03\x12\x15\n\x11VM_STATE_STOPPING\x10\x04\x12\x14\n\x10VM_STATE_STOPPED\x10\x05\x12\x14\n\x10VM_STATE_CRASHED\x10\x06\x32\xd2\x03\n\nHostDaemon\x12L\n\rGetDaemonInfo\x12\x1c.cvm.v1.GetDaemonInfoRequest\x1a\x1d.cvm.v1.GetDaemonInfoResponse\x12/\n\x08\x43reateVM\x12\x17.cvm.v1.CreateVMRequest\x1a\n.cvm.v1.VM\x12$\n\x07StartVM\x12\r.cvm.v1.VMRef\x1a\n.cvm.v1.VM\x12+\n\x06StopVM\x12\x15.cvm.v1.StopVMRequest\x1a\n.cvm.v1.VM\x12#\n\x06KillVM\x12\r.cvm.v1.VMRef\x1a\n.cvm.v1.VM\x12\x35\n\tDestroyVM\x12\r.cvm.v1.VMRef\x1a\x19.cvm.v1.DestroyVMResponse\x12:\n\x07ListVMs\x12\x16.cvm.v1.ListVMsRequest\x1a\x17.cvm.v1.ListVMsResponse\x12\"\n\x05GetVM\x12\r.cvm.v1.VMRef\x1a\n.cvm.v1.VM\x12\x36\n\x08WatchVMs\x12\x17.cvm.v1.WatchVMsRequest\x1a\x0f.cvm.v1.VMEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x63vm/v1/host.proto\x12\x06\x63vm.v1\x1a\x13\x63vm/v1/common.proto\"\x16\n\x14GetDaemonInfoRequest\"\x87\x01\n\x15GetDaemonInfoResponse\x12\x16\n\x0e\x64\x61\x65mon_version\x18\x01 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x01\x12\x11\n\tstate_dir\x18\x03 \x01(\t\x12\x14\n\x0cqemu_version\x18\x04 \x01(\t\x12\x15\n\rdefault_accel\x18\x05 \x01(\t\"*\n\tBootPhase\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\xc4\x04\n\x02VM\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1e\n\x05state\x18\x02 \x01(\x0e\x32\x0f.cvm.v1.VMState\x12\x18\n\x03tee\x18\x03 \x01(\x0e\x32\x0b.cvm.v1.Tee\x12\r\n\x05\x61\x63\x63\x65l\x18\x04 \x01(\t\x12\x10\n\x08qemu_pid\x18\x05 \x01(\x05\x12\x18\n\x0b\x65xit_status\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\x12last_console_lines\x18\x07 \x03(\t\x12&\n\x0b\x62oot_phases\x18\x08 \x03(\x0b\x32\x11.cvm.v1.BootPhase\x12\x15\n\ragent_address\x18\t \x01(\t\x12\x11\n\tspec_toml\x18\n \x01(\t\x12\x12\n\ncreated_at\x18\x0b \x01(\x01\x12\x12\n\nstarted_at\x18\x0c \x01(\x01\x12\x14\n\x0cstate_reason\x18\r \x01(\t\x12\x12\n\nboot_count\x18\x0e \x01(\r\x12\x14\n\x0c\x63onsole_path\x18\x0f \x01(\t\x12\x17\n\x0fvcpu_thread_ids\x18\x10 \x03(\x05\x12\x11\n\tqemu_argv\x18\x11 \x03(\t\x12\"\n\tvcpu_pins\x18\x12 \x03(\x0b\x32\x0f.cvm.v1.VcpuPin\x12\x15\n\remulator_cpus\x18\x13 \x01(\t\x12\x37\n\x0f\x62oot_unmeasured\x18\x14 \x03(\x0b\x32\x1e.cvm.v1.VM.BootUnmeasuredEntry\x1a\x35\n\x13\x42ootUnmeasuredEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0c_exit_status\"R\n\x07VcpuPin\x12\x0c\n\x04vcpu\x18\x01 \x01(\x05\x12\x11\n\tthread_id\x18\x02 \x01(\x05\x12\x10\n\x08host_cpu\x18\x03 \x01(\x05\x12\x14\n\x0c\x61llowed_cpus\x18\x04 \x01(\t\"4\n\x0f\x43reateVMRequest\x12\x11\n\tspec_toml\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"\x15\n\x05VMRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"6\n\rStopVMRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\"\x13\n\x11\x44\x65stroyVMResponse\"\x10\n\x0eListVMsRequest\"*\n\x0fListVMsResponse\x12\x17\n\x03vms\x18\x01 \x03(\x0b\x32\n.cvm.v1.VM\"\x11\n\x0fWatchVMsRequest\"C\n\x07VMEvent\x12\x16\n\x02vm\x18\x01 \x01(\x0b\x32\n.cvm.v1.VM\x12\r\n\x05\x65vent\x18\x02 \x01(\t\x12\x11\n\ttimestamp\x18\x03 \x01(\x01*\xa9\x01\n\x07VMState\x12\x18\n\x14VM_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10VM_STATE_DEFINED\x10\x01\x12\x15\n\x11VM_STATE_STARTING\x10\x02\x12\x14\n\x10VM_STATE_RUNNING\x10\x03\x12\x15\n\x11VM_STATE_STOPPING\x10\x04\x12\x14\n\x10VM_STATE_STOPPED\x10\x05\x12\x14\n\x10VM_STATE_CRASHED\x10\x06\x32\xd2\x03\n\nHostDaemon\x12L\n\rGetDaemonInfo\x12\x1c.cvm.v1.GetDaemonInfoRequest\x1a\x1d.cvm.v1.GetDaemonInfoResponse\x12/\n\x08\x43reateVM\x12\x17.cvm.v1.CreateVMRequest\x1a\n.cvm.v1.VM\x12$\n\x07StartVM\x12\r.cvm.v1.VMRef\x1a\n.cvm.v1.VM\x12+\n\x06StopVM\x12\x15.cvm.v1.StopVMRequest\x1a\n.cvm.v1.VM\x12#\n\x06KillVM\x12\r.cvm.v1.VMRef\x1a\n.cvm.v1.VM\x12\x35\n\tDestroyVM\x12\r.cvm.v1.VMRef\x1a\x19.cvm.v1.DestroyVMResponse\x12:\n\x07ListVMs\x12\x16.cvm.v1.ListVMsRequest\x1a\x17.cvm.v1.ListVMsResponse\x12\"\n\x05GetVM\x12\r.cvm.v1.VMRef\x1a\n.cvm.v1.VM\x12\x36\n\x08WatchVMs\x12\x17.cvm.v1.WatchVMsRequest\x1a\x0f.cvm.v1.VMEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cvm.v1.host_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VMSTATE']._serialized_start=1116
-  _globals['_VMSTATE']._serialized_end=1285
+  _globals['_VM_BOOTUNMEASUREDENTRY']._loaded_options = None
+  _globals['_VM_BOOTUNMEASUREDENTRY']._serialized_options = b'8\001'
+  _globals['_VMSTATE']._serialized_start=1228
+  _globals['_VMSTATE']._serialized_end=1397
   _globals['_GETDAEMONINFOREQUEST']._serialized_start=50
   _globals['_GETDAEMONINFOREQUEST']._serialized_end=72
   _globals['_GETDAEMONINFORESPONSE']._serialized_start=75
@@ -41,25 +43,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BOOTPHASE']._serialized_start=212
   _globals['_BOOTPHASE']._serialized_end=254
   _globals['_VM']._serialized_start=257
-  _globals['_VM']._serialized_end=725
-  _globals['_VCPUPIN']._serialized_start=727
-  _globals['_VCPUPIN']._serialized_end=809
-  _globals['_CREATEVMREQUEST']._serialized_start=811
-  _globals['_CREATEVMREQUEST']._serialized_end=863
-  _globals['_VMREF']._serialized_start=865
-  _globals['_VMREF']._serialized_end=886
-  _globals['_STOPVMREQUEST']._serialized_start=888
-  _globals['_STOPVMREQUEST']._serialized_end=942
-  _globals['_DESTROYVMRESPONSE']._serialized_start=944
-  _globals['_DESTROYVMRESPONSE']._serialized_end=963
-  _globals['_LISTVMSREQUEST']._serialized_start=965
-  _globals['_LISTVMSREQUEST']._serialized_end=981
-  _globals['_LISTVMSRESPONSE']._serialized_start=983
-  _globals['_LISTVMSRESPONSE']._serialized_end=1025
-  _globals['_WATCHVMSREQUEST']._serialized_start=1027
-  _globals['_WATCHVMSREQUEST']._serialized_end=1044
-  _globals['_VMEVENT']._serialized_start=1046
-  _globals['_VMEVENT']._serialized_end=1113
-  _globals['_HOSTDAEMON']._serialized_start=1288
-  _globals['_HOSTDAEMON']._serialized_end=1754
+  _globals['_VM']._serialized_end=837
+  _globals['_VM_BOOTUNMEASUREDENTRY']._serialized_start=768
+  _globals['_VM_BOOTUNMEASUREDENTRY']._serialized_end=821
+  _globals['_VCPUPIN']._serialized_start=839
+  _globals['_VCPUPIN']._serialized_end=921
+  _globals['_CREATEVMREQUEST']._serialized_start=923
+  _globals['_CREATEVMREQUEST']._serialized_end=975
+  _globals['_VMREF']._serialized_start=977
+  _globals['_VMREF']._serialized_end=998
+  _globals['_STOPVMREQUEST']._serialized_start=1000
+  _globals['_STOPVMREQUEST']._serialized_end=1054
+  _globals['_DESTROYVMRESPONSE']._serialized_start=1056
+  _globals['_DESTROYVMRESPONSE']._serialized_end=1075
+  _globals['_LISTVMSREQUEST']._serialized_start=1077
+  _globals['_LISTVMSREQUEST']._serialized_end=1093
+  _globals['_LISTVMSRESPONSE']._serialized_start=1095
+  _globals['_LISTVMSRESPONSE']._serialized_end=1137
+  _globals['_WATCHVMSREQUEST']._serialized_start=1139
+  _globals['_WATCHVMSREQUEST']._serialized_end=1156
+  _globals['_VMEVENT']._serialized_start=1158
+  _globals['_VMEVENT']._serialized_end=1225
+  _globals['_HOSTDAEMON']._serialized_start=1400
+  _globals['_HOSTDAEMON']._serialized_end=1866
 # @@protoc_insertion_point(module_scope)

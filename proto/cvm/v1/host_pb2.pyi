@@ -123,6 +123,26 @@ Global___BootPhase: _TypeAlias = BootPhase  # noqa: Y015
 class VM(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class BootUnmeasuredEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     TEE_FIELD_NUMBER: _builtins.int
@@ -142,6 +162,7 @@ class VM(_message.Message):
     QEMU_ARGV_FIELD_NUMBER: _builtins.int
     VCPU_PINS_FIELD_NUMBER: _builtins.int
     EMULATOR_CPUS_FIELD_NUMBER: _builtins.int
+    BOOT_UNMEASURED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     state: Global___VMState.ValueType
     tee: _common_pb2.Tee.ValueType
@@ -181,6 +202,12 @@ class VM(_message.Message):
     def vcpu_pins(self) -> _containers.RepeatedCompositeFieldContainer[Global___VcpuPin]:
         """[pinning] host_cpus as applied, read back from the kernel"""
 
+    @_builtins.property
+    def boot_unmeasured(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Phases of the current or last boot that have no figure in boot_phases, and why (e.g. the
+        daemon was restarted while the phase ended): a missing phase is never silent.
+        """
+
     def __init__(
         self,
         *,
@@ -203,10 +230,11 @@ class VM(_message.Message):
         qemu_argv: _abc.Iterable[_builtins.str] | None = ...,
         vcpu_pins: _abc.Iterable[Global___VcpuPin] | None = ...,
         emulator_cpus: _builtins.str = ...,
+        boot_unmeasured: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_status", b"_exit_status", "exit_status", b"exit_status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_status", b"_exit_status", "accel", b"accel", "agent_address", b"agent_address", "boot_count", b"boot_count", "boot_phases", b"boot_phases", "console_path", b"console_path", "created_at", b"created_at", "emulator_cpus", b"emulator_cpus", "exit_status", b"exit_status", "last_console_lines", b"last_console_lines", "name", b"name", "qemu_argv", b"qemu_argv", "qemu_pid", b"qemu_pid", "spec_toml", b"spec_toml", "started_at", b"started_at", "state", b"state", "state_reason", b"state_reason", "tee", b"tee", "vcpu_pins", b"vcpu_pins", "vcpu_thread_ids", b"vcpu_thread_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_status", b"_exit_status", "accel", b"accel", "agent_address", b"agent_address", "boot_count", b"boot_count", "boot_phases", b"boot_phases", "boot_unmeasured", b"boot_unmeasured", "console_path", b"console_path", "created_at", b"created_at", "emulator_cpus", b"emulator_cpus", "exit_status", b"exit_status", "last_console_lines", b"last_console_lines", "name", b"name", "qemu_argv", b"qemu_argv", "qemu_pid", b"qemu_pid", "spec_toml", b"spec_toml", "started_at", b"started_at", "state", b"state", "state_reason", b"state_reason", "tee", b"tee", "vcpu_pins", b"vcpu_pins", "vcpu_thread_ids", b"vcpu_thread_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_status: _TypeAlias = _typing.Literal["exit_status"]  # noqa: Y015
     _WhichOneofArgType__exit_status: _TypeAlias = _typing.Literal["_exit_status", b"_exit_status"]  # noqa: Y015

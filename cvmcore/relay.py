@@ -535,16 +535,28 @@ async def grpc_target(
         raise DeadlineExceeded(f"{address}: no answer within {connect_timeout:g} s") from None
     await trio.aclose_forcefully(probe)
     stats = stats if stats is not None else RelayStats()
+    raised: BaseException | None = None
     with private_directory("cvmctl-relay-") as tmp:
         path = str(tmp / "relay.sock")
         listener = await open_unix_listener(path, mode=0o600)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(
-                lambda task_status: serve_relay(
-                    listener, dial, stats, connect_timeout=connect_timeout, task_status=task_status
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    lambda task_status: serve_relay(
+                        listener, dial, stats, connect_timeout=connect_timeout, task_status=task_status
+                    )
                 )
-            )
-            try:
-                yield f"unix:{path}"
-            finally:
-                nursery.cancel_scope.cancel()
+                try:
+                    yield f"unix:{path}"
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The nursery wraps what the caller's block raised (a DeadlineExceeded from a
+            # health check, say) in a group; callers catch the error itself, so it is
+            # given back as raised. The relay's own task does not fail: it contains its
+            # connections' errors.
+            if len(group.exceptions) != 1:
+                raise
+            raised = group.exceptions[0]
+    if raised is not None:
+        raise raised

@@ -448,6 +448,14 @@ class VMManager:
                             '(under KVM on a nested host, try accel = "tcg")',
                         )
                     )
+            except Exception as exc:
+                # A bug in following the boot: say so where `vm show` and a waiting
+                # `vm start` look, not only in the daemon's log (the task's error is logged).
+                record = self.get(live.name)
+                if record.state is VMState.STARTING:
+                    reason = f"the daemon stopped following this boot: {str(exc)[:200]} (see its log)"
+                    self._save(record.with_state(VMState.STARTING, reason))
+                raise
 
     def _save_clock(self, name: str, clock: BootClock) -> None:
         record = self.get(name)

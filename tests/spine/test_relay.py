@@ -16,12 +16,13 @@ import pytest
 import trio
 import trio.testing
 
-from cvmcore.address import UnixAddress
-from cvmcore.errors import ConnectError
+from cvmcore.address import HybridVsockAddress, UnixAddress
+from cvmcore.errors import ConnectError, DeadlineExceeded
 from cvmcore.relay import (
     Dialer,
     RelayStats,
     dialer_for,
+    grpc_target,
     open_hybrid_vsock_stream,
     open_unix_listener,
     serve_hybrid_vsock,
@@ -257,3 +258,17 @@ async def test_a_probe_that_closes_at_once_is_not_a_refusal(tmp_path: Path) -> N
         await probe.aclose()
         await trio.sleep(0.2)
         assert stats.refused_total == 0
+
+
+async def test_an_error_in_the_callers_block_comes_out_as_raised(tmp_path: Path) -> None:
+    """Through a relay, a caller's ``except CvmError`` must see its own error, not a trio
+    ExceptionGroup: the daemon's wait for a booting agent once died of that, leaving the VM
+    in STARTING for good (its boot deadline ran in the same task)."""
+    backend, hybrid = str(tmp_path / "backend.sock"), str(tmp_path / "vm.vsock")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(echo_server, backend)
+        await nursery.start(serve_hybrid_vsock, hybrid, {1024: dialer_for(UnixAddress(backend))})
+        with pytest.raises(DeadlineExceeded, match="no answer to Check"):
+            async with grpc_target(HybridVsockAddress(hybrid, 1024)):
+                raise DeadlineExceeded("no answer to Check within 2 s")
+        nursery.cancel_scope.cancel()

@@ -231,7 +231,7 @@ def test_every_workload_on_local_and_vm(short_tmp: Path, capsys: pytest.CaptureF
     vm_env.pop("CVMCTL_DATA_DIR", None)
     try:
         for target in VM_TARGETS:
-            cells += vm_column(daemon, vm_env, target)
+            vm_column(daemon, vm_env, target, cells)
     finally:
         daemon.shutdown()
         matrix = print_matrix(cells)
@@ -241,11 +241,11 @@ def test_every_workload_on_local_and_vm(short_tmp: Path, capsys: pytest.CaptureF
     assert not failed, "\n".join(failed)
 
 
-def vm_column(daemon: Daemon, env: dict[str, str], target: str) -> list[Cell]:
+def vm_column(daemon: Daemon, env: dict[str, str], target: str, cells: list[Cell]) -> None:
     """One built-in VM target's column: its refusals while its VM does not exist yet, then
     every other workload (the first boots the VM), ``boot`` last; the VM is killed after, so
-    that the next column's guest has the machine to itself."""
-    cells: list[Cell] = []
+    that the next column's guest has the machine to itself. Cells are added to ``cells`` as
+    they are judged, so that an interrupted matrix still prints what ran."""
     vm_name = builtin(target).vm_name
     try:
         refused = {n: r for n, w in CATALOGUE.items() if (r := refusal(w, TARGETS[target])) is not None}
@@ -265,4 +265,3 @@ def vm_column(daemon: Daemon, env: dict[str, str], target: str) -> list[Cell]:
             cells.append(judge_run(name, target, result, seconds))
     finally:
         daemon.cvmctl("vm", "kill", vm_name)
-    return cells

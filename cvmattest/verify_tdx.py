@@ -107,12 +107,14 @@ def verify_tdx_quote(
 ) -> VerificationResult:
     """Run every check on ``quote``; see the module docstring. ``pck_chain`` overrides the embedded one."""
     result = VerificationResult(tee="tdx", evidence_type=f"tdx-quote-v{quote.version}", at=at)
-    chain = (
-        list(pck_chain)
-        if pck_chain is not None
-        else certmod.load_certificates(quote.pck_chain_pem, "PCK chain")
-    )
-    problem = _chain_problem(chain)
+    if pck_chain is not None:
+        chain, problem = list(pck_chain), None
+    else:
+        try:
+            chain, problem = certmod.load_certificates(quote.pck_chain_pem, "PCK chain"), None
+        except (certmod.CertificateError, MalformedEvidence) as exc:
+            chain, problem = [], f"the quote's PCK chain does not parse: {exc}"
+    problem = problem or _chain_problem(chain)
     if not result.record("pck_chain", problem, f"{len(chain)} certificates in the quote"):
         pck_key = None
     else:

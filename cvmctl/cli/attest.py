@@ -17,9 +17,12 @@ from typing import Any
 
 from cryptography import x509
 
+from cvmattest.binary import MalformedEvidence
 from cvmattest.certs import (
+    CertificateError,
     classify_amd_certificates,
     common_name,
+    load_certificate,
     load_certificate_file,
     load_certificates,
 )
@@ -209,10 +212,15 @@ def run_show(args: argparse.Namespace) -> int:
     evidence = load_evidence(args.file, args.tee)
     data = evidence.to_dict()
     if isinstance(evidence, TdxQuote):
-        chain = load_certificates(evidence.pck_chain_pem, "the quote's PCK chain")
-        data["pck_chain"] = [common_name(cert) for cert in chain]
-        if chain:
-            data["pck"] = read_pck_platform(chain[0]).to_dict()
+        # The chain is the quote's last part and nothing the quote's signature covers: a chain
+        # that does not parse is shown as such, with every field of the quote still printed.
+        try:
+            chain = load_certificates(evidence.pck_chain_pem, "the quote's PCK chain")
+            data["pck_chain"] = [common_name(cert) for cert in chain]
+            if chain:
+                data["pck"] = read_pck_platform(chain[0]).to_dict()
+        except (CertificateError, MalformedEvidence) as exc:
+            data["pck_chain"] = f"unparseable: {exc}"
     if args.json:
         print(json.dumps(data, indent=2))
     else:
@@ -235,6 +243,12 @@ def run_verify(args: argparse.Namespace) -> int:
     certificates: list[x509.Certificate] = []
     for path in args.certs:
         certificates += load_certificate_file(_read(path, "certificate file"), str(path))
+    if isinstance(evidence, SnpReport):
+        certificates += [
+            load_certificate(entry.data, f"{args.file} ({entry.kind} entry of its certificate table)")
+            for entry in evidence.certificate_table
+            if entry.kind != "unknown"
+        ]
     if isinstance(evidence, SnpReport) and args.kds and not classify_amd_certificates(certificates)[0]:
         certificates += fetch_from_kds(evidence, args)
     if isinstance(evidence, SnpReport) and not certificates:

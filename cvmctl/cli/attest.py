@@ -27,12 +27,15 @@ from cvmattest.certs import (
     load_certificates,
 )
 from cvmattest.detect import TEES, ParsedEvidence, parse_evidence
+from cvmattest.intel_tcb import TCB_STATUSES, Collateral, parse_collateral
 from cvmattest.kds import DEFAULT_KDS_URL, KdsClient
+from cvmattest.pcs import DEFAULT_PCS_URL, PCK_CA_NAMES, PcsClient
 from cvmattest.result import CheckStatus, VerificationResult
 from cvmattest.sgx_pck import read_pck_platform
 from cvmattest.snp import Product, SnpReport
 from cvmattest.tdx import TdxQuote
 from cvmattest.verify import verify_evidence
+from cvmattest.verify_tdx import DEFAULT_ACCEPTED_TCB
 from cvmcore.defaults import cache_dir
 from cvmcore.durable import write_durably
 from cvmcore.errors import UsageError
@@ -151,6 +154,38 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="append",
         help="SNP: minimum SPL of a reported_tcb component (bootloader, tee, snp, microcode, fmc)",
     )
+    verify.add_argument(
+        "--collateral",
+        type=Path,
+        metavar="FILE",
+        help="TDX: Intel's collateral (TCB Info, QE identity, PCK and Root CA CRLs) as one JSON file in "
+        "dcap-qvl's QuoteCollateralV3 layout, to evaluate the platform's TCB status offline",
+    )
+    verify.add_argument(
+        "--pcs",
+        action="store_true",
+        help="TDX: fetch the collateral from Intel PCS (cached until it expires) and evaluate the TCB status",
+    )
+    verify.add_argument(
+        "--pcs-url",
+        default=DEFAULT_PCS_URL,
+        metavar="URL",
+        help="the PCS to ask with --pcs (default: %(default)s)",
+    )
+    verify.add_argument(
+        "--pcs-cache",
+        type=Path,
+        metavar="DIR",
+        help="where fetched collateral is kept (default: $XDG_CACHE_HOME/cvmctl/pcs)",
+    )
+    verify.add_argument(
+        "--accept-tcb",
+        action="append",
+        choices=[status for status in TCB_STATUSES if status not in ("UpToDate", "Revoked")],
+        metavar="STATUS",
+        help="TDX: also accept this TCB status (UpToDate always passes, Revoked never); repeatable. One of "
+        + ", ".join(status for status in TCB_STATUSES if status not in ("UpToDate", "Revoked")),
+    )
     verify.add_argument("--forbid-debug", action="store_true", help="reject evidence from a debuggable guest")
     verify.add_argument("--json", action="store_true", help="print JSON instead of a table")
     verify.set_defaults(func=run_verify)
@@ -239,6 +274,12 @@ def run_verify(args: argparse.Namespace) -> int:
         if given:
             verb = "applies" if len(given) == 1 else "apply"
             raise UsageError(f"{', '.join(given)} {verb} only with --kds (fetch the VCEK from AMD's KDS)")
+    if not args.pcs and (args.pcs_cache or args.pcs_url != DEFAULT_PCS_URL):
+        raise UsageError(
+            "--pcs-url and --pcs-cache apply only with --pcs (fetch the collateral from Intel PCS)"
+        )
+    if args.pcs and args.collateral:
+        raise UsageError("give the collateral as a file (--collateral) or fetch it (--pcs), not both")
     evidence = load_evidence(args.file, args.tee)
     certificates: list[x509.Certificate] = []
     for path in args.certs:
@@ -256,10 +297,16 @@ def run_verify(args: argparse.Namespace) -> int:
             "an SNP report is verified with its VCEK or VLEK: pass --certs FILE "
             "(from the extended report or the host) or fetch it with --kds"
         )
+    at = parse_time(args.at)
+    collateral = None
+    if args.collateral is not None:
+        collateral = parse_collateral(_read(args.collateral, "collateral"))
+    elif args.pcs:
+        collateral = fetch_from_pcs(evidence, args, at)
     result = verify_evidence(
         evidence,
         certificates,
-        at=parse_time(args.at),
+        at=at,
         nonce=None if args.nonce is None else parse_hex(args.nonce, "--nonce"),
         allowed_measurements=(
             None
@@ -268,6 +315,8 @@ def run_verify(args: argparse.Namespace) -> int:
         ),
         forbid_debug=args.forbid_debug,
         minimum_tcb=parse_min_tcb(args.min_tcb),
+        collateral=collateral,
+        accepted_tcb=DEFAULT_ACCEPTED_TCB | frozenset(args.accept_tcb or ()),
     )
     print_result(result, as_json=args.json)
     return 0 if result.verified else 1
@@ -287,11 +336,29 @@ def fetch_from_kds(report: SnpReport, args: argparse.Namespace) -> list[x509.Cer
     return load_certificates(vcek, "VCEK from KDS") + load_certificates(chain, "cert_chain from KDS")
 
 
+def fetch_from_pcs(evidence: ParsedEvidence, args: argparse.Namespace, at: datetime) -> Collateral:
+    """The collateral for a TDX quote's platform type and PCK CA, from PCS or the cache."""
+    if not isinstance(evidence, TdxQuote):
+        raise UsageError("--pcs applies to TDX quotes only")
+    chain = load_certificates(evidence.pck_chain_pem, "the quote's PCK chain")
+    if len(chain) < 2:
+        raise UsageError("the quote's PCK chain has no CA certificate: the PCK CRL to fetch is unknown")
+    ca = PCK_CA_NAMES.get(common_name(chain[1]))
+    if ca is None:
+        raise UsageError(f"the PCK was issued by {common_name(chain[1])!r}, which PCS publishes no CRL for")
+    client = PcsClient(base_url=args.pcs_url, cache_dir=args.pcs_cache or cache_dir("pcs"))
+    return parse_collateral(client.collateral(read_pck_platform(chain[0]).fmspc, ca, at))
+
+
 def print_result(result: VerificationResult, *, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return
     print_table([(check.name, f"{STATUS_MARKS[check.status]:<7}  {check.detail}") for check in result.checks])
+    tcb = result.details.get("tcb")
+    if tcb is not None:
+        advisories = ", ".join(tcb["advisory_ids"]) or "none"
+        print(f"TCB status: {tcb['status'] or 'not supported'}; advisory IDs: {advisories}")
     print(f"{result.evidence_type}: {result.summary()}")
 
 

@@ -8,6 +8,7 @@ Specification*, section "KDS Interface")::
         -> the VCEK, DER (application/pkix-cert)
     GET {base}/vcek/v1/{product}/cert_chain   -> ASK then ARK, PEM
     GET {base}/vlek/v1/{product}/cert_chain   -> ASVK then ARK, PEM
+    GET {base}/vcek/v1/{product}/crl          -> the ARK's CRL, DER (RSASSA-PSS SHA-384)
 
 On Turin the hwid is the first 8 bytes of chip_id and ``fmcSPL`` is required; the SPLs are
 those of the report's ``reported_tcb``. VLEKs are not published (the cloud provider
@@ -24,9 +25,10 @@ host costs one request.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import ClassVar
 
-from cvmattest.certs import CertificateError, load_certificate, load_certificates
+from cvmattest.certs import CertificateError, load_certificate, load_certificates, load_crl
 from cvmattest.polite_http import RETRYABLE_STATUS, PoliteClient, retry_after_seconds
 from cvmattest.snp import Product, SnpReport, TcbVersion
 from cvmcore.errors import RemoteError, UsageError
@@ -52,6 +54,11 @@ def vcek_path(product: Product, chip_id: bytes, tcb: TcbVersion) -> str:
     if product is Product.TURIN:
         query += f"&fmcSPL={tcb.fmc}"
     return f"/vcek/v1/{product.value}/{hwid.hex()}?{query}"
+
+
+def crl_path(product: Product) -> str:
+    """The KDS path of AMD's CRL for a product: DER, signed by the product's ARK."""
+    return f"/vcek/v1/{product.value}/crl"
 
 
 def cert_chain_path(product: Product, *, vlek: bool = False) -> str:
@@ -103,10 +110,26 @@ class KdsClient(PoliteClient):
         self._write_cache(cache, pem)
         return pem
 
+    def crl(self, product: Product, at: datetime) -> bytes:
+        """AMD's CRL for a product (DER), from the cache while it is current at ``at``, else KDS."""
+        cache = self._cache_file("crl", f"{product.value}.der")
+        cached = self._read_cache(cache)
+        if cached is not None:
+            crl = load_crl(cached, str(cache))
+            if crl.next_update_utc is not None and crl.last_update_utc <= at <= crl.next_update_utc:
+                return cached
+        der = self._get(crl_path(product), "application/pkix-crl")[0]
+        load_crl(der, "CRL from KDS")  # never cache something that is not a CRL
+        self._write_cache(cache, der)
+        return der
+
     @staticmethod
     def _valid(data: bytes, source: str) -> bool:
         try:
-            load_certificates(data, source)
+            if source.endswith(".der") and "/crl/" in source:
+                load_crl(data, source)
+            else:
+                load_certificates(data, source)
         except CertificateError:
             return False  # a damaged cache entry is fetched again
         return True

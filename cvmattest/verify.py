@@ -44,6 +44,8 @@ def verify_evidence(
     minimum_tcb: Mapping[str, int] | None = None,
     collateral: Collateral | None = None,
     accepted_tcb: frozenset[str] = DEFAULT_ACCEPTED_TCB,
+    crl: x509.CertificateRevocationList | None = None,
+    crl_unavailable: str | None = None,
 ) -> VerificationResult:
     """Verify any evidence. For TDX, ``certificates`` (if given) replace the quote's PCK chain.
 
@@ -60,7 +62,11 @@ def verify_evidence(
             forbid_debug=forbid_debug,
             report_data=report_data,
         )
-        return verify_snp_report(evidence, certificates, at=at, policy=policy)
+        return verify_snp_report(
+            evidence, certificates, at=at, policy=policy, crl=crl, crl_unavailable=crl_unavailable
+        )
+    if crl is not None:
+        raise UsageError("an AMD CRL applies to SEV-SNP reports only")
     if minimum_tcb:
         raise UsageError("a minimum TCB applies to SEV-SNP reports only")
     if isinstance(evidence, TdxQuote):

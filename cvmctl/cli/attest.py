@@ -25,6 +25,8 @@ from cvmattest.certs import (
     load_certificate,
     load_certificate_file,
     load_certificates,
+    load_crl,
+    read_amd_key_certificate,
 )
 from cvmattest.detect import TEES, ParsedEvidence, parse_evidence
 from cvmattest.intel_tcb import TCB_STATUSES, Collateral, parse_collateral
@@ -38,7 +40,7 @@ from cvmattest.verify import verify_evidence
 from cvmattest.verify_tdx import DEFAULT_ACCEPTED_TCB
 from cvmcore.defaults import cache_dir
 from cvmcore.durable import write_durably
-from cvmcore.errors import UsageError
+from cvmcore.errors import ConnectError, RemoteError, UsageError
 from cvmctl.cli.args import add_connection_arguments
 from cvmctl.cli.output import print_table
 
@@ -153,6 +155,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="NAME=SPL",
         action="append",
         help="SNP: minimum SPL of a reported_tcb component (bootloader, tee, snp, microcode, fmc)",
+    )
+    verify.add_argument(
+        "--crl",
+        type=Path,
+        metavar="FILE",
+        help="SNP: AMD's CRL for the product (DER or PEM, as KDS serves it at /vcek/v1/PRODUCT/crl), "
+        "to check offline that the ASK/ASVK is not revoked; --kds fetches it (cached) otherwise",
     )
     verify.add_argument(
         "--collateral",
@@ -298,6 +307,11 @@ def run_verify(args: argparse.Namespace) -> int:
             "(from the extended report or the host) or fetch it with --kds"
         )
     at = parse_time(args.at)
+    crl, crl_unavailable = None, None
+    if args.crl is not None:
+        crl = load_crl(_read(args.crl, "CRL"), str(args.crl))
+    elif isinstance(evidence, SnpReport) and args.kds:
+        crl, crl_unavailable = fetch_crl_from_kds(evidence, certificates, args, at)
     collateral = None
     if args.collateral is not None:
         collateral = parse_collateral(_read(args.collateral, "collateral"))
@@ -317,6 +331,8 @@ def run_verify(args: argparse.Namespace) -> int:
         minimum_tcb=parse_min_tcb(args.min_tcb),
         collateral=collateral,
         accepted_tcb=DEFAULT_ACCEPTED_TCB | frozenset(args.accept_tcb or ()),
+        crl=crl,
+        crl_unavailable=crl_unavailable,
     )
     print_result(result, as_json=args.json)
     return 0 if result.verified else 1
@@ -334,6 +350,24 @@ def fetch_from_kds(report: SnpReport, args: argparse.Namespace) -> list[x509.Cer
     assert product is not None  # vcek_for_report refuses a report without one
     chain = client.cert_chain(product)
     return load_certificates(vcek, "VCEK from KDS") + load_certificates(chain, "cert_chain from KDS")
+
+
+def fetch_crl_from_kds(
+    report: SnpReport, certificates: list[x509.Certificate], args: argparse.Namespace, at: datetime
+) -> tuple[x509.CertificateRevocationList | None, str | None]:
+    """AMD's CRL for the report's product from KDS (or the cache); if KDS cannot give it, why not."""
+    leaves = classify_amd_certificates(certificates)[0]
+    product = report.product or (Product(args.product) if args.product else None)
+    if product is None and leaves:
+        product = read_amd_key_certificate(leaves[0]).product
+    if product is None:
+        return None, "the product is unknown (a version-2 report): say --product to fetch its CRL"
+    client = KdsClient(base_url=args.kds_url, cache_dir=args.kds_cache or default_kds_cache())
+    try:
+        der = client.crl(product, at)
+    except (RemoteError, ConnectError) as exc:
+        return None, f"AMD's CRL could not be fetched, so revocation was not checked: {exc}"
+    return load_crl(der, "CRL from KDS"), None
 
 
 def fetch_from_pcs(evidence: ParsedEvidence, args: argparse.Namespace, at: datetime) -> Collateral:

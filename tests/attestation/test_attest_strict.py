@@ -176,3 +176,19 @@ def test_verify_names_an_unparseable_pck_chain(
     path.write_bytes(_quote_with_broken_chain(attestation_testdata))
     assert main(["attest", "verify", str(path), "--at", AT]) == 1
     assert "rejected: pck_chain: the quote's PCK chain does not parse" in capsys.readouterr().out
+
+
+def test_a_real_0x_prefixed_hex_quote(attestation_testdata: Path) -> None:
+    """dcap-qvl's sample quote is written as 0x-prefixed hex: it is read and its signatures verify."""
+    from datetime import UTC, datetime
+
+    from cvmattest.tdx import TdxQuote
+    from cvmattest.verify_tdx import verify_tdx_quote
+
+    text = (attestation_testdata / "tdx/quote_v4_dcapqvl_sample.hex").read_bytes()
+    assert text.startswith(b"0x")
+    quote = parse_evidence(text)
+    assert isinstance(quote, TdxQuote) and quote.trailing_bytes == 70
+    result = verify_tdx_quote(quote, at=datetime(2026, 10, 20, tzinfo=UTC))
+    assert [c.name for c in result.failures] == []
+    assert result.check("pck").detail == "PCK (FMSPC b0c06f000000) signed by Intel SGX PCK Platform CA"

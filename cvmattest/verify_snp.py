@@ -21,6 +21,10 @@ The checks, in the order they run (names as they appear in the result):
     Every certificate in the chain is valid at the verification time ``at``. The time is an
     argument, never the clock read inside: evidence is often checked long after it was made
     (the shared test VLEK expired on 2025-12-10).
+``crl``, ``revocation``
+    AMD's CRL for the product (given, or fetched with ``--kds``) is signed by the ARK
+    (RSASSA-PSS SHA-384) and current, and does not list the ASK/ASVK. Without a CRL, ``crl``
+    is recorded as skipped with the reason.
 ``report_signature``
     ECDSA P-384 over bytes 0x000-0x29F with the leaf key; r and s are stored as 72-byte
     little-endian integers, which we re-encode as the DER signature ``cryptography`` takes.

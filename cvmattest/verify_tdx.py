@@ -13,16 +13,20 @@ Read bottom-up, a quote makes four claims, and each is one check here:
     That enclave is Intel's TD quoting enclave: MRSIGNER is Intel's enclave signing key
     hash and ISVPRODID is 2. (Without this, any enclave on a genuine platform could get a
     PCK-signed report and vouch for a key of its choosing.) The QE's TCB level against
-    Intel's QE Identity collateral is not evaluated here.
+    Intel's QE Identity collateral is ``qe_tcb`` / ``tcb_status``, when collateral is given.
 ``qe_report_data``
     The QE report binds the attestation key: report_data[0:32] = SHA-256(attestation key
     || QE auth data) and report_data[32:64] is zero.
 ``quote_signature``
     The attestation key (x||y, P-256) signed header+body with ECDSA/SHA-256.
 
+With Intel's collateral (:mod:`cvmattest.intel_tcb`), :func:`check_collateral` adds the
+collateral's signatures and dates, both CRLs, revocation, FMSPC, the QE and TDX module
+identities and ``tcb_status`` (UpToDate, OutOfDate, ... with advisory IDs); without it
+``tcb_status`` is recorded as skipped.
+
 Then the optional :class:`TdxPolicy`: ``debug`` (TD_ATTRIBUTES.DEBUG clear), ``mr_td``
-(in an allow-list) and ``report_data`` (equal to the nonce). Evaluating the platform's TCB
-level against Intel's TCB Info and CRLs needs collateral from Intel PCS and is not done.
+(in an allow-list) and ``report_data`` (equal to the nonce).
 
 A TDREPORT alone cannot be verified off the platform (its MAC key never leaves the CPU):
 :func:`verify_tdreport` checks the two hashes that bind TEE_TCB_INFO and TDINFO to the MAC'd

@@ -5,6 +5,11 @@ is told from the bytes; ASCII-hex files are accepted). ``verify FILE`` runs ever
 and exits 0 when the evidence verified, 1 when it was rejected (the first failed check is
 named on the last line) and 2 when the input is unusable (unreadable, malformed, or
 missing what verification needs, such as the VCEK).
+
+Revocation and TCB status: ``--crl FILE`` (or ``--kds``) checks AMD's CRL for an SNP
+report; ``--collateral FILE`` (or ``--pcs``) evaluates a TDX quote's platform against
+Intel's TCB Info, QE identity and CRLs and prints ``TCB status: ...; advisory IDs: ...``.
+``--at`` fixes the verification time, which collateral and CRLs are checked against.
 """
 
 from __future__ import annotations

@@ -346,6 +346,12 @@ def check_collateral(
             intel_tcb.module_problem(module, quote),
             f"TDX module signer and attributes match {module.id or 'tdxModule'}",
         )
+    if tcb_problem or qe_problem:
+        # A status read from a document that is not Intel's, or no longer current, says nothing.
+        result.skipped(
+            "tcb_status", "the TCB Info or QE identity did not verify: no status is derived from it"
+        )
+        return
     evaluation = intel_tcb.evaluate_tcb(tcb_info, qe_identity, platform, quote)
     result.details["tcb"] = evaluation.to_dict()
     if evaluation.status is None:

@@ -101,6 +101,8 @@ def test_expired_collateral_is_rejected_naming_each_document(attestation_testdat
     assert (
         failed["tcb_info"] == "the TCB Info expired 2025-10-02T07:41:59+00:00 (its next update was due then)"
     )
+    assert result.check("tcb_status").detail.startswith("the TCB Info or QE identity did not verify")
+    assert "tcb" not in result.details  # no status from an expired document
 
 
 def test_tampered_tcb_info_fails_its_signature(attestation_testdata: Path) -> None:

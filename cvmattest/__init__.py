@@ -18,7 +18,10 @@ The layers, from pure to I/O:
 ``certs``         certificate loading (AMD's serial-0 quirk), AMD extensions, pinned roots
 ``verify_*``      every check, recorded in a :class:`~.result.VerificationResult`
 ``detect``        which kind of evidence a blob is, from its first bytes
-``kds``           AMD KDS client with an on-disk cache and polite backoff
+``intel_tcb``     Intel collateral (TCB Info, QE identity, CRLs) and the TDX TCB status it gives
+``polite_http``   retries, backoff and the on-disk cache shared by the two clients below
+``kds``           AMD KDS client: VCEKs, chains and AMD's CRL
+``pcs``           Intel PCS client: a TDX quote's collateral, cached until it expires
 ``uapi``          kernel ioctl numbers and structure layouts (sev-guest.h, tdx-guest.h)
 ``guest``         in-guest fetch: configfs-tsm, /dev/sev-guest, /dev/tdx_guest, with timings
 """

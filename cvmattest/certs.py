@@ -184,19 +184,61 @@ def verify_amd_signature(cert: x509.Certificate, issuer: x509.Certificate) -> st
     """
     if cert.issuer != issuer.subject:
         return f"issuer name {cert.issuer.rfc4514_string()!r} is not {issuer.subject.rfc4514_string()!r}"
-    key = issuer.public_key()
+    if _amd_pss_verifies(issuer, cert.signature, cert.tbs_certificate_bytes):
+        return None
+    return f"RSASSA-PSS signature by {common_name(issuer)} does not verify"
+
+
+def _amd_pss_verifies(signer: x509.Certificate, signature: bytes, signed: bytes) -> bool:
+    """Whether ``signer``'s RSA key made ``signature`` over ``signed`` with AMD's PSS parameters."""
+    key = signer.public_key()
     if not isinstance(key, rsa.RSAPublicKey):
-        return f"{common_name(issuer)} does not hold an RSA key"
+        return False
     try:
         key.verify(
-            cert.signature,
-            cert.tbs_certificate_bytes,
-            padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48),
-            hashes.SHA384(),
+            signature, signed, padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48), hashes.SHA384()
         )
     except InvalidSignature:
-        return f"RSASSA-PSS signature by {common_name(issuer)} does not verify"
+        return False
+    return True
+
+
+def load_crl(data: bytes, source: str = "CRL") -> x509.CertificateRevocationList:
+    """Load an X.509 CRL from DER or PEM (AMD's KDS serves DER)."""
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_crl(data)
+        return x509.load_der_x509_crl(data)
+    except ValueError as exc:
+        raise CertificateError(f"{source}: not an X.509 CRL: {exc}") from exc
+
+
+def amd_crl_problem(crl: x509.CertificateRevocationList, ark: x509.Certificate, at: datetime) -> str | None:
+    """``None`` if the ARK signed ``crl`` (RSASSA-PSS, SHA-384, salt 48) and it is current at ``at``."""
+    if crl.issuer != ark.subject:
+        return f"the CRL is issued by {crl.issuer.rfc4514_string()!r}, not by {common_name(ark)}"
+    if not _amd_pss_verifies(ark, crl.signature, crl.tbs_certlist_bytes):
+        return f"the CRL's RSASSA-PSS signature does not verify with {common_name(ark)}"
+    if at < crl.last_update_utc:
+        return f"the CRL was issued {crl.last_update_utc.isoformat()}, after {at.isoformat()}"
+    if crl.next_update_utc is not None and at > crl.next_update_utc:
+        return f"the CRL expired {crl.next_update_utc.isoformat()}: get a current one"
     return None
+
+
+def revoked_by(crl: x509.CertificateRevocationList, certs: Sequence[x509.Certificate]) -> list[str]:
+    """Each certificate of ``certs`` that ``crl`` lists (matched by issuer and serial), said in words."""
+    found = []
+    for cert in certs:
+        if cert.issuer != crl.issuer:
+            continue
+        entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+        if entry is not None:
+            found.append(
+                f"{common_name(cert)} (serial {cert.serial_number:x}) was revoked "
+                f"{entry.revocation_date_utc.isoformat()}"
+            )
+    return found
 
 
 def verify_x509_signature(cert: x509.Certificate, issuer: x509.Certificate) -> str | None:

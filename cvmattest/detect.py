@@ -6,7 +6,9 @@ The three formats start differently enough that four bytes decide (little-endian
     TDX quote    u16 version 4|5, u16 key type 2, u32 0x81 04 00 02 00 81 00 00 00
     TDREPORT     REPORTTYPE.TYPE 0x81, SUBTYPE 0           81 00 .. ..
 
-A file that is ASCII hex (as virtee/snpguest writes reports) is decoded first.
+A file that is ASCII hex (as virtee/snpguest writes reports, or with a ``0x`` prefix as
+dcap-qvl's sample quote is) is decoded first. An SNP report may be followed by its
+certificate table (the extended report's layout); anything else after it is refused.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import string
 from typing import TypeAlias
 
 from cvmattest.binary import MalformedEvidence
-from cvmattest.snp import SUPPORTED_VERSIONS, SnpReport, parse_snp_report
+from cvmattest.snp import SUPPORTED_VERSIONS, SnpReport, parse_snp_attestation
 from cvmattest.tdx import TEE_TYPE_TDX, TdReport, TdxQuote, parse_tdreport, parse_tdx_quote
 
 ParsedEvidence: TypeAlias = SnpReport | TdxQuote | TdReport
@@ -33,13 +35,21 @@ class EvidenceKind(enum.Enum):
 
 
 TEES = ("sev-snp", "tdx")
-_HEX_TEXT = frozenset((string.hexdigits + string.whitespace).encode())
+_HEX_DIGITS = frozenset(string.hexdigits.encode())
+_WHITESPACE = frozenset(string.whitespace.encode())
 
 
 def unhex_if_text(data: bytes) -> bytes:
-    """``data`` decoded from ASCII hex if it is only hex digits and whitespace, else unchanged."""
-    stripped = bytes(b for b in data if b not in b" \t\r\n")
-    if stripped and len(stripped) % 2 == 0 and _HEX_TEXT.issuperset(data):
+    """``data`` decoded from ASCII hex, else unchanged.
+
+    Hex text is an even number of hex digits, optionally after ``0x`` / ``0X``, with any
+    whitespace (line breaks, spaces) anywhere. No binary evidence can look like that: every
+    format starts with a version byte below 0x20.
+    """
+    stripped = bytes(b for b in data if b not in _WHITESPACE)
+    if stripped[:2] in (b"0x", b"0X"):
+        stripped = stripped[2:]
+    if stripped and len(stripped) % 2 == 0 and _HEX_DIGITS.issuperset(stripped):
         return bytes.fromhex(stripped.decode("ascii"))
     return data
 
@@ -70,7 +80,7 @@ def parse_evidence(data: bytes, tee: str | None = None) -> ParsedEvidence:
     data = unhex_if_text(data)
     kind = detect_kind(data, tee)
     if kind is EvidenceKind.SNP_REPORT:
-        return parse_snp_report(data)
+        return parse_snp_attestation(data)
     if kind is EvidenceKind.TDX_QUOTE:
         return parse_tdx_quote(data)
     return parse_tdreport(data)

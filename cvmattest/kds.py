@@ -8,6 +8,7 @@ Specification*, section "KDS Interface")::
         -> the VCEK, DER (application/pkix-cert)
     GET {base}/vcek/v1/{product}/cert_chain   -> ASK then ARK, PEM
     GET {base}/vlek/v1/{product}/cert_chain   -> ASVK then ARK, PEM
+    GET {base}/vcek/v1/{product}/crl          -> the ARK's CRL, DER (RSASSA-PSS SHA-384)
 
 On Turin the hwid is the first 8 bytes of chip_id and ``fmcSPL`` is required; the SPLs are
 those of the report's ``reported_tcb``. VLEKs are not published (the cloud provider
@@ -23,22 +24,17 @@ host costs one request.
 
 from __future__ import annotations
 
-import email.utils
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
+from dataclasses import dataclass
+from datetime import datetime
+from typing import ClassVar
 
-from cvmattest.certs import CertificateError, load_certificate, load_certificates
+from cvmattest.certs import CertificateError, load_certificate, load_certificates, load_crl
+from cvmattest.polite_http import RETRYABLE_STATUS, PoliteClient, retry_after_seconds
 from cvmattest.snp import Product, SnpReport, TcbVersion
-from cvmcore.durable import write_durably
-from cvmcore.errors import ConnectError, RemoteError, UsageError
+from cvmcore.errors import RemoteError, UsageError
 
 DEFAULT_KDS_URL = "https://kdsintf.amd.com"
-RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+__all__ = ["RETRYABLE_STATUS", "KdsClient", "KdsError", "retry_after_seconds"]
 
 
 class KdsError(RemoteError):
@@ -60,44 +56,27 @@ def vcek_path(product: Product, chip_id: bytes, tcb: TcbVersion) -> str:
     return f"/vcek/v1/{product.value}/{hwid.hex()}?{query}"
 
 
+def crl_path(product: Product) -> str:
+    """The KDS path of AMD's CRL for a product: DER, signed by the product's ARK."""
+    return f"/vcek/v1/{product.value}/crl"
+
+
 def cert_chain_path(product: Product, *, vlek: bool = False) -> str:
     return f"/{'vlek' if vlek else 'vcek'}/v1/{product.value}/cert_chain"
 
 
-def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds a ``Retry-After`` header asks for: delta-seconds or an HTTP-date (RFC 9110 10.2.3)."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
-
-
 @dataclass
-class KdsClient:
+class KdsClient(PoliteClient):
     """Fetches VCEKs and chains from KDS (or anything serving its URL layout at ``base_url``).
 
-    ``cache_dir`` (optional) keeps what was fetched; ``sleep`` is how backoff waits, so a
-    caller on an event loop can pass its own. ``max_retry_after`` caps how long one wait may
-    be: a server asking for longer makes the request fail with its answer, not hang.
+    Retries, backoff and the cache are :class:`~cvmattest.polite_http.PoliteClient`'s.
     """
 
     base_url: str = DEFAULT_KDS_URL
-    cache_dir: Path | None = None
-    timeout: float = 10.0
-    max_attempts: int = 5
-    initial_backoff: float = 1.0
-    max_backoff: float = 30.0
-    max_retry_after: float = 300.0
-    sleep: Callable[[float], None] = time.sleep
-    requests_made: int = field(default=0, init=False)
+    SERVICE: ClassVar[str] = "KDS"
+
+    def _error(self, message: str, status: int | None) -> RemoteError:
+        return KdsError(message, status)
 
     def vcek(self, product: Product, chip_id: bytes, tcb: TcbVersion) -> bytes:
         """The DER VCEK for a chip at a TCB, from the cache or KDS."""
@@ -106,7 +85,7 @@ class KdsClient:
         cached = self._read_cache(cache)
         if cached is not None:
             return cached
-        der = self._get(vcek_path(product, chip_id, tcb), "application/pkix-cert")
+        der = self._get(vcek_path(product, chip_id, tcb), "application/pkix-cert")[0]
         load_certificate(der, "VCEK from KDS")  # never cache something that is not a certificate
         self._write_cache(cache, der)
         return der
@@ -126,70 +105,31 @@ class KdsClient:
         cached = self._read_cache(cache)
         if cached is not None:
             return cached
-        pem = self._get(cert_chain_path(product, vlek=vlek), "application/x-pem-file")
+        pem = self._get(cert_chain_path(product, vlek=vlek), "application/x-pem-file")[0]
         load_certificates(pem, "cert_chain from KDS")
         self._write_cache(cache, pem)
         return pem
 
-    # -- HTTP ---------------------------------------------------------------------------
-
-    def _get(self, path: str, accept: str) -> bytes:
-        url = self.base_url.rstrip("/") + path
-        backoff = self.initial_backoff
-        for attempt in range(1, self.max_attempts + 1):
-            request = urllib.request.Request(url, headers={"Accept": accept, "User-Agent": "cvmctl"})
-            self.requests_made += 1
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    body: bytes = response.read()
-                    return body
-            except urllib.error.HTTPError as exc:
-                status = exc.code
-                retry_after = retry_after_seconds(exc.headers.get("Retry-After") if exc.headers else None)
-                exc.close()
-                if status not in RETRYABLE_STATUS:
-                    raise KdsError(f"KDS answered {status} {exc.reason} for {url}", status) from exc
-                if attempt == self.max_attempts:
-                    raise KdsError(
-                        f"KDS answered {status} {exc.reason} for {url} {attempt} times; giving up", status
-                    ) from exc
-                if retry_after is not None and retry_after > self.max_retry_after:
-                    raise KdsError(
-                        f"KDS answered {status} and asks to retry after {retry_after:.0f} s (more than "
-                        f"{self.max_retry_after:.0f} s): try again later",
-                        status,
-                    ) from exc
-                wait = retry_after if retry_after is not None else backoff
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-                reason = getattr(exc, "reason", exc)
-                if attempt == self.max_attempts:
-                    raise ConnectError(f"cannot reach KDS at {self.base_url}: {reason}") from exc
-                wait = backoff
-            self.sleep(wait)
-            backoff = min(backoff * 2, self.max_backoff)
-        raise AssertionError("unreachable")  # the loop returns or raises on its last attempt
-
-    # -- cache --------------------------------------------------------------------------
-
-    def _cache_file(self, *parts: str) -> Path | None:
-        return None if self.cache_dir is None else self.cache_dir.joinpath(*parts)
+    def crl(self, product: Product, at: datetime) -> bytes:
+        """AMD's CRL for a product (DER), from the cache while it is current at ``at``, else KDS."""
+        cache = self._cache_file("crl", f"{product.value}.der")
+        cached = self._read_cache(cache)
+        if cached is not None:
+            crl = load_crl(cached, str(cache))
+            if crl.next_update_utc is not None and crl.last_update_utc <= at <= crl.next_update_utc:
+                return cached
+        der = self._get(crl_path(product), "application/pkix-crl")[0]
+        load_crl(der, "CRL from KDS")  # never cache something that is not a CRL
+        self._write_cache(cache, der)
+        return der
 
     @staticmethod
-    def _read_cache(path: Path | None) -> bytes | None:
-        if path is None:
-            return None
+    def _valid(data: bytes, source: str) -> bool:
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        try:
-            load_certificates(data, str(path))
+            if source.endswith(".der") and "/crl/" in source:
+                load_crl(data, source)
+            else:
+                load_certificates(data, source)
         except CertificateError:
-            return None  # a damaged cache entry is fetched again
-        return data
-
-    @staticmethod
-    def _write_cache(path: Path | None, data: bytes) -> None:
-        if path is None:
-            return
-        write_durably(path, data, mode=0o644)  # readers see the old file or the whole new one
+            return False  # a damaged cache entry is fetched again
+        return True

@@ -43,6 +43,8 @@ class VerificationResult:
     evidence_type: str
     at: datetime
     checks: list[Check] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    """Facts a verifier found beyond pass/fail (the TDX TCB status and its advisories)."""
 
     def passed(self, name: str, detail: str) -> None:
         self.checks.append(Check(name, CheckStatus.PASSED, detail))
@@ -101,6 +103,7 @@ class VerificationResult:
                 {"name": check.name, "status": check.status.value, "detail": check.detail}
                 for check in self.checks
             ],
+            **self.details,
         }
 
     def summary(self) -> str:

@@ -12,7 +12,7 @@ Revocation List Profile Specification*. It is a SEQUENCE of (OID, value) pairs::
     .5  SGX Type     ENUMERATED          0 standard, 1 scalable, 2 scalable with integrity
 
 FMSPC and the TCB are what an Intel PCS TCB Info lookup needs (``/tdx/certification/v4/
-tcb?fmspc=...``); evaluating a quote's TCB status against that collateral is not done here.
+tcb?fmspc=...``); :mod:`cvmattest.intel_tcb` evaluates a quote's TCB status against it.
 The extension is read with the small DER walker below: ``cryptography`` exposes unknown
 extensions only as raw bytes.
 """

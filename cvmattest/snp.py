@@ -44,6 +44,7 @@ names the field and offset) for anything that does not fit. Verification lives i
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import uuid
 from collections.abc import Mapping
@@ -57,6 +58,9 @@ SNP_REPORT_SIZE = 0x4A0
 
 SIGNED_REGION_END = 0x2A0
 """The signature covers bytes ``[0, SIGNED_REGION_END)``."""
+
+SIGNATURE_RESERVED_START = 0x330
+"""ECDSA r and s take 144 bytes of the 512-byte signature field; the rest is reserved (zero)."""
 
 SIGNATURE_ALGO_ECDSA_P384_SHA384 = 1
 SUPPORTED_VERSIONS = (2, 3, 4, 5)
@@ -332,6 +336,8 @@ class SnpReport:
     current_mit_vector: int | None
     signature_r: int
     signature_s: int
+    certificate_table: tuple[CertTableEntry, ...] = ()
+    """The extended report's certificate table, when the input carried one after the report."""
 
     @property
     def product(self) -> Product | None:
@@ -403,6 +409,7 @@ class SnpReport:
             if self.current_mit_vector is None
             else f"{self.current_mit_vector:#x}",
             "signature": {"r": f"{self.signature_r:x}", "s": f"{self.signature_s:x}"},
+            "certificate_table": [f"{e.kind} ({len(e.data)} bytes)" for e in self.certificate_table],
         }
 
 
@@ -411,13 +418,62 @@ def _firmware_version(reader: FieldReader, offset: int, field: str) -> FirmwareV
     return FirmwareVersion(major=major, minor=minor, build=build)
 
 
+def _check_reserved(reader: FieldReader, version: int) -> None:
+    """Refuse reserved fields that are not zero, and policy / key-info bits the ABI reserves.
+
+    The ranges are go-sev-guest's (``abi.ReportToProto``, ``ParseSnpPolicy``,
+    ``ParseSignerInfo``), which follow the ATTESTATION_REPORT table of AMD's SNP ABI spec:
+    a field the spec reserves carries nothing the firmware vouches for, and the signature
+    reserve after r and s (0x330-0x49F) is not even signed, so a host could hide anything
+    there. Which bytes are reserved depends on the report version: v3 added the CPUID bytes
+    at 0x188-0x18A, v5 the mitigation vectors at 0x1F8-0x207.
+    """
+    policy = reader.u64(0x008, "policy")
+    if not policy >> 17 & 1:
+        raise reader.invalid(0x008, "policy", f"is {policy:#x}: bit 17 is reserved and must be 1")
+    if policy >> 26:
+        raise reader.invalid(0x008, "policy", f"is {policy:#x}: bits 63:26 are reserved and must be 0")
+    key_info = reader.u32(0x048, "key_info")
+    if key_info >> 5:
+        raise reader.invalid(0x048, "key_info", f"is {key_info:#x}: bits 31:5 are reserved and must be 0")
+    if 2 <= (key_info >> 2) & 0b111 <= 6:
+        raise reader.invalid(
+            0x048, "key_info", f"names signing key {(key_info >> 2) & 0b111}; 2-6 are reserved"
+        )
+    algo = reader.u32(0x034, "signature_algo")
+    for start, end in _reserved_ranges(version, algo):
+        chunk = reader.bytes(start, end - start, f"reserved {start:#x}-{end - 1:#x}")
+        nonzero = next((i for i, byte in enumerate(chunk) if byte), None)
+        if nonzero is not None:
+            raise reader.invalid(
+                start + nonzero,
+                f"reserved {start:#x}-{end - 1:#x}",
+                f"holds {chunk[nonzero]:#04x}; reserved bytes must be zero",
+            )
+
+
+def _reserved_ranges(version: int, signature_algo: int) -> list[tuple[int, int]]:
+    """The must-be-zero byte ranges ``[start, end)`` of a report of ``version``."""
+    ranges = [
+        (0x04C, 0x050),
+        (0x18B if version >= 3 else 0x188, 0x1A0),
+        (0x1EB, 0x1EC),
+        (0x1EF, 0x1F0),
+        (0x208 if version >= 5 else 0x1F8, SIGNED_REGION_END),
+    ]
+    if signature_algo == SIGNATURE_ALGO_ECDSA_P384_SHA384:
+        ranges.append((SIGNATURE_RESERVED_START, SNP_REPORT_SIZE))
+    return ranges
+
+
 def parse_snp_report(data: bytes, *, product: Product | None = None) -> SnpReport:
     """Decode an ATTESTATION_REPORT.
 
-    ``data`` must hold at least 1184 bytes; bytes past the report are ignored (a
-    ``MSG_REPORT_RSP`` buffer may be longer). ``product`` chooses the TCB layout for a
-    version-2 report, which cannot say it itself; for v3+ the CPUID fields decide and a
-    contradicting ``product`` is an error.
+    ``data`` must be exactly 1184 bytes: bytes after the report are not covered by its
+    signature and are refused (see :func:`parse_snp_attestation` for a report followed by
+    its certificate table). Reserved fields must be zero (:func:`_check_reserved`).
+    ``product`` chooses the TCB layout for a version-2 report, which cannot say it itself;
+    for v3+ the CPUID fields decide and a contradicting ``product`` is an error.
     """
     reader = FieldReader(data, STRUCTURE)
     version = reader.u32(0x000, "version")
@@ -456,6 +512,14 @@ def parse_snp_report(data: bytes, *, product: Product | None = None) -> SnpRepor
     def tcb(offset: int, field: str) -> TcbVersion:
         return TcbVersion(reader.u64(offset, field), layout)
 
+    _check_reserved(reader, version)
+    if len(data) > SNP_REPORT_SIZE:
+        raise reader.invalid(
+            SNP_REPORT_SIZE,
+            "end",
+            f"has {len(data) - SNP_REPORT_SIZE} bytes after the report, which its signature does not "
+            "cover (an extended report's certificate table goes to parse_snp_attestation)",
+        )
     return SnpReport(
         raw=bytes(data[:SNP_REPORT_SIZE]),
         version=version,
@@ -566,7 +630,40 @@ def parse_cert_table(data: bytes) -> tuple[CertTableEntry, ...]:
         cert = reader.bytes(cert_offset, cert_length, f"{field}.certificate")
         entries.append(CertTableEntry(uuid.UUID(bytes_le=guid_bytes), cert_offset, cert))
         offset += CERT_TABLE_ENTRY_SIZE
+    header_end = offset + CERT_TABLE_ENTRY_SIZE
+    for index, entry in enumerate(entries):
+        # As go-sev-guest's ParseSnpCertTableHeader: a certificate inside the header is a lie.
+        if entry.offset < header_end:
+            raise reader.invalid(
+                index * CERT_TABLE_ENTRY_SIZE + 16,
+                f"entry[{index}].offset",
+                f"is {entry.offset:#x}, inside the table's own header (which ends at {header_end:#x})",
+            )
     return tuple(entries)
+
+
+def parse_snp_attestation(data: bytes, *, product: Product | None = None) -> SnpReport:
+    """A report optionally followed by its certificate table (the extended report's layout).
+
+    This is the layout go-sev-guest's ``check`` tool reads: the 1184-byte report, then the
+    table. Bytes after the report that are not a well-formed certificate table are refused,
+    since nothing vouches for them; an empty remainder is no table.
+    """
+    report = parse_snp_report(data[:SNP_REPORT_SIZE], product=product)
+    rest = data[SNP_REPORT_SIZE:]
+    if not rest:
+        return report
+    try:
+        table = parse_cert_table(rest)
+    except MalformedEvidence as exc:
+        raise MalformedEvidence(
+            STRUCTURE,
+            "end",
+            SNP_REPORT_SIZE,
+            f"is followed by {len(rest)} bytes that its signature does not cover and that are not a "
+            f"certificate table ({exc.field}: {exc.problem})",
+        ) from None
+    return dataclasses.replace(report, certificate_table=table)
 
 
 def build_cert_table(certificates: Mapping[str, bytes]) -> bytes:

@@ -15,11 +15,12 @@ from datetime import datetime
 from cryptography import x509
 
 from cvmattest.detect import ParsedEvidence
+from cvmattest.intel_tcb import Collateral
 from cvmattest.result import VerificationResult
 from cvmattest.snp import SnpReport
 from cvmattest.tdx import TdxQuote
 from cvmattest.verify_snp import SnpPolicy, verify_snp_report
-from cvmattest.verify_tdx import TdxPolicy, verify_tdreport, verify_tdx_quote
+from cvmattest.verify_tdx import DEFAULT_ACCEPTED_TCB, TdxPolicy, verify_tdreport, verify_tdx_quote
 from cvmcore.errors import UsageError
 
 REPORT_DATA_SIZE = 64
@@ -41,12 +42,18 @@ def verify_evidence(
     allowed_measurements: frozenset[bytes] | None = None,
     forbid_debug: bool = False,
     minimum_tcb: Mapping[str, int] | None = None,
+    collateral: Collateral | None = None,
+    accepted_tcb: frozenset[str] = DEFAULT_ACCEPTED_TCB,
+    crl: x509.CertificateRevocationList | None = None,
+    crl_unavailable: str | None = None,
 ) -> VerificationResult:
     """Verify any evidence. For TDX, ``certificates`` (if given) replace the quote's PCK chain.
 
     ``allowed_measurements`` is the SNP launch measurement or the TDX MRTD allow-list;
-    ``minimum_tcb`` applies to SNP only.
+    ``minimum_tcb`` applies to SNP only; ``collateral`` and ``accepted_tcb`` to TDX quotes.
     """
+    if collateral is not None and not isinstance(evidence, TdxQuote):
+        raise UsageError("Intel collateral applies to TDX quotes only")
     report_data = None if nonce is None else expected_report_data(nonce)
     if isinstance(evidence, SnpReport):
         policy = SnpPolicy(
@@ -55,14 +62,25 @@ def verify_evidence(
             forbid_debug=forbid_debug,
             report_data=report_data,
         )
-        return verify_snp_report(evidence, certificates, at=at, policy=policy)
+        return verify_snp_report(
+            evidence, certificates, at=at, policy=policy, crl=crl, crl_unavailable=crl_unavailable
+        )
+    if crl is not None:
+        raise UsageError("an AMD CRL applies to SEV-SNP reports only")
     if minimum_tcb:
         raise UsageError("a minimum TCB applies to SEV-SNP reports only")
     if isinstance(evidence, TdxQuote):
         tdx_policy = TdxPolicy(
             forbid_debug=forbid_debug, allowed_mr_td=allowed_measurements, report_data=report_data
         )
-        return verify_tdx_quote(evidence, at=at, pck_chain=list(certificates) or None, policy=tdx_policy)
+        return verify_tdx_quote(
+            evidence,
+            at=at,
+            pck_chain=list(certificates) or None,
+            policy=tdx_policy,
+            collateral=collateral,
+            accepted_tcb=accepted_tcb,
+        )
     result = verify_tdreport(evidence, at=at)
     if report_data is not None:
         result.require_nonce(evidence.report_data, report_data)

@@ -21,6 +21,10 @@ The checks, in the order they run (names as they appear in the result):
     Every certificate in the chain is valid at the verification time ``at``. The time is an
     argument, never the clock read inside: evidence is often checked long after it was made
     (the shared test VLEK expired on 2025-12-10).
+``crl``, ``revocation``
+    AMD's CRL for the product (given, or fetched with ``--kds``) is signed by the ARK
+    (RSASSA-PSS SHA-384) and current, and does not list the ASK/ASVK. Without a CRL, ``crl``
+    is recorded as skipped with the reason.
 ``report_signature``
     ECDSA P-384 over bytes 0x000-0x29F with the leaf key; r and s are stored as 72-byte
     little-endian integers, which we re-encode as the DER signature ``cryptography`` takes.
@@ -108,6 +112,8 @@ def verify_snp_report(
     *,
     at: datetime,
     policy: SnpPolicy | None = None,
+    crl: x509.CertificateRevocationList | None = None,
+    crl_unavailable: str | None = None,
 ) -> VerificationResult:
     """Run every check on ``report`` with the given certificates; see the module docstring.
 
@@ -184,12 +190,46 @@ def verify_snp_report(
     result.record(
         "validity", "; ".join(problems) or None, f"{len(chain)} certificates valid at {at.isoformat()}"
     )
+    check_crl(crl, crl_unavailable, ark, chain, at, result)
 
     result.record("report_signature", _report_signature_problem(report, leaf.certificate), f"by the {kind}")
     _check_hwid(report, leaf, product, result)
     _check_tcb(report, leaf, result)
     _check_policy(report, policy, result)
     return result
+
+
+def check_crl(
+    crl: x509.CertificateRevocationList | None,
+    unavailable: str | None,
+    ark: x509.Certificate,
+    chain: Sequence[x509.Certificate],
+    at: datetime,
+    result: VerificationResult,
+) -> None:
+    """``crl``: the ARK signed the CRL and it is current; ``revocation``: no chain link is on it.
+
+    AMD's CRL is the ARK's, so it can list what the ARK signed: the ASK or ASVK. A VCEK or
+    VLEK is signed by the ASK/ASVK, whose CRL AMD does not publish (go-sev-guest checks the
+    ASK the same way; AMD supersedes VCEKs by TCB version rather than revoking them).
+    """
+    if crl is None:
+        result.skipped(
+            "crl", unavailable or "no CRL given (--crl FILE, or --kds to fetch AMD's): not checked"
+        )
+        return
+    if not result.record(
+        "crl",
+        certmod.amd_crl_problem(crl, ark, at),
+        f"{certmod.common_name(ark)}'s CRL of {crl.last_update_utc.date()}, {len(list(crl))} revoked",
+    ):
+        return
+    revoked = certmod.revoked_by(crl, chain)
+    result.record(
+        "revocation",
+        "; ".join(revoked) or None,
+        "not on the CRL: " + ", ".join(certmod.common_name(c) for c in chain if c.issuer == crl.issuer),
+    )
 
 
 def _check_product(

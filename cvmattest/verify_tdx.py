@@ -13,16 +13,20 @@ Read bottom-up, a quote makes four claims, and each is one check here:
     That enclave is Intel's TD quoting enclave: MRSIGNER is Intel's enclave signing key
     hash and ISVPRODID is 2. (Without this, any enclave on a genuine platform could get a
     PCK-signed report and vouch for a key of its choosing.) The QE's TCB level against
-    Intel's QE Identity collateral is not evaluated here.
+    Intel's QE Identity collateral is ``qe_tcb`` / ``tcb_status``, when collateral is given.
 ``qe_report_data``
     The QE report binds the attestation key: report_data[0:32] = SHA-256(attestation key
     || QE auth data) and report_data[32:64] is zero.
 ``quote_signature``
     The attestation key (x||y, P-256) signed header+body with ECDSA/SHA-256.
 
+With Intel's collateral (:mod:`cvmattest.intel_tcb`), :func:`check_collateral` adds the
+collateral's signatures and dates, both CRLs, revocation, FMSPC, the QE and TDX module
+identities and ``tcb_status`` (UpToDate, OutOfDate, ... with advisory IDs); without it
+``tcb_status`` is recorded as skipped.
+
 Then the optional :class:`TdxPolicy`: ``debug`` (TD_ATTRIBUTES.DEBUG clear), ``mr_td``
-(in an allow-list) and ``report_data`` (equal to the nonce). Evaluating the platform's TCB
-level against Intel's TCB Info and CRLs needs collateral from Intel PCS and is not done.
+(in an allow-list) and ``report_data`` (equal to the nonce).
 
 A TDREPORT alone cannot be verified off the platform (its MAC key never leaves the CPU):
 :func:`verify_tdreport` checks the two hashes that bind TEE_TCB_INFO and TDINFO to the MAC'd
@@ -43,7 +47,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from cvmattest import certs as certmod
+from cvmattest import intel_tcb
 from cvmattest.binary import MalformedEvidence
+from cvmattest.intel_tcb import Collateral
 from cvmattest.result import VerificationResult
 from cvmattest.sgx_pck import read_pck_platform
 from cvmattest.tdx import TdReport, TdxQuote
@@ -51,6 +57,8 @@ from cvmattest.tdx import TdReport, TdxQuote
 INTEL_QE_MRSIGNER = bytes.fromhex("dc9e2a7c6f948f17474e34a7fc43ed030f7c1563f1babddf6340c82e0e54a8c5")
 """MRSIGNER of Intel's quoting enclaves: SHA-256 of Intel's enclave signing key modulus."""
 TD_QE_ISV_PROD_ID = 2
+DEFAULT_ACCEPTED_TCB = frozenset({"UpToDate"})
+"""TCB statuses that pass ``tcb_status`` unless the caller accepts more (never Revoked)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,15 +112,24 @@ def verify_tdx_quote(
     at: datetime,
     pck_chain: Sequence[x509.Certificate] | None = None,
     policy: TdxPolicy | None = None,
+    collateral: Collateral | None = None,
+    accepted_tcb: frozenset[str] = DEFAULT_ACCEPTED_TCB,
 ) -> VerificationResult:
-    """Run every check on ``quote``; see the module docstring. ``pck_chain`` overrides the embedded one."""
+    """Run every check on ``quote``; see the module docstring. ``pck_chain`` overrides the embedded one.
+
+    With ``collateral`` the platform's TCB is evaluated too (:func:`check_collateral`); the
+    ``tcb_status`` check passes when the status is in ``accepted_tcb``.
+    """
     result = VerificationResult(tee="tdx", evidence_type=f"tdx-quote-v{quote.version}", at=at)
-    chain = (
-        list(pck_chain)
-        if pck_chain is not None
-        else certmod.load_certificates(quote.pck_chain_pem, "PCK chain")
-    )
-    problem = _chain_problem(chain)
+    verified_chain: tuple[x509.Certificate, x509.Certificate] | None = None
+    if pck_chain is not None:
+        chain, problem = list(pck_chain), None
+    else:
+        try:
+            chain, problem = certmod.load_certificates(quote.pck_chain_pem, "PCK chain"), None
+        except (certmod.CertificateError, MalformedEvidence) as exc:
+            chain, problem = [], f"the quote's PCK chain does not parse: {exc}"
+    problem = problem or _chain_problem(chain)
     if not result.record("pck_chain", problem, f"{len(chain)} certificates in the quote"):
         pck_key = None
     else:
@@ -139,6 +156,7 @@ def verify_tdx_quote(
         result.record("validity", "; ".join(problems) or None, f"3 certificates valid at {at.isoformat()}")
         key = pck.public_key()
         pck_key = key if isinstance(key, ec.EllipticCurvePublicKey) else None
+        verified_chain = (pck, ca)
 
     if pck_key is None:
         result.skipped("qe_report_signature", "no usable PCK key")
@@ -178,8 +196,176 @@ def verify_tdx_quote(
             ),
             "header and body signed by the attestation key",
         )
+    if collateral is None:
+        result.skipped(
+            "tcb_status",
+            "no collateral given (--collateral FILE, or --pcs to fetch it from Intel PCS): "
+            "the platform's TCB level and revocation were not evaluated",
+        )
+    else:
+        check_collateral(quote, verified_chain, collateral, at, result, accepted_tcb)
     _check_policy(quote, policy, result)
     return result
+
+
+def _issuer_chain_problem(chain: Sequence[x509.Certificate], what: str, at: datetime) -> str | None:
+    """``None`` if ``chain`` is [signer, Intel SGX Root CA], the root pinned and all valid at ``at``."""
+    pinned = certmod.intel_sgx_root_ca()
+    if len(chain) != 2 or not certmod.same_certificate(chain[1], pinned):
+        return f"{what} is not [signing certificate, the pinned Intel SGX Root CA]"
+    return certmod.verify_x509_signature(chain[0], pinned) or certmod.validity_problem(chain[0], at)
+
+
+def _signed_document_problem(
+    what: str,
+    chain: Sequence[x509.Certificate],
+    signature: bytes,
+    signed: bytes,
+    issued: datetime,
+    next_update: datetime,
+    at: datetime,
+) -> str | None:
+    return (
+        _issuer_chain_problem(chain, f"the {what} issuer chain", at)
+        or intel_tcb.signature_problem(chain[0], signature, signed)
+        or intel_tcb.dates_problem(f"the {what}", issued, next_update, at)
+    )
+
+
+def check_collateral(
+    quote: TdxQuote,
+    chain: tuple[x509.Certificate, x509.Certificate] | None,
+    collateral: Collateral,
+    at: datetime,
+    result: VerificationResult,
+    accepted_tcb: frozenset[str] = DEFAULT_ACCEPTED_TCB,
+) -> None:
+    """Intel's collateral checks, each one named; ``chain`` is the verified (PCK, PCK CA) or ``None``.
+
+    ``tcb_info`` and ``qe_identity_collateral``: signed by the TCB Signing certificate that
+    the pinned root issued, current at ``at``. ``root_ca_crl``/``pck_crl``: signed by the
+    root / the PCK's CA and current. ``revocation``: neither the PCK, its CA nor the TCB
+    Signing certificate is on them. ``fmspc``: the TCB Info is the PCK's platform type's.
+    ``qe_tcb``: the QE is the one the QE identity describes. ``tdx_module``: the SEAM signer
+    and attributes are the module identity's. ``tcb_status``: the evaluation, with the
+    advisory IDs.
+    """
+    tcb_info, qe_identity = collateral.tcb_info, collateral.qe_identity
+    tcb_problem = _signed_document_problem(
+        "TCB Info",
+        collateral.tcb_info_chain,
+        collateral.tcb_info_signature,
+        tcb_info.signed,
+        tcb_info.issue_date,
+        tcb_info.next_update,
+        at,
+    )
+    if tcb_problem is None and (tcb_info.id != "TDX" or tcb_info.version < 3):
+        tcb_problem = (
+            f"the TCB Info is {tcb_info.id!r} version {tcb_info.version}; a TDX quote needs TDX version 3"
+        )
+    result.record(
+        "tcb_info",
+        tcb_problem,
+        f"TCB Info v{tcb_info.version} (evaluation data {tcb_info.evaluation_data_number}) signed by "
+        f"Intel, current until {tcb_info.next_update.isoformat()}",
+    )
+    qe_problem = _signed_document_problem(
+        "QE identity",
+        collateral.qe_identity_chain,
+        collateral.qe_identity_signature,
+        qe_identity.signed,
+        qe_identity.issue_date,
+        qe_identity.next_update,
+        at,
+    )
+    if qe_problem is None and qe_identity.id != "TD_QE":
+        qe_problem = f"the QE identity is {qe_identity.id!r}, not TD_QE"
+    result.record(
+        "qe_identity_collateral",
+        qe_problem,
+        f"QE identity {qe_identity.id} signed by Intel, current until {qe_identity.next_update.isoformat()}",
+    )
+
+    pinned = certmod.intel_sgx_root_ca()
+    crls: list[x509.CertificateRevocationList] = []
+    if collateral.root_ca_crl is None:
+        result.failed("root_ca_crl", "the collateral has no Root CA CRL: revoked CAs cannot be told")
+    elif result.record(
+        "root_ca_crl",
+        intel_tcb.crl_problem(collateral.root_ca_crl, pinned, at, "the Root CA CRL"),
+        f"Root CA CRL of {collateral.root_ca_crl.last_update_utc.date()}, signed by the root",
+    ):
+        crls.append(collateral.root_ca_crl)
+    if chain is None:
+        result.skipped("pck_crl", "no verified PCK chain to check the CRL against")
+    elif collateral.pck_crl is None:
+        result.failed("pck_crl", "the collateral has no PCK CRL: a revoked PCK cannot be told")
+    elif result.record(
+        "pck_crl",
+        intel_tcb.crl_problem(collateral.pck_crl, chain[1], at, "the PCK CRL"),
+        f"PCK CRL of {collateral.pck_crl.last_update_utc.date()}, signed by {certmod.common_name(chain[1])}, "
+        f"{len(list(collateral.pck_crl))} revoked",
+    ):
+        crls.append(collateral.pck_crl)
+    checked = [c for c in (*(chain or ()), collateral.tcb_info_chain[0], collateral.qe_identity_chain[0])]
+    revoked = [why for crl in crls for cert in checked if (why := intel_tcb.revoked_in(crl, cert))]
+    if crls:
+        result.record(
+            "revocation",
+            "; ".join(dict.fromkeys(revoked)) or None,
+            f"none of {len(checked)} certificates is on the {len(crls)} CRL(s)",
+        )
+    else:
+        result.skipped("revocation", "no CRL could be used")
+
+    if chain is None:
+        result.skipped("tcb_status", "no verified PCK certificate to read the platform's TCB from")
+        return
+    try:
+        platform = read_pck_platform(chain[0])
+    except MalformedEvidence as exc:
+        result.failed("fmspc", f"the PCK's SGX extensions do not parse: {exc}")
+        return
+    fmspc_problem = None
+    if platform.fmspc != tcb_info.fmspc:
+        fmspc_problem = f"the PCK is for FMSPC {platform.fmspc.hex()}, TCB Info for {tcb_info.fmspc.hex()}"
+    elif platform.pce_id != tcb_info.pce_id:
+        fmspc_problem = f"the PCK's PCE-ID {platform.pce_id.hex()}, the TCB Info's {tcb_info.pce_id.hex()}"
+    if not result.record("fmspc", fmspc_problem, f"TCB Info is for the PCK's FMSPC {platform.fmspc.hex()}"):
+        return
+    result.record(
+        "qe_tcb",
+        intel_tcb.qe_identity_problem(qe_identity, quote),
+        f"QE matches {qe_identity.id} (MRSIGNER, ISVPRODID {qe_identity.isvprodid}, masked attributes)",
+    )
+    module = intel_tcb.module_identity_for(tcb_info, quote.body.fields["tee_tcb_svn"])
+    if module is not None:
+        result.record(
+            "tdx_module",
+            intel_tcb.module_problem(module, quote),
+            f"TDX module signer and attributes match {module.id or 'tdxModule'}",
+        )
+    if tcb_problem or qe_problem:
+        # A status read from a document that is not Intel's, or no longer current, says nothing.
+        result.skipped(
+            "tcb_status", "the TCB Info or QE identity did not verify: no status is derived from it"
+        )
+        return
+    evaluation = intel_tcb.evaluate_tcb(tcb_info, qe_identity, platform, quote)
+    result.details["tcb"] = evaluation.to_dict()
+    if evaluation.status is None:
+        result.failed("tcb_status", f"TCB not supported: {evaluation.problem}")
+        return
+    advisories = ", ".join(evaluation.advisory_ids) or "none"
+    detail = f"{evaluation.status} (advisories: {advisories})"
+    result.record(
+        "tcb_status",
+        None
+        if evaluation.status in accepted_tcb and evaluation.status != "Revoked"
+        else f"{detail} is not accepted (accepted: {', '.join(sorted(accepted_tcb))})",
+        detail,
+    )
 
 
 def _check_policy(quote: TdxQuote, policy: TdxPolicy | None, result: VerificationResult) -> None:

@@ -5,6 +5,11 @@ is told from the bytes; ASCII-hex files are accepted). ``verify FILE`` runs ever
 and exits 0 when the evidence verified, 1 when it was rejected (the first failed check is
 named on the last line) and 2 when the input is unusable (unreadable, malformed, or
 missing what verification needs, such as the VCEK).
+
+Revocation and TCB status: ``--crl FILE`` (or ``--kds``) checks AMD's CRL for an SNP
+report; ``--collateral FILE`` (or ``--pcs``) evaluates a TDX quote's platform against
+Intel's TCB Info, QE identity and CRLs and prints ``TCB status: ...; advisory IDs: ...``.
+``--at`` fixes the verification time, which collateral and CRLs are checked against.
 """
 
 from __future__ import annotations
@@ -17,22 +22,30 @@ from typing import Any
 
 from cryptography import x509
 
+from cvmattest.binary import MalformedEvidence
 from cvmattest.certs import (
+    CertificateError,
     classify_amd_certificates,
     common_name,
+    load_certificate,
     load_certificate_file,
     load_certificates,
+    load_crl,
+    read_amd_key_certificate,
 )
 from cvmattest.detect import TEES, ParsedEvidence, parse_evidence
+from cvmattest.intel_tcb import TCB_STATUSES, Collateral, parse_collateral
 from cvmattest.kds import DEFAULT_KDS_URL, KdsClient
+from cvmattest.pcs import DEFAULT_PCS_URL, PCK_CA_NAMES, PcsClient
 from cvmattest.result import CheckStatus, VerificationResult
 from cvmattest.sgx_pck import read_pck_platform
 from cvmattest.snp import Product, SnpReport
 from cvmattest.tdx import TdxQuote
 from cvmattest.verify import verify_evidence
+from cvmattest.verify_tdx import DEFAULT_ACCEPTED_TCB
 from cvmcore.defaults import cache_dir
 from cvmcore.durable import write_durably
-from cvmcore.errors import UsageError
+from cvmcore.errors import ConnectError, RemoteError, UsageError
 from cvmctl.cli.args import add_connection_arguments
 from cvmctl.cli.output import print_table
 
@@ -148,6 +161,45 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="append",
         help="SNP: minimum SPL of a reported_tcb component (bootloader, tee, snp, microcode, fmc)",
     )
+    verify.add_argument(
+        "--crl",
+        type=Path,
+        metavar="FILE",
+        help="SNP: AMD's CRL for the product (DER or PEM, as KDS serves it at /vcek/v1/PRODUCT/crl), "
+        "to check offline that the ASK/ASVK is not revoked; --kds fetches it (cached) otherwise",
+    )
+    verify.add_argument(
+        "--collateral",
+        type=Path,
+        metavar="FILE",
+        help="TDX: Intel's collateral (TCB Info, QE identity, PCK and Root CA CRLs) as one JSON file in "
+        "dcap-qvl's QuoteCollateralV3 layout, to evaluate the platform's TCB status offline",
+    )
+    verify.add_argument(
+        "--pcs",
+        action="store_true",
+        help="TDX: fetch the collateral from Intel PCS (cached until it expires) and evaluate the TCB status",
+    )
+    verify.add_argument(
+        "--pcs-url",
+        default=DEFAULT_PCS_URL,
+        metavar="URL",
+        help="the PCS to ask with --pcs (default: %(default)s)",
+    )
+    verify.add_argument(
+        "--pcs-cache",
+        type=Path,
+        metavar="DIR",
+        help="where fetched collateral is kept (default: $XDG_CACHE_HOME/cvmctl/pcs)",
+    )
+    verify.add_argument(
+        "--accept-tcb",
+        action="append",
+        choices=[status for status in TCB_STATUSES if status not in ("UpToDate", "Revoked")],
+        metavar="STATUS",
+        help="TDX: also accept this TCB status (UpToDate always passes, Revoked never); repeatable. One of "
+        + ", ".join(status for status in TCB_STATUSES if status not in ("UpToDate", "Revoked")),
+    )
     verify.add_argument("--forbid-debug", action="store_true", help="reject evidence from a debuggable guest")
     verify.add_argument("--json", action="store_true", help="print JSON instead of a table")
     verify.set_defaults(func=run_verify)
@@ -209,10 +261,15 @@ def run_show(args: argparse.Namespace) -> int:
     evidence = load_evidence(args.file, args.tee)
     data = evidence.to_dict()
     if isinstance(evidence, TdxQuote):
-        chain = load_certificates(evidence.pck_chain_pem, "the quote's PCK chain")
-        data["pck_chain"] = [common_name(cert) for cert in chain]
-        if chain:
-            data["pck"] = read_pck_platform(chain[0]).to_dict()
+        # The chain is the quote's last part and nothing the quote's signature covers: a chain
+        # that does not parse is shown as such, with every field of the quote still printed.
+        try:
+            chain = load_certificates(evidence.pck_chain_pem, "the quote's PCK chain")
+            data["pck_chain"] = [common_name(cert) for cert in chain]
+            if chain:
+                data["pck"] = read_pck_platform(chain[0]).to_dict()
+        except (CertificateError, MalformedEvidence) as exc:
+            data["pck_chain"] = f"unparseable: {exc}"
     if args.json:
         print(json.dumps(data, indent=2))
     else:
@@ -231,10 +288,22 @@ def run_verify(args: argparse.Namespace) -> int:
         if given:
             verb = "applies" if len(given) == 1 else "apply"
             raise UsageError(f"{', '.join(given)} {verb} only with --kds (fetch the VCEK from AMD's KDS)")
+    if not args.pcs and (args.pcs_cache or args.pcs_url != DEFAULT_PCS_URL):
+        raise UsageError(
+            "--pcs-url and --pcs-cache apply only with --pcs (fetch the collateral from Intel PCS)"
+        )
+    if args.pcs and args.collateral:
+        raise UsageError("give the collateral as a file (--collateral) or fetch it (--pcs), not both")
     evidence = load_evidence(args.file, args.tee)
     certificates: list[x509.Certificate] = []
     for path in args.certs:
         certificates += load_certificate_file(_read(path, "certificate file"), str(path))
+    if isinstance(evidence, SnpReport):
+        certificates += [
+            load_certificate(entry.data, f"{args.file} ({entry.kind} entry of its certificate table)")
+            for entry in evidence.certificate_table
+            if entry.kind != "unknown"
+        ]
     if isinstance(evidence, SnpReport) and args.kds and not classify_amd_certificates(certificates)[0]:
         certificates += fetch_from_kds(evidence, args)
     if isinstance(evidence, SnpReport) and not certificates:
@@ -242,10 +311,21 @@ def run_verify(args: argparse.Namespace) -> int:
             "an SNP report is verified with its VCEK or VLEK: pass --certs FILE "
             "(from the extended report or the host) or fetch it with --kds"
         )
+    at = parse_time(args.at)
+    crl, crl_unavailable = None, None
+    if args.crl is not None:
+        crl = load_crl(_read(args.crl, "CRL"), str(args.crl))
+    elif isinstance(evidence, SnpReport) and args.kds:
+        crl, crl_unavailable = fetch_crl_from_kds(evidence, certificates, args, at)
+    collateral = None
+    if args.collateral is not None:
+        collateral = parse_collateral(_read(args.collateral, "collateral"))
+    elif args.pcs:
+        collateral = fetch_from_pcs(evidence, args, at)
     result = verify_evidence(
         evidence,
         certificates,
-        at=parse_time(args.at),
+        at=at,
         nonce=None if args.nonce is None else parse_hex(args.nonce, "--nonce"),
         allowed_measurements=(
             None
@@ -254,6 +334,10 @@ def run_verify(args: argparse.Namespace) -> int:
         ),
         forbid_debug=args.forbid_debug,
         minimum_tcb=parse_min_tcb(args.min_tcb),
+        collateral=collateral,
+        accepted_tcb=DEFAULT_ACCEPTED_TCB | frozenset(args.accept_tcb or ()),
+        crl=crl,
+        crl_unavailable=crl_unavailable,
     )
     print_result(result, as_json=args.json)
     return 0 if result.verified else 1
@@ -273,11 +357,47 @@ def fetch_from_kds(report: SnpReport, args: argparse.Namespace) -> list[x509.Cer
     return load_certificates(vcek, "VCEK from KDS") + load_certificates(chain, "cert_chain from KDS")
 
 
+def fetch_crl_from_kds(
+    report: SnpReport, certificates: list[x509.Certificate], args: argparse.Namespace, at: datetime
+) -> tuple[x509.CertificateRevocationList | None, str | None]:
+    """AMD's CRL for the report's product from KDS (or the cache); if KDS cannot give it, why not."""
+    leaves = classify_amd_certificates(certificates)[0]
+    product = report.product or (Product(args.product) if args.product else None)
+    if product is None and leaves:
+        product = read_amd_key_certificate(leaves[0]).product
+    if product is None:
+        return None, "the product is unknown (a version-2 report): say --product to fetch its CRL"
+    client = KdsClient(base_url=args.kds_url, cache_dir=args.kds_cache or default_kds_cache())
+    try:
+        der = client.crl(product, at)
+    except (RemoteError, ConnectError) as exc:
+        return None, f"AMD's CRL could not be fetched, so revocation was not checked: {exc}"
+    return load_crl(der, "CRL from KDS"), None
+
+
+def fetch_from_pcs(evidence: ParsedEvidence, args: argparse.Namespace, at: datetime) -> Collateral:
+    """The collateral for a TDX quote's platform type and PCK CA, from PCS or the cache."""
+    if not isinstance(evidence, TdxQuote):
+        raise UsageError("--pcs applies to TDX quotes only")
+    chain = load_certificates(evidence.pck_chain_pem, "the quote's PCK chain")
+    if len(chain) < 2:
+        raise UsageError("the quote's PCK chain has no CA certificate: the PCK CRL to fetch is unknown")
+    ca = PCK_CA_NAMES.get(common_name(chain[1]))
+    if ca is None:
+        raise UsageError(f"the PCK was issued by {common_name(chain[1])!r}, which PCS publishes no CRL for")
+    client = PcsClient(base_url=args.pcs_url, cache_dir=args.pcs_cache or cache_dir("pcs"))
+    return parse_collateral(client.collateral(read_pck_platform(chain[0]).fmspc, ca, at))
+
+
 def print_result(result: VerificationResult, *, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return
     print_table([(check.name, f"{STATUS_MARKS[check.status]:<7}  {check.detail}") for check in result.checks])
+    tcb = result.details.get("tcb")
+    if tcb is not None:
+        advisories = ", ".join(tcb["advisory_ids"]) or "none"
+        print(f"TCB status: {tcb['status'] or 'not supported'}; advisory IDs: {advisories}")
     print(f"{result.evidence_type}: {result.summary()}")
 
 

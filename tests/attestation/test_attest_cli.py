@@ -25,7 +25,7 @@ def _snp_args(root: Path, name: str) -> list[str]:
 def test_verify_snp_exit_0(attestation_testdata: Path, name: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(_snp_args(attestation_testdata, name)) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[-1] == "sev-snp-report: verified (12 checks)"
+    assert out.splitlines()[-1] == "sev-snp-report: verified (13 checks)"  # crl: skipped, said
 
 
 @pytest.mark.parametrize("name", TDX_QUOTE_NAMES)
@@ -36,7 +36,9 @@ def test_verify_tdx_exit_0_json(
     data = json.loads(capsys.readouterr().out)
     assert data["verified"] is True
     assert data["tee"] == "tdx"
-    assert all(check["status"] == "passed" for check in data["checks"])
+    statuses = {check["name"]: check["status"] for check in data["checks"]}
+    assert statuses.pop("tcb_status") == "skipped"  # no collateral given: said, not silently dropped
+    assert set(statuses.values()) == {"passed"}
 
 
 def test_verify_rejected_exit_1_names_the_check(
@@ -185,7 +187,7 @@ def test_verify_fetches_the_vcek_from_kds(
         server.server_close()
         thread.join()
     assert main([*args, "--kds", "--kds-url", url, *cache]) == 0  # the server is gone: the cache answers
-    assert capsys.readouterr().out.splitlines()[-1] == "sev-snp-report: verified (12 checks)"
+    assert capsys.readouterr().out.splitlines()[-1] == "sev-snp-report: verified (13 checks)"
 
 
 def test_show_tdx_quote_includes_pck_platform(

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from cvmattest.kds import KdsClient, KdsError, retry_after_seconds, vcek_path
 from cvmattest.snp import Product, parse_snp_report
 from cvmattest.verify_snp import verify_snp_report
 from cvmcore.errors import ConnectError, UsageError
+from tests.attestation.local_http import QuietHandler, serving
 
 
 @dataclass
@@ -33,7 +32,7 @@ class FakeKds:
 def kds() -> Iterator[FakeKds]:
     state = FakeKds()
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             state.requests.append(self.path)
             script = state.failures.get(self.path)
@@ -54,19 +53,9 @@ def kds() -> Iterator[FakeKds]:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with serving(Handler) as url:
+        state.url = url
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def _client(kds: FakeKds, tmp_path: Path, waits: list[float]) -> KdsClient:

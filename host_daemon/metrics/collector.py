@@ -303,8 +303,11 @@ class HostCollector(Collector):
                     self._finish(state, "agent", started, state.guest.error, timed_out)
                 await trio.sleep_until(started + self.guest_interval)
 
-    def guest_families(self, name: str) -> list[Metric] | None:
-        """The VM's guest series with ``vm=<name>`` (None: no such VM). Parses at most once per reading."""
+    def guest_families(self, name: str, host: str = "") -> list[Metric] | None:
+        """The VM's guest series with ``vm=<name>``, ``tee`` and ``host`` (None: no such VM).
+
+        Parses at most once per reading; ``host`` is the daemon's one host label.
+        """
         state = self.vms.get(name)
         if state is None:
             return None
@@ -313,7 +316,10 @@ class HostCollector(Collector):
             return []
         if reading.rendered is None:
             try:
-                reading.rendered = relabel_guest_families(reading.text.decode("utf-8", "replace"), name)
+                target = {"tee": state.view.tee, **({"host": host} if host else {})}
+                reading.rendered = relabel_guest_families(
+                    reading.text.decode("utf-8", "replace"), name, target=target
+                )
             except (GuestTextRejected, ValueError) as exc:
                 reading.error = f"guest exposition rejected: {exc}"
                 reading.rendered = []

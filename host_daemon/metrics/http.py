@@ -114,7 +114,7 @@ class HostMetricsApp:
         return generate_latest(self.registry)
 
     def render_vm(self, name: str) -> bytes | None:
-        families = self.collector.guest_families(name)
+        families = self.collector.guest_families(name, self.host_label)
         return None if families is None else generate_latest(_Families(families))
 
     async def answer(self, method: str, path: str) -> bytes:

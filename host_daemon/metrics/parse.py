@@ -252,15 +252,32 @@ def guest_family_name(name: str) -> str:
     return GUEST_PREFIX + name.removeprefix("cvm_")
 
 
-def relabel_guest_families(text: str, vm: str, *, max_samples: int = MAX_GUEST_SAMPLES) -> list[Metric]:
+#: Labels only the daemon (or Prometheus) may set on a guest series: the target labels of
+#: ``/sd`` (``vm``, ``host``, ``tee``) and the ones Prometheus adds itself (``job``, ``instance``).
+TARGET_LABELS: Final = frozenset({"vm", "host", "tee", "job", "instance"})
+
+
+def relabel_guest_families(
+    text: str,
+    vm: str,
+    *,
+    target: Mapping[str, str] | None = None,
+    max_samples: int = MAX_GUEST_SAMPLES,
+) -> list[Metric]:
     """The guest's families, renamed by :func:`guest_family_name`, each sample with ``vm=<vm>``.
 
     Types (counter, gauge, histogram, summary, info, unknown) are kept. The guest is not
-    trusted (in a CVM the host does not trust it either): a ``vm`` label it sets itself is
-    kept as ``exported_vm``, as Prometheus does with clashing target labels; more than
-    ``max_samples`` samples or a label value over :data:`MAX_LABEL_VALUE` characters
-    rejects the whole text (:class:`GuestTextRejected`). Unparseable text raises ``ValueError``.
+    trusted (in a CVM the host does not trust it either): a label it sets whose name is one of
+    :data:`TARGET_LABELS` is kept as
+    ``exported_<name>``, as Prometheus does with clashing target labels, and then ``vm`` and
+    the daemon's ``target`` labels (``host``, ``tee``) are written over it. The scrape job
+    honours the labels it receives (``honor_labels: true``), so what arrives in Prometheus is
+    what the daemon wrote, never what the guest claimed; a ``job`` or ``instance`` the guest
+    set cannot override the target's either. More than ``max_samples`` samples or a label
+    value over :data:`MAX_LABEL_VALUE` characters rejects the whole text
+    (:class:`GuestTextRejected`). Unparseable text raises ``ValueError``.
     """
+    fixed = {**(target or {}), "vm": vm}
     families: list[Metric] = []
     count = 0
     for family in text_string_to_metric_families(text):
@@ -270,12 +287,16 @@ def relabel_guest_families(text: str, vm: str, *, max_samples: int = MAX_GUEST_S
             count += 1
             if count > max_samples:
                 raise GuestTextRejected(f"more than {max_samples} samples")
-            labels = dict(sample.labels)
-            if any(len(value) > MAX_LABEL_VALUE for value in labels.values()):
-                raise GuestTextRejected(f"a label value of {sample.name} is longer than {MAX_LABEL_VALUE}")
-            if "vm" in labels:
-                labels["exported_vm"] = labels.pop("vm")
-            labels["vm"] = vm
+            labels: dict[str, str] = {}
+            for label, value in sample.labels.items():
+                if len(value) > MAX_LABEL_VALUE:
+                    raise GuestTextRejected(
+                        f"a label value of {sample.name} is longer than {MAX_LABEL_VALUE}"
+                    )
+                if label in TARGET_LABELS:  # (client_python's parser refuses "__" names)
+                    label = "exported_" + label
+                labels[label] = value
+            labels.update(fixed)
             out.samples.append(
                 Sample(name + sample.name[len(family.name) :], labels, sample.value, sample.timestamp)
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from host_daemon.metrics.parse import (
+    TARGET_LABELS,
     GuestTextRejected,
     guest_family_name,
     parse_schedstat,
@@ -128,3 +129,26 @@ def test_guest_text_bounds() -> None:
         relabel_guest_families(f'cvm_guest_x{{i="{"a" * 300}"}} 1\n', "vm0")
     with pytest.raises(ValueError):
         relabel_guest_families("cvm_guest_x{ 1\n", "vm0")
+
+
+FORGED = (
+    'cvm_guest_info{vm="other",host="other-host",tee="tdx",job="cvm-hostd",instance="x:1"} 1\n'
+    'cvm_vm_info{vm="victim",host="other-host",job="cvm-hostd"} 1\n'
+)
+
+
+def test_guest_cannot_set_target_labels() -> None:
+    families = relabel_guest_families(FORGED, "vm0", target={"host": "h1", "tee": "sev-snp"})
+    info, forged_host = (f.samples[0] for f in families)
+    assert info.labels == {
+        "vm": "vm0",
+        "host": "h1",
+        "tee": "sev-snp",
+        "exported_vm": "other",
+        "exported_host": "other-host",
+        "exported_tee": "tdx",
+        "exported_job": "cvm-hostd",
+        "exported_instance": "x:1",
+    }
+    assert forged_host.name == "cvm_guest_vm_info" and forged_host.labels["host"] == "h1"
+    assert not TARGET_LABELS - {"vm", "host", "tee", "job", "instance"}

@@ -96,7 +96,7 @@ def sd_targets(collector: HostCollector, advertised: str, host_label: str) -> li
             },
         }
         for state in sorted(collector.vms.values(), key=lambda s: s.view.name)
-        if state.view.agent_address
+        if state.view.agent_address and state.view.live
     ]
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from cvmcore.build_info import build_info
 from host_daemon.metrics.state import COLLECTORS, MAX_VCPU_SERIES, VM_STATES, VMState
 
 
@@ -248,7 +249,9 @@ def status_families(states: list[VMState]) -> Iterator[Metric]:
         "1 if the collector's last refresh succeeded for every VM.",
         labels=["collector"],
     )
-    followed = GaugeMetricFamily("cvm_hostd_vms_followed", "VMs the host exporter follows.")
+    followed = GaugeMetricFamily(
+        "cvm_hostd_vms_followed", "VMs the host exporter knows (its own and libvirt's, running or not)."
+    )
     followed.add_metric([], float(len(states)))
     for collector in COLLECTORS:
         results = [s.parts[collector] for s in states if collector in s.parts]
@@ -264,3 +267,6 @@ def status_families(states: list[VMState]) -> Iterator[Metric]:
         for collector, count in sorted(state.timeouts.items()):
             timeouts.add_metric([name, collector], float(count))
     yield from (agent_up, vm_success, vm_duration, timeouts, duration, success, followed)
+    yield build_info(
+        "cvm_hostd_build_info", "The cvm-hostd version and Python that serve these series (value 1)."
+    )

@@ -18,31 +18,24 @@ the same code its own VMs use (tests/host_metrics/test_collector.py).
 from __future__ import annotations
 
 import contextlib
-import gzip
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from host_daemon.devguest.cpio import CpioEntry, newc_archive, with_parent_dirs
+from host_daemon.devguest import ImageError
 from host_daemon.devguest.inputs import find_busybox, find_guest_kernel
 from tests.host_metrics.conftest import PROMETHEUS, api, prometheus_config, running_prometheus, wait_for
+from tests.host_metrics.libvirt_env import TOOLS, domain_files, domain_xml, libvirt_daemon
 from workloads.runner import free_port
 
 pytestmark = pytest.mark.slow
-
-VIRTLOGD_SOCKET = Path("/run/libvirt/virtlogd-sock")
-INIT = b"#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\nwhile :; do /bin/busybox sleep 1; done\n"
 
 
 def _missing(what: str) -> None:
@@ -51,130 +44,13 @@ def _missing(what: str) -> None:
     pytest.skip(what)
 
 
-def _pid_of(pidfile: Path, seconds: float = 20.0) -> int:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError, ValueError):
-            return int(pidfile.read_text().strip())
-        time.sleep(0.1)
-    raise AssertionError(f"{pidfile} did not appear")
-
-
-def _stop(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-        for _ in range(100):
-            os.kill(pid, 0)
-            time.sleep(0.1)
-        os.kill(pid, signal.SIGKILL)
-
-
-def _socket_answers(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as sock:
-        try:
-            sock.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
-@contextlib.contextmanager
-def libvirt_daemon(base: Path) -> Iterator[str]:
-    """virtlogd (unless one answers already) and a private libvirtd; yields the URI."""
-    started: list[int] = []
-    try:
-        if not _socket_answers(VIRTLOGD_SOCKET):
-            subprocess.run(["virtlogd", "-d", "-p", str(base / "virtlogd.pid")], check=True, timeout=30)
-            started.append(_pid_of(base / "virtlogd.pid"))
-        sockets = base / "sock"
-        sockets.mkdir(parents=True)
-        config = base / "libvirtd.conf"
-        config.write_text(
-            f'unix_sock_dir = "{sockets}"\nunix_sock_rw_perms = "0700"\n'
-            'auth_unix_rw = "none"\nauth_unix_ro = "none"\n'
-            f'log_outputs = "3:file:{base}/libvirtd.log"\n'
-        )
-        # Its own network namespace: the domain's tap (and anything else libvirt does to the
-        # network) stays in there.
-        subprocess.run(
-            ["unshare", "--net", "libvirtd", "-d", "-f", str(config), "-p", str(base / "libvirtd.pid")],
-            check=True,
-            timeout=30,
-        )
-        started.append(_pid_of(base / "libvirtd.pid"))
-        deadline = time.monotonic() + 30
-        while not _socket_answers(sockets / "libvirt-sock"):
-            assert time.monotonic() < deadline, (base / "libvirtd.log").read_text(errors="replace")
-            time.sleep(0.2)
-        yield f"qemu:///system?socket={sockets}/libvirt-sock"
-    finally:
-        for pid in reversed(started):
-            _stop(pid)
-
-
-def domain_xml(name: str, files: Path) -> str:
-    return f"""<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='q35'>hvm</type>
-    <kernel>{files}/vmlinuz</kernel>
-    <initrd>{files}/initrd.img</initrd>
-    <cmdline>console=ttyS0 panic=-1 quiet</cmdline>
-  </os>
-  <on_reboot>destroy</on_reboot>
-  <devices>
-    <emulator>{shutil.which("qemu-system-x86_64")}</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='raw'/>
-      <source file='{files}/disk.raw'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <interface type='ethernet'>
-      <target dev='cvmt{os.getpid() % 100000}'/>
-      <model type='virtio'/>
-    </interface>
-    <memballoon model='virtio'/>
-    <serial type='file'><source path='{files}/console.log'/></serial>
-  </devices>
-</domain>
-"""
-
-
-@contextlib.contextmanager
-def domain_files() -> Iterator[Path]:
-    """Kernel, initramfs and disk in a directory QEMU's user (libvirt-qemu) can read."""
-    try:
-        kernel = find_guest_kernel()
-        busybox = find_busybox()
-    except Exception as exc:
-        _missing(f"no dev guest kernel/busybox: {exc}")
-    files = Path(tempfile.mkdtemp(prefix="cvm-libvirt-"))
-    try:
-        files.chmod(0o755)
-        shutil.copyfile(kernel.vmlinuz, files / "vmlinuz")
-        entries = [
-            CpioEntry.file("bin/busybox", busybox.read_bytes(), 0o755),
-            CpioEntry.file("init", INIT, 0o755),
-        ]
-        (files / "initrd.img").write_bytes(gzip.compress(newc_archive(with_parent_dirs(entries))))
-        with open(files / "disk.raw", "wb") as disk:
-            disk.truncate(16 * 1024 * 1024)
-        for path in files.iterdir():
-            path.chmod(0o644)
-        yield files
-    finally:
-        shutil.rmtree(files, ignore_errors=True)
-
-
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         return str(response.read().decode())
 
 
 def test_hostd_follows_a_libvirt_domain_into_prometheus(tmp_path: Path) -> None:
-    for tool in ("libvirtd", "virtlogd", "unshare", "qemu-system-x86_64", "prometheus"):
+    for tool in (*TOOLS, "prometheus"):
         if shutil.which(tool) is None:
             _missing(f"{tool} is not installed (scripts/install-libvirt.sh)")
     try:
@@ -183,6 +59,10 @@ def test_hostd_follows_a_libvirt_domain_into_prometheus(tmp_path: Path) -> None:
         _missing("libvirt-python is not installed (the libvirt extra)")
     assert PROMETHEUS is not None
     name = f"cvmtest-{os.getpid()}"
+    try:
+        find_guest_kernel(), find_busybox()
+    except ImageError as exc:
+        _missing(f"no dev guest kernel/busybox: {exc}")
     with domain_files() as files, libvirt_daemon(tmp_path / "libvirt") as uri:
         conn = libvirt.open(uri)
         domain = conn.defineXML(domain_xml(name, files))

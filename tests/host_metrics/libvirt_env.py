@@ -106,11 +106,18 @@ def libvirt_daemon(base: Path) -> Iterator[str]:
             _stop(pid)
 
 
-def domain_xml(name: str, files: Path, *, paused_memory_mib: int = 256) -> str:
-    """A TCG domain booting the dev guest's kernel into an idle busybox, with a disk and a tap."""
+def domain_xml(name: str, files: Path, *, memory_mib: int = 256) -> str:
+    """A TCG domain booting the dev guest's kernel into an idle busybox, with a disk and a tap.
+
+    Each domain gets its own 16 MiB disk (``<name>.raw``, made here) and console log in
+    ``files``: QEMU locks its disk images and libvirt its log files.
+    """
+    disk = files / f"{name}.raw"
+    with open(disk, "wb") as image:
+        image.truncate(16 * 1024 * 1024)
     return f"""<domain type='qemu'>
   <name>{name}</name>
-  <memory unit='MiB'>{paused_memory_mib}</memory>
+  <memory unit='MiB'>{memory_mib}</memory>
   <vcpu>1</vcpu>
   <os>
     <type arch='x86_64' machine='q35'>hvm</type>
@@ -123,7 +130,7 @@ def domain_xml(name: str, files: Path, *, paused_memory_mib: int = 256) -> str:
     <emulator>{shutil.which("qemu-system-x86_64")}</emulator>
     <disk type='file' device='disk'>
       <driver name='qemu' type='raw'/>
-      <source file='{files}/disk.raw'/>
+      <source file='{disk}'/>
       <target dev='vda' bus='virtio'/>
     </disk>
     <interface type='ethernet'>
@@ -131,7 +138,7 @@ def domain_xml(name: str, files: Path, *, paused_memory_mib: int = 256) -> str:
       <model type='virtio'/>
     </interface>
     <memballoon model='virtio'/>
-    <serial type='file'><source path='{files}/console.log'/></serial>
+    <serial type='file'><source path='{files}/{name}.console.log'/></serial>
   </devices>
 </domain>
 """
@@ -139,7 +146,7 @@ def domain_xml(name: str, files: Path, *, paused_memory_mib: int = 256) -> str:
 
 @contextlib.contextmanager
 def domain_files() -> Iterator[Path]:
-    """Kernel, initramfs and disk in a directory QEMU's user (libvirt-qemu) can read."""
+    """The kernel and initramfs, in a directory any QEMU user can read (domain_xml adds disks)."""
     kernel = find_guest_kernel()  # ImageError without the dev guest's inputs
     busybox = find_busybox()
     files = Path(tempfile.mkdtemp(prefix="cvm-libvirt-"))
@@ -151,8 +158,6 @@ def domain_files() -> Iterator[Path]:
             CpioEntry.file("init", INIT, 0o755),
         ]
         (files / "initrd.img").write_bytes(gzip.compress(newc_archive(with_parent_dirs(entries))))
-        with open(files / "disk.raw", "wb") as disk:
-            disk.truncate(16 * 1024 * 1024)
         for path in files.iterdir():
             path.chmod(0o644)
         yield files

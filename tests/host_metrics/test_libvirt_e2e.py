@@ -18,6 +18,7 @@ the same code its own VMs use (tests/host_metrics/test_collector.py).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -101,6 +102,24 @@ def test_hostd_follows_a_libvirt_domain_into_prometheus(tmp_path: Path) -> None:
                 }
                 running = api(base, "/api/v1/query", query=f'cvm_vm_state{{vm="{name}"}} == 1')
                 success = api(base, "/api/v1/query", query=f'cvm_vm_collector_success{{vm="{name}"}}')
+                listed = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "cvmctl.cli.main",
+                        "vm",
+                        "ls",
+                        "--json",
+                        "--host",
+                        f"unix://{tmp_path}/hostd.sock",
+                        "--libvirt",
+                        uri,
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=True,
+                )
                 # stopping the domain: its state turns to stopped within one refresh (1 s)
                 domain.destroy()
                 stopped_at = time.monotonic()
@@ -148,6 +167,11 @@ def test_hostd_follows_a_libvirt_domain_into_prometheus(tmp_path: Path) -> None:
         "libvirt": "1",
     }
     assert seen_stopped < 5
+    # cvmctl vm ls --libvirt: the daemon's VMs (none here) and the domain, read from libvirt
+    [domain_row] = json.loads(listed.stdout)
+    assert domain_row["name"] == name and domain_row["source"] == "libvirt"
+    assert (domain_row["state"], domain_row["accel"], domain_row["vcpus"]) == ("running", "tcg", 1)
+    assert domain_row["qemu_pid"] > 0 and domain_row["memory_bytes"] == 256 * 1024 * 1024
     # a stopped domain keeps its inventory, loses its process series
     assert 'cvm_vm_info{machine="pc-q35' in after
     assert f'cvm_vm_qemu_cpu_seconds_total{{mode="user",vm="{name}"}}' not in after

@@ -142,6 +142,19 @@ def start_qemu(directory: Path, index: int) -> tuple[subprocess.Popen[bytes], Pa
     return process, sock
 
 
+async def real_qemu_views(
+    stack: AsyncExitStack, qemus: list[tuple[subprocess.Popen[bytes], Path]]
+) -> list[VMView]:
+    """A view per real QEMU, with its QMP connection (closed by ``stack``) and vCPU thread ids."""
+    views: list[VMView] = []
+    for index, (process, sock) in enumerate(qemus):
+        qmp = await stack.enter_async_context(open_qmp(sock, deadline=30, retry=True, name=f"qemu{index}"))
+        cpus = await qmp.execute("query-cpus-fast", deadline=10)
+        tids = tuple(int(cpu["thread-id"]) for cpu in cpus)
+        views.append(VMView(f"qemu{index}", machine="q35", pid=process.pid, vcpu_tids=tids, qmp=qmp))
+    return views
+
+
 async def wait_for_path(path: Path, seconds: float) -> None:
     with trio.fail_after(seconds):
         while not path.exists():  # noqa: ASYNC110
@@ -158,14 +171,7 @@ async def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         for _, sock in agents:
             await wait_for_path(sock, 60)
         async with AsyncExitStack() as stack:
-            views: list[VMView] = []
-            for index, (process, sock) in enumerate(qemus):
-                qmp = await stack.enter_async_context(
-                    open_qmp(sock, deadline=30, retry=True, name=f"qemu{index}")
-                )
-                cpus = await qmp.execute("query-cpus-fast", deadline=10)
-                tids = tuple(int(cpu["thread-id"]) for cpu in cpus)
-                views.append(VMView(f"qemu{index}", machine="q35", pid=process.pid, vcpu_tids=tids, qmp=qmp))
+            views = await real_qemu_views(stack, qemus)
             for index in range(fake_count):
                 sock = directory / "fleet" / f"vm{index}.qmp"
                 qmp = await stack.enter_async_context(open_qmp(sock, deadline=10, name=f"vm{index}"))
@@ -319,14 +325,7 @@ async def run_libvirt(args: argparse.Namespace, directory: Path) -> dict[str, An
     qemus = [start_qemu(directory, i) for i in range(count)]
     try:
         async with AsyncExitStack() as stack:
-            views: list[VMView] = []
-            for index, (process, sock) in enumerate(qemus):
-                qmp = await stack.enter_async_context(
-                    open_qmp(sock, deadline=30, retry=True, name=f"qemu{index}")
-                )
-                cpus = await qmp.execute("query-cpus-fast", deadline=10)
-                tids = tuple(int(cpu["thread-id"]) for cpu in cpus)
-                views.append(VMView(f"qemu{index}", machine="q35", pid=process.pid, vcpu_tids=tids, qmp=qmp))
+            views = await real_qemu_views(stack, qemus)
             own = await measure_collector(HostCollector(lambda: views, interval=args.interval), args)
     finally:
         for process, _ in qemus:

@@ -178,7 +178,8 @@ def proc_families(states: list[VMState]) -> Iterator[Metric]:
 
 
 def device_families(states: list[VMState]) -> Iterator[Metric]:
-    """Disks, network interfaces and the balloon, where libvirt reports them (``block.*``, ``net.*``)."""
+    """Disks (libvirt's ``block.*``, or QMP ``query-blockstats`` for the daemon's own VMs), network
+    interfaces and the balloon (libvirt's ``net.*``, ``balloon.current``)."""
     families = {
         key: CounterMetricFamily(f"cvm_vm_{key}", text, labels=["vm", label])
         for key, text, label in (
@@ -200,15 +201,18 @@ def device_families(states: list[VMState]) -> Iterator[Metric]:
         "cvm_vm_balloon_bytes", "Memory the VM's balloon leaves the guest (balloon.current).", labels=["vm"]
     )
     for state in states:
-        domain = state.view.domain.stats if state.view.domain is not None else None
-        if domain is None or not state.view.live:
+        if not state.view.live:
             continue
         name = state.view.name
-        for disk in domain.blocks:
+        domain = state.view.domain.stats if state.view.domain is not None else None
+        disks = domain.blocks if domain is not None else state.blocks or ()
+        for disk in disks:
             families["block_read_bytes"].add_metric([name, disk.name], disk.read_bytes)
             families["block_written_bytes"].add_metric([name, disk.name], disk.write_bytes)
             families["block_reads"].add_metric([name, disk.name], disk.reads)
             families["block_writes"].add_metric([name, disk.name], disk.writes)
+        if domain is None:
+            continue
         for net in domain.nets:
             families["network_receive_bytes"].add_metric([name, net.name], net.read_bytes)
             families["network_transmit_bytes"].add_metric([name, net.name], net.write_bytes)

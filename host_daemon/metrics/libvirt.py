@@ -50,6 +50,7 @@ import structlog
 
 from cvmcore.errors import UsageError
 from host_daemon.metrics.parse import (
+    DeviceCounters,
     KvmStats,
     StatSchema,
     parse_stat,
@@ -162,17 +163,6 @@ def domain_state(state: int, reason: int) -> str:
     if state == 5 and reason == SHUTOFF_CRASHED:
         return "crashed"
     return DOMAIN_STATES.get(state, "other")
-
-
-@dataclass(frozen=True)
-class DeviceCounters:
-    """One disk's or one network interface's counters (bytes and requests / packets)."""
-
-    name: str
-    read_bytes: float  # block: rd.bytes; net: rx.bytes
-    write_bytes: float  # block: wr.bytes; net: tx.bytes
-    reads: float  # block: rd.reqs; net: rx.pkts
-    writes: float  # block: wr.reqs; net: tx.pkts
 
 
 @dataclass(frozen=True)

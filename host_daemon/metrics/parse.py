@@ -227,6 +227,45 @@ def parse_vcpu_stats(reply: object, schemas: Mapping[str, Mapping[str, StatSchem
     )
 
 
+@dataclass(frozen=True)
+class DeviceCounters:
+    """One disk's or one network interface's counters (bytes and requests / packets)."""
+
+    name: str
+    read_bytes: float  # block: rd.bytes; net: rx.bytes
+    write_bytes: float  # block: wr.bytes; net: tx.bytes
+    reads: float  # block: rd.reqs; net: rx.pkts
+    writes: float  # block: wr.reqs; net: tx.pkts
+
+
+def parse_blockstats(reply: object) -> tuple[DeviceCounters, ...]:
+    """Each disk's counters from a QMP ``query-blockstats`` reply (qapi/block-core.json, BlockStats).
+
+    A disk is named by its drive id (``device``, what ``-drive id=`` set), else its qdev path or
+    node name; ``rd_bytes``, ``wr_bytes``, ``rd_operations``, ``wr_operations`` are cumulative.
+    """
+    if not isinstance(reply, list):
+        raise ValueError("query-blockstats: expected a list")
+    disks: list[DeviceCounters] = []
+    for entry in reply:
+        stats = entry.get("stats") if isinstance(entry, dict) else None
+        if not isinstance(stats, dict):
+            continue
+        name = str(entry.get("device") or entry.get("qdev") or entry.get("node-name") or "")
+        if not name:
+            continue
+        disks.append(
+            DeviceCounters(
+                name=name,
+                read_bytes=float(stats.get("rd_bytes", 0)),
+                write_bytes=float(stats.get("wr_bytes", 0)),
+                reads=float(stats.get("rd_operations", 0)),
+                writes=float(stats.get("wr_operations", 0)),
+            )
+        )
+    return tuple(disks)
+
+
 # --------------------------------------------------------------------------------------------
 # Guest exposition
 

@@ -11,6 +11,7 @@ from prometheus_client.metrics_core import Metric
 
 from host_daemon.metrics.libvirt import DomainReading
 from host_daemon.metrics.parse import (
+    DeviceCounters,
     KvmStats,
     StatSchema,
 )
@@ -97,6 +98,7 @@ class VMState:
     qmp_unanswered_mark: int | None = None  # dropped_replies when our last command timed out
     proc: ProcReading | None = None
     kvm: KvmStats | None = None
+    blocks: tuple[DeviceCounters, ...] | None = None  # the daemon's own VMs: query-blockstats
     parts: dict[str, PartResult] = field(default_factory=dict)
     timeouts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COLLECTORS, 0))
     guest: GuestReading | None = None

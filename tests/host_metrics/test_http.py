@@ -79,6 +79,7 @@ async def test_routes_and_service_discovery(
             assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
             assert b'cvm_vm_kvm_exits_total{vm="vm0"}' in host_text
             assert b'cvm_agent_up{vm="vm0"} 1.0' in host_text
+            assert b'cvm_vm_block_read_bytes_total{device="disk0",vm="vm0"}' in host_text  # query-blockstats
             assert b"cvm_guest_" not in host_text  # guest series are per-VM targets
             status, _, vm_text = await get(base + "/metrics/vm/vm0")
             assert status == 200

@@ -8,6 +8,7 @@ from host_daemon.metrics.parse import (
     TARGET_LABELS,
     GuestTextRejected,
     guest_family_name,
+    parse_blockstats,
     parse_schedstat,
     parse_stat,
     parse_stats_schemas,
@@ -152,3 +153,26 @@ def test_guest_cannot_set_target_labels() -> None:
     }
     assert forged_host.name == "cvm_guest_vm_info" and forged_host.labels["host"] == "h1"
     assert not TARGET_LABELS - {"vm", "host", "tee", "job", "instance"}
+
+
+def test_blockstats() -> None:
+    reply = [
+        {
+            "device": "scratch0",
+            "qdev": "/machine/peripheral/scratch0/virtio-backend",
+            "stats": {"rd_bytes": 512},
+        },
+        {
+            "device": "",
+            "qdev": "/machine/peripheral-anon/device[1]/virtio-backend",
+            "stats": {"wr_operations": 3},
+        },
+        {"device": "", "stats": {}},
+    ]
+    disks = parse_blockstats(reply)
+    assert [(d.name, d.read_bytes, d.writes) for d in disks] == [
+        ("scratch0", 512.0, 0.0),
+        ("/machine/peripheral-anon/device[1]/virtio-backend", 0.0, 3.0),
+    ]
+    with pytest.raises(ValueError):
+        parse_blockstats({})

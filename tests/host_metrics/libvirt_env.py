@@ -20,11 +20,39 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from host_daemon.devguest import ImageError
 from host_daemon.devguest.cpio import CpioEntry, newc_archive, with_parent_dirs
 from host_daemon.devguest.inputs import find_busybox, find_guest_kernel
 
 TOOLS = ("libvirtd", "virtlogd", "unshare", "qemu-system-x86_64")
+
+
+def missing(what: str) -> None:
+    """A test's prerequisite is missing: skipped here, a failure in CI (where setup installs it)."""
+    if os.environ.get("CI"):
+        pytest.fail(what)
+    pytest.skip(what)
+
+
+def require_libvirt(*tools: str) -> Any:
+    """The libvirt module, once libvirt's tools, ``tools`` and the dev guest's kernel are there."""
+    for tool in (*TOOLS, *tools):
+        if shutil.which(tool) is None:
+            missing(f"{tool} is not installed (scripts/setup.sh, scripts/install-libvirt.sh)")
+    try:
+        find_guest_kernel(), find_busybox()
+    except ImageError as exc:
+        missing(f"no dev guest kernel/busybox: {exc}")
+    try:
+        import libvirt
+    except ImportError:
+        missing("libvirt-python is not installed (the libvirt extra)")
+    return libvirt
+
 
 VIRTLOGD_SOCKET = Path("/run/libvirt/virtlogd-sock")
 INIT = b"#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\nwhile :; do /bin/busybox sleep 1; done\n"

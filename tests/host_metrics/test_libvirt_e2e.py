@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -30,19 +29,11 @@ from typing import Any
 
 import pytest
 
-from host_daemon.devguest import ImageError
-from host_daemon.devguest.inputs import find_busybox, find_guest_kernel
 from tests.host_metrics.conftest import PROMETHEUS, api, prometheus_config, running_prometheus, wait_for
-from tests.host_metrics.libvirt_env import TOOLS, domain_files, domain_xml, libvirt_daemon
+from tests.host_metrics.libvirt_env import domain_files, domain_xml, libvirt_daemon, require_libvirt
 from workloads.runner import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def _missing(what: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(what)
-    pytest.skip(what)
 
 
 def scrape(port: int) -> str:
@@ -51,19 +42,9 @@ def scrape(port: int) -> str:
 
 
 def test_hostd_follows_a_libvirt_domain_into_prometheus(tmp_path: Path) -> None:
-    for tool in (*TOOLS, "prometheus"):
-        if shutil.which(tool) is None:
-            _missing(f"{tool} is not installed (scripts/install-libvirt.sh)")
-    try:
-        import libvirt
-    except ImportError:
-        _missing("libvirt-python is not installed (the libvirt extra)")
+    libvirt = require_libvirt("prometheus")
     assert PROMETHEUS is not None
     name = f"cvmtest-{os.getpid()}"
-    try:
-        find_guest_kernel(), find_busybox()
-    except ImageError as exc:
-        _missing(f"no dev guest kernel/busybox: {exc}")
     with domain_files() as files, libvirt_daemon(tmp_path / "libvirt") as uri:
         conn = libvirt.open(uri)
         domain = conn.defineXML(domain_xml(name, files))

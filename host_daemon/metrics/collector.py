@@ -30,7 +30,13 @@ commands queued on the monitor it shares with the VM lifecycle.
 
 Self-monitoring follows node_exporter: ``cvm_scrape_collector_duration_seconds{collector}``
 (the longest of the last refresh over the VMs) and ``cvm_scrape_collector_success{collector}``
-(1 when every VM's part succeeded), for ``collector`` in ``procfs``, ``qmp``, ``agent``.
+(1 when every VM's part succeeded), for ``collector`` in ``procfs``, ``qmp``, ``agent`` and
+``libvirt``.
+
+With ``libvirt`` (a :class:`~.libvirt.LibvirtFollower`, ``cvm-hostd --libvirt URI``) each refresh
+first polls every libvirt domain in one worker-thread call within ``deadline``; a libvirt
+domain's QMP part is that poll (part ``libvirt``), its procfs part the same as the daemon's own
+VMs. Every VM the providers know is followed, running or not; only live ones are refreshed.
 
 Labels stay bounded: ``vm`` is a VM name (the daemon validates it), ``vcpu`` an index below
 the VM's vCPU count (per-vCPU KVM series only up to :data:`MAX_VCPU_SERIES` vCPUs), ``worker``

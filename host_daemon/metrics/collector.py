@@ -304,7 +304,7 @@ class HostCollector(Collector):
                 view, began = state.view, time.monotonic()
                 self._procfs_busy.add(view.name)
                 try:
-                    reading = self.procfs.read(view.pid, view.vcpu_tids, state.names)
+                    reading = self.procfs.read(view.pid, view.vcpu_tids, state.names, view.tap)
                     done[view.name] = (reading, "", time.monotonic() - began)
                 except (OSError, ValueError) as exc:
                     done[view.name] = (None, f"{type(exc).__name__}: {exc}", time.monotonic() - began)

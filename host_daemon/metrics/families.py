@@ -211,14 +211,13 @@ def device_families(states: list[VMState]) -> Iterator[Metric]:
             families["block_written_bytes"].add_metric([name, disk.name], disk.write_bytes)
             families["block_reads"].add_metric([name, disk.name], disk.reads)
             families["block_writes"].add_metric([name, disk.name], disk.writes)
-        if domain is None:
-            continue
-        for net in domain.nets:
+        nets = domain.nets if domain is not None else state.proc.nets if state.proc is not None else ()
+        for net in nets:
             families["network_receive_bytes"].add_metric([name, net.name], net.read_bytes)
             families["network_transmit_bytes"].add_metric([name, net.name], net.write_bytes)
             families["network_receive_packets"].add_metric([name, net.name], net.reads)
             families["network_transmit_packets"].add_metric([name, net.name], net.writes)
-        if domain.balloon_bytes is not None:
+        if domain is not None and domain.balloon_bytes is not None:
             balloon.add_metric([name], domain.balloon_bytes)
     yield from families.values()
     yield balloon

@@ -232,10 +232,28 @@ class DeviceCounters:
     """One disk's or one network interface's counters (bytes and requests / packets)."""
 
     name: str
-    read_bytes: float  # block: rd.bytes; net: rx.bytes
-    write_bytes: float  # block: wr.bytes; net: tx.bytes
+    read_bytes: float  # block: rd.bytes; net: rx.bytes, received by the VM
+    write_bytes: float  # block: wr.bytes; net: tx.bytes, sent by the VM
     reads: float  # block: rd.reqs; net: rx.pkts
     writes: float  # block: wr.reqs; net: tx.pkts
+
+
+def parse_net_dev(text: str) -> dict[str, DeviceCounters]:
+    """``/proc/<pid>/net/dev`` (man 5 proc: two header lines, then ``name: 8 receive fields 8
+    transmit fields``) -> per interface, counters **from the VM's side** of a tap: what the host
+    side received (fields 1-2) the guest sent (``write_*``), and the other way round, as libvirt
+    reports a tap's ``net.<n>.rx.*`` (received by the domain)."""
+    interfaces: dict[str, DeviceCounters] = {}
+    for line in text.splitlines()[2:]:
+        name, sep, rest = line.partition(":")
+        fields = rest.split()
+        if not sep or len(fields) < 16:
+            continue
+        rx_bytes, rx_packets, tx_bytes, tx_packets = (int(fields[i]) for i in (0, 1, 8, 9))
+        interfaces[name.strip()] = DeviceCounters(
+            name.strip(), float(tx_bytes), float(rx_bytes), float(tx_packets), float(rx_packets)
+        )
+    return interfaces
 
 
 def parse_blockstats(reply: object) -> tuple[DeviceCounters, ...]:

@@ -52,6 +52,7 @@ class VMView:
     started_at: float = 0.0  # Unix seconds the QEMU process started (0: unknown, or not running)
     source: str = "cvm-hostd"
     domain: DomainReading | None = None
+    tap: str = ""  # the daemon's tap path: the tap's name in the namespace QEMU runs in
 
     @property
     def live(self) -> bool:

@@ -33,6 +33,7 @@ from host_daemon.metrics.collector import DEFAULT_INTERVAL, HostCollector
 from host_daemon.metrics.http import HostEndpoint, serve_host_metrics_http
 from host_daemon.metrics.libvirt import LibvirtFollower
 from host_daemon.metrics.state import VMView
+from host_daemon.netns import network_from_argv
 from host_daemon.spec import spec_size, spec_tee
 from host_daemon.store import VMRecord
 from host_daemon.vms import VMManager
@@ -49,6 +50,13 @@ def _machine_of(argv_path: Path, pid: int) -> str:
         if flag in ("-machine", "-M"):
             return value.split(",", 1)[0].removeprefix("type=")
     return ""
+
+
+@functools.lru_cache(maxsize=256)
+def _tap_of(argv: tuple[str, ...]) -> str:
+    """The tap a VM on the daemon's tap path uses, in the namespace its QEMU runs in ("" otherwise)."""
+    network = network_from_argv(argv)
+    return network.tap if network.namespace else ""
 
 
 def view_of(manager: VMManager, record: VMRecord) -> VMView:
@@ -73,6 +81,7 @@ def view_of(manager: VMManager, record: VMRecord) -> VMView:
         vcpus=vcpus,
         memory_bytes=float(memory_mib * 1024 * 1024),
         started_at=record.started_at if record.state.live else 0.0,
+        tap=_tap_of(tuple(record.qemu_argv)) if record.state.live else "",
     )
 
 

@@ -226,10 +226,10 @@ class StuckReader(ProcfsReader):
         super().__init__(root)
         self.stuck_pid, self.release = stuck_pid, release
 
-    def read(self, pid: int, vcpu_tids: Sequence[int], names: ThreadNames) -> ProcReading:
+    def read(self, pid: int, vcpu_tids: Sequence[int], names: ThreadNames, tap: str = "") -> ProcReading:
         if pid == self.stuck_pid:
             self.release.wait(10)
-        return super().read(pid, vcpu_tids, names)
+        return super().read(pid, vcpu_tids, names, tap)
 
 
 async def test_a_hung_procfs_read_costs_only_its_vm(proc_tree: ProcTree) -> None:

@@ -9,14 +9,15 @@ from host_daemon.metrics.parse import (
     GuestTextRejected,
     guest_family_name,
     parse_blockstats,
+    parse_net_dev,
     parse_schedstat,
     parse_stat,
     parse_stats_schemas,
     parse_vcpu_stats,
     relabel_guest_families,
 )
-from host_daemon.metrics.procfs import kernel_has_vhost_tasks
-from tests.host_metrics.conftest import stat_line
+from host_daemon.metrics.procfs import ProcfsReader, ThreadNames, kernel_has_vhost_tasks
+from tests.host_metrics.conftest import QEMU_PID, VCPU_TIDS, ProcTree, stat_line
 from tests.host_metrics.fake_qmp import load
 
 
@@ -176,3 +177,26 @@ def test_blockstats() -> None:
     ]
     with pytest.raises(ValueError):
         parse_blockstats({})
+
+
+NET_DEV = (  # man 5 proc: two header lines, then receive and transmit fields per interface
+    "Inter-|   Receive                                |  Transmit\n"
+    " face |bytes packets errs drop fifo frame compressed multicast|bytes packets errs drop fifo colls ...\n"
+    "    lo: 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0\n"
+    "  tap0: 1000 10 0 0 0 0 0 0 5000 20 0 0 0 0 0 0\n"
+)
+
+
+def test_net_dev_from_the_vms_side() -> None:
+    tap = parse_net_dev(NET_DEV)["tap0"]
+    # the host side received 1000 bytes: the guest sent them
+    assert (tap.read_bytes, tap.write_bytes, tap.reads, tap.writes) == (5000.0, 1000.0, 20.0, 10.0)
+    assert set(parse_net_dev(NET_DEV)) == {"lo", "tap0"}
+
+
+def test_procfs_reads_the_tap_of_qemus_namespace(proc_tree: ProcTree) -> None:
+    (proc_tree.root / str(QEMU_PID) / "net").mkdir()
+    (proc_tree.root / str(QEMU_PID) / "net" / "dev").write_text(NET_DEV)
+    reader = ProcfsReader(proc_tree.root)
+    assert [n.name for n in reader.read(QEMU_PID, VCPU_TIDS, ThreadNames(), "tap0").nets] == ["tap0"]
+    assert reader.read(QEMU_PID, VCPU_TIDS, ThreadNames()).nets == ()  # host namespace: not the VM's

@@ -89,6 +89,7 @@ def _socket_answers(path: Path) -> bool:
 def libvirt_daemon(base: Path) -> Iterator[str]:
     """virtlogd (unless one answers already) and a private libvirtd; yields the URI."""
     started: list[int] = []
+    base.mkdir(parents=True, exist_ok=True)
     try:
         if not _socket_answers(VIRTLOGD_SOCKET):
             subprocess.run(["virtlogd", "-d", "-p", str(base / "virtlogd.pid")], check=True, timeout=30)

@@ -22,11 +22,21 @@ latency, and one per-VM guest path and ``/sd`` are timed too.
         [--seconds 30] [--scrapes 50] [--json out.json]
 
 Goal (issue 7): at 64 VMs and a 1 s interval, <= 5 % of one core in all.
+
+The libvirt row (``--libvirt N``): a private libvirtd (``tests/host_metrics/libvirt_env.py``)
+runs N TCG domains, started paused; the exporter follows them with ``--libvirt`` alone (one
+``virConnectListAllDomains`` + ``virConnectGetAllDomainStats`` per refresh, procfs of each
+domain's QEMU), and then, for comparison, N paused QEMUs of its own (QMP ``query-status`` and
+procfs each refresh). The row gives the exporter's CPU per followed domain and per own VM, their
+ratio (goal, issue 16: within 1.5x), and the CPU libvirtd spent answering meanwhile.
+
+    .venv/bin/python benchmarks/host_scale.py --libvirt 4 [--seconds 30]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import http.client
 import json
@@ -132,6 +142,19 @@ def start_qemu(directory: Path, index: int) -> tuple[subprocess.Popen[bytes], Pa
     return process, sock
 
 
+async def real_qemu_views(
+    stack: AsyncExitStack, qemus: list[tuple[subprocess.Popen[bytes], Path]]
+) -> list[VMView]:
+    """A view per real QEMU, with its QMP connection (closed by ``stack``) and vCPU thread ids."""
+    views: list[VMView] = []
+    for index, (process, sock) in enumerate(qemus):
+        qmp = await stack.enter_async_context(open_qmp(sock, deadline=30, retry=True, name=f"qemu{index}"))
+        cpus = await qmp.execute("query-cpus-fast", deadline=10)
+        tids = tuple(int(cpu["thread-id"]) for cpu in cpus)
+        views.append(VMView(f"qemu{index}", machine="q35", pid=process.pid, vcpu_tids=tids, qmp=qmp))
+    return views
+
+
 async def wait_for_path(path: Path, seconds: float) -> None:
     with trio.fail_after(seconds):
         while not path.exists():  # noqa: ASYNC110
@@ -148,14 +171,7 @@ async def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         for _, sock in agents:
             await wait_for_path(sock, 60)
         async with AsyncExitStack() as stack:
-            views: list[VMView] = []
-            for index, (process, sock) in enumerate(qemus):
-                qmp = await stack.enter_async_context(
-                    open_qmp(sock, deadline=30, retry=True, name=f"qemu{index}")
-                )
-                cpus = await qmp.execute("query-cpus-fast", deadline=10)
-                tids = tuple(int(cpu["thread-id"]) for cpu in cpus)
-                views.append(VMView(f"qemu{index}", machine="q35", pid=process.pid, vcpu_tids=tids, qmp=qmp))
+            views = await real_qemu_views(stack, qemus)
             for index in range(fake_count):
                 sock = directory / "fleet" / f"vm{index}.qmp"
                 qmp = await stack.enter_async_context(open_qmp(sock, deadline=10, name=f"vm{index}"))
@@ -241,6 +257,106 @@ async def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     }
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of another process, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure_collector(
+    collector: HostCollector, args: argparse.Namespace, other_pid: int = 0
+) -> dict[str, float]:
+    """Run ``collector`` for warm-up + ``--seconds``; this process's CPU share (and ``other_pid``'s)."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(collector.run)
+        await trio.sleep(args.warmup)
+        cpu0, other0, wall0 = (
+            cpu_seconds(),
+            process_cpu_seconds(other_pid) if other_pid else 0.0,
+            time.perf_counter(),
+        )
+        await trio.sleep(args.seconds)
+        cpu1, other1, wall1 = (
+            cpu_seconds(),
+            process_cpu_seconds(other_pid) if other_pid else 0.0,
+            time.perf_counter(),
+        )
+        nursery.cancel_scope.cancel()
+    return {
+        "percent": 100 * (cpu1 - cpu0) / (wall1 - wall0),
+        "other_percent": 100 * (other1 - other0) / (wall1 - wall0),
+    }
+
+
+async def run_libvirt(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
+    """The libvirt row: N paused libvirt domains followed, against N paused QEMUs of the daemon's own."""
+    import libvirt  # the optional extra
+
+    from host_daemon.metrics.libvirt import LibvirtFollower
+
+    sys.path.insert(0, str(REPO))  # the test bed lives with the tests (as the fake QMP fleet does)
+    from tests.host_metrics.libvirt_env import domain_files, domain_xml, libvirt_daemon
+
+    count = args.libvirt
+    with domain_files() as files, libvirt_daemon(directory / "libvirt") as uri:
+        conn = libvirt.open(uri)
+        domains = [conn.defineXML(domain_xml(f"lv{i}", files, memory_mib=64)) for i in range(count)]
+        try:
+            for domain in domains:
+                domain.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+            libvirtd_pid = int((directory / "libvirt" / "libvirtd.pid").read_text())
+            idle0, began = process_cpu_seconds(libvirtd_pid), time.perf_counter()
+            await trio.sleep(args.seconds)  # libvirtd's own cost with nobody asking it anything
+            libvirtd_idle = 100 * (process_cpu_seconds(libvirtd_pid) - idle0) / (time.perf_counter() - began)
+            follower = LibvirtFollower(uri)
+            collector = HostCollector(lambda: [], interval=args.interval, libvirt=follower)
+            followed = await measure_collector(collector, args, libvirtd_pid)
+            failures = sorted(
+                name for name, s in collector.vms.items() if not all(p.success for p in s.parts.values())
+            )
+            followed_domains = sorted(name for name, s in collector.vms.items() if s.proc is not None)
+            follower.close()
+        finally:
+            for domain in domains:
+                with contextlib.suppress(libvirt.libvirtError):
+                    domain.destroy()
+                domain.undefine()
+            conn.close()
+    qemus = [start_qemu(directory, i) for i in range(count)]
+    try:
+        async with AsyncExitStack() as stack:
+            views = await real_qemu_views(stack, qemus)
+            own = await measure_collector(HostCollector(lambda: views, interval=args.interval), args)
+    finally:
+        for process, _ in qemus:
+            process.kill()
+            process.wait(10)
+    per_domain = followed["percent"] / count
+    per_own = own["percent"] / count
+    return {
+        "libvirt_domains": count,
+        "interval_s": args.interval,
+        "window_s": args.seconds,
+        "cpu_percent_libvirt": followed["percent"],
+        "cpu_percent_per_libvirt_domain": per_domain,
+        "libvirtd_cpu_percent": followed["other_percent"],
+        "libvirtd_idle_cpu_percent": libvirtd_idle,
+        "cpu_percent_own_qemu": own["percent"],
+        "cpu_percent_per_own_vm": per_own,
+        "ratio_libvirt_to_own": per_domain / per_own if per_own else None,
+        # what following costs the host in all: the exporter plus what libvirtd spends answering it
+        "ratio_with_libvirtd": (followed["percent"] + followed["other_percent"] - libvirtd_idle)
+        / own["percent"]
+        if own["percent"]
+        else None,
+        "followed_with_procfs": followed_domains,
+        "goal_ratio": 1.5,
+        "domains_with_failures": failures,
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vms", type=int, default=64)
@@ -251,7 +367,31 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--scrapes", type=int, default=50)
     parser.add_argument("--json", help="write the result here")
+    parser.add_argument(
+        "--libvirt",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the libvirt row instead: N libvirt domains vs N own QEMUs",
+    )
     args = parser.parse_args()
+    if args.libvirt:
+        with tempfile.TemporaryDirectory(prefix="host-scale-") as tmp:
+            row = trio.run(run_libvirt, args, Path(tmp))
+        print(json.dumps(row, indent=1))
+        ratio = row["ratio_libvirt_to_own"]
+        verdict = "within" if ratio is not None and ratio <= row["goal_ratio"] else "OVER"
+        print(
+            f"{row['libvirt_domains']} libvirt domains at {args.interval:g} s: "
+            f"{row['cpu_percent_per_libvirt_domain']:.3f} % of one core per domain "
+            f"(libvirtd {row['libvirtd_cpu_percent']:.2f} % in all, "
+            f"{row['libvirtd_idle_cpu_percent']:.2f} % idle) "
+            f"vs {row['cpu_percent_per_own_vm']:.3f} % "
+            f"per own VM: {ratio:.2f}x, {verdict} the 1.5x goal"
+        )
+        if args.json:
+            Path(args.json).write_text(json.dumps(row, indent=1))
+        return 0
     if not 0 <= args.real_qemu <= args.vms:
         parser.error("--real-qemu must be between 0 and --vms")
     with tempfile.TemporaryDirectory(prefix="host-scale-") as tmp:

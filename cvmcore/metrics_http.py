@@ -7,7 +7,8 @@ sleeps in trio's event loop until a connection arrives, and stops by cancellatio
 
 What it speaks: HTTP/1.1 ``GET`` and ``HEAD`` of ``/metrics`` (any query string is
 ignored), one request per connection (``Connection: close``), the text exposition format
-0.0.4 with its content type. Anything else gets 404 or 405. Requests are bounded: the
+0.0.4 with its content type, or OpenMetrics and gzip when the scraper asks for them
+(:func:`negotiate`). Anything else gets 404 or 405. Requests are bounded: the
 request head is at most :data:`MAX_REQUEST_HEAD` bytes and must arrive within
 :data:`REQUEST_TIMEOUT_SECONDS`, and the answer must be taken within
 :data:`SEND_TIMEOUT_SECONDS`.
@@ -31,16 +32,19 @@ bridge, is never blocked by it.
 from __future__ import annotations
 
 import functools
+import gzip
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import NamedTuple
 
 import structlog
 import trio
 from prometheus_client import generate_latest
-from prometheus_client.registry import CollectorRegistry
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from cvmcore.defaults import AGENT_METRICS_PORT
 from cvmcore.errors import UsageError
@@ -63,9 +67,41 @@ DROP_LOG_INTERVAL_SECONDS = 60.0
 METRICS_PATH = "/metrics"
 
 
-def render_text(registry: CollectorRegistry) -> bytes:
-    """The Prometheus text exposition (format 0.0.4) of ``registry``."""
-    return generate_latest(registry)
+Encoder = Callable[[Collector], bytes]
+"""Renders a registry (or one collector) in one exposition format."""
+
+
+def render_text(registry: Collector, encoder: Encoder = generate_latest) -> bytes:
+    """The exposition of ``registry``: text format 0.0.4 unless ``encoder`` says otherwise."""
+    return encoder(registry)
+
+
+@dataclass(frozen=True)
+class Exposition:
+    """What one scrape asked for (:func:`negotiate`): format, its content type, and gzip."""
+
+    encoder: Encoder
+    content_type: str
+    gzip: bool = False
+
+    def response(self, body: bytes, *, head_only: bool = False) -> bytes:
+        """A 200 with ``body`` (rendered by :attr:`encoder`), gzip-compressed when asked."""
+        if self.gzip:
+            body = gzip.compress(body, compresslevel=6, mtime=0)
+        encoding = "gzip" if self.gzip else ""
+        return http_response(HTTPStatus.OK, body, self.content_type, head_only=head_only, encoding=encoding)
+
+
+def negotiate(headers: Mapping[str, str]) -> Exposition:
+    """The exposition a request's ``Accept`` and ``Accept-Encoding`` ask for.
+
+    client_python's own helpers decide (``choose_encoder``, ``gzip_accepted``, as its
+    ``make_wsgi_app`` does): ``application/openmetrics-text`` gets OpenMetrics (Prometheus
+    asks for it first), ``text/plain; version=1.0.0`` the newer text format, anything else
+    the text format 0.0.4; ``Accept-Encoding: gzip`` compresses the body.
+    """
+    encoder, content_type = choose_encoder(headers.get("accept", ""))
+    return Exposition(encoder, content_type, gzip_accepted(headers.get("accept-encoding", "")))
 
 
 @dataclass(frozen=True)
@@ -81,27 +117,43 @@ class MetricsEndpoint:
         return f"http://{host}:{self.port}{METRICS_PATH}"
 
 
-#: What a server does with one request: ``(method, path)`` in, the whole response out.
-Answer = Callable[[str, str], Awaitable[bytes]]
+#: What a server does with one request: ``(method, path, headers)`` in, the whole response out.
+Answer = Callable[[str, str, Mapping[str, str]], Awaitable[bytes]]
 
 
-def http_response(status: HTTPStatus, body: bytes, content_type: str, *, head_only: bool = False) -> bytes:
+def http_response(
+    status: HTTPStatus, body: bytes, content_type: str, *, head_only: bool = False, encoding: str = ""
+) -> bytes:
     header = (
         f"HTTP/1.1 {status.value} {status.phrase}\r\n"
         f"Content-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\n"
+        + (f"Content-Encoding: {encoding}\r\n" if encoding else "")
+        + f"Content-Length: {len(body)}\r\n"
         "Connection: close\r\n\r\n"
     ).encode("ascii")
     return header if head_only else header + body
 
 
-def parse_request_line(head: bytes) -> tuple[str, str] | None:
-    """``(method, path)`` from a request head, or ``None`` if it is not HTTP."""
-    line = head.split(b"\r\n", 1)[0].decode("latin-1")
-    parts = line.split(" ")
+class Request(NamedTuple):
+    """A request head: method, path without its query, header fields (names lower-cased)."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str]
+
+
+def parse_request_line(head: bytes) -> Request | None:
+    """The :class:`Request` in a request head, or ``None`` if it is not HTTP."""
+    line, *fields = head.split(b"\r\n")
+    parts = line.decode("latin-1").split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/"):
         return None
-    return parts[0], parts[1].split("?", 1)[0]
+    headers: dict[str, str] = {}
+    for field in fields:
+        name, sep, value = field.decode("latin-1").partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return Request(parts[0], parts[1].split("?", 1)[0], headers)
 
 
 async def read_head(stream: trio.abc.ReceiveStream) -> bytes | None:
@@ -235,16 +287,20 @@ async def close_listeners(listeners: list[trio.SocketListener]) -> None:
         await trio.aclose_forcefully(listener)
 
 
-def metrics_answer(render: Callable[[], bytes]) -> Answer:
-    """The guest's routes: ``/metrics`` only."""
+def metrics_answer(render: Callable[[Encoder], bytes]) -> Answer:
+    """The guest's routes: ``/metrics`` only, in the format the request negotiates."""
 
-    async def answer(method: str, path: str) -> bytes:
+    async def answer(method: str, path: str, headers: Mapping[str, str]) -> bytes:
         if path != METRICS_PATH:
             return http_response(HTTPStatus.NOT_FOUND, b"only /metrics is here\n", "text/plain")
         if method not in ("GET", "HEAD"):
             return http_response(HTTPStatus.METHOD_NOT_ALLOWED, b"GET or HEAD\n", "text/plain")
-        body = await trio.to_thread.run_sync(render)
-        return http_response(HTTPStatus.OK, body, METRICS_CONTENT_TYPE, head_only=method == "HEAD")
+        exposition = negotiate(headers)
+
+        def respond() -> bytes:  # rendering and compressing in one worker-thread hop
+            return exposition.response(render(exposition.encoder), head_only=method == "HEAD")
+
+        return await trio.to_thread.run_sync(respond)
 
     return answer
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -69,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
         "/sd (http_sd targets) at tcp://HOST:PORT, e.g. tcp://127.0.0.1:9465; default: off",
     )
     parser.add_argument(
+        "--libvirt",
+        metavar="URI",
+        help="also follow every domain of this libvirt connection in /metrics, read-only "
+        "(e.g. qemu:///system; needs the libvirt extra: pip install 'cvmctl[libvirt]'); "
+        "with --metrics-listen only; default: off",
+    )
+    parser.add_argument(
         "--qemu", default="qemu-system-x86_64", metavar="BINARY", help="the QEMU binary (default: from PATH)"
     )
     add_logging_arguments(parser)
@@ -103,6 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CvmError as exc:
         print(f"cvm-hostd: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    if args.libvirt and not args.metrics_listen:
+        print(
+            "cvm-hostd: error: --libvirt needs --metrics-listen (its domains are shown in /metrics)",
+            file=sys.stderr,
+        )
+        return UsageError.exit_code
     options = ServerOptions(listen=listen, max_receive_bytes=4 * 1024 * 1024)
 
     async def body() -> None:
@@ -113,7 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             nursery.start_soon(feed_watchdog)
             nursery.start_soon(prewarm_dev_guest)
             if args.metrics_listen:
-                await nursery.start(serve_host_metrics, manager, args.metrics_listen)
+                serve = functools.partial(
+                    serve_host_metrics, manager, args.metrics_listen, libvirt=args.libvirt
+                )
+                await nursery.start(serve)
             await serve_grpc(daemon_handlers(service), options)
             nursery.cancel_scope.cancel()
 

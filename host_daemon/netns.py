@@ -155,6 +155,7 @@ class GuestNetwork:
     guest_address: str = ""  # tap paths: the guest's address inside the namespace
     host_address: str = ""
     queues: int = 0
+    tap: str = ""  # tap paths: the tap's name (``-netdev tap,ifname=``)
 
 
 def network_from_argv(argv: Sequence[str]) -> GuestNetwork:
@@ -181,6 +182,7 @@ def network_from_argv(argv: Sequence[str]) -> GuestNetwork:
         guest_address=GUEST_ADDRESS if namespace else "",
         host_address=HOST_ADDRESS if namespace else "",
         queues=int(props.get("queues", "1")),
+        tap=props.get("ifname", ""),
     )
 
 

@@ -392,6 +392,16 @@ def spec_tee(spec_toml: str) -> str:
         return "unknown"
 
 
+@functools.lru_cache(maxsize=256)
+def spec_size(spec_toml: str) -> tuple[int, int]:
+    """``(vcpus, memory MiB)`` of a stored spec, ``(0, 0)`` if this version no longer accepts it."""
+    try:
+        spec = parse_spec(spec_toml)
+    except UsageError:
+        return 0, 0
+    return spec.vcpus, spec.memory_mib
+
+
 def parse_memory(value: object) -> int | None:
     """``"2G"`` -> 2048 (MiB); ``"512M"``, ``"512MiB"``, ``"1T"``, ``1024`` (an integer is MiB).
 

@@ -30,22 +30,9 @@ if ((${#missing[@]} == 0)); then
     exit 0
 fi
 
-policy=${CVM_POLICY_RC_D:-/usr/sbin/policy-rc.d}
-saved=""
-restore() {
-    if [[ -n $saved ]]; then
-        mv -f "$saved" "$policy"
-    else
-        rm -f "$policy"
-    fi
-}
-if [[ -e $policy ]]; then
-    saved=$(mktemp "$policy.cvmctl.XXXXXX")
-    cp -p "$policy" "$saved"
-fi
-trap restore EXIT
-printf '#!/bin/sh\n# written by cvmctl scripts/install-monitoring.sh for the duration of one install\nexit 101\n' >"$policy"
-chmod 0755 "$policy"
+# shellcheck source=scripts/lib/apt.sh
+. "$(dirname "$0")/lib/apt.sh"
+forbid_service_starts scripts/install-monitoring.sh
 
 log "installing ${missing[*]} (services are not started)"
 apt-get update -q

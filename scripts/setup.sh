@@ -57,7 +57,7 @@ if [[ ${CVM_SKIP_SYSTEM:-0} != 1 ]]; then
     else
         apt_install "${APT_PACKAGES[@]}"
         for script in install-qemu.sh install-guest-kernel.sh install-vhost-device-vsock.sh \
-            install-workload-tools.sh install-monitoring.sh; do
+            install-workload-tools.sh install-monitoring.sh install-libvirt.sh; do
             if [[ -f scripts/$script ]]; then
                 bash "scripts/$script" >&2
             fi
@@ -81,5 +81,11 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]] || ! .venv/bin/python -c 'imp
     .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
     .venv/bin/python -m pip install -q --disable-pip-version-check -e "$repo[dev,all]"
     echo "$want" >"$stamp"
+fi
+# The optional libvirt binding (`cvm-hostd --libvirt`) builds against libvirt-dev: added
+# only where pkg-config finds libvirt (scripts/install-libvirt.sh installs it).
+if ! .venv/bin/python -c 'import libvirt' 2>/dev/null && pkg-config --exists libvirt 2>/dev/null; then
+    log "installing the libvirt extra into .venv"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e "$repo[libvirt]"
 fi
 log "ready: $(.venv/bin/cvmctl --version)"

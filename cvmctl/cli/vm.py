@@ -97,6 +97,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rm.set_defaults(func=run_rm)
 
     ls = command("ls", "list VMs", takes_name=False)
+    ls.add_argument(
+        "--libvirt",
+        metavar="URI",
+        help="also list the domains of this libvirt connection (e.g. qemu:///system), read-only; "
+        "needs the libvirt extra (pip install 'cvmctl[libvirt]')",
+    )
     ls.set_defaults(func=run_ls)
 
     show = command("show", "show a VM: state, boot phases, agent address, vCPU pinning")
@@ -287,19 +293,57 @@ def run_ls(args: argparse.Namespace) -> int:
         return response
 
     response = trio.run(_with_daemon, args, body)
+    domains = libvirt_domains(args.libvirt) if args.libvirt else []
     if args.json:
-        print(json.dumps([vm_as_dict(vm) for vm in response.vms], indent=2, sort_keys=True))
+        listed = [{**vm_as_dict(vm), "source": "cvm-hostd"} for vm in response.vms]
+        print(json.dumps(listed + domains, indent=2, sort_keys=True))
         return 0
-    if not response.vms:
+    if not response.vms and not domains:
         print("no VMs (create one: cvmctl vm create -f spec.toml)")
         return 0
-    print(f"{'NAME':<20} {'STATE':<9} {'TEE':<8} {'ACCEL':<5} {'PID':>7}  AGENT")
+    print(f"{'NAME':<20} {'STATE':<9} {'TEE':<8} {'ACCEL':<5} {'PID':>7}  {'SOURCE':<9} AGENT")
     for vm in response.vms:
         print(
             f"{vm.name:<20} {STATE_NAMES.get(vm.state, '?'):<9} {tee_name(vm.tee):<8} "
-            f"{vm.accel or '-':<5} {vm.qemu_pid or '-':>7}  {vm.agent_address or '-'}"
+            f"{vm.accel or '-':<5} {vm.qemu_pid or '-':>7}  {'cvm-hostd':<9} {vm.agent_address or '-'}"
+        )
+    for domain in domains:
+        print(
+            f"{domain['name']:<20} {domain['state']:<9} {domain['tee']:<8} {domain['accel'] or '-':<5} "
+            f"{domain['qemu_pid'] or '-':>7}  {'libvirt':<9} -"
         )
     return 0
+
+
+def libvirt_domains(uri: str) -> list[dict[str, Any]]:
+    """Every domain of a libvirt connection, one poll of the exporter's reader (no QMP passthrough)."""
+    from host_daemon.metrics.libvirt import LibvirtFollower  # imports libvirt-python only when asked
+
+    follower = LibvirtFollower(uri, passthrough=False)
+    try:
+        readings = follower.poll()
+    except UsageError:
+        raise
+    except Exception as exc:  # libvirt.libvirtError: the connection or a listing call failed
+        raise UsageError(f"cannot list the domains of {uri}: {exc}") from exc
+    finally:
+        follower.close()
+    accel = {"kvm": "kvm", "qemu": "tcg"}
+    return [
+        {
+            "name": reading.config.name,
+            "source": "libvirt",
+            "state": reading.state,
+            "tee": reading.config.tee,
+            "accel": accel.get(reading.config.domain_type, reading.config.domain_type),
+            "vcpus": reading.config.vcpus,
+            "memory_bytes": reading.config.memory_bytes,
+            "qemu_pid": reading.pid,
+            "started_at": reading.started_at or None,
+            "error": reading.error or None,
+        }
+        for reading in sorted(readings, key=lambda r: r.config.name)
+    ]
 
 
 def run_console(args: argparse.Namespace) -> int:

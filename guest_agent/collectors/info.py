@@ -1,4 +1,5 @@
-"""``cvm_guest_info{tee,kernel}``: the guest's identity as a constant-1 metric.
+"""``cvm_guest_info{tee,kernel}``: the guest's identity as a constant-1 metric; and
+``cvm_guest_agent_build_info{version,python_version}``: which agent answers.
 
 Join it onto other series (``* on() group_left(tee) cvm_guest_info``) to split dashboards by
 TEE. Both labels are fixed for the life of the agent, so they are computed once.
@@ -11,6 +12,8 @@ from collections.abc import Iterable
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+
+from cvmcore.build_info import build_info
 
 
 class GuestInfoCollector(Collector):
@@ -29,3 +32,4 @@ class GuestInfoCollector(Collector):
         )
         info.add_metric([self.tee, self.kernel_release], 1.0)
         yield info
+        yield build_info("cvm_guest_agent_build_info", "The cvm-agent's version and Python (value 1).")

@@ -44,6 +44,7 @@ from guest_agent.collectors.base import (
 from guest_agent.collectors.cpuidle import CpuidleCollector
 from guest_agent.collectors.haltpoll import HaltpollCollector
 from guest_agent.collectors.info import GuestInfoCollector
+from guest_agent.collectors.meminfo import MeminfoCollector
 from guest_agent.collectors.procstat import ProcStatCollector
 from guest_agent.collectors.psi import PressureCollector
 from guest_agent.collectors.swiotlb import MountFunction, SwiotlbCollector
@@ -178,6 +179,7 @@ def build_registry(
         SwiotlbCollector(roots.debugfs, mount=mount_debugfs),
         ProcStatCollector(roots.procfs),
         PressureCollector(roots.procfs),
+        MeminfoCollector(roots.procfs),
     ]
     slots = [SlotState(source) for source in sources]
     registry = CollectorRegistry(auto_describe=False)

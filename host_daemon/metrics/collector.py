@@ -30,7 +30,13 @@ commands queued on the monitor it shares with the VM lifecycle.
 
 Self-monitoring follows node_exporter: ``cvm_scrape_collector_duration_seconds{collector}``
 (the longest of the last refresh over the VMs) and ``cvm_scrape_collector_success{collector}``
-(1 when every VM's part succeeded), for ``collector`` in ``procfs``, ``qmp``, ``agent``.
+(1 when every VM's part succeeded), for ``collector`` in ``procfs``, ``qmp``, ``agent`` and
+``libvirt``.
+
+With ``libvirt`` (a :class:`~.libvirt.LibvirtFollower`, ``cvm-hostd --libvirt URI``) each refresh
+first polls every libvirt domain in one worker-thread call within ``deadline``; a libvirt
+domain's QMP part is that poll (part ``libvirt``), its procfs part the same as the daemon's own
+VMs. Every VM the providers know is followed, running or not; only live ones are refreshed.
 
 Labels stay bounded: ``vm`` is a VM name (the daemon validates it), ``vcpu`` an index below
 the VM's vCPU count (per-vCPU KVM series only up to :data:`MAX_VCPU_SERIES` vCPUs), ``worker``
@@ -56,9 +62,17 @@ from cvm.v1 import agent_pb2, agent_pb2_grpc
 from cvmcore.address import parse_address
 from cvmcore.client import connect
 from cvmcore.errors import DeadlineExceeded
-from host_daemon.metrics.families import info_families, kvm_families, proc_families, status_families
+from host_daemon.metrics.families import (
+    device_families,
+    info_families,
+    kvm_families,
+    proc_families,
+    status_families,
+)
+from host_daemon.metrics.libvirt import DomainReading, LibvirtFollower
 from host_daemon.metrics.parse import (
     GuestTextRejected,
+    parse_blockstats,
     parse_stats_schemas,
     parse_vcpu_stats,
     relabel_guest_families,
@@ -75,6 +89,9 @@ DEFAULT_DEADLINE: Final = 0.5
 DEFAULT_GUEST_INTERVAL: Final = 5.0
 DEFAULT_AGENT_TIMEOUT: Final = 2.0
 PROCFS_THREADS: Final = 4
+#: The daemon's own VMs' disk counters (QMP ``query-blockstats``) are asked every this many
+#: refreshes: a second QMP round trip on every refresh would double the exporter's QMP cost.
+BLOCKSTATS_EVERY: Final = 5
 
 
 GuestFetch = Callable[[], Awaitable[bytes]]
@@ -95,6 +112,7 @@ class HostCollector(Collector):
         agent_timeout: float = DEFAULT_AGENT_TIMEOUT,
         procfs: ProcfsReader | Path | None = None,
         agent_session: AgentSession | None = None,
+        libvirt: LibvirtFollower | None = None,
     ) -> None:
         self.provider = provider
         self.interval = interval
@@ -108,6 +126,11 @@ class HostCollector(Collector):
         self._threads = trio.CapacityLimiter(PROCFS_THREADS)
         self._procfs_busy: set[str] = set()  # VMs whose procfs read runs in a thread right now
         self._agent_session: AgentSession = agent_session or open_agent_session
+        self.libvirt = libvirt
+        self._libvirt_views: list[VMView] = []
+        self._libvirt_error = ""  # why the last poll of the whole connection failed
+        self._libvirt_timed_out = False
+        self._libvirt_busy = False  # a poll runs in a worker thread right now
 
     # -- running ---------------------------------------------------------------------------
 
@@ -139,26 +162,88 @@ class HostCollector(Collector):
                 known.view = view  # the same process: fresher boot phases, vCPU list, version
                 continue
             state = self.vms[name] = VMState(view)
-            if view.agent_address and self._nursery is not None:
+            if view.agent_address and view.live and self._nursery is not None:
                 state.agent_scope = trio.CancelScope()
                 self._nursery.start_soon(self._follow_agent, state)
 
     async def refresh_once(self) -> None:
-        """Ask the provider, then refresh every VM concurrently; returns within ``deadline``.
+        """Ask the providers, then refresh every live VM concurrently.
 
-        A provider that fails (the daemon's database busy, a bug) costs this refresh the new
-        VM list, not the exporter: the VMs of the last good answer are refreshed.
+        The daemon's own VMs come from ``provider``; with ``libvirt``, its domains are read
+        first (one poll in a worker thread, within ``deadline``), then each VM's procfs and QMP
+        parts run within ``deadline``. A provider that fails (the daemon's database busy, a
+        bug, libvirt gone) costs this refresh that provider's new VM list, not the exporter:
+        the VMs of its last good answer are refreshed. A daemon VM and a libvirt domain of the
+        same name: the daemon's VM is the one followed.
         """
+        if self.libvirt is not None:
+            await self._poll_libvirt()
         try:
-            self.sync(self.provider())
+            own = list(self.provider())
         except Exception:
             log.exception("metrics_provider_failed")
-        states = list(self.vms.values())
+            own = [state.view for state in self.vms.values() if state.view.source != "libvirt"]
+        names = {view.name for view in own}
+        self.sync(own + [view for view in self._libvirt_views if view.name not in names])
+        states = [state for state in self.vms.values() if state.view.live]
+        started = trio.current_time()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._refresh_procfs, states)
             for state in states:
-                nursery.start_soon(self._refresh_qmp, state)
+                if state.view.domain is not None:
+                    self._take_domain(state, state.view.domain, started)
+                else:
+                    nursery.start_soon(self._refresh_qmp, state)
         self.refreshes += 1
+
+    # -- libvirt -----------------------------------------------------------------------------
+
+    async def _poll_libvirt(self) -> None:
+        """One :meth:`LibvirtFollower.poll` in a worker thread, within ``deadline``.
+
+        A poll that misses the deadline is abandoned (its thread finishes on its own) and no
+        other starts until it has; meanwhile the domains keep their last views, their
+        ``libvirt`` part marked timed out.
+        """
+        follower = self.libvirt
+        assert follower is not None
+        self._libvirt_timed_out = False
+        if self._libvirt_busy:
+            self._libvirt_error, self._libvirt_timed_out = "an earlier libvirt poll has not returned", True
+            return
+
+        def poll() -> list[DomainReading]:
+            try:
+                return follower.poll()
+            finally:
+                self._libvirt_busy = False
+
+        self._libvirt_busy = True
+        readings: list[DomainReading] | None = None
+        with trio.move_on_after(self.deadline) as scope:
+            try:
+                readings = await trio.to_thread.run_sync(poll, abandon_on_cancel=True, limiter=self._threads)
+            except Exception as exc:  # the connection failed: every domain keeps its last view
+                if self._libvirt_error == "":
+                    log.warning("libvirt_poll_failed", uri=follower.uri, error=str(exc))
+                self._libvirt_error = f"{type(exc).__name__}: {exc}"
+                return
+        if scope.cancelled_caught or readings is None:
+            self._libvirt_error = f"libvirt poll missed its {self.deadline:g} s deadline"
+            self._libvirt_timed_out = True
+            return
+        if self._libvirt_error:
+            log.info("libvirt_poll_recovered", uri=follower.uri)
+        self._libvirt_error = ""
+        self._libvirt_views = [libvirt_view(reading) for reading in readings]
+
+    def _take_domain(self, state: VMState, domain: DomainReading, started: float) -> None:
+        """A libvirt domain's QMP part is its poll: KVM statistics from the passthrough."""
+        state.schemas = domain.schemas
+        state.kvm = domain.kvm
+        error = self._libvirt_error or domain.error
+        timed_out = self._libvirt_timed_out
+        self._finish(state, "libvirt", started, error, timed_out, duration=domain.duration_seconds)
 
     def _finish(
         self,
@@ -200,7 +285,8 @@ class HostCollector(Collector):
         for state in states:
             if state.view.pid <= 0:
                 state.proc = None
-                self._finish(state, "procfs", started, "no QEMU process")
+                if state.view.source != "libvirt" or (self.libvirt is not None and self.libvirt.local):
+                    self._finish(state, "procfs", started, "no QEMU process")
             elif state.view.name in self._procfs_busy:
                 state.proc = None
                 self._finish(state, "procfs", started, "an earlier procfs read has not returned", True)
@@ -218,7 +304,7 @@ class HostCollector(Collector):
                 view, began = state.view, time.monotonic()
                 self._procfs_busy.add(view.name)
                 try:
-                    reading = self.procfs.read(view.pid, view.vcpu_tids, state.names)
+                    reading = self.procfs.read(view.pid, view.vcpu_tids, state.names, view.tap)
                     done[view.name] = (reading, "", time.monotonic() - began)
                 except (OSError, ValueError) as exc:
                     done[view.name] = (None, f"{type(exc).__name__}: {exc}", time.monotonic() - began)
@@ -270,6 +356,12 @@ class HostCollector(Collector):
             else:
                 reply = await qmp.execute("query-stats", state.stats_request, deadline=remaining)
                 state.kvm = parse_vcpu_stats(reply, state.schemas)
+            if state.blocks is None or self.refreshes % BLOCKSTATS_EVERY == 0:
+                remaining = max(self.deadline - (trio.current_time() - started), 0.01)
+                try:
+                    state.blocks = parse_blockstats(await qmp.execute("query-blockstats", deadline=remaining))
+                except CommandNotFound:
+                    state.blocks = ()
         except QMPDeadline as exc:
             state.kvm = None
             state.qmp_unanswered_mark = qmp.dropped_replies
@@ -303,8 +395,11 @@ class HostCollector(Collector):
                     self._finish(state, "agent", started, state.guest.error, timed_out)
                 await trio.sleep_until(started + self.guest_interval)
 
-    def guest_families(self, name: str) -> list[Metric] | None:
-        """The VM's guest series with ``vm=<name>`` (None: no such VM). Parses at most once per reading."""
+    def guest_families(self, name: str, host: str = "") -> list[Metric] | None:
+        """The VM's guest series with ``vm=<name>``, ``tee`` and ``host`` (None: no such VM).
+
+        Parses at most once per reading; ``host`` is the daemon's one host label.
+        """
         state = self.vms.get(name)
         if state is None:
             return None
@@ -313,7 +408,10 @@ class HostCollector(Collector):
             return []
         if reading.rendered is None:
             try:
-                reading.rendered = relabel_guest_families(reading.text.decode("utf-8", "replace"), name)
+                target = {"tee": state.view.tee, **({"host": host} if host else {})}
+                reading.rendered = relabel_guest_families(
+                    reading.text.decode("utf-8", "replace"), name, target=target
+                )
             except (GuestTextRejected, ValueError) as exc:
                 reading.error = f"guest exposition rejected: {exc}"
                 reading.rendered = []
@@ -329,7 +427,26 @@ class HostCollector(Collector):
         yield from info_families(states)
         yield from kvm_families(states)
         yield from proc_families(states)
+        yield from device_families(states)
         yield from status_families(states)
+
+
+def libvirt_view(reading: DomainReading) -> VMView:
+    """The exporter's view of one libvirt domain (its QEMU pid only while it runs)."""
+    config = reading.config
+    return VMView(
+        name=config.name,
+        tee=config.tee,
+        machine=config.machine,
+        qemu_version=reading.qemu_version,
+        pid=reading.pid if reading.live else 0,
+        state=reading.state,
+        vcpus=config.vcpus,
+        memory_bytes=config.memory_bytes,
+        started_at=reading.started_at if reading.live else 0.0,
+        source="libvirt",
+        domain=reading,
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,21 +30,21 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import unquote
 
 import trio
-from prometheus_client import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from cvmcore.defaults import HOSTD_METRICS_PORT
 from cvmcore.metrics_http import (
-    METRICS_CONTENT_TYPE,
+    Exposition,
     close_listeners,
     http_response,
+    negotiate,
     open_http_listeners,
     serve_http,
 )
@@ -101,7 +101,7 @@ def sd_targets(collector: HostCollector, advertised: str, host_label: str) -> li
             },
         }
         for state in sorted(collector.vms.values(), key=lambda s: s.view.name)
-        if state.view.agent_address
+        if state.view.agent_address and state.view.live
     ]
 
 
@@ -115,26 +115,28 @@ class HostMetricsApp:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
 
-    def render_host(self) -> bytes:
-        return generate_latest(self.registry)
+    def render_host(self, exposition: Exposition, head: bool = False) -> bytes:
+        return exposition.response(exposition.encoder(self.registry), head_only=head)
 
-    def render_vm(self, name: str) -> bytes | None:
-        families = self.collector.guest_families(name)
-        return None if families is None else generate_latest(_Families(families))
+    def render_vm(self, name: str, exposition: Exposition, head: bool = False) -> bytes | None:
+        families = self.collector.guest_families(name, self.host_label)
+        if families is None:
+            return None
+        return exposition.response(exposition.encoder(_Families(families)), head_only=head)
 
-    async def answer(self, method: str, path: str) -> bytes:
+    async def answer(self, method: str, path: str, headers: Mapping[str, str]) -> bytes:
+        """One request; ``/metrics`` and ``/metrics/vm/<name>`` in the format it negotiates."""
         if method not in ("GET", "HEAD"):
             return http_response(HTTPStatus.METHOD_NOT_ALLOWED, b"GET or HEAD\n", "text/plain")
         head = method == "HEAD"
         if path == "/metrics":
-            body = await trio.to_thread.run_sync(self.render_host)
-            return http_response(HTTPStatus.OK, body, METRICS_CONTENT_TYPE, head_only=head)
+            return await trio.to_thread.run_sync(self.render_host, negotiate(headers), head)
         if path.startswith(VM_PATH_PREFIX):
             name = unquote(path[len(VM_PATH_PREFIX) :])
-            vm_body = await trio.to_thread.run_sync(self.render_vm, name)
-            if vm_body is None:
+            vm_reply = await trio.to_thread.run_sync(self.render_vm, name, negotiate(headers), head)
+            if vm_reply is None:
                 return http_response(HTTPStatus.NOT_FOUND, f"no VM named {name!r}\n".encode(), "text/plain")
-            return http_response(HTTPStatus.OK, vm_body, METRICS_CONTENT_TYPE, head_only=head)
+            return vm_reply
         if path in ("/sd", "/sd/host"):
             if path == "/sd":
                 listing = sd_targets(self.collector, self.advertised, self.host_label)

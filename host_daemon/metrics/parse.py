@@ -227,6 +227,63 @@ def parse_vcpu_stats(reply: object, schemas: Mapping[str, Mapping[str, StatSchem
     )
 
 
+@dataclass(frozen=True)
+class DeviceCounters:
+    """One disk's or one network interface's counters (bytes and requests / packets)."""
+
+    name: str
+    read_bytes: float  # block: rd.bytes; net: rx.bytes, received by the VM
+    write_bytes: float  # block: wr.bytes; net: tx.bytes, sent by the VM
+    reads: float  # block: rd.reqs; net: rx.pkts
+    writes: float  # block: wr.reqs; net: tx.pkts
+
+
+def parse_net_dev(text: str) -> dict[str, DeviceCounters]:
+    """``/proc/<pid>/net/dev`` (man 5 proc: two header lines, then ``name: 8 receive fields 8
+    transmit fields``) -> per interface, counters **from the VM's side** of a tap: what the host
+    side received (fields 1-2) the guest sent (``write_*``), and the other way round, as libvirt
+    reports a tap's ``net.<n>.rx.*`` (received by the domain)."""
+    interfaces: dict[str, DeviceCounters] = {}
+    for line in text.splitlines()[2:]:
+        name, sep, rest = line.partition(":")
+        fields = rest.split()
+        if not sep or len(fields) < 16:
+            continue
+        rx_bytes, rx_packets, tx_bytes, tx_packets = (int(fields[i]) for i in (0, 1, 8, 9))
+        interfaces[name.strip()] = DeviceCounters(
+            name.strip(), float(tx_bytes), float(rx_bytes), float(tx_packets), float(rx_packets)
+        )
+    return interfaces
+
+
+def parse_blockstats(reply: object) -> tuple[DeviceCounters, ...]:
+    """Each disk's counters from a QMP ``query-blockstats`` reply (qapi/block-core.json, BlockStats).
+
+    A disk is named by its drive id (``device``, what ``-drive id=`` set), else its qdev path or
+    node name; ``rd_bytes``, ``wr_bytes``, ``rd_operations``, ``wr_operations`` are cumulative.
+    """
+    if not isinstance(reply, list):
+        raise ValueError("query-blockstats: expected a list")
+    disks: list[DeviceCounters] = []
+    for entry in reply:
+        stats = entry.get("stats") if isinstance(entry, dict) else None
+        if not isinstance(stats, dict):
+            continue
+        name = str(entry.get("device") or entry.get("qdev") or entry.get("node-name") or "")
+        if not name:
+            continue
+        disks.append(
+            DeviceCounters(
+                name=name,
+                read_bytes=float(stats.get("rd_bytes", 0)),
+                write_bytes=float(stats.get("wr_bytes", 0)),
+                reads=float(stats.get("rd_operations", 0)),
+                writes=float(stats.get("wr_operations", 0)),
+            )
+        )
+    return tuple(disks)
+
+
 # --------------------------------------------------------------------------------------------
 # Guest exposition
 
@@ -252,15 +309,32 @@ def guest_family_name(name: str) -> str:
     return GUEST_PREFIX + name.removeprefix("cvm_")
 
 
-def relabel_guest_families(text: str, vm: str, *, max_samples: int = MAX_GUEST_SAMPLES) -> list[Metric]:
+#: Labels only the daemon (or Prometheus) may set on a guest series: the target labels of
+#: ``/sd`` (``vm``, ``host``, ``tee``) and the ones Prometheus adds itself (``job``, ``instance``).
+TARGET_LABELS: Final = frozenset({"vm", "host", "tee", "job", "instance"})
+
+
+def relabel_guest_families(
+    text: str,
+    vm: str,
+    *,
+    target: Mapping[str, str] | None = None,
+    max_samples: int = MAX_GUEST_SAMPLES,
+) -> list[Metric]:
     """The guest's families, renamed by :func:`guest_family_name`, each sample with ``vm=<vm>``.
 
     Types (counter, gauge, histogram, summary, info, unknown) are kept. The guest is not
-    trusted (in a CVM the host does not trust it either): a ``vm`` label it sets itself is
-    kept as ``exported_vm``, as Prometheus does with clashing target labels; more than
-    ``max_samples`` samples or a label value over :data:`MAX_LABEL_VALUE` characters
-    rejects the whole text (:class:`GuestTextRejected`). Unparseable text raises ``ValueError``.
+    trusted (in a CVM the host does not trust it either): a label it sets whose name is one of
+    :data:`TARGET_LABELS` is kept as
+    ``exported_<name>``, as Prometheus does with clashing target labels, and then ``vm`` and
+    the daemon's ``target`` labels (``host``, ``tee``) are written over it. The scrape job
+    honours the labels it receives (``honor_labels: true``), so what arrives in Prometheus is
+    what the daemon wrote, never what the guest claimed; a ``job`` or ``instance`` the guest
+    set cannot override the target's either. More than ``max_samples`` samples or a label
+    value over :data:`MAX_LABEL_VALUE` characters rejects the whole text
+    (:class:`GuestTextRejected`). Unparseable text raises ``ValueError``.
     """
+    fixed = {**(target or {}), "vm": vm}
     families: list[Metric] = []
     count = 0
     for family in text_string_to_metric_families(text):
@@ -270,12 +344,16 @@ def relabel_guest_families(text: str, vm: str, *, max_samples: int = MAX_GUEST_S
             count += 1
             if count > max_samples:
                 raise GuestTextRejected(f"more than {max_samples} samples")
-            labels = dict(sample.labels)
-            if any(len(value) > MAX_LABEL_VALUE for value in labels.values()):
-                raise GuestTextRejected(f"a label value of {sample.name} is longer than {MAX_LABEL_VALUE}")
-            if "vm" in labels:
-                labels["exported_vm"] = labels.pop("vm")
-            labels["vm"] = vm
+            labels: dict[str, str] = {}
+            for label, value in sample.labels.items():
+                if len(value) > MAX_LABEL_VALUE:
+                    raise GuestTextRejected(
+                        f"a label value of {sample.name} is longer than {MAX_LABEL_VALUE}"
+                    )
+                if label in TARGET_LABELS:  # (client_python's parser refuses "__" names)
+                    label = "exported_" + label
+                labels[label] = value
+            labels.update(fixed)
             out.samples.append(
                 Sample(name + sample.name[len(family.name) :], labels, sample.value, sample.timestamp)
             )

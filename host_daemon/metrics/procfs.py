@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from host_daemon.metrics.parse import TaskStat, is_vhost_worker, parse_schedstat, parse_stat
+from host_daemon.metrics.parse import (
+    DeviceCounters,
+    TaskStat,
+    is_vhost_worker,
+    parse_net_dev,
+    parse_schedstat,
+    parse_stat,
+)
 
 KTHREAD_SCAN_SECONDS: Final = 60.0
 _VHOST_COMM: Final = re.compile(r"vhost-(\d+)$")
@@ -46,6 +53,7 @@ class ProcReading:
     vcpu_run_seconds: tuple[float | None, ...]  # per vCPU; None: the thread is gone
     vcpu_wait_seconds: tuple[float | None, ...]
     vhost_seconds: tuple[float, ...]  # per vhost worker, ordered by thread id
+    nets: tuple[DeviceCounters, ...] = ()  # the tap in QEMU's network namespace, the VM's view
 
 
 @dataclass
@@ -92,8 +100,13 @@ class ProcfsReader:
     def _seconds(self, stat: TaskStat) -> float:
         return (stat.utime_ticks + stat.stime_ticks) / self.clock_ticks
 
-    def read(self, pid: int, vcpu_tids: Sequence[int], names: ThreadNames) -> ProcReading:
-        """Read QEMU ``pid``; raises ``OSError`` when the process is gone, ``ValueError`` on garbage."""
+    def read(self, pid: int, vcpu_tids: Sequence[int], names: ThreadNames, tap: str = "") -> ProcReading:
+        """Read QEMU ``pid``; raises ``OSError`` when the process is gone, ``ValueError`` on garbage.
+
+        ``tap``: the VM's tap, in the network namespace QEMU runs in (the daemon's tap path),
+        whose counters ``/proc/<pid>/net/dev`` shows; empty for a VM in the host's namespace,
+        whose ``net/dev`` lists the host's interfaces, not the VM's.
+        """
         base = f"{self.procfs}/{pid}"
         stat = self._stat(f"{base}/stat")
         run: list[float | None] = []
@@ -116,7 +129,13 @@ class ProcfsReader:
             vcpu_run_seconds=tuple(run),
             vcpu_wait_seconds=tuple(wait),
             vhost_seconds=self._vhost_seconds(pid, names),
+            nets=self._tap(pid, tap) if tap else (),
         )
+
+    def _tap(self, pid: int, tap: str) -> tuple[DeviceCounters, ...]:
+        # One read: the daemon's namespace holds lo and the tap only, a few hundred bytes.
+        counters = parse_net_dev(read_small(f"{self.procfs}/{pid}/net/dev")).get(tap)
+        return (counters,) if counters is not None else ()
 
     def _vhost_seconds(self, pid: int, names: ThreadNames) -> tuple[float, ...]:
         if self.vhost_threads:

@@ -31,3 +31,28 @@ ensure_bookworm_backports() {
         echo "added ${list} (${mirror})"
     fi
 }
+
+# forbid_service_starts WHO: until the calling script exits, /usr/sbin/policy-rc.d (or
+#   $CVM_POLICY_RC_D) answers 101 ("action forbidden", invoke-rc.d(8) and Debian Policy's
+#   policy-rc.d interface), so packages installed meanwhile do not start their daemons; the
+#   policy-rc.d that was there before is put back by an EXIT trap. WHO names the script in
+#   the file it writes.
+forbid_service_starts() {
+    _cvm_policy=${CVM_POLICY_RC_D:-/usr/sbin/policy-rc.d}
+    _cvm_policy_saved=""
+    if [[ -e $_cvm_policy ]]; then
+        _cvm_policy_saved=$(mktemp "$_cvm_policy.cvmctl.XXXXXX")
+        cp -p "$_cvm_policy" "$_cvm_policy_saved"
+    fi
+    trap _cvm_restore_policy EXIT
+    printf '#!/bin/sh\n# written by cvmctl %s for the duration of one install\nexit 101\n' "$1" >"$_cvm_policy"
+    chmod 0755 "$_cvm_policy"
+}
+
+_cvm_restore_policy() {
+    if [[ -n $_cvm_policy_saved ]]; then
+        mv -f "$_cvm_policy_saved" "$_cvm_policy"
+    else
+        rm -f "$_cvm_policy"
+    fi
+}

@@ -14,6 +14,7 @@ import trio.testing
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
+from cvmcore import __version__
 from cvmcore.metrics_http import render_text
 from guest_agent.collectors import AgentStats, Roots, build_registry
 from guest_agent.collectors.agent import AgentStatsCollector
@@ -26,6 +27,8 @@ from guest_agent.collectors.base import (
     read_sysfs_attribute,
 )
 from guest_agent.collectors.cpuidle import IdleState, state_labels
+from guest_agent.collectors.info import GuestInfoCollector
+from guest_agent.collectors.meminfo import MeminfoCollector, parse_meminfo
 from guest_agent.collectors.procstat import parse_proc_stat
 from guest_agent.collectors.psi import PressureTotal, parse_pressure
 from guest_agent.collectors.registry import Refresher
@@ -397,3 +400,43 @@ async def test_recorded_tcg_guest_6_12() -> None:
     assert value(registry, "cvm_guest_cpu_seconds_total", cpu="1", mode="system") == 444 / user_hz
     for collector in ("cpuidle", "haltpoll", "swiotlb", "procstat", "pressure"):
         assert value(registry, "cvm_scrape_collector_success", collector=collector) == 1.0
+
+
+MEMINFO = """\
+MemTotal:        4002884 kB
+MemFree:         3520012 kB
+MemAvailable:    3611740 kB
+Buffers:            2048 kB
+Cached:           180224 kB
+SwapTotal:             0 kB
+SwapFree:              0 kB
+Shmem:             12000 kB
+AnonPages:         50000 kB
+Unaccepted:      1048576 kB
+HugePages_Total:       0
+"""
+
+
+def test_meminfo_summary_in_bytes() -> None:
+    summary = parse_meminfo(MEMINFO)
+    assert summary["total"] == 4002884 * 1024 and summary["unaccepted"] == 1024**3
+    assert set(summary) == {
+        "total", "free", "available", "buffers", "cached", "swap_total", "swap_free", "shmem", "anon",
+        "unaccepted",
+    }  # fmt: skip
+    assert "unaccepted" not in parse_meminfo("MemTotal: 1 kB\n")
+
+
+def test_meminfo_and_build_info_in_the_registry(tmp_path: Path) -> None:
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc" / "meminfo").write_text(MEMINFO)
+    families = {
+        f.name: f
+        for f in MeminfoCollector(tmp_path / "proc").families(MeminfoCollector(tmp_path / "proc").read())
+    }
+    [available] = [s for s in families["cvm_guest_memory_bytes"].samples if s.labels["kind"] == "available"]
+    assert available.value == 3611740 * 1024
+    with pytest.raises(CollectorUnavailable):
+        MeminfoCollector(tmp_path / "nowhere").read()
+    [build] = list(GuestInfoCollector("none", "6.12").collect())[1].samples
+    assert build.name == "cvm_guest_agent_build_info" and build.labels["version"] == __version__

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import socket
@@ -21,8 +22,10 @@ from prometheus_client.registry import CollectorRegistry
 from cvmcore.errors import UsageError
 from cvmcore.metrics_http import (
     MAX_CONNECTIONS,
+    METRICS_CONTENT_TYPE,
     ConnectionSlots,
     MetricsEndpoint,
+    negotiate,
     parse_request_line,
     serve_metrics_http,
 )
@@ -57,8 +60,46 @@ async def fixture_registry() -> CollectorRegistry:
 
 
 def test_request_line_parsing() -> None:
-    assert parse_request_line(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n") == ("GET", "/metrics")
+    request = parse_request_line(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\nAccept-Encoding:  gzip \r\n\r\n")
+    assert request is not None
+    assert (request.method, request.path) == ("GET", "/metrics")
+    assert request.headers == {"host": "a", "accept-encoding": "gzip"}
     assert parse_request_line(b"garbage\r\n\r\n") is None
+
+
+#: What Prometheus 2.42 sends (scrape/scrape.go, acceptHeader), and a curl-like default.
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+    "text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
+def test_negotiation_uses_client_python_helpers() -> None:
+    openmetrics = negotiate({"accept": PROMETHEUS_ACCEPT, "accept-encoding": "gzip"})
+    assert openmetrics.content_type.startswith("application/openmetrics-text; version=1.0.0")
+    assert openmetrics.gzip
+    plain = negotiate({"accept": "*/*"})
+    assert plain.content_type == METRICS_CONTENT_TYPE and not plain.gzip
+
+
+async def test_openmetrics_and_gzip_over_http() -> None:
+    async with trio.open_nursery() as nursery:
+        endpoint: MetricsEndpoint = await nursery.start(
+            serve_metrics_http, await fixture_registry(), "127.0.0.1", 0
+        )
+
+        def get() -> tuple[str, str, bytes]:
+            headers = {"Accept": PROMETHEUS_ACCEPT, "Accept-Encoding": "gzip"}
+            with urllib.request.urlopen(
+                urllib.request.Request(endpoint.url, headers=headers), timeout=5
+            ) as reply:
+                return reply.headers["Content-Type"], reply.headers["Content-Encoding"], reply.read()
+
+        content_type, encoding, body = await trio.to_thread.run_sync(get)
+        nursery.cancel_scope.cancel()
+    assert content_type.startswith("application/openmetrics-text") and encoding == "gzip"
+    text = gzip.decompress(body).decode()
+    assert text.endswith("# EOF\n") and "cvm_guest_cpuidle_info" in text
 
 
 async def test_serves_metrics_and_stops_cleanly() -> None:

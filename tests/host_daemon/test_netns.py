@@ -107,6 +107,7 @@ def test_vhost_where_the_host_has_it(
         "10.213.0.2",
         "10.213.0.1",
         2,
+        "tap0",
     )
 
 

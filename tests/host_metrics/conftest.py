@@ -18,6 +18,8 @@ import pytest
 import trio
 
 from host_daemon.qmp import QMPClient, connect_qmp
+from host_daemon.store import VMState
+from host_daemon.vms import VMManager
 from tests.agent_rpc.test_metrics_rpc import agent_on_snp_tree
 from tests.conftest import REPO_ROOT
 from tests.host_metrics.fake_qmp import FakeQemu, serve_fake_qmp
@@ -164,3 +166,21 @@ def running_prometheus(tmp_path: Path, config: str) -> Iterator[tuple[str, subpr
     finally:
         process.terminate()
         process.wait(20)
+
+
+# --------------------------------------------------------------------------------------------
+# The dev guest under the daemon's VMManager
+
+DEV_GUEST_BOOT_SECONDS = 240.0  # TCG boot plus the agent importing grpc over 9p, on a loaded 2-core machine
+
+
+async def start_dev_guest(
+    manager: VMManager, name: str = "dev", seconds: float = DEV_GUEST_BOOT_SECONDS
+) -> None:
+    """Create and start a 1-vCPU dev guest under ``manager`` (running) and wait until it runs."""
+    manager.create(f'name = "{name}"\nvcpus = 1\nmemory = "1G"\n')
+    await manager.start(name)
+    with trio.fail_after(seconds + 10):
+        while manager.get(name).state is not VMState.RUNNING:
+            assert manager.get(name).state.live, manager.get(name)
+            await trio.sleep(0.5)

@@ -10,6 +10,8 @@ negotiation, ``{"execute", "id"}`` -> ``{"return", "id"}``) and answers:
 - ``query-stats`` (target ``vcpu``): ``data/kvm-query-stats-vcpu.json`` with every counter
   advanced on each call, only the statistics named in ``providers[].names`` when given
   (``[]`` without KVM, as TCG answers);
+- ``query-blockstats``: one disk, ``disk0``, in the shape of qapi/block-core.json's BlockStats
+  (the fields the exporter reads), its counters advanced on each call;
 - ``query-cpus-fast``, ``query-status``; anything else: ``CommandNotFound``.
 
 ``FakeQemu.stop()`` makes it stop answering, like a monitor whose QEMU got SIGSTOP;
@@ -47,6 +49,7 @@ class FakeQemu:
     ) -> None:
         self.kvm = kvm
         self.version = version
+        self.blockstats_calls = 0
         self._running = trio.Event()
         self._running.set()
         self.calls: dict[str, int] = {}
@@ -102,6 +105,24 @@ class FakeQemu:
             }
         if command == "query-status":
             return {"return": {"status": "running", "running": True}}
+        if command == "query-blockstats":
+            self.blockstats_calls += 1
+            calls = self.blockstats_calls
+            stats = {
+                "rd_bytes": 4096 * calls,
+                "wr_bytes": 512 * calls,
+                "rd_operations": calls,
+                "wr_operations": calls,
+            }
+            return {
+                "return": [
+                    {
+                        "device": "disk0",
+                        "qdev": "/machine/peripheral-anon/device[0]/virtio-backend",
+                        "stats": stats,
+                    }
+                ]
+            }
         return {"error": {"class": "CommandNotFound", "desc": f"The command {command} has not been found"}}
 
 

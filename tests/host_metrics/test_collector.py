@@ -46,7 +46,8 @@ async def test_kvm_statistics_through_query_stats(tmp_path: Path, proc_tree: Pro
         await collector.refresh_once()
         await collector.refresh_once()
     found = samples(collector)
-    assert fake.calls == {"query-stats-schemas": 1, "query-stats": 2}  # the schema is asked once
+    # the schema is asked once; the disks on the first refresh and every BLOCKSTATS_EVERY-th
+    assert fake.calls == {"query-stats-schemas": 1, "query-stats": 2, "query-blockstats": 1}
     [request] = fake.last_stats_arguments["providers"]
     assert request["provider"] == "kvm" and "halt_poll_success_ns" in request["names"]
     assert "halt_wait_hist" not in request["names"]  # only what is exported is asked for
@@ -72,7 +73,7 @@ async def test_tcg_says_unavailable_instead_of_zeros(tmp_path: Path, proc_tree: 
         await collector.refresh_once()
     found = samples(collector)
     # no kvm provider: query-stats is never asked; query-status checks that QEMU answers
-    assert fake.calls == {"query-stats-schemas": 1, "query-status": 2}
+    assert fake.calls == {"query-stats-schemas": 1, "query-status": 2, "query-blockstats": 1}
     assert value(found, "cvm_vm_kvm_stats_available", vm="vm0") == 0
     assert "cvm_vm_kvm_exits_total" not in found
     assert "cvm_vm_kvm_halt_poll_seconds_total" not in found
@@ -231,10 +232,10 @@ class StuckReader(ProcfsReader):
         super().__init__(root)
         self.stuck_pid, self.release = stuck_pid, release
 
-    def read(self, pid: int, vcpu_tids: Sequence[int], names: ThreadNames) -> ProcReading:
+    def read(self, pid: int, vcpu_tids: Sequence[int], names: ThreadNames, tap: str = "") -> ProcReading:
         if pid == self.stuck_pid:
             self.release.wait(10)
-        return super().read(pid, vcpu_tids, names)
+        return super().read(pid, vcpu_tids, names, tap)
 
 
 async def test_a_hung_procfs_read_costs_only_its_vm(proc_tree: ProcTree) -> None:

@@ -17,9 +17,15 @@ import trio
 
 from host_daemon.devguest import complete_with_dev_guest
 from host_daemon.metrics.wiring import serve_host_metrics
-from host_daemon.store import VMState
 from host_daemon.vms import VMManager
-from tests.host_metrics.conftest import PROMETHEUS, api, prometheus_config, running_prometheus, wait_for
+from tests.host_metrics.conftest import (
+    PROMETHEUS,
+    api,
+    prometheus_config,
+    running_prometheus,
+    start_dev_guest,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -40,13 +46,8 @@ async def test_prometheus_finds_a_dev_guest_through_the_daemon(tmp_path: Path) -
     manager = VMManager(tmp_path / "s", dev_guest=complete_with_dev_guest, boot_seconds=BOOT_SECONDS)
     async with trio.open_nursery() as nursery:
         await nursery.start(manager.run)
-        manager.create('name = "dev"\nvcpus = 1\nmemory = "1G"\n')
-        await manager.start("dev")
         try:
-            with trio.fail_after(BOOT_SECONDS + 10):
-                while manager.get("dev").state is not VMState.RUNNING:
-                    assert manager.get("dev").state.live, manager.get("dev")
-                    await trio.sleep(0.5)
+            await start_dev_guest(manager, "dev", BOOT_SECONDS)
             endpoint = await nursery.start(serve_host_metrics, manager, "tcp://127.0.0.1:0")
             with running_prometheus(tmp_path, prometheus_config(endpoint.port)) as (base, process):
                 guest = await trio.to_thread.run_sync(wait_for, base, 'cvm_guest_info{vm="dev"}', 60)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import gzip
 import json
 import shutil
 import signal
@@ -79,10 +81,20 @@ async def test_routes_and_service_discovery(
             assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
             assert b'cvm_vm_kvm_exits_total{vm="vm0"}' in host_text
             assert b'cvm_agent_up{vm="vm0"} 1.0' in host_text
+            assert b'cvm_vm_block_read_bytes_total{device="disk0",vm="vm0"}' in host_text  # query-blockstats
             assert b"cvm_guest_" not in host_text  # guest series are per-VM targets
             status, _, vm_text = await get(base + "/metrics/vm/vm0")
             assert status == 200
-            assert b'cvm_guest_info{kernel="' in vm_text and b'vm="vm0"' in vm_text
+            # vm, host and tee are the daemon's; the guest's own TEE claim is kept as exported_tee
+            assert b'cvm_guest_info{exported_tee="sev-snp",host="' in vm_text
+            assert b',tee="sev-snp",vm="vm0"}' in vm_text
+            headers = {"Accept": "application/openmetrics-text; version=1.0.0", "Accept-Encoding": "gzip"}
+            request = urllib.request.Request(base + "/metrics/vm/vm0", headers=headers)
+            reply = await trio.to_thread.run_sync(
+                functools.partial(urllib.request.urlopen, request, timeout=10)
+            )
+            assert reply.headers["Content-Encoding"] == "gzip"
+            assert gzip.decompress(reply.read()).endswith(b"# EOF\n")
             assert (await get(base + "/metrics/vm/nope"))[0] == 404
             assert (await get(base + "/nope"))[0] == 404
             status, content_type, sd = await get(base + "/sd")

@@ -5,16 +5,19 @@ from __future__ import annotations
 import pytest
 
 from host_daemon.metrics.parse import (
+    TARGET_LABELS,
     GuestTextRejected,
     guest_family_name,
+    parse_blockstats,
+    parse_net_dev,
     parse_schedstat,
     parse_stat,
     parse_stats_schemas,
     parse_vcpu_stats,
     relabel_guest_families,
 )
-from host_daemon.metrics.procfs import kernel_has_vhost_tasks
-from tests.host_metrics.conftest import stat_line
+from host_daemon.metrics.procfs import ProcfsReader, ThreadNames, kernel_has_vhost_tasks
+from tests.host_metrics.conftest import QEMU_PID, VCPU_TIDS, ProcTree, stat_line
 from tests.host_metrics.fake_qmp import load
 
 
@@ -128,3 +131,72 @@ def test_guest_text_bounds() -> None:
         relabel_guest_families(f'cvm_guest_x{{i="{"a" * 300}"}} 1\n', "vm0")
     with pytest.raises(ValueError):
         relabel_guest_families("cvm_guest_x{ 1\n", "vm0")
+
+
+FORGED = (
+    'cvm_guest_info{vm="other",host="other-host",tee="tdx",job="cvm-hostd",instance="x:1"} 1\n'
+    'cvm_vm_info{vm="victim",host="other-host",job="cvm-hostd"} 1\n'
+)
+
+
+def test_guest_cannot_set_target_labels() -> None:
+    families = relabel_guest_families(FORGED, "vm0", target={"host": "h1", "tee": "sev-snp"})
+    info, forged_host = (f.samples[0] for f in families)
+    assert info.labels == {
+        "vm": "vm0",
+        "host": "h1",
+        "tee": "sev-snp",
+        "exported_vm": "other",
+        "exported_host": "other-host",
+        "exported_tee": "tdx",
+        "exported_job": "cvm-hostd",
+        "exported_instance": "x:1",
+    }
+    assert forged_host.name == "cvm_guest_vm_info" and forged_host.labels["host"] == "h1"
+    assert not TARGET_LABELS - {"vm", "host", "tee", "job", "instance"}
+
+
+def test_blockstats() -> None:
+    reply = [
+        {
+            "device": "scratch0",
+            "qdev": "/machine/peripheral/scratch0/virtio-backend",
+            "stats": {"rd_bytes": 512},
+        },
+        {
+            "device": "",
+            "qdev": "/machine/peripheral-anon/device[1]/virtio-backend",
+            "stats": {"wr_operations": 3},
+        },
+        {"device": "", "stats": {}},
+    ]
+    disks = parse_blockstats(reply)
+    assert [(d.name, d.read_bytes, d.writes) for d in disks] == [
+        ("scratch0", 512.0, 0.0),
+        ("/machine/peripheral-anon/device[1]/virtio-backend", 0.0, 3.0),
+    ]
+    with pytest.raises(ValueError):
+        parse_blockstats({})
+
+
+NET_DEV = (  # man 5 proc: two header lines, then receive and transmit fields per interface
+    "Inter-|   Receive                                |  Transmit\n"
+    " face |bytes packets errs drop fifo frame compressed multicast|bytes packets errs drop fifo colls ...\n"
+    "    lo: 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0\n"
+    "  tap0: 1000 10 0 0 0 0 0 0 5000 20 0 0 0 0 0 0\n"
+)
+
+
+def test_net_dev_from_the_vms_side() -> None:
+    tap = parse_net_dev(NET_DEV)["tap0"]
+    # the host side received 1000 bytes: the guest sent them
+    assert (tap.read_bytes, tap.write_bytes, tap.reads, tap.writes) == (5000.0, 1000.0, 20.0, 10.0)
+    assert set(parse_net_dev(NET_DEV)) == {"lo", "tap0"}
+
+
+def test_procfs_reads_the_tap_of_qemus_namespace(proc_tree: ProcTree) -> None:
+    (proc_tree.root / str(QEMU_PID) / "net").mkdir()
+    (proc_tree.root / str(QEMU_PID) / "net" / "dev").write_text(NET_DEV)
+    reader = ProcfsReader(proc_tree.root)
+    assert [n.name for n in reader.read(QEMU_PID, VCPU_TIDS, ThreadNames(), "tap0").nets] == ["tap0"]
+    assert reader.read(QEMU_PID, VCPU_TIDS, ThreadNames()).nets == ()  # host namespace: not the VM's

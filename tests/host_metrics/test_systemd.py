@@ -92,6 +92,12 @@ def test_units_are_notify_with_watchdog_and_hardened(name: str) -> None:
     assert "AF_NETLINK" not in " ".join(settings["RestrictAddressFamilies"])
 
 
+def test_daemon_sees_the_processes_it_measures() -> None:
+    # vhost kernel threads (root, Linux < 6.4) and libvirt's QEMUs (libvirt-qemu) are other
+    # users' processes: hidepid-style settings would empty their series without an error.
+    assert unit_settings("cvm-hostd.service")["ProtectProc"] == ["default"]
+
+
 def test_daemon_restarts_never_kill_the_vms() -> None:
     settings = unit_settings("cvm-hostd.service")
     assert settings["KillMode"] == ["process"]

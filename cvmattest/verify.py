@@ -16,7 +16,7 @@ from cryptography import x509
 
 from cvmattest.detect import ParsedEvidence
 from cvmattest.result import VerificationResult
-from cvmattest.snp import SnpReport
+from cvmattest.snp import Product, SnpReport
 from cvmattest.tdx import TdxQuote
 from cvmattest.verify_snp import SnpPolicy, verify_snp_report
 from cvmattest.verify_tdx import TdxPolicy, verify_tdreport, verify_tdx_quote
@@ -41,11 +41,13 @@ def verify_evidence(
     allowed_measurements: frozenset[bytes] | None = None,
     forbid_debug: bool = False,
     minimum_tcb: Mapping[str, int] | None = None,
+    arks: Mapping[Product, x509.Certificate] | None = None,
 ) -> VerificationResult:
     """Verify any evidence. For TDX, ``certificates`` (if given) replace the quote's PCK chain.
 
     ``allowed_measurements`` is the SNP launch measurement or the TDX MRTD allow-list;
-    ``minimum_tcb`` applies to SNP only.
+    ``minimum_tcb`` applies to SNP only. ``arks`` (SNP only) are the relying party's own
+    roots in place of AMD's pinned ARKs: a test chain, never something the evidence brings.
     """
     report_data = None if nonce is None else expected_report_data(nonce)
     if isinstance(evidence, SnpReport):
@@ -55,9 +57,11 @@ def verify_evidence(
             forbid_debug=forbid_debug,
             report_data=report_data,
         )
-        return verify_snp_report(evidence, certificates, at=at, policy=policy)
+        return verify_snp_report(evidence, certificates, at=at, policy=policy, arks=arks)
     if minimum_tcb:
         raise UsageError("a minimum TCB applies to SEV-SNP reports only")
+    if arks is not None:
+        raise UsageError("replacement ARKs apply to SEV-SNP reports only")
     if isinstance(evidence, TdxQuote):
         tdx_policy = TdxPolicy(
             forbid_debug=forbid_debug, allowed_mr_td=allowed_measurements, report_data=report_data

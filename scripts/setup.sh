@@ -23,6 +23,7 @@ APT_PACKAGES=(
     ovmf               # /usr/share/ovmf/OVMF.fd: the firmware both arms of a CVM comparison boot
     numactl            # [pinning] numa_node starts QEMU under numactl
     iproute2           # ip netns / ip tuntap: the tap network path's namespace
+    chromium           # the HTML report test renders the page in headless Chromium
 )
 
 apt_updated=0

@@ -124,7 +124,7 @@ def _paired_bars(run: Run, stored: list[StoredSample]) -> list[Bar]:
 
 
 def boot_stacks(runs: Sequence[tuple[Run, list[StoredSample]]]) -> dict[str, dict[str, float]]:
-    """{run label: {phase: seconds}} for ``boot`` runs, phases in recorded order.
+    """{run label: {phase: seconds}} for ``boot`` runs, per arm of a comparison, phases in recorded order.
 
     As the study: of the repetitions, the one with the median total boot time stands for
     the run (the lower middle one of an even count), so the phases shown add up to a boot
@@ -134,18 +134,20 @@ def boot_stacks(runs: Sequence[tuple[Run, list[StoredSample]]]) -> dict[str, dic
     for run, stored in runs:
         if run.workload != "boot":
             continue
-        by_rep: dict[int, dict[str, float]] = {}
+        by_arm: dict[str, dict[int, dict[str, float]]] = {}
         for s in stored:
             if not s.warmup:
-                by_rep.setdefault(s.repetition, {})[s.sample.metric] = s.sample.value
-        totals = sorted(
-            (phases.get("total", sum(v for k, v in phases.items() if k != "total")), rep)
-            for rep, phases in by_rep.items()
-        )
-        if not totals:
-            continue
-        _, chosen = totals[(len(totals) - 1) // 2]
-        stacks[f"run {run.id} ({run.target})"] = {k: v for k, v in by_rep[chosen].items() if k != "total"}
+                by_arm.setdefault(s.arm, {}).setdefault(s.repetition, {})[s.sample.metric] = s.sample.value
+        arms = run.metadata.get("arms") or {}
+        for arm, by_rep in by_arm.items():
+            totals = sorted(
+                (phases.get("total", sum(v for k, v in phases.items() if k != "total")), rep)
+                for rep, phases in by_rep.items()
+            )
+            _, chosen = totals[(len(totals) - 1) // 2]
+            target = arms.get(arm, run.target) if arm else run.target
+            label = f"run {run.id}" + (f" {arm}" if arm else "") + f" ({target})"
+            stacks[label] = {k: v for k, v in by_rep[chosen].items() if k != "total"}
     return stacks
 
 

@@ -28,6 +28,7 @@ from cvmcore.errors import CvmError, UsageError
 # Modules under cvmctl.cli that provide a command group, in --help order.
 COMMAND_MODULES: tuple[str, ...] = (
     "bench",
+    "study",
     "results",
     "report",
     "vm",

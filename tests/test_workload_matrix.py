@@ -55,6 +55,9 @@ TINY: dict[str, dict[str, str]] = {
     "sysbench": {"cpu_max_prime": "2000"},
     "boot": {},
     "attestation": {},
+    "ml-inference": {"models": "alexnet", "seconds": "1", "image_size": "64", "batch": "2"},
+    "blender": {"frames": "1", "resolution": "32", "samples": "1", "grid": "1"},
+    "npb": {},  # refused everywhere: no package provides it
 }
 
 #: A metric each workload's run must have (case-named metrics: the first case's).
@@ -70,6 +73,9 @@ KEY_METRIC = {
     "sysbench": "stress_cpu",
     "boot": "total",
     "attestation": "total",
+    "ml-inference": "alexnet_samples_per_s",
+    "blender": "seconds_per_frame",
+    "npb": "",
 }
 
 TARGETS: dict[str, Capabilities] = {

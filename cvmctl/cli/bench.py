@@ -222,6 +222,12 @@ def print_catalogue() -> None:
         tools = {**workload.guest_tools, **workload.host_tools}
         if tools:
             print("    tools: " + ", ".join(f"{b} ({p})" for b, p in tools.items()))
+        if workload.metrics_help:
+            print(
+                textwrap.fill(
+                    workload.metrics_help, 100, initial_indent="    metrics: ", subsequent_indent=" " * 8
+                )
+            )
         refusals = {name: refusal(workload, caps) for name, caps in targets.items()}
         runs_on = [name for name, reason in refusals.items() if reason is None]
         print("    runs on: " + (", ".join(runs_on) or "none of " + ", ".join(targets)))

@@ -1,6 +1,6 @@
 """cvmctl report: draw the study's figures from stored runs, to PNG and SVG, or one HTML page.
 
-    cvmctl report 3 -o figures/            # one run: its relative spread per metric
+    cvmctl report 3 -o figures/            # one run: its absolute values per metric
     cvmctl report 3 7 -o figures/          # run 7 relative to run 3
     cvmctl report 12 -o figures/           # a --compare run: B relative to A, paired CIs
     cvmctl report c3 --html -o report/     # campaign c3 (cvmctl study): report/report.html
@@ -11,7 +11,8 @@ cvmctl.html_report): the study's figure per item, medians and CIs, the environme
 each arm, what was unavailable and each run's attestation verdict. It needs no extra.
 
 Figures (each as NAME.png and NAME.svg in the output directory, drawn by matplotlib's
-Agg backend): "relative" (relative performance bars with 95% CIs), "boot" (boot phases
+Agg backend): "relative" (relative performance bars with 95% CIs; for a single run
+"absolute", each metric's median and CI in its unit), "boot" (boot phases
 stacked, for boot runs) and "vmexit" (ns per exit, for vmexit runs). How each is
 computed: the workloads.figures module.
 """

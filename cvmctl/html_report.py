@@ -366,7 +366,30 @@ ENV_HOST_KEYS = (
     "tee",
     "loadavg",
 )
-ENV_TARGET_KEYS = ("kind", "name", "tee", "qemu_version", "firmware", "kernel", "cpuidle_driver", "network")
+ENV_TARGET_KEYS = (
+    "kind",
+    "name",
+    "target",
+    "baseline_for",
+    "accel",
+    "tee",
+    "kernel",
+    "cmdline",
+    "network",
+    "agent_version",
+)
+
+
+def firmware_of(argv: Sequence[str]) -> str:
+    """The firmware a QEMU argv boots: -bios FILE, a pflash drive's file, else QEMU's own."""
+    for i, arg in enumerate(argv):
+        if arg == "-bios" and i + 1 < len(argv):
+            return argv[i + 1]
+        if "if=pflash" in arg:
+            for part in arg.split(","):
+                if part.startswith("file="):
+                    return part.removeprefix("file=")
+    return "QEMU's default (SeaBIOS)"
 
 
 def environment(runs: Sequence[RunData]) -> str:
@@ -380,6 +403,7 @@ def environment(runs: Sequence[RunData]) -> str:
     tools: dict[str, str] = {}
     for data in runs:
         tools.update(data.run.metadata.get("tools") or {})
+        tools.update(data.run.metadata.get("platform_tools") or {})
     versions = [["cvmctl", f"{meta.get('cvmctl_version', '?')} {meta.get('cvmctl_commit', '')}".strip()]]
     parts.append(_table(["tool", "version"], versions + sorted([k, v] for k, v in tools.items())))
     arms = meta.get("arms") or {"": runs[-1].run.target}
@@ -395,8 +419,10 @@ def environment(runs: Sequence[RunData]) -> str:
         guest = described.get("guest") or described.get("agent") or {}
         if isinstance(guest, dict):
             rows += [[f"guest {k}", str(v)] for k, v in guest.items() if not isinstance(v, dict | list)]
-        parts.append(_table(["fact", "value"], rows) if rows else "<p>(no description recorded)</p>")
         argv = described.get("qemu_argv")
+        if argv:
+            rows.append(["firmware", firmware_of([str(a) for a in argv])])
+        parts.append(_table(["fact", "value"], rows) if rows else "<p>(no description recorded)</p>")
         if argv:
             parts.append(f"<pre>{_e(' '.join(str(a) for a in argv))}</pre>")
         elif described.get("kind") == "local":

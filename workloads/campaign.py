@@ -58,6 +58,8 @@ class Item:
     reason: str | None = None  # why unavailable, or the last failure
     seconds: float | None = None  # wall time of the completed run
     estimate: float = 0.0  # seconds, from the profile, for the time-left display
+    repeat: int | None = None  # the profile's count for this item (None: the campaign's)
+    warmup: int | None = None
 
     @property
     def run_id(self) -> int | None:

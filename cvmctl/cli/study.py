@@ -44,6 +44,7 @@ from cvmctl.vm_target import VMTarget
 from workloads import catalogue
 from workloads.campaign import Campaign, Item, format_seconds
 from workloads.capabilities import WorkloadRefused, refusal
+from workloads.metadata import package_versions
 from workloads.model import Workload
 from workloads.runner import LocalTarget, Progress, RunRequest, Target, run_benchmark
 from workloads.store import Store, default_data_dir
@@ -61,26 +62,40 @@ class Profile:
     help: str
     params: dict[str, dict[str, str]] = field(default_factory=dict)
     skip: tuple[str, ...] = ()  # items left out unless named with --items
+    counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # item -> (repeat, warmup)
+
+    def counts_for(self, item: str) -> tuple[int, int]:
+        return self.counts.get(item, (self.repeat, self.warmup))
 
 
 #: quick: the sizes too big for a 1 GiB TCG guest in minutes: fio's 1 GiB scratch file is
 #: laid out per job (minutes under TCG), mbw's 2 x 256 MiB arrays beside 1 GiB of swiotlb
 #: bounce buffers are more than the guest has.
-QUICK_PARAMS = {"fio": {"size_mb": "64"}, "memory": {"mbw_mib": "64"}}
+#: Three of fio's nine jobs, one of each kind (a fio start costs seconds under TCG), and two
+#: boots per arm without a warm-up (a TCG boot is most of a minute).
+QUICK_PARAMS = {
+    "fio": {"size_mb": "64", "jobs": "alat-randread,bw-read,iops-randwrite"},
+    "memory": {"mbw_mib": "64"},
+}
+QUICK_COUNTS = {"boot": (2, 0)}
 PROFILES: dict[str, Profile] = {
     "quick": Profile(
         2.0,
         3,
         1,
-        "about 2 s per repetition, 3 pairs after 1 warm-up, smaller fio and mbw sizes:"
+        "about 2 s per repetition, 3 pairs after 1 warm-up (boot: 2, none), smaller fio"
+        " and mbw sizes, three of fio's nine jobs:"
         " a TCG comparison in minutes; leaves out ml-inference and blender (minutes per"
         " repetition in a TCG guest: name them with --items)",
         QUICK_PARAMS,
         ("ml-inference", "blender"),
+        QUICK_COUNTS,
     ),
     "paper": Profile(None, 10, 1, "the study's parameters, 10 pairs after 1 warm-up"),
 }
 DEFAULT_TARGETS = "vm,vm+swiotlb"
+#: Debian packages of the VM platform whose versions each run of a study records.
+PLATFORM_PACKAGES = ("qemu-system-x86", "ovmf", "linux-image-amd64")
 DEFAULT_PROFILE = "quick"
 #: What a boot or a step costs beyond the workload itself (a guess the progress corrects).
 STEP_OVERHEAD = 2.0
@@ -189,7 +204,8 @@ def why_unavailable(workload: Workload, targets: dict[str, Target]) -> str | Non
 
 def estimate(workload: Workload, params: dict[str, Any], profile: Profile, arms: int) -> float:
     """Seconds one item should take, for the time-left display (corrected as items finish)."""
-    steps = (profile.warmup + profile.repeat) * arms
+    repeat, warmup = profile.counts_for(workload.name)
+    steps = (warmup + repeat) * arms
     if workload.kind == "external":
         return steps * BOOT_STEP
     per = profile.duration
@@ -222,6 +238,8 @@ def plan_items(names: list[str] | None, targets: dict[str, Target], profile: Pro
                 state="unavailable" if reason else "pending",
                 reason=reason,
                 estimate=estimate(workload, params, profile, len(targets)),
+                repeat=profile.counts_for(workload.name)[0] if workload.name in profile.counts else None,
+                warmup=profile.counts_for(workload.name)[1] if workload.name in profile.counts else None,
             )
         )
     if names is not None:  # the order the user gave
@@ -260,6 +278,8 @@ async def run_campaign(
 ) -> list[str]:
     """Run every pending item in order, saving the manifest around each; the failures."""
     failures = []
+    # What the VM arms run on, beside the workload's tools that every run records.
+    platform = await trio.to_thread.run_sync(package_versions, PLATFORM_PACKAGES)
     async with contextlib.AsyncExitStack() as stack:
         for target in targets.values():
             if isinstance(target, VMTarget):
@@ -278,10 +298,15 @@ async def run_campaign(
                 workload=workload,
                 params=params,
                 targets=targets,
-                repeat=campaign.repeat,
-                warmup=campaign.warmup,
+                repeat=campaign.repeat if item.repeat is None else item.repeat,
+                warmup=campaign.warmup if item.warmup is None else item.warmup,
                 explicit=frozenset(),
-                metadata={"argv": sys.argv[1:], "duration": campaign.duration, **campaign.run_metadata(item)},
+                metadata={
+                    "argv": sys.argv[1:],
+                    "duration": campaign.duration,
+                    "platform_tools": platform,
+                    **campaign.run_metadata(item),
+                },
                 detect_tee=local_tee_name,
             )
             started = time.monotonic()
@@ -314,6 +339,7 @@ def chosen_profile(args: argparse.Namespace) -> Profile:
         base.help,
         base.params,
         base.skip,
+        {} if args.repeat is not None or args.warmup is not None else base.counts,
     )
 
 

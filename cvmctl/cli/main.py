@@ -155,6 +155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cvmctl: interrupted", file=sys.stderr)
         return 130
+    except BaseExceptionGroup as group:
+        # trio hands a Ctrl-C that lands inside a nursery over in an exception group.
+        if group.subgroup(KeyboardInterrupt) is None:
+            raise
+        print("cvmctl: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): not an error worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -230,3 +230,39 @@ def test_unrunnable_item_is_refused_up_front(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "boot is measured by the host daemon" in done.stderr
     assert not (tmp_path / "campaigns").exists() or not list((tmp_path / "campaigns").iterdir())
+
+
+def _stored_a_run(data_dir: Path) -> bool:
+    try:
+        return bool(runs(data_dir))
+    except sqlite3.OperationalError:  # not created yet
+        return False
+
+
+def test_ctrl_c_in_bench_is_one_line_and_the_run_aborted(tmp_path: Path) -> None:
+    """Ctrl-C inside trio's nursery arrives in an exception group: still exit 130, no traceback."""
+    proc = subprocess.Popen(
+        [
+            str(BIN / "cvmctl"),
+            "bench",
+            "ping",
+            "--target",
+            "local",
+            "--duration",
+            "20",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    end = time.monotonic() + 60
+    while time.monotonic() < end and not _stored_a_run(tmp_path):
+        time.sleep(0.2)
+    time.sleep(1.0)  # inside the first repetition
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "cvmctl: interrupted" in err and "Traceback" not in err
+    assert [(r[1], r[2]) for r in runs(tmp_path)] == [("ping", "aborted")]

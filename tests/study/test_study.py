@@ -266,3 +266,14 @@ def test_ctrl_c_in_bench_is_one_line_and_the_run_aborted(tmp_path: Path) -> None
     assert proc.returncode == 130, err
     assert "cvmctl: interrupted" in err and "Traceback" not in err
     assert [(r[1], r[2]) for r in runs(tmp_path)] == [("ping", "aborted")]
+
+
+def test_a_target_this_host_cannot_run_is_refused_with_the_host_checks_reasons(tmp_path: Path) -> None:
+    from host_daemon.hostcheck import evaluate, gather_host_facts
+
+    if evaluate(gather_host_facts(), "sev-snp").ready:
+        pytest.skip("this host can run SEV-SNP guests")
+    done = cvmctl("study", "--targets", "vm,sev-snp", data_dir=tmp_path)
+    assert done.returncode == 5
+    assert "this host cannot run a sev-snp guest" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "campaigns").exists()  # nothing planned, booted or stored

@@ -124,6 +124,11 @@ def hbar_svg(rows: Sequence[HBar], *, title: str, axis: str, reference: float | 
     groups = list(dict.fromkeys(r.group for r in rows))
     colour = {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(groups)}
     shared = max([r.high or r.value for r in rows if r.scale is None] + [reference or 0.0, 1e-12])
+    if reference is not None:
+        # Ratios: an interval from 3 noisy pairs can reach 100; the axis follows the values
+        # (whiskers stop at its edge, the numbers beside each bar say where they end).
+        values = [r.value for r in rows if r.scale is None]
+        shared = min(shared, max([2 * reference, *(1.25 * v for v in values)]))
     plot = WIDTH - LEFT - RIGHT
     legend = ROW if len(groups) > 1 else 0
     top = 26 + legend

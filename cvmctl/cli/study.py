@@ -189,6 +189,9 @@ def item_names(text: str | None) -> list[str] | None:
 def why_unavailable(workload: Workload, targets: dict[str, Target]) -> str | None:
     """Why the targets cannot run ``workload`` here, or None: capabilities, then tools
     (the host's client; the guest side's too when it is this machine)."""
+    not_here = workload.missing_here()  # on no target at all: no target's name in front
+    if not_here is not None:
+        return not_here
     for target in targets.values():
         reason = refusal(workload, target.capabilities())
         if reason is not None:

@@ -47,10 +47,10 @@ from workloads.store import Run, Store, StoredSample, paired_overheads, summarie
 
 REPORT_NAME = "report.html"
 PALETTE = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
-WIDTH = 760.0
+WIDTH = 820.0
 ROW = 22.0
 LEFT = 210.0  # room for metric names
-RIGHT = 150.0  # room for the value labels
+RIGHT = 200.0  # room for the value labels
 
 CSS = """
 body{font-family:sans-serif;margin:2em auto;max-width:60em;color:#222}
@@ -515,7 +515,10 @@ def run_verdict(store: Store, run_id: int) -> tuple[str, str]:
         result = verify_run(store, run_id, at=datetime.datetime.now(datetime.UTC))
     except ModuleNotFoundError as exc:
         return "not checked", f"verifying needs {exc.name}: pip install 'cvmctl[verify]'"
-    detail = "; ".join(f"{a.arm or 'run'}: {a.detail}" for a in result.arms)
+    by_detail: dict[str, list[str]] = {}
+    for arm in result.arms:  # two arms of one plain VM say the same: once
+        by_detail.setdefault(arm.detail, []).append(arm.arm or "run")
+    detail = "; ".join(f"{', '.join(arms)}: {text}" for text, arms in by_detail.items())
     return result.verdict, detail
 
 

@@ -17,7 +17,7 @@ from cryptography import x509
 from cvmattest.detect import ParsedEvidence
 from cvmattest.intel_tcb import Collateral
 from cvmattest.result import VerificationResult
-from cvmattest.snp import SnpReport
+from cvmattest.snp import Product, SnpReport
 from cvmattest.tdx import TdxQuote
 from cvmattest.verify_snp import SnpPolicy, verify_snp_report
 from cvmattest.verify_tdx import DEFAULT_ACCEPTED_TCB, TdxPolicy, verify_tdreport, verify_tdx_quote
@@ -46,11 +46,14 @@ def verify_evidence(
     accepted_tcb: frozenset[str] = DEFAULT_ACCEPTED_TCB,
     crl: x509.CertificateRevocationList | None = None,
     crl_unavailable: str | None = None,
+    arks: Mapping[Product, x509.Certificate] | None = None,
 ) -> VerificationResult:
     """Verify any evidence. For TDX, ``certificates`` (if given) replace the quote's PCK chain.
 
     ``allowed_measurements`` is the SNP launch measurement or the TDX MRTD allow-list;
     ``minimum_tcb`` applies to SNP only; ``collateral`` and ``accepted_tcb`` to TDX quotes.
+    ``arks`` (SNP only) are the relying party's own roots in place of AMD's pinned ARKs: a
+    test chain, never something the evidence brings.
     """
     if collateral is not None and not isinstance(evidence, TdxQuote):
         raise UsageError("Intel collateral applies to TDX quotes only")
@@ -63,12 +66,14 @@ def verify_evidence(
             report_data=report_data,
         )
         return verify_snp_report(
-            evidence, certificates, at=at, policy=policy, crl=crl, crl_unavailable=crl_unavailable
+            evidence, certificates, at=at, policy=policy, crl=crl, crl_unavailable=crl_unavailable, arks=arks
         )
     if crl is not None:
         raise UsageError("an AMD CRL applies to SEV-SNP reports only")
     if minimum_tcb:
         raise UsageError("a minimum TCB applies to SEV-SNP reports only")
+    if arks is not None:
+        raise UsageError("replacement ARKs apply to SEV-SNP reports only")
     if isinstance(evidence, TdxQuote):
         tdx_policy = TdxPolicy(
             forbid_debug=forbid_debug, allowed_mr_td=allowed_measurements, report_data=report_data

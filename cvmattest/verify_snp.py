@@ -97,13 +97,13 @@ def _pick_leaf(
 
 
 def _pick_intermediate(
-    supplied: Sequence[x509.Certificate], leaf: x509.Certificate, product: Product, vlek: bool
+    supplied: Sequence[x509.Certificate], leaf: x509.Certificate, product: Product, vlek: bool, pinned: bool
 ) -> x509.Certificate | None:
-    """The supplied ASK/ASVK that issued ``leaf``, else the pinned one for the product."""
+    """The supplied ASK/ASVK that issued ``leaf``, else (``pinned``) the pinned one for the product."""
     for cert in supplied:
         if cert.subject == leaf.issuer:
             return cert
-    return certmod.amd_intermediate(product, vlek)
+    return certmod.amd_intermediate(product, vlek) if pinned else None
 
 
 def verify_snp_report(
@@ -114,11 +114,14 @@ def verify_snp_report(
     policy: SnpPolicy | None = None,
     crl: x509.CertificateRevocationList | None = None,
     crl_unavailable: str | None = None,
+    arks: Mapping[Product, x509.Certificate] | None = None,
 ) -> VerificationResult:
     """Run every check on ``report`` with the given certificates; see the module docstring.
 
     ``certificates`` may hold the VCEK or VLEK and, optionally, the ASK/ASVK and ARK in any
-    order (extra certificates are ignored). The ARK is always AMD's pinned one.
+    order (extra certificates are ignored). The ARK is AMD's pinned one unless the caller
+    passes its own ``arks`` (product -> root; a test chain): the trust anchor is always the
+    verifier's choice, never the input's. With ``arks``, no pinned intermediate is used.
     """
     result = VerificationResult(tee="sev-snp", evidence_type="sev-snp-report", at=at)
     result.record(
@@ -159,17 +162,22 @@ def verify_snp_report(
         # TCB fields with the Turin layout the certificate implies.
         report = parse_snp_report(report.raw, product=product)
 
-    ark = certmod.amd_ark(product)
+    if arks is not None and product not in arks:
+        result.failed("ark", f"no root for {product.value} among the given ARKs")
+        _check_policy(report, policy, result)
+        return result
+    ark = certmod.amd_ark(product) if arks is None else arks[product]
+    pinned, anchor = ("AMD's pinned", "pinned") if arks is None else ("the given", "given")
     foreign_roots = [r for r in roots if not certmod.same_certificate(r, ark)]
     result.record(
         "ark",
-        f"the supplied {certmod.common_name(foreign_roots[0])} is not AMD's pinned ARK-{product.value}"
+        f"the supplied {certmod.common_name(foreign_roots[0])} is not {pinned} ARK-{product.value}"
         if foreign_roots
         else None,
-        f"pinned ARK-{product.value}",
+        f"{anchor} ARK-{product.value}",
     )
     result.record("ark_self_signed", certmod.verify_amd_signature(ark, ark), "RSASSA-PSS SHA-384")
-    intermediate = _pick_intermediate(intermediates, leaf.certificate, product, want_vlek)
+    intermediate = _pick_intermediate(intermediates, leaf.certificate, product, want_vlek, arks is None)
     link = "asvk" if want_vlek else "ask"
     if intermediate is None:
         result.failed(link, f"no {link.upper()} for {product.value} was given and none is pinned")

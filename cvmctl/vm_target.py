@@ -504,6 +504,15 @@ class VMTarget:
         samples.append(Sample("round_trip", round_trip, "s", "lower", {"interface": response.interface}))
         return samples
 
+    async def run_evidence(self, report_data: bytes) -> dict[str, Any]:
+        """Evidence over ``report_data`` from this guest's agent, for an attested run
+        (:mod:`cvmctl.attested`); a normal VM's answer is "not attested"."""
+        from cvmctl.attested import agent_evidence, not_attested
+
+        if self._agent is None:
+            return not_attested(f"the agent of {self.vm} is not connected")
+        return await agent_evidence(self._agent, str(self._agent_info.get("tee") or ""), report_data)
+
     def guest_address(self) -> str:
         if self._network.namespace:
             return self._network.guest_address  # the tap path: reached inside the namespace

@@ -20,6 +20,9 @@
 #   msr-tools          rdmsr, wrmsr       (by hand: cross-checking the vmexit rdmsr path)
 #   cpuid              cpuid              (by hand: what the vmexit leaves return)
 #   kmod               modprobe           vmexit (modprobe msr for /dev/cpu/N/msr)
+#   blender            blender            blender (Cycles on the CPU; with its 153 dependencies
+#                                         about 640 MB installed, 170 MB of archives - the
+#                                         price of the study's rendering item)
 #
 # Service packages (nginx, memcached) must not start their daemons at install time: the
 # benchmarks start their own instance with a private config on a chosen port. policy-rc.d
@@ -32,6 +35,7 @@ set -euo pipefail
 PACKAGES=(
     nginx wrk iperf3 iputils-ping memcached libmemcached-tools fio
     sysbench stress-ng mbw msr-tools cpuid kmod
+    blender
 )
 
 log() { printf 'install-workload-tools: %s\n' "$*" >&2; }

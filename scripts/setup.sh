@@ -24,6 +24,7 @@ APT_PACKAGES=(
     numactl            # [pinning] numa_node starts QEMU under numactl
     iproute2           # ip netns / ip tuntap: the tap network path's namespace
     passt              # the rootless network path with UDP ([network] mode = "passt")
+    chromium           # the HTML report test renders the page in headless Chromium
 )
 
 apt_updated=0

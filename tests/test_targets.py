@@ -80,7 +80,7 @@ def test_a_confidential_target_is_refused_before_anything_boots(
     assert main(["results", "ls", "--json", *data]) == 0
     assert capsys.readouterr().out.strip() == "[]"
     with pytest.raises(HostNotReady):
-        from cvmctl.cli.bench import check_builtin_targets
+        from cvmctl.resolve import check_builtin_targets
 
         check_builtin_targets([BuiltinTarget("tdx")])
 

@@ -100,7 +100,14 @@ def local_capabilities() -> Capabilities:
 
 
 def refusal(workload: Workload, capabilities: Capabilities) -> str | None:
-    """Why ``workload`` cannot run on a target with ``capabilities``; None when it can."""
+    """Why ``workload`` cannot run on a target with ``capabilities``; None when it can.
+
+    First what rules it out on any target here (:meth:`Workload.missing_here`: a runtime an
+    extra installs, a suite no package provides), then the target's missing capabilities.
+    """
+    here = workload.missing_here()
+    if here is not None:
+        return here
     missing = capabilities.missing(workload.needs)
     if not missing:
         return None

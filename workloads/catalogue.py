@@ -14,6 +14,9 @@ vmexit          guest          cpuid / port I/O / rdmsr exit latency (in process
 sysbench        guest          sysbench cpu, threads; stress-ng stressors
 boot            external       boot phases, from the host daemon
 attestation     external       attestation steps, from the agent
+ml-inference    guest          BERT-style and AlexNet-style inference (PyTorch, CPU)
+blender         guest          Cycles rendering of a generated scene, seconds per frame
+npb             guest          NAS Parallel Benchmarks: listed as unavailable (no package)
 ==============  =============  ==========================================================
 
 The agent resolves a workload name the host sent with :func:`get` and validates the
@@ -23,6 +26,7 @@ parameters with :meth:`workloads.model.Workload.validate` before building any ar
 from __future__ import annotations
 
 from cvmcore.errors import UsageError
+from workloads.apps import Blender, MlInference, Npb
 from workloads.external import Attestation, Boot
 from workloads.model import Workload
 from workloads.net import IperfTcp, IperfUdp, Memcached, Nginx, Ping
@@ -43,6 +47,9 @@ CATALOGUE: dict[str, Workload] = {
         Sysbench(),
         Boot(),
         Attestation(),
+        MlInference(),
+        Blender(),
+        Npb(),
     )
 }
 

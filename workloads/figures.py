@@ -14,7 +14,9 @@ bars read the same way as the study's):
 - several runs of one workload: each later run against the first, ratio of means; the CI
   of an unpaired ratio is approximated by adding the relative half-widths of the two
   means' CIs (first-order error propagation; conservative next to the paired case);
-- one plain run: each metric against its own mean, i.e. the run's relative spread.
+- one plain run: nothing is relative to anything, so no relative bars; the ``absolute``
+  figure shows each metric's median with the 95% CI of its mean, in its own unit
+  (:func:`absolute_bars`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 from workloads.stats import paired_overhead
 from workloads.store import Run, StoredSample, summaries_of
 
-FIGURE_KINDS = ("relative", "boot", "vmexit")
+FIGURE_KINDS = ("relative", "absolute", "boot", "vmexit")
 
 
 @dataclass(frozen=True)
@@ -58,22 +60,7 @@ def relative_bars(runs: Sequence[tuple[Run, list[StoredSample]]]) -> list[Bar]:
             bars += _paired_bars(run, stored)
         else:
             plain.append((run, stored))
-    if len(plain) == 1:
-        run, stored = plain[0]
-        for (_, metric), (_, s) in summaries_of(stored).items():
-            if s.mean <= 0:
-                continue  # nothing to be relative to (an error count of 0)
-            half = _ci_relative_half(s.ci95_low, s.ci95_high, s.mean)
-            bars.append(
-                Bar(
-                    f"run {run.id}",
-                    metric,
-                    1.0,
-                    None if half is None else 1 - half,
-                    None if half is None else 1 + half,
-                )
-            )
-    elif len(plain) > 1:
+    if len(plain) > 1:
         base_run, base_stored = plain[0]
         base = summaries_of(base_stored)
         for run, stored in plain[1:]:
@@ -88,6 +75,18 @@ def relative_bars(runs: Sequence[tuple[Run, list[StoredSample]]]) -> list[Bar]:
                 low, high = (None, None) if half is None else (ratio - half, ratio + half)
                 bars.append(Bar(f"run {run.id} vs {base_run.id}", key[1], ratio, low, high))
     return bars
+
+
+def absolute_bars(runs: Sequence[tuple[Run, list[StoredSample]]]) -> list[tuple[Bar, str]]:
+    """(bar, unit) per metric of a single plain run: median, 95% CI of the mean; else []."""
+    plain = [(run, stored) for run, stored in runs if not any(s.arm for s in stored)]
+    if len(runs) != 1 or len(plain) != 1:
+        return []
+    run, stored = plain[0]
+    return [
+        (Bar(f"run {run.id}", metric, s.median, s.ci95_low, s.ci95_high), sample.unit)
+        for (_, metric), (sample, s) in summaries_of(stored).items()
+    ]
 
 
 def _paired_bars(run: Run, stored: list[StoredSample]) -> list[Bar]:
@@ -124,7 +123,7 @@ def _paired_bars(run: Run, stored: list[StoredSample]) -> list[Bar]:
 
 
 def boot_stacks(runs: Sequence[tuple[Run, list[StoredSample]]]) -> dict[str, dict[str, float]]:
-    """{run label: {phase: seconds}} for ``boot`` runs, phases in recorded order.
+    """{run label: {phase: seconds}} for ``boot`` runs, per arm of a comparison, phases in recorded order.
 
     As the study: of the repetitions, the one with the median total boot time stands for
     the run (the lower middle one of an even count), so the phases shown add up to a boot
@@ -134,18 +133,20 @@ def boot_stacks(runs: Sequence[tuple[Run, list[StoredSample]]]) -> dict[str, dic
     for run, stored in runs:
         if run.workload != "boot":
             continue
-        by_rep: dict[int, dict[str, float]] = {}
+        by_arm: dict[str, dict[int, dict[str, float]]] = {}
         for s in stored:
             if not s.warmup:
-                by_rep.setdefault(s.repetition, {})[s.sample.metric] = s.sample.value
-        totals = sorted(
-            (phases.get("total", sum(v for k, v in phases.items() if k != "total")), rep)
-            for rep, phases in by_rep.items()
-        )
-        if not totals:
-            continue
-        _, chosen = totals[(len(totals) - 1) // 2]
-        stacks[f"run {run.id} ({run.target})"] = {k: v for k, v in by_rep[chosen].items() if k != "total"}
+                by_arm.setdefault(s.arm, {}).setdefault(s.repetition, {})[s.sample.metric] = s.sample.value
+        arms = run.metadata.get("arms") or {}
+        for arm, by_rep in by_arm.items():
+            totals = sorted(
+                (phases.get("total", sum(v for k, v in phases.items() if k != "total")), rep)
+                for rep, phases in by_rep.items()
+            )
+            _, chosen = totals[(len(totals) - 1) // 2]
+            target = arms.get(arm, run.target) if arm else run.target
+            label = f"run {run.id}" + (f" {arm}" if arm else "") + f" ({target})"
+            stacks[label] = {k: v for k, v in by_rep[chosen].items() if k != "total"}
     return stacks
 
 
@@ -177,6 +178,9 @@ def draw_all(runs: Sequence[tuple[Run, list[StoredSample]]], out_dir: Path) -> l
         ylabel = "relative performance (1.0 = same; < 1 worse)"
         title = "relative performance with 95% CI"
         written += _grouped_bars(relative, title, ylabel, "relative", out_dir, reference=1.0)
+    absolute = absolute_bars(runs) if runs and runs[0][0].workload not in ("boot", "vmexit") else []
+    if absolute:
+        written += _absolute(absolute, out_dir)
     stacks = boot_stacks(runs)
     if stacks:
         written += _stacked(stacks, out_dir)
@@ -227,6 +231,26 @@ def _grouped_bars(
     axes.set_title(title)
     axes.legend(fontsize="small")
     return _save(figure, name, out_dir)
+
+
+def _absolute(bars: list[tuple[Bar, str]], out_dir: Path) -> list[Path]:
+    """One row per metric, each on its own axis (the units differ)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.0, 0.9 + 0.55 * len(bars)))
+    axes_list = figure.subplots(len(bars), 1, squeeze=False)[:, 0]
+    for axes, (bar, unit) in zip(axes_list, bars, strict=True):
+        low = None if bar.low is None else max(0.0, bar.value - max(0.0, bar.low))
+        high = None if bar.high is None else max(0.0, bar.high - bar.value)
+        xerr = None if low is None or high is None else [[low], [high]]
+        axes.barh([0], [bar.value], xerr=xerr, capsize=3)
+        axes.set_yticks([0], [bar.label])
+        axes.set_xlim(left=0)
+        axes.text(
+            1.01, 0.5, f"{bar.value:.4g} {unit}", transform=axes.transAxes, va="center", fontsize="small"
+        )
+    axes_list[0].set_title(f"{bars[0][0].group}: median and 95% CI of the mean, per metric")
+    return _save(figure, "absolute", out_dir)
 
 
 def _stacked(stacks: dict[str, dict[str, float]], out_dir: Path) -> list[Path]:

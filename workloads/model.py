@@ -237,6 +237,8 @@ class Workload:
     duration_param: ClassVar[str | None] = None
     case_param: ClassVar[str | None] = None
     in_process: ClassVar[bool] = False
+    #: The metrics with their units, in words, for ``bench --list`` (empty: not listed).
+    metrics_help: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
     #: A server that serves one test well and not always the next (iperf3): started afresh
     #: for every repetition instead of kept up across a plain run's repetitions.
@@ -317,6 +319,12 @@ class Workload:
         """The {binary: package} of ``side`` that are not on PATH here."""
         tools = self.guest_tools if side == "guest" else self.host_tools
         return {binary: package for binary, package in tools.items() if shutil.which(binary) is None}
+
+    def missing_here(self) -> str | None:
+        """Why this workload cannot run on this machine at all, whatever the target (a
+        runtime an extra installs, a suite no package provides); None when it can.
+        ``bench --list`` prints it and ``bench`` refuses with it before anything boots."""
+        return None
 
     def require_tools(self, side: Literal["guest", "host"]) -> None:
         """Raise :class:`MissingToolError` for the first missing binary of ``side``."""

@@ -218,6 +218,20 @@ class Store:
                     (status, time.time(), _dumps(metadata), run_id),
                 )
 
+    def set_attestation(self, run_id: int, attestation: dict[str, Any]) -> None:
+        """Record a finished run's attestation (``metadata["attestation"]``), in one transaction.
+
+        The evidence binds the run's canonical record (:func:`workloads.record.canonical_record`),
+        which leaves this key out: adding it changes nothing the evidence covers.
+        """
+        with _transaction(self._db):
+            row = self._db.execute("SELECT metadata FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise UsageError(f"no run {run_id} in {self.path}")
+            metadata = json.loads(row["metadata"])
+            metadata["attestation"] = attestation
+            self._db.execute("UPDATE runs SET metadata = ? WHERE id = ?", (_dumps(metadata), run_id))
+
     def mark_abandoned(self) -> list[int]:
         """Mark ``running`` runs whose writer process is gone as ``aborted``; their ids."""
         rows = self._db.execute("SELECT id, pid, pid_started FROM runs WHERE status = 'running'").fetchall()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cvmcore.client import DEFAULT_TIMEOUT
 from cvmcore.defaults import AGENT_ENV, DATA_DIR_ENV
+from cvmcore.errors import UsageError
 
 
 def non_negative_int(text: str) -> int:
@@ -35,6 +37,17 @@ def positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
     return value
+
+
+def parse_time(text: str | None) -> datetime:
+    """``--at TIME`` (ISO 8601; UTC when no zone is given), or now."""
+    if text is None:
+        return datetime.now(UTC)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise UsageError(f"--at {text!r} is not an ISO-8601 time (e.g. 2025-06-01T00:00:00Z)") from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def yes_no(text: str) -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ from cvmattest.verify_tdx import DEFAULT_ACCEPTED_TCB
 from cvmcore.defaults import cache_dir
 from cvmcore.durable import write_durably
 from cvmcore.errors import ConnectError, RemoteError, UsageError
-from cvmctl.cli.args import add_connection_arguments
+from cvmctl.cli.args import add_connection_arguments, parse_time
 from cvmctl.cli.output import print_table
 
 STATUS_MARKS = {CheckStatus.PASSED: "ok", CheckStatus.FAILED: "FAILED", CheckStatus.SKIPPED: "skipped"}
@@ -214,16 +214,6 @@ def _read(path: Path, what: str) -> bytes:
 
 def load_evidence(path: Path, tee: str | None) -> ParsedEvidence:
     return parse_evidence(_read(path, "evidence"), tee)
-
-
-def parse_time(text: str | None) -> datetime:
-    if text is None:
-        return datetime.now(UTC)
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise UsageError(f"--at {text!r} is not an ISO-8601 time (e.g. 2025-06-01T00:00:00Z)") from exc
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def parse_hex(text: str, option: str) -> bytes:

@@ -10,7 +10,7 @@ machine's metadata go to the results store (``cvmctl results``). ``--duration S`
 the workload down so one repetition takes about S seconds; an explicit ``--param`` wins.
 
 Targets: :func:`resolve_targets` turns ``--target`` (or the two sides of ``--compare``) into
-:class:`workloads.runner.Target` objects: ``local`` here, VM targets from
+:class:`workloads.runner.Target` objects (:mod:`cvmctl.resolve`): ``local`` here, VM targets from
 :mod:`cvmctl.vm_target`, the built-in ones (``vm``, ``sev-snp``, ``tdx`` and their
 modifiers) from :mod:`cvmctl.targets`. A confidential target this host cannot run is refused
 before anything boots, with the host check's reasons; so is a workload a target cannot run
@@ -24,26 +24,22 @@ import argparse
 import contextlib
 import sys
 import textwrap
-import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import trio
 
 from cvmcore.defaults import HOSTD_ADDRESS, HOSTD_ENV
-from cvmcore.errors import HostNotReady, UsageError
+from cvmcore.errors import UsageError
+from cvmctl.attested import attest_run
 from cvmctl.cli.args import add_data_dir_argument, non_negative_int, positive_float, positive_int
-from cvmctl.cli.runview import print_run, run_json
-from cvmctl.targets import BuiltinTarget, pair, parse_target
-from cvmctl.targets import usage as target_usage
+from cvmctl.cli.runview import print_progress, print_run, run_json
+from cvmctl.resolve import local_tee_name, resolve_target_names
+from cvmctl.targets import BuiltinTarget
 from cvmctl.vm_target import VMTarget, builtin_capabilities
-from host_daemon.firmware import first_fit
-from host_daemon.hostcheck import HostFacts, evaluate, gather_host_facts
 from workloads import catalogue
 from workloads.capabilities import Capabilities, local_capabilities, refusal
 from workloads.model import Workload
-from workloads.runner import LocalTarget, Progress, RunRequest, Target, refuse_unrunnable, run_benchmark
+from workloads.runner import RunRequest, Target, refuse_unrunnable, run_benchmark
 from workloads.store import Store
 
 DEFAULT_TARGET = "vm"
@@ -86,13 +82,6 @@ examples:
   cvmctl bench nginx --compare vm,vm+swiotlb --duration 10
   cvmctl bench nginx --compare vm,sev-snp
 """
-
-
-def local_tee_name(root: Path) -> str:
-    """The TEE of the machine the CLI runs on, by the agent's own detector."""
-    from guest_agent.tee import detect_tee
-
-    return str(detect_tee(root).tee.value)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -164,59 +153,6 @@ def resolve_params(workload: Workload, raw: dict[str, str], duration: float | No
     return scaled
 
 
-def resolve_target(
-    name: str,
-    builtin: BuiltinTarget | None = None,
-    hostd: str | None = None,
-    facts: HostFacts | None = None,
-) -> Target:
-    """The target named ``name``; ``builtin`` is its parsed (and paired) built-in form;
-    ``hostd`` the daemon's address (--host), else $CVM_HOSTD, else the system daemon;
-    ``facts`` the host check's, whose firmware search a confidential built-in target boots."""
-    if builtin is not None:
-        return VMTarget(builtin=builtin, firmware=firmware_for(builtin, facts), hostd=hostd)
-    if name.startswith("vm:"):
-        vm = name.removeprefix("vm:")
-        if not vm:
-            raise UsageError(f"target {name!r}: expected vm:NAME with a VM's name (cvmctl vm ls)")
-        return VMTarget(vm, hostd=hostd)
-    if name == "local":
-        return LocalTarget()
-    if name.startswith("local:"):
-        port = name.removeprefix("local:")
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise UsageError(f"target {name!r}: expected local:PORT with a TCP port")
-        return LocalTarget(existing_port=int(port))
-    raise UsageError(f"unknown target {name!r} (available: {target_usage()})")
-
-
-def firmware_for(target: BuiltinTarget, facts: HostFacts | None) -> Path | None:
-    """The image a confidential target (or its baseline) boots: the first of the host's that
-    fits, from the host check's search (:func:`check_builtin_targets`)."""
-    if target.flavour == "none" or facts is None:
-        return None
-    found = first_fit(list(facts.firmware.get(target.flavour, ())))
-    return found.path if found is not None else None
-
-
-def check_builtin_targets(targets: list[BuiltinTarget]) -> HostFacts | None:
-    """Raise :class:`HostNotReady` before anything boots if this host cannot run a target;
-    the host's facts when a target is confidential (or a baseline), else None.
-
-    Built-in targets boot the dev guest, whose root is this host's over 9p, so the daemon
-    runs here and the local host check is the one that counts.
-    """
-    tees = sorted({t.flavour for t in targets if t.flavour != "none"})
-    if not tees:
-        return None
-    facts = gather_host_facts()
-    for tee in tees:
-        report = evaluate(facts, tee)  # type: ignore[arg-type]
-        if not report.ready:
-            raise HostNotReady(report.reasons() + " (cvmctl host check shows every requirement)")
-    return facts
-
-
 def resolve_targets(args: argparse.Namespace) -> dict[str, Target]:
     """``{"": target}`` for a plain run, ``{"A": ..., "B": ...}`` for ``--compare A,B``."""
     if not args.compare:
@@ -225,17 +161,7 @@ def resolve_targets(args: argparse.Namespace) -> dict[str, Target]:
         names = [s.strip() for s in args.compare.split(",")]
         if len(names) != 2 or not all(names):
             raise UsageError(f"--compare {args.compare!r}: expected two targets, A,B")
-    builtins = [parse_target(name) for name in names]
-    if len(builtins) == 2 and builtins[0] is not None and builtins[1] is not None:
-        builtins = list(pair(builtins[0], builtins[1]))
-    facts = check_builtin_targets([b for b in builtins if b is not None])
-    hostd = args.host
-    resolved = [
-        resolve_target(name, builtin, hostd, facts) for name, builtin in zip(names, builtins, strict=True)
-    ]
-    if len(resolved) == 1:
-        return {"": resolved[0]}
-    return {"A": resolved[0], "B": resolved[1]}
+    return resolve_target_names(names, args.host)
 
 
 async def run_with_targets(store: Store, request: RunRequest, progress: Any) -> int:
@@ -244,7 +170,9 @@ async def run_with_targets(store: Store, request: RunRequest, progress: Any) -> 
         for target in request.targets.values():
             if isinstance(target, VMTarget):
                 await stack.enter_async_context(target)
-        return await run_benchmark(store, request, progress)
+        run_id = await run_benchmark(store, request, progress)
+        await attest_run(store, run_id, request.targets)  # while the guests still run
+        return run_id
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -281,30 +209,6 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_progress(name: str) -> Callable[[Progress], None]:
-    """A progress callback printing one line per step to stderr, with the step's time."""
-    started = time.monotonic()
-
-    def show(event: Progress) -> None:
-        nonlocal started
-        arm = f" {event.arm}" if event.arm else ""
-        kind = "warm-up" if event.warmup else "run"
-        head = f"[{event.step}/{event.steps}] {name}{arm} {kind} {event.repetition + 1}"
-        if event.phase == "start":
-            started = time.monotonic()
-            print(f"{head} ...", file=sys.stderr, flush=True)
-        elif event.samples:
-            first = event.samples[0]
-            took = time.monotonic() - started
-            print(
-                f"{head}: {first.metric} {first.value:.4g} {first.unit} ({took:.1f} s)",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    return show
-
-
 def listed_targets() -> dict[str, Capabilities]:
     """The targets ``--list`` answers for: this machine and the built-in dev guest."""
     return {"local": local_capabilities(), "vm": builtin_capabilities(BuiltinTarget("vm"))}
@@ -318,6 +222,12 @@ def print_catalogue() -> None:
         tools = {**workload.guest_tools, **workload.host_tools}
         if tools:
             print("    tools: " + ", ".join(f"{b} ({p})" for b, p in tools.items()))
+        if workload.metrics_help:
+            print(
+                textwrap.fill(
+                    workload.metrics_help, 100, initial_indent="    metrics: ", subsequent_indent=" " * 8
+                )
+            )
         refusals = {name: refusal(workload, caps) for name, caps in targets.items()}
         runs_on = [name for name, reason in refusals.items() if reason is None]
         print("    runs on: " + (", ".join(runs_on) or "none of " + ", ".join(targets)))

@@ -28,6 +28,7 @@ from cvmcore.errors import CvmError, UsageError
 # Modules under cvmctl.cli that provide a command group, in --help order.
 COMMAND_MODULES: tuple[str, ...] = (
     "bench",
+    "study",
     "results",
     "report",
     "vm",
@@ -152,6 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_error(f"{message}: pip install 'cvmctl[{extra}]'", 2, "UsageError", as_json=as_json)
         return UsageError.exit_code
     except KeyboardInterrupt:
+        print("cvmctl: interrupted", file=sys.stderr)
+        return 130
+    except BaseExceptionGroup as group:
+        # trio hands a Ctrl-C that lands inside a nursery over in an exception group.
+        if group.subgroup(KeyboardInterrupt) is None:
+            raise
         print("cvmctl: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:

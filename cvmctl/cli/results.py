@@ -4,8 +4,15 @@
     cvmctl results show 3
     cvmctl results export 3 --csv > run3.csv
     cvmctl results export 3 --json -o run3.json
+    cvmctl results verify 3
 
 Listing opens the store, which also marks runs whose benchmark process died as aborted.
+
+``verify RUN`` checks an attested run (cvmctl.attested): it rebuilds the SHA-512 of the
+run's record from what is stored now and verifies the evidence the confidential guest gave
+over it (chain, signature, REPORT_DATA). Exit status: 0 verified, 1 rejected (an altered
+sample, a broken chain; the failed check is named), 2 bad input, 6 not attested (a normal
+VM or the local machine: no evidence was ever stored for the run, and none is faked).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import json
 from pathlib import Path
 
 from cvmcore.errors import UsageError
-from cvmctl.cli.args import add_data_dir_argument
+from cvmctl.cli.args import add_data_dir_argument, parse_time
 from cvmctl.cli.output import print_columns, print_table
 from cvmctl.cli.runview import print_run, run_json
 from workloads.store import Store, iter_ids
@@ -51,6 +58,32 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     export.add_argument("-o", "--output", type=Path, metavar="FILE", help="write to FILE instead of stdout")
     add_data_dir_argument(export)
     export.set_defaults(func=run_export)
+
+    verify = commands.add_parser(
+        "verify", help="verify a run's attestation: verified, rejected or not attested"
+    )
+    verify.add_argument("run", metavar="RUN", help="run id")
+    verify.add_argument("--at", metavar="TIME", help="verify as of this ISO 8601 time (default: now, UTC)")
+    verify.add_argument(
+        "--certs",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="more certificates (PEM/DER): the VCEK when the evidence brought none",
+    )
+    verify.add_argument(
+        "--roots",
+        type=Path,
+        metavar="FILE",
+        help="trust these ARKs (PEM) instead of AMD's pinned ones: for test chains only",
+    )
+    verify.add_argument("--json", action="store_true", help="print the verdict and every check as JSON")
+    add_data_dir_argument(verify)
+    verify.set_defaults(func=run_verify)
+
+
+NOT_ATTESTED_EXIT = 6
 
 
 def when(timestamp: float | None) -> str:
@@ -137,3 +170,38 @@ def run_export(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"cannot write {args.output}: {exc.strerror}") from exc
     return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from cvmattest.certs import load_certificate_file
+    from cvmctl.attested import verify_run
+
+    run_id = single_id(args.run)
+    extra = []
+    for path in args.certs:
+        extra += load_certificate_file(_read_file(path), str(path))
+    arks = None
+    if args.roots is not None:
+        arks = load_certificate_file(_read_file(args.roots), str(args.roots))
+    with Store.open(args.data_dir) as store:
+        verdict = verify_run(store, run_id, at=parse_time(args.at), extra_certificates=extra, arks=arks)
+    if args.json:
+        print(json.dumps(verdict.to_dict(), indent=2))
+    else:
+        if arks is not None:
+            print(f"trust anchors: {args.roots} in place of AMD's pinned ARKs (a test chain)")
+        if verdict.digest_matches is False:
+            print("record: the stored run no longer has the digest its evidence was fetched over")
+        for arm in verdict.arms:
+            print(f"{arm.arm or 'run'}: {arm.verdict}: {arm.detail}")
+        print(f"run {run_id}: {verdict.verdict}")
+    if verdict.verdict == "verified":
+        return 0
+    return 1 if verdict.verdict == "rejected" else NOT_ATTESTED_EXIT
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from exc

@@ -5,10 +5,13 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from collections.abc import Mapping
+import sys
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from cvmctl.cli.output import format_value, print_columns
+from workloads.runner import Progress
 from workloads.stats import Summary
 from workloads.store import Store, paired_overheads, summaries_of
 
@@ -37,6 +40,20 @@ def summary_row(arm: str, metric: str, unit: str, direction: str, s: Summary) ->
     return [arm, *row] if arm else row
 
 
+def overhead_rows(overheads: list[dict[str, Any]], between: str = "..") -> list[list[str]]:
+    """Rows of metric, B/A, overhead, CI of B/A and verdict, from :func:`paired_overheads`."""
+    return [
+        [
+            o["metric"],
+            f"{o['ratio']:.4f}",
+            f"{o['percent']:+.2f}%",
+            "-" if o["ci95_low"] is None else f"{o['ci95_low']:.4f}{between}{o['ci95_high']:.4f}",
+            "distinguishable" if o["distinguishable_from_noise"] else "within noise",
+        ]
+        for o in overheads
+    ]
+
+
 def print_run(store: Store, run_id: int) -> None:
     run = store.run(run_id)
     stored = store.samples(run_id)
@@ -62,17 +79,7 @@ def print_run(store: Store, run_id: int) -> None:
     if compare:
         print()
         print_columns(
-            ["metric", "B/A", "overhead", "ci95 (B/A)", "verdict"],
-            [
-                [
-                    o["metric"],
-                    f"{o['ratio']:.4f}",
-                    f"{o['percent']:+.2f}%",
-                    "-" if o["ci95_low"] is None else f"{o['ci95_low']:.4f}..{o['ci95_high']:.4f}",
-                    "distinguishable" if o["distinguishable_from_noise"] else "within noise",
-                ]
-                for o in paired_overheads(stored)
-            ],
+            ["metric", "B/A", "overhead", "ci95 (B/A)", "verdict"], overhead_rows(paired_overheads(stored))
         )
         print_argv_comparison(run.metadata)
 
@@ -120,3 +127,27 @@ def run_json(store: Store, run_id: int) -> str:
     data = store.export_json(run_id)
     data["overheads"] = paired_overheads(store.samples(run_id))
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def print_progress(name: str) -> Callable[[Progress], None]:
+    """A progress callback printing one line per step to stderr, with the step's time."""
+    started = time.monotonic()
+
+    def show(event: Progress) -> None:
+        nonlocal started
+        arm = f" {event.arm}" if event.arm else ""
+        kind = "warm-up" if event.warmup else "run"
+        head = f"[{event.step}/{event.steps}] {name}{arm} {kind} {event.repetition + 1}"
+        if event.phase == "start":
+            started = time.monotonic()
+            print(f"{head} ...", file=sys.stderr, flush=True)
+        elif event.samples:
+            first = event.samples[0]
+            took = time.monotonic() - started
+            print(
+                f"{head}: {first.metric} {first.value:.4g} {first.unit} ({took:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    return show

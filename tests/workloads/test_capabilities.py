@@ -32,7 +32,9 @@ def user_mode(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 #: The answer for the default target on the user-mode network (issue 15).
-REFUSED_ON_VM = {"iperf-udp": "SLIRP", "ping": "SLIRP"}
+REFUSED_ON_VM = {"iperf-udp": "SLIRP", "ping": "SLIRP", "npb": "NAS Parallel Benchmarks"}
+#: Refused on every target: no package provides it (workloads/apps.py).
+NOWHERE = ("npb",)
 
 
 def spec(network: str = 'mode = "user"', extra: str = "", image: str = 'image = "dev"') -> str:
@@ -49,7 +51,7 @@ def test_every_need_is_a_known_capability() -> None:
 def test_local_runs_all_but_what_needs_a_vm() -> None:
     local = local_capabilities()
     refused = {name for name, w in CATALOGUE.items() if refusal(w, local) is not None}
-    assert refused == {"boot", "attestation"}
+    assert refused == {"boot", "attestation", *NOWHERE}
     assert refusal(get("boot"), local) == (
         "boot is measured by the host daemon and the agent of a VM: use --target vm or vm:NAME (not local)"
     )
@@ -126,7 +128,7 @@ def test_refused_before_anything_starts(
 def test_vm_by_name_is_checked_against_its_spec_before_booting() -> None:
     target = VMTarget("mine")
     # before the daemon is asked nothing is refused: the spec decides, before the VM boots
-    assert all(refusal(w, target.capabilities()) is None for w in CATALOGUE.values())
+    assert all(refusal(w, target.capabilities()) is None for n, w in CATALOGUE.items() if n not in NOWHERE)
     target.expect(get("ping"), get("ping").validate({}))
     vm = host_pb2.VM(name="mine", spec_toml=spec(image="", extra='[boot]\nkernel = "/k"\n'))
     with pytest.raises(WorkloadRefused, match="SLIRP"):
@@ -159,7 +161,9 @@ def test_the_dev_guest_on_the_tap_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(vm_target, "builtin_network", lambda: "tap")
     caps = builtin_capabilities(BuiltinTarget("vm"))
     assert all(
-        refusal(w, caps) is None for name, w in CATALOGUE.items() if name not in ("boot", "attestation")
+        refusal(w, caps) is None
+        for name, w in CATALOGUE.items()
+        if name not in ("boot", "attestation", *NOWHERE)
     )
     assert 'mode = "tap"' in BuiltinTarget("vm").spec_toml(None)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from workloads.catalogue import get
-from workloads.figures import boot_stacks, relative_bars, vmexit_bars
+from workloads.figures import absolute_bars, boot_stacks, relative_bars, vmexit_bars
 from workloads.metadata import cpu_info, cvmctl_metadata, machine_metadata, steal_fraction
 from workloads.model import Sample
 from workloads.store import Run, StoredSample
@@ -74,6 +74,16 @@ def test_relative_bars_between_runs() -> None:
     [bar] = relative_bars([(run(1, "nginx"), base), (run(2, "nginx"), other)])
     assert (bar.group, bar.label) == ("run 2 vs 1", "rps")
     assert bar.value == pytest.approx(0.9)
+
+
+def test_a_single_run_is_drawn_in_absolute_values() -> None:
+    """Not bars of 1.0 against itself: its median and CI, in its unit."""
+    values = stored([[Sample("rps", v, "req/s", "higher")] for v in (90.0, 100.0, 110.0)])
+    assert relative_bars([(run(1, "nginx"), values)]) == []
+    [(bar, unit)] = absolute_bars([(run(1, "nginx"), values)])
+    assert (bar.label, bar.value, unit) == ("rps", 100.0, "req/s")
+    assert bar.low is not None and bar.high is not None and bar.low < 100.0 < bar.high
+    assert absolute_bars([(run(1, "nginx"), values), (run(2, "nginx"), values)]) == []
 
 
 def test_boot_and_vmexit_data() -> None:

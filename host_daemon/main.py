@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from cvmcore.address import Address, UnixAddress, parse_address
 from cvmcore.daemon import add_logging_arguments, run_daemon
 from cvmcore.defaults import HOSTD_ADDRESS
 from cvmcore.errors import CvmError, UsageError
+from cvmcore.grpc_bridge import UndecodableRequests
 from cvmcore.serve import ServerOptions, serve_grpc
 from cvmcore.watchdog import feed_watchdog
 from host_daemon.devguest import complete_with_dev_guest, dev_guest_image
@@ -99,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CvmError as exc:
         print(f"cvm-hostd: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    options = ServerOptions(listen=listen, max_receive_bytes=4 * 1024 * 1024)
+    undecodable = UndecodableRequests("cvm_hostd_rpc_undecodable")
+    options = ServerOptions(listen=listen, max_receive_bytes=4 * 1024 * 1024, undecodable=undecodable)
 
     async def body() -> None:
         manager = VMManager(state_dir, qemu_binary=args.qemu, dev_guest=complete_with_dev_guest)
@@ -109,7 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             nursery.start_soon(feed_watchdog)
             nursery.start_soon(prewarm_dev_guest)
             if args.metrics_listen:
-                await nursery.start(serve_host_metrics, manager, args.metrics_listen)
+                await nursery.start(
+                    functools.partial(serve_host_metrics, manager, args.metrics_listen, extra=[undecodable])
+                )
             await serve_grpc(daemon_handlers(service), options)
             nursery.cancel_scope.cancel()
 

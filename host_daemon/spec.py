@@ -362,6 +362,12 @@ def parse_spec(text: str, *, source: str = "<spec>", base_dir: Path | None = Non
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(source, [SpecProblem("<toml>", str(exc), "the file must be valid TOML")]) from exc
+    except RecursionError:
+        # tomllib recurses once per level of nested arrays and inline tables; a spec nests a
+        # few levels, so this is hostile or broken input, not our failure.
+        raise SpecError(
+            source, [SpecProblem("<toml>", "nested too deeply", "a spec nests tables a few levels deep")]
+        ) from None
     return spec_from_mapping(data, source=source, base_dir=base_dir)
 
 

@@ -21,6 +21,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from cvmcore.grpc_bridge import UndecodableRequests
+
 RPC_DURATION_BUCKETS: tuple[float, ...] = (
     0.0005,
     0.001,
@@ -65,6 +67,8 @@ class AgentStats:
         self._relay_connections: dict[str, int] = {}
         self._relay_active: dict[str, int] = {}
         self._relay_bytes: dict[tuple[str, str], int] = {}
+        #: requests the gRPC server could not decode (the bridge counts them)
+        self.undecodable = UndecodableRequests("cvm_guest_agent_rpc_undecodable")
 
     def _method(self, method: str) -> str:
         if method in self._durations or len(self._durations) < MAX_METHODS:
@@ -167,3 +171,5 @@ class AgentStatsCollector(Collector):
         for (relay, direction), count in sorted(view.relay_bytes.items()):
             transferred.add_metric([relay, direction], float(count))
         yield transferred
+
+        yield from self.stats.undecodable.collect()

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import trio
+from prometheus_client.registry import Collector
 
 from cvmcore.address import TcpAddress, parse_address
 from cvmcore.errors import UsageError
@@ -83,9 +84,13 @@ async def serve_host_metrics(
     *,
     interval: float = DEFAULT_INTERVAL,
     advertise: str | None = None,
+    extra: Sequence[Collector] = (),
     task_status: trio.TaskStatus[HostEndpoint] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the exporter for ``manager`` and serve it at ``listen`` (``tcp://HOST:PORT``) until cancelled."""
+    """Run the exporter for ``manager`` and serve it at ``listen`` (``tcp://HOST:PORT``) until cancelled.
+
+    ``extra`` collectors join the host's /metrics (the daemon's count of undecodable requests).
+    """
     address = parse_address(listen, listening=True)
     if not isinstance(address, TcpAddress):
         raise UsageError(f"--metrics-listen must be tcp://HOST:PORT (Prometheus scrapes TCP), not {listen}")
@@ -94,7 +99,12 @@ async def serve_host_metrics(
         await nursery.start(collector.run)
         endpoint = await nursery.start(
             functools.partial(
-                serve_host_metrics_http, collector, address.host, address.port, advertise=advertise
+                serve_host_metrics_http,
+                collector,
+                address.host,
+                address.port,
+                advertise=advertise,
+                extra=extra,
             )
         )
         task_status.started(endpoint)

@@ -1,0 +1,87 @@
+"""Requests the caller got wrong get INVALID_ARGUMENT from the agent: never UNKNOWN or INTERNAL.
+
+The host is the adversary of a confidential guest: these are the reproductions of issue 13
+(undecodable bytes answered UNKNOWN and never logged or counted; a 20 KB parameter echoed
+into the status details, which then reached the client as RESOURCE_EXHAUSTED).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cvm.v1 import agent_pb2
+from cvmcore.grpc_bridge import MAX_DETAILS_CHARS, bound_details
+from tests.conftest import REPO_ROOT
+from tests.spine.agent_fixtures import agent_process
+
+TREE = REPO_ROOT / "tests" / "fixtures" / "sysroots" / "snp-guest"
+SERVICE = "/cvm.v1.GuestAgent"
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[grpc.Channel]:
+    sock = tmp_path / "a.sock"
+    with (
+        agent_process(sock, tmp_path / "state", "--root", str(TREE)),
+        grpc.insecure_channel(f"unix://{sock}") as channel,
+    ):
+        yield channel
+
+
+def raw(channel: grpc.Channel, method: str, payload: bytes, stream: bool = False) -> grpc.RpcError:
+    """Send ``payload`` as the request bytes of ``method``; the error it gets."""
+    if stream:
+        call = channel.unary_stream(f"{SERVICE}/{method}", None, None)
+        with pytest.raises(grpc.RpcError) as info:
+            list(call(payload, timeout=10))
+    else:
+        with pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary(f"{SERVICE}/{method}", None, None)(payload, timeout=10)
+    return info.value
+
+
+def test_undecodable_bytes_are_invalid_argument_and_counted(agent: grpc.Channel) -> None:
+    channel = agent
+    # a truncated length-delimited field; wire type 7 (there is none)
+    cases = [
+        (method, stream, payload)
+        for payload in (b"\x0a\x05ab", b"\x0f")
+        for method, stream in (("GetInfo", False), ("RunWorkload", True), ("SetIdlePolling", False))
+    ]
+    cases.append(("RunWorkload", True, b"\x0a\x02\xff\xfe"))  # workload: not UTF-8
+    for method, stream, payload in cases:
+        error = raw(channel, method, payload, stream)
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, (method, error)
+        assert f"not a valid {method} request" in str(error.details())
+    metrics = channel.unary_unary(
+        f"{SERVICE}/GetMetrics",
+        request_serializer=agent_pb2.GetMetricsRequest.SerializeToString,
+        response_deserializer=agent_pb2.GetMetricsResponse.FromString,
+    )(agent_pb2.GetMetricsRequest(), timeout=10)
+    text = metrics.text.decode()
+    assert 'cvm_guest_agent_rpc_undecodable_total{method="GetInfo"} 2.0' in text
+    assert 'cvm_guest_agent_rpc_undecodable_total{method="RunWorkload"} 3.0' in text
+    assert 'cvm_guest_agent_rpcs_total{code="INVALID_ARGUMENT",method="GetInfo"} 2.0' in text
+
+
+def test_a_huge_parameter_is_invalid_argument_with_bounded_details(agent: grpc.Channel) -> None:
+    channel = agent
+    request = agent_pb2.RunWorkloadRequest(
+        workload="vmexit", params={"cpu": "\u00e9" * 20_000}, role=agent_pb2.WORKLOAD_ROLE_RUN
+    )
+    error = raw(channel, "RunWorkload", request.SerializeToString(), stream=True)
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    details = str(error.details())
+    assert details.startswith("parameter cpu:") and details.endswith("...")
+    assert len(details) <= MAX_DETAILS_CHARS
+
+
+def test_bound_details() -> None:
+    assert bound_details("short") == "short"
+    assert bound_details("x" * 600) == "x" * (MAX_DETAILS_CHARS - 3) + "..."
+    wide = bound_details("\U0001f600" * 600)  # 4 UTF-8 bytes each: the byte bound applies
+    assert wide.endswith("...") and len(wide.encode()) <= 2 * MAX_DETAILS_CHARS

@@ -14,7 +14,11 @@ way:
 - :func:`run_guest_work` runs one case of a guest workload: each argv of
   :meth:`Workload.guest_commands` in turn (stdout captured, a non-zero exit an error with
   the tail of stderr), or :meth:`Workload.run_in_process` in a worker thread, each under
-  :meth:`Workload.timeout`; then parses;
+  :meth:`Workload.timeout`; then parses. Around it, :func:`own_scratch_dir` makes a private
+  directory for the workload's scratch files inside the one the caller chose and removes it
+  afterwards: the agent writes and deletes only files it created itself, so no name a host
+  sends can make it overwrite or unlink a guest's file (issue 13: ``fio filename=/tmp/victim``
+  did both);
 - :func:`run_command` is the one place a process is run and waited for;
 - :func:`run_guest_request` and :func:`start_server_request` are the agent's entry points:
   a workload name and text parameters from the host in, validated here.
@@ -26,12 +30,14 @@ its :meth:`Workload.validate` of the host's text: argv lists only, never a shell
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -127,13 +133,13 @@ async def run_guest_work(
     a workload's full params (fio's ``jobs=all``) it runs them all: :meth:`Workload.cases`
     of one case is that case.
 
-    An in-process workload that overruns its deadline is abandoned, not stopped: its
-    thread (a machine-code loop cannot be interrupted) finishes in the background and its
-    result is dropped; the caller gets :class:`DeadlineExceeded` on time.
+    The workload's scratch files go into a private directory made for this call and removed
+    afterwards, also when the run fails or is cancelled (:func:`own_scratch_dir`).
     """
     samples: list[Sample] = []
-    for case in workload.cases(params):
-        samples += await _run_case(workload, case, on_command)
+    with own_scratch_dir(workload, params) as private:
+        for case in workload.cases(private):
+            samples += await _run_case(workload, case, on_command)
     return samples
 
 
@@ -158,26 +164,55 @@ async def _run_case(
     return workload.parse_guest(outputs, params)
 
 
+#: errno values that mean the caller named a directory that cannot hold a scratch directory
+_CALLER_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG})
+
+
+@contextmanager
+def own_scratch_dir(workload: Workload, params: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """``params`` with the workload's scratch directory replaced by a private one made in it.
+
+    The agent writes and deletes only what it created itself: fio lays its file out by
+    unlinking and re-creating the path it is given, so that path must be one nobody else can
+    name. A fresh directory (``mkdtemp``, mode 0700) inside the directory the caller chose
+    is that place; it is removed with everything in it afterwards, also when the run fails
+    or is cancelled (synchronously: no cancellation can cut it short). A caller's directory
+    that does not exist or is not a directory is a :class:`UsageError`.
+    """
+    name = workload.scratch_dir_param
+    if name is None:
+        yield dict(params)
+        return
+    parent = params[name]
+    try:
+        private = tempfile.mkdtemp(prefix=f"cvmctl-{workload.name}-", dir=parent)
+    except OSError as exc:
+        message = f"parameter {name}: cannot make a scratch directory in {parent!r}: {exc.strerror}"
+        if exc.errno in _CALLER_ERRNOS:
+            raise UsageError(message) from None
+        raise CvmError(message) from None  # read-only, full, not permitted: this guest's state
+    try:
+        yield {**params, name: private}
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
 async def run_guest_request(
     name: str, raw: Mapping[str, str], on_command: CommandCallback | None = None
 ) -> tuple[list[Sample], list[Unavailable]]:
     """The agent's side of one guest repetition: a workload *name* and *text* params in.
 
     Validates (``UsageError`` for an unknown name or a bad value), checks the tools
-    (``MissingToolError``), runs every case, removes the workload's scratch files (also
-    when the run fails: the host may never ask again), and returns the samples with what
-    could not be measured. Nothing from ``raw`` reaches a shell; argv lists come from the
-    catalogue.
+    (``MissingToolError``), runs every case (its scratch files created and removed around
+    it: the host may never ask again), and returns the samples with what could not be
+    measured. Nothing from ``raw`` reaches a shell; argv lists come from the catalogue.
     """
     workload = get(name)
     if workload.kind != "guest":
         raise UsageError(f"{name} has no guest-only work (it is {workload.kind})")
     params = workload.validate(raw)
     workload.require_tools("guest")
-    try:
-        samples = await run_guest_work(workload, params, on_command)
-    finally:
-        remove_scratch_files(workload, params)  # synchronous: no cancellation can cut it short
+    samples = await run_guest_work(workload, params, on_command)
     return samples, workload.unavailable(params)
 
 
@@ -192,18 +227,6 @@ async def start_server_request(
         raise UsageError(f"{name} has no server")
     workload.require_tools("guest")
     return await server.start(plan, probe_host)
-
-
-def remove_scratch_files(workload: Workload, params: Mapping[str, Any]) -> list[str]:
-    """Delete the workload's :meth:`Workload.scratch_files` (validated paths); those removed."""
-    removed = []
-    for path in workload.scratch_files(params):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            continue
-        removed.append(path)
-    return removed
 
 
 #: The TCP state "LISTEN" in /proc/net/tcp and tcp6 (include/net/tcp_states.h: TCP_LISTEN = 10).

@@ -241,6 +241,10 @@ class Workload:
     #: A server that serves one test well and not always the next (iperf3): started afresh
     #: for every repetition instead of kept up across a plain run's repetitions.
     fresh_server_each_repetition: ClassVar[bool] = False
+    #: The parameter naming the directory the guest side writes its files in (fio's scratch
+    #: file). For each run the runner makes a private directory inside it, passes that in
+    #: its place and removes it afterwards (:func:`workloads.execute.own_scratch_dir`).
+    scratch_dir_param: ClassVar[str | None] = None
 
     # -- parameters -------------------------------------------------------------------
 
@@ -343,10 +347,6 @@ class Workload:
     def run_in_process(self, params: Mapping[str, Any]) -> list[Sample]:
         """One repetition run in the calling process (workloads with :attr:`in_process`)."""
         raise NotImplementedError(f"{self.name} does not run in process")
-
-    def scratch_files(self, params: Mapping[str, Any]) -> list[str]:
-        """Files the guest side leaves behind (fio's scratch file), removed after the run."""
-        return []
 
     def unavailable(self, params: Mapping[str, Any]) -> list[Unavailable]:
         """What this workload cannot measure where it is called, and why."""

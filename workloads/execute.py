@@ -13,7 +13,8 @@ way:
   killed agent or CLI leaves no server behind;
 - :func:`run_guest_work` runs one case of a guest workload: each argv of
   :meth:`Workload.guest_commands` in turn (stdout captured, a non-zero exit an error with
-  the tail of stderr), or :meth:`Workload.run_in_process` in a worker thread, each under
+  the tail of stderr), or :meth:`Workload.run_in_process` in a worker thread of a limiter of
+  its own that is stopped, not abandoned, when cancelled (:func:`run_stoppable`), each under
   :meth:`Workload.timeout`; then parses. Around it, :func:`own_scratch_dir` makes a private
   directory for the workload's scratch files inside the one the caller chose and removes it
   afterwards: the agent writes and deletes only files it created itself, so no name a host
@@ -31,22 +32,26 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
 from cvmcore.affinity import child_preexec, restore_in_child
 from cvmcore.errors import CvmError, DeadlineExceeded, RemoteError, UsageError
 from workloads.catalogue import get
-from workloads.model import MissingToolError, Sample, ServerPlan, Unavailable, Workload
+from workloads.model import MissingToolError, Sample, ServerPlan, StopFlag, Unavailable, Workload
+
+T = TypeVar("T")
 
 SERVER_START_TIMEOUT = 15.0
 SERVER_STOP_TIMEOUT = 10.0
@@ -124,6 +129,57 @@ async def run_command(
     return stdout.decode(errors="replace")
 
 
+#: In-process workloads run one at a time, on threads of their own limiter: however many
+#: the host starts (or cancels), they never hold the threads of trio's default limiter that
+#: the rest of the agent needs (GetMetrics, idle polling, attestation).
+WORKLOAD_THREADS = 1
+#: How long a cancelled in-process workload gets to notice its stop flag (one chunk of its
+#: loop) before the caller stops waiting for it.
+STOP_WAIT = 30.0
+_workload_limiter: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("workload_limiter")
+
+
+def workload_limiter() -> trio.CapacityLimiter:
+    """The limiter of in-process workload threads in this trio run (:data:`WORKLOAD_THREADS`)."""
+    try:
+        return _workload_limiter.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(WORKLOAD_THREADS)
+        _workload_limiter.set(limiter)
+        return limiter
+
+
+async def run_stoppable(fn: Callable[[StopFlag], T]) -> T:
+    """``fn(stop)`` on a worker thread of :func:`workload_limiter`; stopped, not abandoned.
+
+    A thread cannot be interrupted, so ``fn`` polls ``stop`` (a :class:`threading.Event`)
+    and raises :class:`WorkloadStopped` once it is set. When the caller is cancelled (its
+    deadline, a host that went away), the flag is set and the caller waits, shielded, up to
+    :data:`STOP_WAIT` s for the thread to end before the cancellation goes on.
+    """
+    stop = threading.Event()
+    started = threading.Event()
+    finished = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def body() -> T:
+        started.set()
+        try:
+            return fn(stop)
+        finally:
+            with suppress(trio.RunFinishedError):
+                token.run_sync_soon(finished.set)
+
+    try:
+        return await trio.to_thread.run_sync(body, abandon_on_cancel=True, limiter=workload_limiter())
+    except BaseException:
+        stop.set()
+        if started.is_set():
+            with trio.CancelScope(shield=True), trio.move_on_after(STOP_WAIT):
+                await finished.wait()
+        raise
+
+
 async def run_guest_work(
     workload: Workload, params: Mapping[str, Any], on_command: CommandCallback | None = None
 ) -> list[Sample]:
@@ -151,7 +207,7 @@ async def _run_case(
         if on_command:
             on_command(0, 1, [f"<in process: {workload.name}>"])
         with trio.move_on_after(timeout) as scope:
-            samples = await trio.to_thread.run_sync(workload.run_in_process, params, abandon_on_cancel=True)
+            samples = await run_stoppable(functools.partial(workload.run_in_process, params))
         if scope.cancelled_caught:
             raise DeadlineExceeded(f"{workload.name} did not finish within {timeout:g} s")
         return samples

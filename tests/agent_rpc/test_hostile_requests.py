@@ -100,10 +100,10 @@ def run_request(**params: str) -> bytes:
 def test_one_run_at_a_time_and_a_cancelled_run_is_stopped(agent: grpc.Channel) -> None:
     run = agent.unary_stream(f"{SERVICE}/RunWorkload", None, None)
     long = run(run_request(iterations="1000000", warmup="1000000", leaves="0,1,0x40000000"), timeout=120)
-    next(long)  # the progress event: the run has begun
+    next(iter(long))  # the progress event: the run has begun
     error = raw(agent, "RunWorkload", run_request(iterations="10", leaves="1", ports="0x80"), stream=True)
     assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-    long.cancel()
+    long.cancel()  # type: ignore[no-untyped-call]
     started = time.monotonic()
     while True:  # the cancelled run stops within one chunk of its loop, then the next may run
         try:

@@ -233,13 +233,15 @@ def own_scratch_dir(workload: Workload, params: Mapping[str, Any]) -> Iterator[d
     name. A fresh directory (``mkdtemp``, mode 0700) inside the directory the caller chose
     is that place; it is removed with everything in it afterwards, also when the run fails
     or is cancelled (synchronously: no cancellation can cut it short). A caller's directory
-    that does not exist or is not a directory is a :class:`UsageError`.
+    that does not exist, is not a directory or leads elsewhere through a symbolic link
+    (:meth:`Workload.check_scratch_dir`) is a :class:`UsageError`.
     """
     name = workload.scratch_dir_param
     if name is None:
         yield dict(params)
         return
     parent = params[name]
+    workload.check_scratch_dir(os.path.realpath(parent))
     try:
         private = tempfile.mkdtemp(prefix=f"cvmctl-{workload.name}-", dir=parent)
     except OSError as exc:

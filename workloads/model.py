@@ -341,6 +341,10 @@ class Workload:
         out[self.duration_param] = value
         return out
 
+    def check_scratch_dir(self, real_path: str) -> None:
+        """Refuse (:class:`UsageError`) a scratch directory whose real path, symbolic links
+        resolved where the workload runs, is not a place for scratch files."""
+
     def cases(self, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         """One params dict per case (the :attr:`case_param` list split into single values)."""
         if self.case_param is None:

@@ -114,6 +114,15 @@ class Fio(Workload):
         self.check(out)
         return out
 
+    def check_scratch_dir(self, real_path: str) -> None:
+        # A symbolic link under /tmp must not lead fio's writes elsewhere (/, /etc).
+        allowed = [os.path.realpath(prefix) for prefix in FIO_PREFIXES]
+        if not any(real_path == p or real_path.startswith(p.rstrip("/") + "/") for p in allowed):
+            raise UsageError(
+                f"parameter directory: it leads to {real_path!r}, which is not below "
+                f"{', '.join(p.rstrip('/') for p in FIO_PREFIXES)}"
+            )
+
     def check(self, params: dict[str, Any]) -> None:
         split_names(params["jobs"], FIO_JOBS, "jobs")
         path = params["directory"]

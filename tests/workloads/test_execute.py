@@ -161,6 +161,9 @@ async def test_fio_never_touches_a_file_it_did_not_create() -> None:
                 UsageError, match=f"parameter directory: cannot make a scratch directory .*{why}"
             ):
                 await run_guest_request("fio", {**params, "directory": str(wrong)})
+        (top / "link").symlink_to("/etc")
+        with pytest.raises(UsageError, match="parameter directory: it leads to '/etc', which is not below"):
+            await run_guest_request("fio", {**params, "directory": str(top / "link")})
         with pytest.raises(UsageError, match="fio has no parameter 'filename'"):
             await run_guest_request("fio", {**params, "filename": str(victim)})
         assert victim.read_bytes() == b"the guest's data"

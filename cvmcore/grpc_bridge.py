@@ -167,10 +167,6 @@ class UndecodableRequests:
         with self._lock:
             return dict(self._counts)
 
-    def total(self) -> int:
-        with self._lock:
-            return sum(self._counts.values())
-
     def collect(self) -> Iterator[CounterMetricFamily]:
         """The counts as the Prometheus counter :attr:`metric_name` labelled by short method
         name (a Prometheus collector: register it in a registry)."""

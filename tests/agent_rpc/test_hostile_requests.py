@@ -14,9 +14,16 @@ from pathlib import Path
 
 import grpc
 import pytest
+import structlog
 
 from cvm.v1 import agent_pb2
-from cvmcore.grpc_bridge import MAX_DETAILS_CHARS, bound_details
+from cvmcore.grpc_bridge import (
+    MAX_DETAILS_CHARS,
+    UNDECODABLE_LOG_BURST,
+    Undecodable,
+    UndecodableRequests,
+    bound_details,
+)
 from tests.conftest import REPO_ROOT
 from tests.spine.agent_fixtures import agent_process
 
@@ -81,6 +88,17 @@ def test_a_huge_parameter_is_invalid_argument_with_bounded_details(agent: grpc.C
     assert details.startswith("parameter cpu:") and "(20000 characters) is not allowed" in details
     assert len(details) <= MAX_DETAILS_CHARS
     # any other error quoting the host's input is cut by the bridge (test_bound_details)
+
+
+def test_undecodable_requests_are_counted_all_and_logged_with_a_bound() -> None:
+    tally = UndecodableRequests("t_undecodable")
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(100):
+            tally.record("/s/M", "unix:", Undecodable(3, "x" * 1000))
+    assert tally.counts() == {"/s/M": 100}
+    assert len(logs) == UNDECODABLE_LOG_BURST and len(logs[0]["error"]) <= 120
+    (family,) = tally.collect()
+    assert [(s.labels, s.value) for s in family.samples] == [({"method": "M"}, 100.0)]
 
 
 def test_bound_details() -> None:

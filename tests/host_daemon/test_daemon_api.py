@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,6 +17,7 @@ from cvmcore.address import UnixAddress
 from cvmcore.client import RpcClient, connect
 from cvmcore.errors import RemoteError, UsageError
 from cvmcore.serve import ServerOptions, serve_grpc
+from host_daemon import process as proc
 from host_daemon.server import HostDaemonService, daemon_handlers
 from host_daemon.vms import VMManager
 
@@ -110,3 +113,15 @@ async def test_hostile_input_is_invalid_argument(
             stub.CreateVM, host_pb2.CreateVMRequest(spec_toml="name = 1\n", source="s" * 30_000)
         )
     assert len(str(info.value)) < 600
+
+
+def test_signalling_a_closed_process_handle_finds_it_gone(tmp_path: Path) -> None:
+    """Found by the storm (issue 13): KillVM while the exit task was closing QEMU's pidfd
+    signalled a closed descriptor (OSError EBADF, answered INTERNAL)."""
+    spawned = proc.spawn(["sleep", "30"], tmp_path / "sleep.log")
+    try:
+        spawned.close()
+        assert not proc.send_signal(spawned, signal.SIGKILL)
+    finally:
+        os.kill(spawned.pid, signal.SIGKILL)
+        os.waitpid(spawned.pid, 0)

@@ -238,7 +238,7 @@ HOSTILE_SPECS: Final = (
     'name = "{name}"\n[boot]\nfirmware = "../../../../etc/passwd"\n',
     'name = "{name}"\nmemory = "99999999T"\ncpus = -1\n',
     'name = "{name}"\ntee = "sev-snp"\n[scratch]\nsize = "1P"\n',
-    'name = "{name}"\n[network]\nmode = "tap"\n',
+    # not [network] mode = "tap": the daemon would make a network namespace on this machine
     'name = "../../{name}"\n',
     'name = "{name}\\u0000"\n',
     'name = "{name}"\n' + "x = 1\n" * 20_000,

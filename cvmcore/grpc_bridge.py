@@ -21,6 +21,16 @@ trade-off is measured side by side by ``benchmarks/rpc_latency.py``.
 Errors: a servicer raises :class:`RpcAbort` (or any :class:`cvmcore.errors.CvmError`,
 mapped to a status code) to answer with a status; any other exception is logged with
 its traceback and answered ``INTERNAL`` without details, since the peer may be hostile.
+Whatever the caller got wrong is ``INVALID_ARGUMENT``, never ``UNKNOWN`` or ``INTERNAL``:
+
+- request bytes that do not decode as the method's message (grpcio itself would answer
+  ``UNKNOWN`` and say nothing) are answered ``INVALID_ARGUMENT``, counted per method in
+  :class:`UndecodableRequests` (which the daemons export as a metric) and logged, at most
+  :data:`UNDECODABLE_LOG_BURST` lines per :data:`UNDECODABLE_LOG_WINDOW` seconds so that a
+  flood cannot fill the journal;
+- details are bounded (:func:`bound_details`): they often quote the caller's input, and a
+  status message longer than the peer's metadata limit (8 KiB by default) would reach it as
+  ``RESOURCE_EXHAUSTED`` instead of the error it is.
 
 Each RPC is logged with method, peer, duration and status code, and reported to an
 optional observer for metrics.
@@ -32,8 +42,9 @@ through a bounded trio memory channel, so a slow client slows the producer down.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -45,7 +56,8 @@ import structlog
 import trio
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
+from prometheus_client.core import CounterMetricFamily
 
 from cvmcore.errors import WIRE_KIND_KEY, ConnectError, CvmError, DeadlineExceeded, UsageError
 from cvmcore.log import logs_at
@@ -54,6 +66,10 @@ log = structlog.get_logger("cvmctl.grpc")
 
 DEFAULT_MAX_RPC_SECONDS: Final = 60.0
 STREAM_BUFFER_ITEMS: Final = 16
+#: Status details longer than this (characters, or UTF-8 bytes twice this) are cut, ending "...".
+MAX_DETAILS_CHARS: Final = 512
+UNDECODABLE_LOG_BURST: Final = 10
+UNDECODABLE_LOG_WINDOW: Final = 60.0
 
 T = TypeVar("T")
 
@@ -86,6 +102,98 @@ class CallInfo:
 
 #: Called once per finished RPC with (full method name, status code name, seconds).
 RpcObserver = Callable[[str, str, float], None]
+
+
+def bound_details(details: str, limit: int = MAX_DETAILS_CHARS) -> str:
+    """``details`` cut to ``limit`` characters and ``2 * limit`` UTF-8 bytes, ending "..." if cut.
+
+    gRPC sends details percent-encoded in a header, so the byte bound keeps even a message
+    of multi-byte characters well inside the peer's default 8 KiB metadata limit.
+    """
+    if len(details) <= limit and len(details.encode()) <= 2 * limit:
+        return details
+    cut = details[: max(limit - 3, 0)].encode()[: max(2 * limit - 3, 0)]
+    return cut.decode(errors="ignore") + "..."
+
+
+class Undecodable:
+    """What the bridge's deserializer returns for bytes that are not the method's message."""
+
+    __slots__ = ("error", "size")
+
+    def __init__(self, size: int, error: str) -> None:
+        self.size = size
+        self.error = error
+
+
+class UndecodableRequests:
+    """Requests that did not decode, counted per method (thread-safe) and logged with a bound.
+
+    The daemons export :meth:`counts` as a counter; the log gets at most
+    :data:`UNDECODABLE_LOG_BURST` lines per :data:`UNDECODABLE_LOG_WINDOW` seconds, then one
+    line saying how many it left out.
+    """
+
+    def __init__(self, metric_name: str = "cvm_rpc_undecodable") -> None:
+        self.metric_name = metric_name
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        self._window_start = -UNDECODABLE_LOG_WINDOW
+        self._logged = 0
+        self._suppressed = 0
+
+    def record(self, method: str, peer: str, request: Undecodable) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._counts[method] = self._counts.get(method, 0) + 1
+            if now - self._window_start >= UNDECODABLE_LOG_WINDOW:
+                suppressed, self._suppressed = self._suppressed, 0
+                self._window_start, self._logged = now, 0
+                if suppressed:
+                    log.warning("undecodable_requests_not_logged", count=suppressed)
+            if self._logged >= UNDECODABLE_LOG_BURST:
+                self._suppressed += 1
+                return
+            self._logged += 1
+        log.warning(
+            "undecodable_request",
+            method=method,
+            peer=peer,
+            size=request.size,
+            error=bound_details(request.error, 120),
+        )
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        """The counts as the Prometheus counter :attr:`metric_name` labelled by short method
+        name (a Prometheus collector: register it in a registry)."""
+        family = CounterMetricFamily(
+            self.metric_name,
+            "Requests whose bytes did not decode as the method's message.",
+            labels=["method"],
+        )
+        for method, count in sorted(self.counts().items()):
+            family.add_metric([method.rsplit("/", 1)[-1]], float(count))
+        yield family
+
+
+def request_decoder(message_class: type[Message]) -> Callable[[bytes], Message | Undecodable]:
+    """A grpcio request deserializer that never raises: an :class:`Undecodable` instead.
+
+    grpcio answers a deserializer's exception with ``UNKNOWN`` and logs nothing; the
+    bridge's handlers turn an :class:`Undecodable` into ``INVALID_ARGUMENT``.
+    """
+
+    def decode(data: bytes) -> Message | Undecodable:
+        try:
+            return message_class.FromString(data)
+        except (DecodeError, RecursionError, ValueError) as exc:
+            return Undecodable(len(data), str(exc) or type(exc).__name__)
+
+    return decode
 
 
 def _wire_metadata(exc: BaseException) -> tuple[tuple[str, str], ...]:
@@ -140,10 +248,12 @@ class GrpcBridge:
         *,
         max_rpc_seconds: float = DEFAULT_MAX_RPC_SECONDS,
         observer: RpcObserver | None = None,
+        undecodable: UndecodableRequests | None = None,
     ) -> None:
         self._token = trio_token
         self.max_rpc_seconds = max_rpc_seconds
         self._observer = observer
+        self.undecodable = undecodable if undecodable is not None else UndecodableRequests()
 
     # -- crossing between the two loops ---------------------------------------------------
 
@@ -224,7 +334,23 @@ class GrpcBridge:
         code, details = _status_for(exc)
         if code is grpc.StatusCode.INTERNAL:
             log.error("rpc_failed", method=method, exc_info=exc)
-        return code, details
+        return code, bound_details(details)
+
+    async def _refuse_undecodable(
+        self,
+        method: str,
+        info: CallInfo,
+        started: float,
+        request: Undecodable,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        """Answer a request that did not decode: INVALID_ARGUMENT, counted and logged (bounded)."""
+        self.undecodable.record(method, info.peer, request)
+        self._finish(method, info, started, grpc.StatusCode.INVALID_ARGUMENT)
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request is not a valid {method.rsplit('/', 1)[-1]} request message",
+        )
 
     # -- unary -> unary ---------------------------------------------------------------
 
@@ -234,6 +360,8 @@ class GrpcBridge:
         async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
             info = CallInfo(method, context)
+            if isinstance(request, Undecodable):
+                await self._refuse_undecodable(method, info, started, request, context)
             scope = self._scope_for(context, None)
 
             async def run_in_trio() -> Any:
@@ -275,6 +403,8 @@ class GrpcBridge:
         async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             started = time.perf_counter()
             info = CallInfo(method, context)
+            if isinstance(request, Undecodable):
+                await self._refuse_undecodable(method, info, started, request, context)
             scope = self._scope_for(context, max_seconds)
             channel: list[trio.MemoryReceiveChannel[Any]] = []
             failure: list[BaseException] = []
@@ -346,13 +476,13 @@ def service_handler(
         if method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
                 bridge.unary_stream(full_name, fn, caps.get(method.name)),
-                request_deserializer=request_class.FromString,
+                request_deserializer=request_decoder(request_class),
                 response_serializer=_serialize,
             )
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 bridge.unary_unary(full_name, fn),
-                request_deserializer=request_class.FromString,
+                request_deserializer=request_decoder(request_class),
                 response_serializer=_serialize,
             )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)

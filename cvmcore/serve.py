@@ -43,7 +43,7 @@ from cvmcore.address import (
     VsockAddress,
 )
 from cvmcore.errors import UsageError
-from cvmcore.grpc_bridge import GrpcBridge, RpcObserver
+from cvmcore.grpc_bridge import GrpcBridge, RpcObserver, UndecodableRequests
 from cvmcore.instance import PrivateDirectory
 from cvmcore.relay import (
     FIRST_BYTE_SECONDS,
@@ -76,6 +76,8 @@ class ServerOptions:
     vsock_allowed_cids: frozenset[int] = frozenset({VMADDR_CID_HOST})
     observer: RpcObserver | None = None
     relay_stats: RelayStats = field(default_factory=RelayStats)
+    #: requests whose bytes did not decode, per method (a daemon exports the counts)
+    undecodable: UndecodableRequests = field(default_factory=UndecodableRequests)
 
 
 GenericHandler: TypeAlias = "grpc.GenericRpcHandler[Any, Any]"
@@ -178,6 +180,7 @@ async def serve_grpc(
         trio.lowlevel.current_trio_token(),
         max_rpc_seconds=options.max_rpc_seconds,
         observer=options.observer,
+        undecodable=options.undecodable,
     )
     handlers = list(make_handlers(bridge))
     # The vsock backends' sockets; a killed server's directory is removed by the next one.

@@ -179,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         vsock_allowed_cids=frozenset(args.allow_cid or [VMADDR_CID_HOST]),
         observer=rpc_observer(stats),
         relay_stats=MeteredRelayStats(stats),
+        undecodable=stats.undecodable,
     )
     idle_polling = IdlePollingController(args.root, args.state_dir)
 

@@ -94,6 +94,7 @@ class GuestAgentService:
         self._attestation_lock = trio.Lock()
         self._workload_server_busy = False
         self._workload_server_stopping: trio.Event | None = None  # set once the stop is done
+        self._workload_run_busy = False
         self.attestation_stats = AttestationStats()
         if metrics is not None:
             metrics.register(AttestationCollector(self.attestation_stats))
@@ -198,8 +199,16 @@ class GuestAgentService:
                 stopped.set()
                 log.info("workload_server_stopped", workload=name)
         elif request.role == agent_pb2.WORKLOAD_ROLE_RUN:
-            yield agent_pb2.WorkloadEvent(progress=agent_pb2.WorkloadProgress(message=f"running {name}"))
-            samples, missing = await run_guest_request(name, raw)
+            # One run at a time: a run measures this guest, and a queue of them would hold
+            # RPC slots and worker threads that the agent's other calls need.
+            if self._workload_run_busy:
+                raise RpcAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, "a workload already runs in this guest")
+            self._workload_run_busy = True
+            try:
+                yield agent_pb2.WorkloadEvent(progress=agent_pb2.WorkloadProgress(message=f"running {name}"))
+                samples, missing = await run_guest_request(name, raw)
+            finally:
+                self._workload_run_busy = False
             for sample in samples:
                 yield agent_pb2.WorkloadEvent(
                     sample=agent_pb2.WorkloadSample(

@@ -17,6 +17,7 @@ from cvmcore.address import Address, UnixAddress, parse_address
 from cvmcore.daemon import add_logging_arguments, run_daemon
 from cvmcore.defaults import HOSTD_ADDRESS
 from cvmcore.errors import CvmError, UsageError
+from cvmcore.grpc_bridge import UndecodableRequests
 from cvmcore.instance import lock_state_dir
 from cvmcore.serve import ServerOptions, serve_grpc
 from cvmcore.watchdog import feed_watchdog
@@ -117,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return UsageError.exit_code
-    options = ServerOptions(listen=listen, max_receive_bytes=4 * 1024 * 1024)
+    undecodable = UndecodableRequests("cvm_hostd_rpc_undecodable")
+    options = ServerOptions(listen=listen, max_receive_bytes=4 * 1024 * 1024, undecodable=undecodable)
 
     async def body() -> None:
         manager = VMManager(state_dir, qemu_binary=args.qemu, dev_guest=complete_with_dev_guest)
@@ -128,7 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             nursery.start_soon(prewarm_dev_guest)
             if args.metrics_listen:
                 serve = functools.partial(
-                    serve_host_metrics, manager, args.metrics_listen, libvirt=args.libvirt
+                    serve_host_metrics,
+                    manager,
+                    args.metrics_listen,
+                    libvirt=args.libvirt,
+                    extra=[undecodable],
                 )
                 await nursery.start(serve)
             await serve_grpc(daemon_handlers(service), options)

@@ -108,7 +108,13 @@ async def wait_exit(process: Spawned) -> int | None:
 
 
 def send_signal(process: Spawned, signum: signal.Signals) -> bool:
-    """Signal ``process`` through its pidfd (never a reused pid); False when it is gone."""
+    """Signal ``process`` through its pidfd (never a reused pid); False when it is gone.
+
+    Gone includes a pidfd already closed: the exit task closes it when QEMU ends, and a
+    KillVM that arrives while that task finishes up must not signal a closed descriptor.
+    """
+    if process.pidfd < 0:
+        return False
     try:
         signal.pidfd_send_signal(process.pidfd, signum)
     except ProcessLookupError:

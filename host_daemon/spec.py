@@ -358,11 +358,60 @@ def parse_spec(text: str, *, source: str = "<spec>", base_dir: Path | None = Non
 
     ``base_dir`` anchors relative paths; without it, a relative path is a problem.
     """
+    too_deep = SpecProblem(
+        "<toml>", "nested too deeply", f"arrays and inline tables nest at most {MAX_SPEC_NESTING} levels"
+    )
+    if value_nesting(text, stop_above=MAX_SPEC_NESTING) > MAX_SPEC_NESTING:
+        raise SpecError(source, [too_deep])
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(source, [SpecProblem("<toml>", str(exc), "the file must be valid TOML")]) from exc
+    except RecursionError:  # the bound above is checked by a scanner, not the parser: a backstop
+        raise SpecError(source, [too_deep]) from None
     return spec_from_mapping(data, source=source, base_dir=base_dir)
+
+
+#: tomllib recurses once per level of nested arrays and inline tables, so a spec from an
+#: untrusted caller (the daemon's API) could exhaust the interpreter's recursion limit
+#: (RecursionError at a depth that depends on the caller's stack). A spec needs two or three.
+MAX_SPEC_NESTING = 32
+
+
+#: What the nesting scanner steps over (strings, comments) and what it counts (runs of
+#: brackets). Each string's body stops only where its terminator, the end of its line or
+#: the end of the text matches, so no match ever backtracks or rescans an unterminated
+#: string: the scan is linear whatever the input. (Atomic groups rather than possessive
+#: quantifiers: Python 3.11.2 matches a possessive group with alternatives wrongly.)
+_NESTING_TOKENS = re.compile(
+    r'"""(?>[^"\\]+|\\.?|"(?!""))*(?:"""|\Z)'
+    r"|'''(?>[^']+|'(?!''))*(?:'''|\Z)"
+    r'|"(?>[^"\\\n]+|\\.?)*(?:"|\n|\Z)'
+    r"|'[^'\n]*(?:'|\n|\Z)"
+    r"|#[^\n]*"
+    r"|[\[{]+|[\]}]+",
+    re.DOTALL,
+)
+
+
+def value_nesting(text: str, stop_above: int | None = None) -> int:
+    """The deepest nesting of ``[`` / ``{`` in TOML ``text`` outside strings and comments.
+
+    A scanner, not a parser: table headers (``[a]``, ``[[a]]``) count as one or two levels
+    on their own line, which is all the bound needs. With ``stop_above`` it returns as soon
+    as the depth passes that.
+    """
+    deepest = depth = 0
+    for token in _NESTING_TOKENS.finditer(text):
+        run = token.group()
+        if run[0] in "[{":
+            depth += len(run)
+            deepest = max(deepest, depth)
+            if stop_above is not None and deepest > stop_above:
+                break
+        elif run[0] in "]}":
+            depth = max(depth - len(run), 0)
+    return deepest
 
 
 def spec_from_mapping(

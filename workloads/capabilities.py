@@ -25,7 +25,7 @@ The capabilities:
     the host can ping the guest (ping);
 ``scratch-disk``
     a writable file system on a block device, with O_DIRECT and room for a scratch file
-    (fio); the detail is its directory, which becomes fio's ``filename`` unless set;
+    (fio); the detail is its directory, which becomes fio's ``directory`` unless set;
 ``vm``
     a VM of the host daemon with its agent: boot phases come from the daemon, attestation
     from the agent (boot, attestation).

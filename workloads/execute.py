@@ -13,8 +13,13 @@ way:
   killed agent or CLI leaves no server behind;
 - :func:`run_guest_work` runs one case of a guest workload: each argv of
   :meth:`Workload.guest_commands` in turn (stdout captured, a non-zero exit an error with
-  the tail of stderr), or :meth:`Workload.run_in_process` in a worker thread, each under
-  :meth:`Workload.timeout`; then parses;
+  the tail of stderr), or :meth:`Workload.run_in_process` in a worker thread of a limiter of
+  its own that is stopped, not abandoned, when cancelled (:func:`run_stoppable`), each under
+  :meth:`Workload.timeout`; then parses. Around it, :func:`own_scratch_dir` makes a private
+  directory for the workload's scratch files inside the one the caller chose and removes it
+  afterwards: the agent writes and deletes only files it created itself, so no name a host
+  sends can make it overwrite or unlink a guest's file (issue 13: ``fio filename=/tmp/victim``
+  did both);
 - :func:`run_command` is the one place a process is run and waited for;
 - :func:`run_guest_request` and :func:`start_server_request` are the agent's entry points:
   a workload name and text parameters from the host in, validated here.
@@ -26,13 +31,18 @@ its :meth:`Workload.validate` of the host's text: argv lists only, never a shell
 from __future__ import annotations
 
 import ctypes
+import errno
+import functools
 import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable, Mapping
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -40,7 +50,9 @@ from cvmcore.affinity import child_preexec, restore_in_child
 from cvmcore.errors import CvmError, DeadlineExceeded, RemoteError, UsageError
 from cvmcore.instance import PrivateDirectory
 from workloads.catalogue import get
-from workloads.model import MissingToolError, Sample, ServerPlan, Unavailable, Workload
+from workloads.model import MissingToolError, Sample, ServerPlan, StopFlag, Unavailable, Workload
+
+T = TypeVar("T")
 
 SERVER_START_TIMEOUT = 15.0
 SERVER_STOP_TIMEOUT = 10.0
@@ -118,6 +130,57 @@ async def run_command(
     return stdout.decode(errors="replace")
 
 
+#: In-process workloads run one at a time, on threads of their own limiter: however many
+#: the host starts (or cancels), they never hold the threads of trio's default limiter that
+#: the rest of the agent needs (GetMetrics, idle polling, attestation).
+WORKLOAD_THREADS = 1
+#: How long a cancelled in-process workload gets to notice its stop flag (one chunk of its
+#: loop) before the caller stops waiting for it.
+STOP_WAIT = 30.0
+_workload_limiter: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("workload_limiter")
+
+
+def workload_limiter() -> trio.CapacityLimiter:
+    """The limiter of in-process workload threads in this trio run (:data:`WORKLOAD_THREADS`)."""
+    try:
+        return _workload_limiter.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(WORKLOAD_THREADS)
+        _workload_limiter.set(limiter)
+        return limiter
+
+
+async def run_stoppable(fn: Callable[[StopFlag], T]) -> T:
+    """``fn(stop)`` on a worker thread of :func:`workload_limiter`; stopped, not abandoned.
+
+    A thread cannot be interrupted, so ``fn`` polls ``stop`` (a :class:`threading.Event`)
+    and raises :class:`WorkloadStopped` once it is set. When the caller is cancelled (its
+    deadline, a host that went away), the flag is set and the caller waits, shielded, up to
+    :data:`STOP_WAIT` s for the thread to end before the cancellation goes on.
+    """
+    stop = threading.Event()
+    started = threading.Event()
+    finished = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def body() -> T:
+        started.set()
+        try:
+            return fn(stop)
+        finally:
+            with suppress(trio.RunFinishedError):
+                token.run_sync_soon(finished.set)
+
+    try:
+        return await trio.to_thread.run_sync(body, abandon_on_cancel=True, limiter=workload_limiter())
+    except BaseException:
+        stop.set()
+        if started.is_set():
+            with trio.CancelScope(shield=True), trio.move_on_after(STOP_WAIT):
+                await finished.wait()
+        raise
+
+
 async def run_guest_work(
     workload: Workload, params: Mapping[str, Any], on_command: CommandCallback | None = None
 ) -> list[Sample]:
@@ -127,13 +190,13 @@ async def run_guest_work(
     a workload's full params (fio's ``jobs=all``) it runs them all: :meth:`Workload.cases`
     of one case is that case.
 
-    An in-process workload that overruns its deadline is abandoned, not stopped: its
-    thread (a machine-code loop cannot be interrupted) finishes in the background and its
-    result is dropped; the caller gets :class:`DeadlineExceeded` on time.
+    The workload's scratch files go into a private directory made for this call and removed
+    afterwards, also when the run fails or is cancelled (:func:`own_scratch_dir`).
     """
     samples: list[Sample] = []
-    for case in workload.cases(params):
-        samples += await _run_case(workload, case, on_command)
+    with own_scratch_dir(workload, params) as private:
+        for case in workload.cases(private):
+            samples += await _run_case(workload, case, on_command)
     return samples
 
 
@@ -145,7 +208,7 @@ async def _run_case(
         if on_command:
             on_command(0, 1, [f"<in process: {workload.name}>"])
         with trio.move_on_after(timeout) as scope:
-            samples = await trio.to_thread.run_sync(workload.run_in_process, params, abandon_on_cancel=True)
+            samples = await run_stoppable(functools.partial(workload.run_in_process, params))
         if scope.cancelled_caught:
             raise DeadlineExceeded(f"{workload.name} did not finish within {timeout:g} s")
         return samples
@@ -158,26 +221,57 @@ async def _run_case(
     return workload.parse_guest(outputs, params)
 
 
+#: errno values that mean the caller named a directory that cannot hold a scratch directory
+_CALLER_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG})
+
+
+@contextmanager
+def own_scratch_dir(workload: Workload, params: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """``params`` with the workload's scratch directory replaced by a private one made in it.
+
+    The agent writes and deletes only what it created itself: fio lays its file out by
+    unlinking and re-creating the path it is given, so that path must be one nobody else can
+    name. A fresh directory (``mkdtemp``, mode 0700) inside the directory the caller chose
+    is that place; it is removed with everything in it afterwards, also when the run fails
+    or is cancelled (synchronously: no cancellation can cut it short). A caller's directory
+    that does not exist, is not a directory or leads elsewhere through a symbolic link
+    (:meth:`Workload.check_scratch_dir`) is a :class:`UsageError`.
+    """
+    name = workload.scratch_dir_param
+    if name is None:
+        yield dict(params)
+        return
+    parent = params[name]
+    workload.check_scratch_dir(os.path.realpath(parent))
+    try:
+        private = tempfile.mkdtemp(prefix=f"cvmctl-{workload.name}-", dir=parent)
+    except OSError as exc:
+        message = f"parameter {name}: cannot make a scratch directory in {parent!r}: {exc.strerror}"
+        if exc.errno in _CALLER_ERRNOS:
+            raise UsageError(message) from None
+        raise CvmError(message) from None  # read-only, full, not permitted: this guest's state
+    try:
+        yield {**params, name: private}
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
 async def run_guest_request(
     name: str, raw: Mapping[str, str], on_command: CommandCallback | None = None
 ) -> tuple[list[Sample], list[Unavailable]]:
     """The agent's side of one guest repetition: a workload *name* and *text* params in.
 
     Validates (``UsageError`` for an unknown name or a bad value), checks the tools
-    (``MissingToolError``), runs every case, removes the workload's scratch files (also
-    when the run fails: the host may never ask again), and returns the samples with what
-    could not be measured. Nothing from ``raw`` reaches a shell; argv lists come from the
-    catalogue.
+    (``MissingToolError``), runs every case (its scratch files created and removed around
+    it: the host may never ask again), and returns the samples with what could not be
+    measured. Nothing from ``raw`` reaches a shell; argv lists come from the catalogue.
     """
     workload = get(name)
     if workload.kind != "guest":
         raise UsageError(f"{name} has no guest-only work (it is {workload.kind})")
     params = workload.validate(raw)
     workload.require_tools("guest")
-    try:
-        samples = await run_guest_work(workload, params, on_command)
-    finally:
-        remove_scratch_files(workload, params)  # synchronous: no cancellation can cut it short
+    samples = await run_guest_work(workload, params, on_command)
     return samples, workload.unavailable(params)
 
 
@@ -192,18 +286,6 @@ async def start_server_request(
         raise UsageError(f"{name} has no server")
     workload.require_tools("guest")
     return await server.start(plan, probe_host)
-
-
-def remove_scratch_files(workload: Workload, params: Mapping[str, Any]) -> list[str]:
-    """Delete the workload's :meth:`Workload.scratch_files` (validated paths); those removed."""
-    removed = []
-    for path in workload.scratch_files(params):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            continue
-        removed.append(path)
-    return removed
 
 
 #: The TCP state "LISTEN" in /proc/net/tcp and tcp6 (include/net/tcp_states.h: TCP_LISTEN = 10).

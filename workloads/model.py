@@ -54,7 +54,7 @@ import os
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 from cvmcore.errors import CvmError, UsageError
 from workloads.capabilities import Capabilities
@@ -72,11 +72,35 @@ DIR_PLACEHOLDER = "{dir}"
 
 INSTALL_HINT = "scripts/install-workload-tools.sh"
 
+#: The longest parameter text accepted (characters); longer is refused before parsing.
+MAX_PARAM_TEXT = 4096
+
 
 class MissingToolError(CvmError):
     """A binary a workload needs is not on PATH; the message names its Debian package."""
 
     exit_code = 2
+
+
+class WorkloadStopped(Exception):
+    """Raised by :meth:`Workload.run_in_process` when asked to stop (cancelled, out of time).
+
+    The caller asked for it, so it never reaches a user: the caller raises what stopped it.
+    """
+
+
+class StopFlag(Protocol):
+    """What :meth:`Workload.run_in_process` polls between chunks of work (a threading.Event)."""
+
+    def is_set(self) -> bool: ...
+
+
+class _NeverStop:
+    def is_set(self) -> bool:
+        return False
+
+
+NEVER_STOP: StopFlag = _NeverStop()
 
 
 @dataclass(frozen=True)
@@ -85,7 +109,9 @@ class Param:
 
     ``default`` is the study's value where the study fixed one (its source is cited in the
     workload's docstring). ``minimum``/``maximum`` bound numbers (and every element of a
-    ``list[int]``); ``choices`` restricts ``str`` values.
+    ``list[int]``), ``max_items`` the length of a ``list[int]``; ``choices`` restricts ``str``
+    values. Every text is at most :data:`MAX_PARAM_TEXT` characters: the agent parses what
+    an untrusted host sends.
     """
 
     name: str
@@ -96,6 +122,7 @@ class Param:
     maximum: float | None = None
     choices: tuple[str, ...] | None = None
     hex: bool = False  # shown in hexadecimal (ports, MSRs, cpuid leaves); parsing accepts both
+    max_items: int | None = None
 
     def allowed(self) -> str:
         """What values are allowed, in words, for error messages and ``--list``."""
@@ -115,16 +142,19 @@ class Param:
             what += f" >= {num(self.minimum)}"
         elif self.maximum is not None:
             what += f" <= {num(self.maximum)}"
+        if self.max_items is not None:
+            what += f", at most {self.max_items} of them"
         return what
 
     def parse(self, text: str) -> Any:
         """The typed value of ``text``; :class:`UsageError` naming the parameter otherwise."""
         try:
-            value = self._convert(text.strip())
+            value = self._convert(text.strip()) if len(text) <= MAX_PARAM_TEXT else None
         except ValueError:
             value = None
         if value is None or not self._in_range(value):
-            raise UsageError(f"parameter {self.name}: {text!r} is not allowed (expected {self.allowed()})")
+            shown = repr(text) if len(text) <= 80 else f"{text[:60]!r}... ({len(text)} characters)"
+            raise UsageError(f"parameter {self.name}: {shown} is not allowed (expected {self.allowed()})")
         return value
 
     def format(self, value: Any) -> str:
@@ -155,6 +185,8 @@ class Param:
 
     def _in_range(self, value: Any) -> bool:
         if self.choices is not None and value not in self.choices:
+            return False
+        if self.max_items is not None and self.kind == "list[int]" and len(value) > self.max_items:
             return False
         numbers = value if self.kind == "list[int]" else [value] if self.kind in ("int", "float") else []
         return all(
@@ -243,6 +275,10 @@ class Workload:
     #: A server that serves one test well and not always the next (iperf3): started afresh
     #: for every repetition instead of kept up across a plain run's repetitions.
     fresh_server_each_repetition: ClassVar[bool] = False
+    #: The parameter naming the directory the guest side writes its files in (fio's scratch
+    #: file). For each run the runner makes a private directory inside it, passes that in
+    #: its place and removes it afterwards (:func:`workloads.execute.own_scratch_dir`).
+    scratch_dir_param: ClassVar[str | None] = None
 
     # -- parameters -------------------------------------------------------------------
 
@@ -307,6 +343,10 @@ class Workload:
         out[self.duration_param] = value
         return out
 
+    def check_scratch_dir(self, real_path: str) -> None:
+        """Refuse (:class:`UsageError`) a scratch directory whose real path, symbolic links
+        resolved where the workload runs, is not a place for scratch files."""
+
     def cases(self, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         """One params dict per case (the :attr:`case_param` list split into single values)."""
         if self.case_param is None:
@@ -348,13 +388,14 @@ class Workload:
         """Samples from the stdouts of :meth:`guest_commands`, in the same order."""
         return []
 
-    def run_in_process(self, params: Mapping[str, Any]) -> list[Sample]:
-        """One repetition run in the calling process (workloads with :attr:`in_process`)."""
-        raise NotImplementedError(f"{self.name} does not run in process")
+    def run_in_process(self, params: Mapping[str, Any], stop: StopFlag = NEVER_STOP) -> list[Sample]:
+        """One repetition run in the calling process (workloads with :attr:`in_process`).
 
-    def scratch_files(self, params: Mapping[str, Any]) -> list[str]:
-        """Files the guest side leaves behind (fio's scratch file), removed after the run."""
-        return []
+        It runs on a worker thread, which nothing can interrupt: it polls ``stop`` often
+        (at least every few hundred milliseconds) and raises :class:`WorkloadStopped` once
+        it is set, so that a cancelled run ends instead of running on abandoned.
+        """
+        raise NotImplementedError(f"{self.name} does not run in process")
 
     def unavailable(self, params: Mapping[str, Any]) -> list[Unavailable]:
         """What this workload cannot measure where it is called, and why."""

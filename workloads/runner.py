@@ -17,7 +17,7 @@ One run, by :func:`run_benchmark`::
         [guest]         target.run_guest(workload, case) -> samples
         store.add_samples(...) per arm and repetition (one transaction), progress callback
     for each arm: target.unavailable(workload, params); target.describe() again
-    target.stop_server(); target.cleanup(workload, params)   (scratch files)
+    target.stop_server(); target.cleanup(workload, params)
     store.finish(completed | failed | aborted)
 
 With one arm the server stays up across repetitions, as in the study; with two (a paired
@@ -44,7 +44,7 @@ import trio
 
 from cvmcore.errors import CvmError, RemoteError, UsageError
 from workloads.capabilities import Capabilities, WorkloadRefused, local_capabilities, refusal
-from workloads.execute import ServerProcess, remove_scratch_files, run_command, run_guest_work
+from workloads.execute import ServerProcess, run_command, run_guest_work
 from workloads.metadata import TeeDetector, run_metadata
 from workloads.model import Sample, ServerPlan, Unavailable, Workload
 from workloads.store import Store
@@ -79,7 +79,8 @@ class Target(Protocol):
         """Stop the server started last (no-op when none runs)."""
 
     async def cleanup(self, workload: Workload, params: Mapping[str, Any]) -> None:
-        """After the run: remove :meth:`Workload.scratch_files` on the guest side."""
+        """After the run: anything the target left on the guest side (scratch files are
+        removed by :func:`workloads.execute.run_guest_work` after each repetition)."""
 
     def guest_address(self) -> str:
         """The address of the guest as the host sees it (what ``ping`` pings)."""
@@ -302,7 +303,7 @@ class LocalTarget:
         await self._server.stop()
 
     async def cleanup(self, workload: Workload, params: Mapping[str, Any]) -> None:
-        remove_scratch_files(workload, params)
+        """Nothing left to do: :func:`run_guest_work` removes the scratch files it created."""
 
     async def run_guest(self, workload: Workload, params: Mapping[str, Any]) -> list[Sample]:
         return await run_guest_work(workload, params)

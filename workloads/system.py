@@ -11,10 +11,13 @@ libaio, ``direct=1``, ``time_based``, runtime 30 s after a 20 s ramp, and the jo
     iops-{randread,randwrite,rw}           bs 4k    iodepth 32   numjobs 4   (IOPS; rw 70/30)
 
 each job its own fio process (one case), so jobs never overlap. The study ran them on a raw
-NVMe disk; here the target is a scratch *file* whose path is a parameter. Because the
-agent writes where the host says, the path must lie under a scratch prefix (:data:`FIO_PREFIXES`)
-and is never a device: an untrusted host must not be able to make the agent overwrite the
-guest's own files. O_DIRECT needs a file system that supports it (ext4, xfs; not tmpfs).
+NVMe disk; here the target is a scratch *file* in a directory that is a parameter. Because
+the agent writes where the host says, the directory must be a scratch prefix or lie below
+one (:data:`FIO_PREFIXES`), and the file goes into a private directory the runner makes
+there for each run and removes after it (:func:`workloads.execute.own_scratch_dir`): fio
+lays a file out by unlinking and re-creating its path, and an untrusted host must not be
+able to make the agent overwrite or delete the guest's own files. O_DIRECT needs a file
+system that supports it (ext4, xfs; not tmpfs).
 
 memory: Debian packages neither the Phoronix suite nor STREAM, so bandwidth comes from mbw
 (``memcpy``, a byte loop, and block ``memcpy``) and sysbench memory (sequential and random
@@ -54,6 +57,7 @@ FIO_JOBS: dict[str, tuple[str, str, int, int, tuple[str, ...]]] = {
 # Where the fio scratch file may live (see the module docstring).
 FIO_PREFIXES = ("/var/tmp/", "/tmp/", "/mnt/", "/srv/", "/scratch/")
 FIO_FILE = "cvmctl-fio.scratch"
+MAX_PATH = 1024
 
 
 def cpu_count() -> int:
@@ -81,11 +85,12 @@ class Fio(Workload):
     summary = "storage latency, bandwidth and IOPS: the study's 9 fio jobs (libaio, direct) on a scratch file"
     params = (
         Param(
-            "filename",
+            "directory",
             "str",
-            f"/var/tmp/{FIO_FILE}",
-            "scratch file (under /var/tmp, /tmp, /mnt, /srv or /scratch; not tmpfs); "
-            "default: on the target's scratch disk",
+            "/var/tmp",
+            "where the scratch file goes (/var/tmp, /tmp, /mnt, /srv, /scratch or below; not tmpfs), "
+            "in a private directory made for each run and removed after it; "
+            "default: the target's scratch disk",
         ),
         Param("size_mb", "int", 1024, "size of the scratch file in MiB", minimum=1, maximum=1 << 22),
         Param("runtime", "int", 30, "seconds measured per job (after the ramp)", minimum=1, maximum=3600),
@@ -96,29 +101,38 @@ class Fio(Workload):
     guest_tools: ClassVar[dict[str, str]] = {"fio": "fio"}
     needs = frozenset({SCRATCH_DISK})
 
+    scratch_dir_param = "directory"
+
     def for_target(
         self, params: dict[str, Any], capabilities: Capabilities, explicit: frozenset[str]
     ) -> dict[str, Any]:
-        """The scratch file in the directory of the target's scratch disk, unless set."""
+        """The scratch file on the target's scratch disk, unless the directory was set."""
         directory = capabilities.offered.get(SCRATCH_DISK, "")
-        if "filename" in explicit or not directory.startswith("/"):
+        if "directory" in explicit or not directory.startswith("/"):
             return params
-        out = {**params, "filename": posixpath.join(posixpath.normpath(directory), FIO_FILE)}
+        out = {**params, "directory": posixpath.normpath(directory)}
         self.check(out)
         return out
 
-    def check(self, params: dict[str, Any]) -> None:
-        split_names(params["jobs"], FIO_JOBS, "jobs")
-        path = params["filename"]
-        normal = posixpath.normpath(path)
-        if normal != path or not path.startswith(FIO_PREFIXES) or ":" in path:
+    def check_scratch_dir(self, real_path: str) -> None:
+        # A symbolic link under /tmp must not lead fio's writes elsewhere (/, /etc).
+        allowed = [os.path.realpath(prefix) for prefix in FIO_PREFIXES]
+        if not any(real_path == p or real_path.startswith(p.rstrip("/") + "/") for p in allowed):
             raise UsageError(
-                f"parameter filename: {path!r} is not allowed (expected a normalised file path under "
-                f"{', '.join(FIO_PREFIXES)} without ':')"
+                f"parameter directory: it leads to {real_path!r}, which is not below "
+                f"{', '.join(p.rstrip('/') for p in FIO_PREFIXES)}"
             )
 
-    def scratch_files(self, params: Mapping[str, Any]) -> list[str]:
-        return [params["filename"]]
+    def check(self, params: dict[str, Any]) -> None:
+        split_names(params["jobs"], FIO_JOBS, "jobs")
+        path = params["directory"]
+        normal = posixpath.normpath(path)
+        under = path.startswith(FIO_PREFIXES) or f"{path}/" in FIO_PREFIXES
+        if normal != path or not under or ":" in path or len(path) > MAX_PATH:
+            raise UsageError(
+                f"parameter directory: {path!r} is not allowed (expected a normalised directory path, "
+                f"{', '.join(p.rstrip('/') for p in FIO_PREFIXES)} or below, without ':')"
+            )
 
     def cases(self, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         return [{**params, "jobs": job} for job in split_names(params["jobs"], FIO_JOBS, "jobs")]
@@ -139,7 +153,7 @@ class Fio(Workload):
                 "fio",
                 "--output-format=json",
                 f"--name={job}",
-                f"--filename={params['filename']}",
+                f"--filename={posixpath.join(params['directory'], FIO_FILE)}",
                 f"--size={params['size_mb']}M",
                 "--ioengine=libaio",
                 f"--direct={int(params['direct'])}",

@@ -31,7 +31,9 @@ what ``MemoryDenyWriteExecute=yes`` and the kernel's ``PR_SET_MDWE`` forbid; whe
 cannot be mapped executable, an anonymous mapping written first and then made executable
 is the fallback) and called through ctypes with the System V calling convention (arguments in rdi, rsi, rdx;
 result in rax; rbx, r12-r14 saved because cpuid clobbers ebx and we use the others). One
-ctypes call (about a microsecond) per 100,000 iterations does not show in the result.
+ctypes call (about a microsecond) per :data:`CHUNK` iterations does not show in the result;
+between calls the loop checks whether it was asked to stop, so a cancelled run ends within
+one chunk instead of running on in an abandoned thread (:func:`workloads.execute.run_stoppable`).
 
 Two loops are generated:
 
@@ -66,8 +68,8 @@ from contextlib import contextmanager
 from typing import Any, ClassVar
 
 from cvmcore.affinity import child_preexec, format_cpu_list
-from cvmcore.errors import UsageError
-from workloads.model import Param, Sample, Unavailable, Workload
+from cvmcore.errors import CvmError, UsageError
+from workloads.model import NEVER_STOP, Param, Sample, StopFlag, Unavailable, Workload, WorkloadStopped
 
 # -- the machine code -------------------------------------------------------------------
 # Each entry: bytes, the instruction in Intel syntax. REX prefixes: 0x41 = B (r8-r15 in
@@ -173,6 +175,11 @@ BulkFn = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint64)
 EachFn = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint64))
 
 
+class CodeNotExecutable(CvmError):
+    """This process may not map the loops executable (a policy forbids it): the run cannot
+    happen here, whatever the request (FAILED_PRECONDITION over gRPC)."""
+
+
 class MachineCode:
     """The loops in one executable mapping; ``close()`` unmaps it (use as a context manager)."""
 
@@ -211,7 +218,12 @@ class MachineCode:
             try:
                 address = self._map_anonymous(blob)
             except OSError as second:
-                raise OSError(second.errno, f"{second.strerror} (and a memfd mapping: {first})") from None
+                raise CodeNotExecutable(
+                    "vmexit cannot run its machine code here: this process may not map memory "
+                    f"executable (a memfd mapped read+execute: {first.strerror}; anonymous memory made "
+                    f"executable: {second.strerror}). A seccomp filter or policy stricter than "
+                    "systemd's MemoryDenyWriteExecute= refuses it"
+                ) from None
         self._address = address
         self.bulk = BulkFn(address + offsets[0])
         self.each = EachFn(address + offsets[1])
@@ -328,11 +340,29 @@ def pinned(cpu: int) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
+def each_into(fn: Any, leaf: int, buffer: ctypes.Array[ctypes.c_uint64], stop: StopFlag) -> None:
+    """Fill ``buffer`` with ``fn`` (an ``each`` loop), :data:`CHUNK` entries per call."""
+    base = ctypes.addressof(buffer)
+    for offset, count in _chunks(len(buffer), stop):
+        fn(leaf, count, ctypes.cast(base + offset * 8, ctypes.POINTER(ctypes.c_uint64)))
+
+
 def leaf_name(leaf: int) -> str:
     return f"cpuid_{leaf:#x}" if leaf > 9 else f"cpuid_{leaf}"
 
 
 MAX_CPU = 4095
+#: Bounds that fit a small CVM and the agent's time budget: ``iterations`` sizes the
+#: per-iteration buffer (8 bytes each: 8 MB at most), and the longest run allowed,
+#: 3 x 10^6 exits for each of 8 leaves plus 10^6 reads for each of 17 ports, MSRs and the
+#: baseline, takes about 2 minutes at 3 us per exit (a CVM's) and stays within
+#: :meth:`Vmexit.timeout` even at 100 us (an emulated guest's).
+MAX_ITERATIONS = 1_000_000
+MAX_LIST = 8
+#: Iterations per call into the machine code: the loop polls its stop flag between calls,
+#: so a cancelled run ends within one chunk (milliseconds in a CVM, about a second at 100 us
+#: per exit).
+CHUNK = 10_000
 PORT_DEVICE = "/dev/port"
 MSR_DEVICE = "/dev/cpu/{cpu}/msr"
 
@@ -352,16 +382,30 @@ def _device_problem(path: str, what: str) -> str | None:
     return None
 
 
-def time_pread_ns(path: str, size: int, offset: int, iterations: int, warmup: int) -> float:
+def _chunks(n: int, stop: StopFlag) -> Iterator[tuple[int, int]]:
+    """(offset, count) pieces of ``n`` iterations, :data:`CHUNK` at a time, until ``stop`` is set."""
+    for offset in range(0, n, CHUNK):
+        if stop.is_set():
+            raise WorkloadStopped()
+        yield offset, min(CHUNK, n - offset)
+
+
+def time_pread_ns(
+    path: str, size: int, offset: int, iterations: int, warmup: int, stop: StopFlag = NEVER_STOP
+) -> float:
     """Mean ns of ``pread(path, size, offset)`` over ``iterations`` after ``warmup`` calls."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        for _ in range(warmup):
-            os.pread(fd, size, offset)
-        start = time.perf_counter_ns()
-        for _ in range(iterations):
-            os.pread(fd, size, offset)
-        return (time.perf_counter_ns() - start) / iterations
+        for _, count in _chunks(warmup, stop):
+            for _ in range(count):
+                os.pread(fd, size, offset)
+        elapsed = 0
+        for _, count in _chunks(iterations, stop):
+            start = time.perf_counter_ns()
+            for _ in range(count):
+                os.pread(fd, size, offset)
+            elapsed += time.perf_counter_ns() - start
+        return elapsed / iterations
     finally:
         os.close(fd)
 
@@ -387,23 +431,31 @@ class Vmexit(Workload):
             minimum=0,
             maximum=0xFFFFFFFF,
             hex=True,
+            max_items=MAX_LIST,
         ),
         Param(
             "iterations",
             "int",
             100_000,
-            "timed iterations per instruction (the study: 100000)",
+            "timed iterations per instruction (the study: 100000; 8 bytes of memory each)",
             minimum=1,
-            maximum=10**9,
+            maximum=MAX_ITERATIONS,
         ),
-        Param("warmup", "int", 1000, "untimed iterations first (the study: 1000)", minimum=0, maximum=10**9),
+        Param(
+            "warmup",
+            "int",
+            1000,
+            "untimed iterations first (the study: 1000)",
+            minimum=0,
+            maximum=MAX_ITERATIONS,
+        ),
         Param(
             "io_iterations",
             "int",
             100_000,
             "iterations per port / MSR (each is a system call)",
             minimum=1,
-            maximum=10**9,
+            maximum=MAX_ITERATIONS,
         ),
         Param(
             "ports",
@@ -413,6 +465,7 @@ class Vmexit(Workload):
             minimum=0,
             maximum=0xFFFF,
             hex=True,
+            max_items=MAX_LIST,
         ),
         Param(
             "msrs",
@@ -422,6 +475,7 @@ class Vmexit(Workload):
             minimum=0,
             maximum=0xFFFFFFFF,
             hex=True,
+            max_items=MAX_LIST,
         ),
         Param(
             "cpu",
@@ -449,8 +503,9 @@ class Vmexit(Workload):
         return {**params, "iterations": n, "io_iterations": min(params["io_iterations"], n // 10 or 1)}
 
     def timeout(self, params: Mapping[str, Any]) -> float:
-        exits = params["iterations"] * 3 * len(params["leaves"])
-        exits += params["io_iterations"] * (len(params["ports"]) + len(params["msrs"]) + 1)
+        n, warmup, io_n = params["iterations"], params["warmup"], params["io_iterations"]
+        exits = n + (2 * n + warmup) * len(params["leaves"])
+        exits += (io_n + min(warmup, io_n)) * (len(params["ports"]) + len(params["msrs"]) + 1)
         return float(60.0 + exits * 100e-6)  # 100 us per exit is far slower than any TCG guest measured
 
     def unavailable(self, params: Mapping[str, Any]) -> list[Unavailable]:
@@ -465,24 +520,26 @@ class Vmexit(Workload):
             notes += [Unavailable(f"msr_{msr:#x}", msr_problem) for msr in params["msrs"]]
         return notes
 
-    def run_in_process(self, params: Mapping[str, Any]) -> list[Sample]:
+    def run_in_process(self, params: Mapping[str, Any], stop: StopFlag = NEVER_STOP) -> list[Sample]:
         n, warmup = params["iterations"], params["warmup"]
         cpu = resolve_cpu(params["cpu"])
         samples: list[Sample] = []
         with MachineCode() as code, pinned(cpu):
             # rdtsc's own cost, to read the per-iteration figures against.
             buffer = (ctypes.c_uint64 * n)()
-            code.each_empty(0, n, buffer)
+            each_into(code.each_empty, 0, buffer, stop)
             rdtsc_cycles = statistics.median(buffer)
             tsc_per_ns: list[float] = []
             for leaf in params["leaves"]:
-                if warmup:
-                    code.bulk(leaf, warmup)
-                start = time.perf_counter_ns()
-                cycles = code.bulk(leaf, n)
-                elapsed_ns = time.perf_counter_ns() - start
+                for _, count in _chunks(warmup, stop):
+                    code.bulk(leaf, count)
+                cycles, elapsed_ns = 0, 0
+                for _, count in _chunks(n, stop):
+                    start = time.perf_counter_ns()
+                    cycles += code.bulk(leaf, count)
+                    elapsed_ns += time.perf_counter_ns() - start
                 tsc_per_ns.append(cycles / elapsed_ns)
-                code.each(leaf, n, buffer)
+                each_into(code.each, leaf, buffer, stop)
                 each = sorted(buffer)
                 meta = {"method": "cpuid-loop", "leaf": f"{leaf:#x}", "iterations": str(n)}
                 name = leaf_name(leaf)
@@ -498,19 +555,19 @@ class Vmexit(Workload):
             io_samples: list[Sample] = []
             if _device_problem(PORT_DEVICE, "port I/O") is None:
                 for port in params["ports"]:
-                    ns = time_pread_ns(PORT_DEVICE, 1, port, io_n, io_warmup)
+                    ns = time_pread_ns(PORT_DEVICE, 1, port, io_n, io_warmup, stop)
                     io_samples.append(
                         Sample(f"pio_{port:#x}_ns", ns, "ns", "lower", {**base_meta, "port": f"{port:#x}"})
                     )
             msr_path = MSR_DEVICE.format(cpu=cpu)
             if _device_problem(msr_path, "rdmsr") is None:
                 for msr in params["msrs"]:
-                    ns = time_pread_ns(msr_path, 8, msr, io_n, io_warmup)
+                    ns = time_pread_ns(msr_path, 8, msr, io_n, io_warmup, stop)
                     io_samples.append(
                         Sample(f"msr_{msr:#x}_ns", ns, "ns", "lower", {**base_meta, "msr": f"{msr:#x}"})
                     )
             if io_samples:
-                baseline = time_pread_ns("/dev/zero", 1, 0, io_n, io_warmup)
+                baseline = time_pread_ns("/dev/zero", 1, 0, io_n, io_warmup, stop)
                 samples += [*io_samples, Sample("syscall_pread_ns", baseline, "ns", "lower", base_meta)]
         tsc_ghz = statistics.median(tsc_per_ns) if tsc_per_ns else 0.0
         extra = {

@@ -175,6 +175,10 @@ def tsm_get_report(
             f"another process kept writing to {entry} ({max_attempts} attempts saw generation move "
             "or a foreign nonce in the report)"
         )
+    except OSError as exc:  # an attribute a report entry has is missing or refused: not our caller's fault
+        raise EvidenceFetchError(
+            f"configfs-tsm: {exc.filename or entry}: {exc.strerror or exc} (is {base} configfs-tsm?)"
+        ) from exc
     finally:
         # Leaving an entry behind is harmless; an error that got us here matters more.
         with timer.step("rmdir"), contextlib.suppress(OSError):

@@ -22,6 +22,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from cvmcore.grpc_bridge import UndecodableRequests
+
 RPC_DURATION_BUCKETS: tuple[float, ...] = (
     0.0005,
     0.001,
@@ -68,6 +70,8 @@ class AgentStats:
         self._relay_bytes: dict[tuple[str, str], int] = {}
         self._relay_refused: dict[str, int] = {}
         self._recovery: tuple[str, int] | None = None
+        #: requests the gRPC server could not decode (the bridge counts them)
+        self.undecodable = UndecodableRequests("cvm_guest_agent_rpc_undecodable")
 
     def _method(self, method: str) -> str:
         if method in self._durations or len(self._durations) < MAX_METHODS:
@@ -211,3 +215,4 @@ class AgentStatsCollector(Collector):
                 "exist, or whose record it set aside (unparsable) or dropped (an earlier boot).",
                 value=float(discarded),
             )
+        yield from self.stats.undecodable.collect()

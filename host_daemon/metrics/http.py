@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import unquote
@@ -108,12 +108,16 @@ def sd_targets(collector: HostCollector, advertised: str, host_label: str) -> li
 class HostMetricsApp:
     """Routes a request path to a response body (rendering runs in a worker thread)."""
 
-    def __init__(self, collector: HostCollector, advertised: str, host_label: str) -> None:
+    def __init__(
+        self, collector: HostCollector, advertised: str, host_label: str, extra: Sequence[Collector] = ()
+    ) -> None:
         self.collector = collector
         self.advertised = advertised
         self.host_label = host_label
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
+        for other in extra:  # the daemon's own tallies (undecodable requests)
+            self.registry.register(other)
 
     def render_host(self, exposition: Exposition, head: bool = False) -> bytes:
         return exposition.response(exposition.encoder(self.registry), head_only=head)
@@ -162,9 +166,12 @@ async def serve_host_metrics_http(
     *,
     advertise: str | None = None,
     host_label: str | None = None,
+    extra: Sequence[Collector] = (),
     task_status: trio.TaskStatus[HostEndpoint] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``collector`` on ``http://host:port`` until cancelled; ``nursery.start`` returns the endpoint.
+
+    ``extra`` collectors join ``/metrics``.
 
     ``advertise`` is the ``host:port`` written into ``/sd`` targets (default: the bound
     address, or this machine's name for a wildcard bind); ``host_label`` the ``host`` label
@@ -174,7 +181,7 @@ async def serve_host_metrics_http(
     try:
         bound = int(listeners[0].socket.getsockname()[1])
         advertised = advertise or advertised_address(host, bound)
-        app = HostMetricsApp(collector, advertised, host_label or socket.gethostname().split(".")[0])
+        app = HostMetricsApp(collector, advertised, host_label or socket.gethostname().split(".")[0], extra)
     except BaseException:
         await close_listeners(listeners)
         raise

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import trio
+from prometheus_client.registry import Collector
 
 from cvmcore.address import TcpAddress, parse_address
 from cvmcore.errors import UsageError
@@ -102,11 +103,13 @@ async def serve_host_metrics(
     interval: float = DEFAULT_INTERVAL,
     advertise: str | None = None,
     libvirt: str | None = None,
+    extra: Sequence[Collector] = (),
     task_status: trio.TaskStatus[HostEndpoint] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the exporter for ``manager`` and serve it at ``listen`` (``tcp://HOST:PORT``) until cancelled.
 
     ``libvirt``: a libvirt URI whose domains are followed too (``--libvirt``).
+    ``extra`` collectors join the host's /metrics (the daemon's count of undecodable requests).
     """
     address = parse_address(listen, listening=True)
     if not isinstance(address, TcpAddress):
@@ -119,7 +122,12 @@ async def serve_host_metrics(
         await nursery.start(collector.run)
         endpoint = await nursery.start(
             functools.partial(
-                serve_host_metrics_http, collector, address.host, address.port, advertise=advertise
+                serve_host_metrics_http,
+                collector,
+                address.host,
+                address.port,
+                advertise=advertise,
+                extra=extra,
             )
         )
         task_status.started(endpoint)

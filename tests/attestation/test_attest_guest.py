@@ -215,6 +215,14 @@ def test_nothing_available(tmp_path: Path) -> None:
         fetch_evidence(bytes(64), interface="tpm", root=tmp_path)
 
 
+def test_a_report_directory_that_is_not_configfs_is_a_fetch_error(tmp_path: Path) -> None:
+    """Found by the storm (issue 13): a plain directory where configfs-tsm should be (a
+    recorded guest tree) let FileNotFoundError out of the agent as INTERNAL."""
+    with pytest.raises(EvidenceFetchError, match=r"configfs-tsm: .*/provider: No such file or directory"):
+        fetch_evidence(bytes(64), interface="configfs-tsm", root=_tree(tmp_path))
+    assert list((tmp_path / TSM_REPORT_DIR).iterdir()) == []  # the entry it made is gone
+
+
 # -- ioctls ------------------------------------------------------------------------------
 
 

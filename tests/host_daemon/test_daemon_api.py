@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import grpc
 import pytest
 import trio
 
@@ -14,6 +17,7 @@ from cvmcore.address import UnixAddress
 from cvmcore.client import RpcClient, connect
 from cvmcore.errors import RemoteError, UsageError
 from cvmcore.serve import ServerOptions, serve_grpc
+from host_daemon import process as proc
 from host_daemon.server import HostDaemonService, daemon_handlers
 from host_daemon.vms import VMManager
 
@@ -86,3 +90,38 @@ async def test_errors_name_what_is_wrong(daemon: tuple[RpcClient, host_pb2_grpc.
         await client.call(stub.StopVM, host_pb2.StopVMRequest(name="a"))
     info = await client.call(stub.GetDaemonInfo, host_pb2.GetDaemonInfoRequest())
     assert info.daemon_version and info.default_accel in ("kvm", "tcg")
+
+
+async def test_hostile_input_is_invalid_argument(
+    daemon: tuple[RpcClient, host_pb2_grpc.HostDaemonStub],
+) -> None:
+    """Issue 13: a 1,000-deep spec was INTERNAL (RecursionError), undecodable bytes UNKNOWN."""
+    client, stub = daemon
+    for deep in ("x = " + "[" * 1000 + "]" * 1000, "x = " + "{a=" * 1000 + "1" + "}" * 1000):
+        with pytest.raises(UsageError, match="nested too deeply"):
+            await client.call(stub.CreateVM, host_pb2.CreateVMRequest(spec_toml=deep, source="deep.toml"))
+    for method in ("GetVM", "CreateVM"):
+        with pytest.raises(UsageError, match=f"not a valid {method} request"):
+            await client.call(client.channel.unary_unary(f"/cvm.v1.HostDaemon/{method}", None, None), b"\x0f")
+    watch = client.channel.unary_stream("/cvm.v1.HostDaemon/WatchVMs", None, None)
+    with pytest.raises(grpc.RpcError) as raw:
+        await trio.to_thread.run_sync(lambda: list(watch(b"\x0a\x05ab", timeout=10)))
+    assert raw.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    # a long name is echoed back bounded, not as RESOURCE_EXHAUSTED
+    with pytest.raises(UsageError) as info:
+        await client.call(
+            stub.CreateVM, host_pb2.CreateVMRequest(spec_toml="name = 1\n", source="s" * 30_000)
+        )
+    assert len(str(info.value)) < 600
+
+
+def test_signalling_a_closed_process_handle_finds_it_gone(tmp_path: Path) -> None:
+    """Found by the storm (issue 13): KillVM while the exit task was closing QEMU's pidfd
+    signalled a closed descriptor (OSError EBADF, answered INTERNAL)."""
+    spawned = proc.spawn(["sleep", "30"], tmp_path / "sleep.log")
+    try:
+        spawned.close()
+        assert not proc.send_signal(spawned, signal.SIGKILL)
+    finally:
+        os.kill(spawned.pid, signal.SIGKILL)
+        os.waitpid(spawned.pid, 0)

@@ -90,14 +90,14 @@ def test_scratch_disk() -> None:
     assert caps.offered[SCRATCH_DISK] == "/scratch"
     request = RunRequest(get("fio"), get("fio").validate({}), {"": LocalTarget()})
     fio = get("fio")
-    assert fio.for_target(request.params, caps, frozenset())["filename"] == "/scratch/cvmctl-fio.scratch"
-    explicit = {**request.params, "filename": "/tmp/mine"}
-    assert fio.for_target(explicit, caps, frozenset({"filename"}))["filename"] == "/tmp/mine"
+    assert fio.for_target(request.params, caps, frozenset())["directory"] == "/scratch"
+    explicit = {**request.params, "directory": "/tmp/mine"}
+    assert fio.for_target(explicit, caps, frozenset({"directory"}))["directory"] == "/tmp/mine"
 
 
 def test_local_target_keeps_fios_default() -> None:
     request = RunRequest(get("fio"), get("fio").validate({}), {"": LocalTarget()})
-    assert params_for(request, LocalTarget())["filename"] == "/var/tmp/cvmctl-fio.scratch"
+    assert params_for(request, LocalTarget())["directory"] == "/var/tmp"
 
 
 @pytest.mark.usefixtures("user_mode")

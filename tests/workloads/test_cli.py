@@ -268,12 +268,13 @@ def test_fio_scratch_file_is_removed(
     capsys: pytest.CaptureFixture[str], data_dir: Path, tmp_path: Path
 ) -> None:
     require("fio")
-    scratch = tmp_path / "fio.scratch"
-    params = [f"filename={scratch}", "jobs=alat-read", "runtime=1", "ramp=0", "size_mb=8"]
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    params = [f"directory={scratch}", "jobs=alat-read", "runtime=1", "ramp=0", "size_mb=8"]
     args = [arg for p in params for arg in ("--param", p)]
     assert cli("bench", "fio", "--target", "local", "--repeat", "1", "--warmup", "0", "--quiet", *args) == 0
     assert "alat-read_read_lat_mean" in capsys.readouterr().out
-    assert not scratch.exists()
+    assert list(scratch.iterdir()) == []  # the run's private directory is gone
 
 
 def test_boot_and_attestation_need_a_vm(capsys: pytest.CaptureFixture[str], data_dir: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from workloads.catalogue import get
 from workloads.execute import (
     COMPLETE_GRACE,
     ServerProcess,
+    own_scratch_dir,
     run_command,
     run_guest_request,
     start_server_request,
@@ -103,8 +106,8 @@ async def test_the_agent_entry_points() -> None:
         await run_guest_request("rm -rf /", {})
     with pytest.raises(UsageError, match="nginx has no guest-only work"):
         await run_guest_request("nginx", {})
-    with pytest.raises(UsageError, match="parameter filename"):
-        await run_guest_request("fio", {"filename": "/dev/vda"})
+    with pytest.raises(UsageError, match="parameter directory"):
+        await run_guest_request("fio", {"directory": "/dev"})
     require("iperf3")
     server = ServerProcess()
     port = free_port()
@@ -126,7 +129,7 @@ async def test_full_params_run_every_case(tmp_path: Path) -> None:
     fio = get("fio")
     params = fio.validate(
         {
-            "filename": str(tmp_path / "s"),
+            "directory": str(tmp_path),
             "jobs": "alat-read,alat-write",
             "runtime": "1",
             "ramp": "0",
@@ -135,3 +138,45 @@ async def test_full_params_run_every_case(tmp_path: Path) -> None:
     )
     samples = await LocalTarget().run_guest(fio, params)
     assert {s.metadata["job"] for s in samples} == {"alat-read", "alat-write"}
+
+
+async def test_fio_never_touches_a_file_it_did_not_create() -> None:
+    """Issue 13: ``fio filename=/tmp/victim`` laid fio over the guest's file and unlinked it.
+
+    fio now writes only in a private directory the runner makes for the run; a directory
+    the caller got wrong is INVALID_ARGUMENT (UsageError), never INTERNAL.
+    """
+    require("fio")
+    top = Path(tempfile.mkdtemp(prefix="cvmctl-victim-", dir="/tmp"))
+    try:
+        victim = top / "cvmctl-fio.scratch"  # the name fio's file has in its directory
+        victim.write_bytes(b"the guest's data")
+        params = {"runtime": "1", "ramp": "0", "size_mb": "1", "jobs": "alat-read", "direct": "no"}
+        samples, _ = await run_guest_request("fio", {**params, "directory": str(top)})
+        assert samples
+        assert victim.read_bytes() == b"the guest's data"
+        assert list(top.iterdir()) == [victim]  # the private directory is gone
+        for wrong, why in ((victim, "Not a directory"), (top / "none", "No such file or directory")):
+            with pytest.raises(
+                UsageError, match=f"parameter directory: cannot make a scratch directory .*{why}"
+            ):
+                await run_guest_request("fio", {**params, "directory": str(wrong)})
+        (top / "link").symlink_to("/etc")
+        with pytest.raises(UsageError, match="parameter directory: it leads to '/etc', which is not below"):
+            await run_guest_request("fio", {**params, "directory": str(top / "link")})
+        with pytest.raises(UsageError, match="fio has no parameter 'filename'"):
+            await run_guest_request("fio", {**params, "filename": str(victim)})
+        assert victim.read_bytes() == b"the guest's data"
+    finally:
+        shutil.rmtree(top)
+
+
+def test_the_scratch_directory_is_private_and_removed(tmp_path: Path) -> None:
+    fio = get("fio")
+    params = fio.validate({"directory": "/tmp"})
+    with own_scratch_dir(fio, {**params, "directory": str(tmp_path)}) as private:
+        made = Path(private["directory"])
+        assert made.parent == tmp_path and made.stat().st_mode & 0o777 == 0o700
+        (made / "cvmctl-fio.scratch").write_text("x")
+    assert not made.exists()
+    assert next(iter(own_scratch_dir(get("vmexit"), {"a": 1}).__enter__().items())) == ("a", 1)

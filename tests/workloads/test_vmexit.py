@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import trio
 
-from cvmcore.errors import UsageError
+from cvmcore.errors import CvmError, UsageError
 from workloads import vmexit
 from workloads.catalogue import get
+from workloads.execute import run_guest_request, run_stoppable, workload_limiter
+from workloads.model import NEVER_STOP, Sample, StopFlag, WorkloadStopped
 
 x86_only = pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 machine code")
 
@@ -152,3 +157,157 @@ def test_runs_under_memory_deny_write_execute() -> None:
     if done.stdout.strip() == "unsupported":
         pytest.skip("this kernel has no PR_SET_MDWE (Linux < 6.3)")
     assert done.stdout.strip() == "memfd"
+
+
+def test_every_parameter_is_bounded() -> None:
+    """Issue 13: iterations up to 10^9 allocated an 8 GB buffer in the agent."""
+    vmexit_workload = get("vmexit")
+    for name, value in (
+        ("iterations", "1000000000"),
+        ("warmup", "1000001"),
+        ("io_iterations", "1000001"),
+        ("leaves", ",".join(["1"] * 9)),
+        ("ports", ",".join(["0x80"] * 9)),
+        ("msrs", "1," * 8 + "1"),
+        ("cpu", "1" * 5000),
+    ):
+        with pytest.raises(UsageError, match=f"parameter {name}: .* is not allowed"):
+            vmexit_workload.validate({name: value})
+    longest = vmexit_workload.validate(
+        {
+            "iterations": str(vmexit.MAX_ITERATIONS),
+            "warmup": str(vmexit.MAX_ITERATIONS),
+            "io_iterations": str(vmexit.MAX_ITERATIONS),
+            "leaves": ",".join(["1"] * vmexit.MAX_LIST),
+            "ports": ",".join(["0x80"] * vmexit.MAX_LIST),
+            "msrs": ",".join(["0x1b"] * vmexit.MAX_LIST),
+        }
+    )
+    assert vmexit_workload.timeout(longest) < 2 * 3600  # even at 100 us per exit
+    # what `cvmctl bench --list` shows
+    assert vmexit_workload.param("iterations").allowed() == "a whole number from 1 to 1000000"
+    assert vmexit_workload.param("leaves").allowed().endswith("at most 8 of them")
+
+
+def spin_until_stopped(stop: StopFlag) -> list[Sample]:
+    while not stop.is_set():
+        time.sleep(0.005)
+    raise WorkloadStopped()
+
+
+async def test_a_cancelled_run_is_stopped_not_abandoned() -> None:
+    ended: list[float] = []
+
+    def run(stop: StopFlag) -> list[Sample]:
+        try:
+            return spin_until_stopped(stop)
+        finally:
+            ended.append(time.monotonic())
+
+    with trio.move_on_after(0.2):
+        await run_stoppable(run)
+    assert ended, "the thread still ran when the caller went on"
+    await trio.sleep(0.1)  # the limiter's token comes back once trio hears of the thread's end
+    assert workload_limiter().borrowed_tokens == 0
+
+
+@x86_only
+async def test_cancelled_vmexit_runs_never_starve_the_agents_threads() -> None:
+    """Issue 13: 45 cancelled runs with a large warmup kept their threads, and trio's default
+    thread limiter (40) had none left for GetMetrics, idle polling and /metrics."""
+    heavy = {"iterations": "1000000", "warmup": "1000000", "io_iterations": "1000000", "leaves": "0"}
+    async with trio.open_nursery() as nursery:
+        for _ in range(45):
+            nursery.start_soon(run_guest_request, "vmexit", heavy)
+        await trio.sleep(0.5)
+        nursery.cancel_scope.cancel()
+    with trio.fail_after(5):
+        assert await trio.to_thread.run_sync(lambda: 42) == 42
+    await trio.sleep(0.1)
+    assert workload_limiter().borrowed_tokens == 0  # the run that had started has stopped
+    assert trio.to_thread.current_default_thread_limiter().borrowed_tokens == 0
+
+
+def test_each_into_fills_the_buffer_in_chunks() -> None:
+    calls: list[tuple[int, int]] = []
+
+    def fake_each(leaf: int, count: int, out: object) -> None:
+        calls.append((leaf, count))
+
+    buffer = (ctypes.c_uint64 * (vmexit.CHUNK * 2 + 5))()
+    vmexit.each_into(fake_each, 7, buffer, NEVER_STOP)
+    assert calls == [(7, vmexit.CHUNK), (7, vmexit.CHUNK), (7, 5)]
+
+
+# A seccomp filter like systemd's MemoryDenyWriteExecute=yes (its
+# seccomp_memory_deny_write_execute(): mmap with PROT_WRITE|PROT_EXEC, and mprotect or
+# pkey_mprotect adding PROT_EXEC, fail with EPERM), or, with STRICT, one that refuses every
+# executable mapping (as a stricter policy might). Classic BPF over struct seccomp_data:
+# nr at offset 0, arch at 4, the low half of args[2] (prot) at 32.
+UNDER_SECCOMP = """
+import ctypes, errno, sys
+from workloads import vmexit
+from workloads.catalogue import get
+
+STRICT = sys.argv[1] == "strict"
+LD, JEQ, AND, RET = 0x20, 0x15, 0x54, 0x06
+ALLOW, DENY = 0x7FFF0000, 0x00050000 | errno.EPERM
+mmap_mask = 0x4 if STRICT else 0x6  # PROT_EXEC, or PROT_WRITE|PROT_EXEC
+program = [  # (code, jt, jf, k); jumps count the instructions skipped
+    (LD, 0, 0, 4), (JEQ, 0, 11, 0xC000003E),  # 0-1: not x86-64: allow
+    (LD, 0, 0, 0),  # 2: the system call number
+    (JEQ, 3, 0, 9), (JEQ, 5, 0, 10), (JEQ, 4, 0, 329),  # 3-5: mmap, mprotect, pkey_mprotect
+    (RET, 0, 0, ALLOW),  # 6
+    (LD, 0, 0, 32), (AND, 0, 0, mmap_mask), (JEQ, 4, 3, mmap_mask),  # 7-9: mmap's prot
+    (LD, 0, 0, 32), (AND, 0, 0, 0x4), (JEQ, 1, 0, 0x4),  # 10-12: mprotect's prot
+    (RET, 0, 0, ALLOW),  # 13
+    (RET, 0, 0, DENY),  # 14
+]
+
+class Filter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
+                ("k", ctypes.c_uint)]
+
+class Program(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Filter))]
+
+filters = (Filter * len(program))(*[Filter(*f) for f in program])
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+prog = Program(len(program), filters)
+assert libc.prctl(22, 2, ctypes.byref(prog), 0, 0) == 0, ctypes.get_errno()  # PR_SET_SECCOMP, FILTER
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, *[ctypes.c_int] * 3, ctypes.c_long]
+wx = libc.mmap(None, 4096, 0x7, 0x22, -1, 0)  # PROT_READ|WRITE|EXEC, MAP_PRIVATE|ANONYMOUS
+print("wx-refused" if wx in (None, ctypes.c_void_p(-1).value) else "wx-allowed")
+try:
+    with vmexit.MachineCode() as code:
+        assert code.bulk(0, 10) > 0
+        print(code.mapping)
+except vmexit.CodeNotExecutable as exc:
+    print("refused:", exc)
+"""
+
+
+def under_seccomp(mode: str) -> str:
+    """The stdout of :data:`UNDER_SECCOMP` in a fresh interpreter (the filter cannot be undone)."""
+    done = subprocess.run(
+        [sys.executable, "-c", UNDER_SECCOMP, mode], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@x86_only
+def test_runs_under_a_seccomp_memory_deny_write_execute_filter() -> None:
+    """The seccomp form of MemoryDenyWriteExecute: the memfd mapped read+execute is allowed."""
+    assert under_seccomp("systemd").split() == ["wx-refused", "memfd"]  # the filter works; memfd passes
+
+
+@x86_only
+def test_a_policy_that_refuses_all_executable_memory_is_a_failed_precondition() -> None:
+    """Issue 13: the executable page gave INTERNAL; now a CvmError (FAILED_PRECONDITION)."""
+    out = under_seccomp("strict")
+    assert out.startswith("wx-refused\nrefused: vmexit cannot run its machine code here")
+    assert "Operation not permitted" in out
+    assert issubclass(vmexit.CodeNotExecutable, CvmError)

@@ -273,7 +273,8 @@ class Workload:
     metrics_help: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
     #: A server that serves one test well and not always the next (iperf3): started afresh
-    #: for every repetition instead of kept up across a plain run's repetitions.
+    #: for every client test (each repetition, and each case of one, such as iperf-udp's
+    #: datagram sizes) instead of kept up across them.
     fresh_server_each_repetition: ClassVar[bool] = False
     #: The parameter naming the directory the guest side writes its files in (fio's scratch
     #: file). For each run the runner makes a private directory inside it, passes that in

@@ -163,8 +163,10 @@ class Nginx(Workload):
 
 
 class _Iperf(Workload):
-    # iperf3 -s (3.12) refused the client's second test after a first one over a tap
-    # (observed in the dev guest): a fresh server per repetition.
+    # iperf3 -s (3.12) refused or reset the client's second test after a first one
+    # ("unable to connect to server: Connection refused", "unable to receive control
+    # message: Connection reset by peer"; seen in the dev guest, over the tap and locally,
+    # between iperf-udp's datagram sizes): a fresh server for each client test.
     fresh_server_each_repetition = True
 
     kind = "client-server"

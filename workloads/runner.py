@@ -220,7 +220,10 @@ async def _repetitions(
             if plan is not None and arm not in endpoints:
                 endpoints[arm] = await target.start_server(plan)
             samples: list[Sample] = []
-            for case in workload.cases(params):
+            for i, case in enumerate(workload.cases(params)):
+                if i and plan is not None and workload.fresh_server_each_repetition:
+                    await target.stop_server()  # each client test meets a server of its own
+                    endpoints[arm] = await target.start_server(plan)
                 samples += check_finite(workload, await run_case(workload, target, case, endpoints.get(arm)))
             store.add_samples(run_id, repetition, warmup, samples, arm=arm)
             if plan is not None and not keep_up:

@@ -142,6 +142,26 @@ async def test_server_up_once_for_one_arm_and_per_turn_for_two(tmp_path: Path) -
         assert params["listen"] == "127.0.0.1"  # filled in from the target
 
 
+async def test_iperf_gets_a_fresh_server_for_each_client_test(tmp_path: Path) -> None:
+    """iperf3 -s serves one test well and not always the next: each datagram size of
+    iperf-udp meets a server of its own, within a repetition as across them."""
+    workload = get("iperf-udp")
+
+    class StubIperf(type(workload)):  # type: ignore[misc]
+        def host_command(self, params: Mapping[str, Any], host: str, port: int) -> list[str]:
+            return ["true"]
+
+        def parse_host(self, output: str, params: Mapping[str, Any]) -> list[Sample]:
+            return [Sample(f"throughput_{params['length']}B", 1.0, "Gbit/s", "higher")]
+
+    stub = StubIperf()
+    log: list[str] = []
+    with Store.open(tmp_path) as store:
+        params = stub.validate({"length": "64,1460"})
+        await run_benchmark(store, RunRequest(stub, params, {"": FakeTarget("one", log)}, repeat=2, warmup=0))
+    assert log == ["one:prepare"] + ["one:start", "one:stop"] * 4 + ["one:stop", "one:cleanup"]
+
+
 async def test_a_workload_the_target_cannot_run_is_refused_before_anything(tmp_path: Path) -> None:
     from workloads.capabilities import ICMP, WorkloadRefused
 

@@ -360,6 +360,13 @@ def parse_spec(text: str, *, source: str = "<spec>", base_dir: Path | None = Non
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(source, [SpecProblem("<toml>", str(exc), "the file must be valid TOML")]) from exc
+    except RecursionError:
+        # tomllib recurses once per nested array or inline table, so a spec nested about a
+        # thousand deep (hostile, or a generator gone wrong) exhausts Python's stack.
+        raise SpecError(
+            source,
+            [SpecProblem("<toml>", "<nested too deeply>", "arrays and inline tables nest a few levels")],
+        ) from None
     return spec_from_mapping(data, source=source, base_dir=base_dir)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,28 @@ def test_log_lines_are_counted_by_level_event_and_rpc_code() -> None:
     assert counts["error_events"] == {"rpc_failed": 1, "collector_failed": 1}
     assert counts["rpc_not_ok"] == {"INVALID_ARGUMENT": 1, "UNAVAILABLE": 1}
     assert counts["tracebacks"] == 1
+
+
+@pytest.mark.slow
+def test_a_short_soak_of_fake_vms_reports_every_process_and_scrape(tmp_path: Path) -> None:
+    """No VM boots here (the 1 h run in the closing note has a real one): a fake-QMP VM and its
+    host-side agent under the real daemon and Prometheus for 20 s."""
+    if shutil.which("prometheus") is None:
+        pytest.skip("prometheus is not installed (scripts/install-monitoring.sh)")
+    out = tmp_path / "soak.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "soak.py"), "--duration", "20s", "--real", "0",
+         "--fake", "1", "--sample", "5", "--warmup", "0", "--json", str(out)],
+        capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["complete"]
+    assert {"cvm-hostd", "fake-qmp:fake0", "agent:fake0", "prometheus"} <= set(report["processes"])
+    hostd = report["processes"]["cvm-hostd"]
+    assert hostd["samples"] >= 3 and hostd["rss_mib_end"] > 0 and hostd["fds_end"] > 0
+    jobs = {row["job"] for row in report["scrapes"]}
+    assert jobs == {"cvm-hostd", "cvm-guests"}
+    assert all(row["succeeded"] > 0 for row in report["scrapes"])
+    assert report["logs"]["hostd"]["tracebacks"] == 0
+    assert "cvm-hostd" in result.stdout and "scrape target" in result.stdout

@@ -867,16 +867,23 @@ def run_target(name: str, inputs: int, out: Path, timeout: int) -> dict[str, Any
              "--timeout", str(timeout)],
             stdout=stream, stderr=subprocess.STDOUT, cwd=REPO, check=False,
         )  # fmt: skip
-    seconds = time.monotonic() - started
+    return summarize(name, out, time.monotonic() - started, process.returncode)
+
+
+def summarize(name: str, out: Path, seconds: float | None, exit_code: int | None) -> dict[str, Any]:
+    """One target's row from its log and findings file in ``out``."""
+    log = out / f"{name}.log"
     figures = parse_libfuzzer_log(log.read_text(errors="replace"))
     try:
         state = json.loads((out / f"{name}.findings.json").read_text())
     except (OSError, ValueError):
         state = {"inputs": None, "findings": []}
     executed = figures["executed"] or state["inputs"] or 0
+    if seconds is None:
+        seconds = state.get("seconds")
     return {
         "target": name,
-        "exit_code": process.returncode,
+        "exit_code": exit_code,
         "inputs": executed,
         "seconds": seconds,
         "inputs_per_second": figures["exec_per_sec"] or (executed / seconds if seconds else None),
@@ -917,6 +924,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="reproducers, corpora and logs (default: a new temp dir)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--replay", nargs=2, metavar=("TARGET", "FILE"), help="run one saved input")
+    parser.add_argument("--report", metavar="OUT", help="print the table of a run from its --out directory")
     parser.add_argument("--check-seeds", action="store_true", help="run the seeds once (no atheris)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -926,6 +934,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.replay:
         return replay(args.replay[0], Path(args.replay[1]))
+    if args.report:
+        done = [n for n in args.target or list(TARGETS) if (Path(args.report) / f"{n}.log").exists()]
+        rows = [summarize(name, Path(args.report), None, None) for name in done]
+        if args.json:
+            Path(args.json).write_text(json.dumps({"out": args.report, "targets": rows}, indent=1))
+        print_table(rows)
+        return 0
     if args.check_seeds:
         return check_seeds(args.target or list(TARGETS))
     if args.worker:

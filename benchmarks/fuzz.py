@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import dataclasses
 import functools
@@ -89,6 +90,22 @@ STREAM_ITEMS = 4  # a stream is read this far, then the client goes away
 STREAM_ITEMS_BY_METHOD = {"WatchVMs": 1}
 
 Check = Callable[[bytes], None]
+
+
+#: Where a worker keeps its targets' files (``<out>/work-<target>``, replaced at each start: libFuzzer
+#: ends the process with exit(), so no clean-up would run); else temporary directories removed at exit.
+WORK_ROOT: Path | None = None
+
+
+def scratch_dir(name: str) -> Path:
+    if WORK_ROOT is not None:
+        path = WORK_ROOT / name
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
+    path = Path(tempfile.mkdtemp(prefix=f"cvm-fuzz-{name}-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 class Finding(Exception):
@@ -513,7 +530,7 @@ def agent_rpc_target() -> Check:
     from workloads import execute
 
     _quiet_logs()
-    work = Path(tempfile.mkdtemp(prefix="fuzz-agent-"))
+    work = scratch_dir("agent")
     root = work / "root"
     shutil.copytree(FIXTURES / "sysroots" / "snp-guest", root, symlinks=True)
 
@@ -605,8 +622,7 @@ def hostd_rpc_target() -> Check:
     from host_daemon.server import HostDaemonService
 
     _quiet_logs()
-    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
-    state = Path(tempfile.mkdtemp(prefix="fuzz-hostd-", dir=shm))
+    state = scratch_dir("hostd")
 
     def not_here(*args: Any, **kwargs: Any) -> Any:
         raise HostNotReady("fuzz harness: this edge does not act on the host")
@@ -784,6 +800,8 @@ def worker(name: str, inputs: int, out: Path, timeout: int) -> None:
     import atheris
 
     target = TARGETS[name]
+    global WORK_ROOT
+    WORK_ROOT = out / f"work-{name}"
     with atheris.instrument_imports(include=INSTRUMENTED):
         check = target.setup()
     # After the setup: a module the seeds import first would escape the instrumentation.

@@ -119,6 +119,8 @@ class Target:
     setup: Callable[[], Check]  # imports (under instrumentation) and returns the check
     seeds: Callable[[], list[bytes]]
     max_len: int = 4096
+    # A structure-aware mutator (data, max_size, seed) -> data, for libFuzzer's custom_mutator.
+    mutator: Callable[[], Callable[[bytes, int, int], bytes]] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -580,6 +582,152 @@ def agent_rpc_target() -> Check:
     return _rpc_check(service, lambda name: None, _TrioThread(make))
 
 
+INTERESTING_INTS = (
+    0,
+    1,
+    -1,
+    2,
+    7,
+    64,
+    255,
+    256,
+    4096,
+    65535,
+    65536,
+    2**31 - 1,
+    -(2**31),
+    2**32 - 1,
+    2**63 - 1,
+)
+INTERESTING_FLOATS = (0.0, -0.0, 1.0, -1.0, 0.5, 1e-9, 1e9, 1e300, float("inf"), float("-inf"), float("nan"))
+
+
+def _interesting_strings(service_name: str) -> list[str]:
+    """Words a request of ``service_name`` may hold: workload and parameter names, values at and
+    past the bounds, paths, VM names and specs; mixed with random text by the mutator."""
+    from workloads.catalogue import CATALOGUE
+
+    words = ["", " ", "a", "keep", "vm-1", "x" * 63, "x" * 64, "-", "..", "é", "\0", "\n"]
+    words += ["0", "1", "-1", "1.5", "nan", "inf", "1e9", "99999999999999999999", "0x10", "yes", "no", "on"]
+    words += ["/tmp/x", "/etc/passwd", "../../etc/passwd", "/dev/zero", "/proc/self/mem", "x" * 5000]
+    words += ["auto", "configfs-tsm", "sev-guest", "tdx-guest", "haltpoll", "poll"]
+    for name, workload in CATALOGUE.items():
+        words.append(name)
+        words += [param.name for param in workload.params]
+        for param in workload.params:
+            words += [str(v) for v in (param.default, param.minimum, param.maximum) if v is not None]
+            words += list(param.choices or ())
+    if service_name == "HostDaemon":
+        words += [p.read_text() for p in sorted((REPO / "tests/host_daemon/golden").glob("*.toml"))]
+        words += ['name = "a"\n', 'name = "a"\nmemory = "64T"\n', 'name = "a"\nvcpus = 9999\n']
+    return words
+
+
+def proto_mutator(service: Any, words: list[str]) -> Callable[[bytes, int, int], bytes]:
+    """libFuzzer's custom mutator for an RPC target: most of the time the input is decoded as the
+    method's request and one field is set to an interesting or random value (so the fuzzer
+    spends its time in the handlers, not in the decoder), else libFuzzer's own byte mutation."""
+    import random
+
+    import atheris
+    from google.protobuf import message_factory
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    classes = [message_factory.GetMessageClass(m.input_type) for m in service.methods]
+    int_bounds = {
+        F.CPPTYPE_INT32: (-(2**31), 2**31 - 1),
+        F.CPPTYPE_INT64: (-(2**63), 2**63 - 1),
+        F.CPPTYPE_UINT32: (0, 2**32 - 1),
+        F.CPPTYPE_UINT64: (0, 2**64 - 1),
+        F.CPPTYPE_ENUM: (-(2**31), 2**31 - 1),
+    }
+
+    def text(rnd: random.Random) -> str:
+        if rnd.random() < 0.8:
+            return rnd.choice(words)
+        return "".join(chr(rnd.randrange(1, 0x3000)) for _ in range(rnd.randrange(0, 40)))
+
+    def value(field: Any, rnd: random.Random) -> Any:
+        kind = field.cpp_type
+        if kind in int_bounds:
+            low, high = int_bounds[kind]
+            pick = rnd.choice(INTERESTING_INTS) if rnd.random() < 0.7 else rnd.randint(low, high)
+            return min(max(pick, low), high)
+        if kind in (F.CPPTYPE_DOUBLE, F.CPPTYPE_FLOAT):
+            return rnd.choice(INTERESTING_FLOATS) if rnd.random() < 0.7 else rnd.uniform(-1e6, 1e6)
+        if kind == F.CPPTYPE_BOOL:
+            return rnd.random() < 0.5
+        if field.type == F.TYPE_BYTES:
+            return rnd.randbytes(rnd.choice((0, 1, 32, 63, 64, 65, 4096, rnd.randrange(200))))
+        return text(rnd)
+
+    def mutate(message: Any, rnd: random.Random, depth: int = 0) -> None:
+        fields = message.DESCRIPTOR.fields
+        if not fields or depth > 4:
+            return
+        field = rnd.choice(fields)
+        target = getattr(message, field.name)
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            if rnd.random() < 0.1:
+                target.clear()
+                return
+            key_field, value_field = (
+                field.message_type.fields_by_name["key"],
+                field.message_type.fields_by_name["value"],
+            )
+            key = value(key_field, rnd)
+            if value_field.message_type is not None:
+                mutate(target[key], rnd, depth + 1)
+            else:
+                target[key] = value(value_field, rnd)
+        elif field.label == F.LABEL_REPEATED:
+            if rnd.random() < 0.1:
+                del target[:]
+            elif field.message_type is not None:
+                mutate(target.add(), rnd, depth + 1)
+            else:
+                target.append(value(field, rnd))
+        elif field.message_type is not None:
+            target.SetInParent()
+            mutate(target, rnd, depth + 1)
+        else:
+            setattr(message, field.name, value(field, rnd))
+
+    def mutator(data: bytes, max_size: int, seed: int) -> bytes:
+        rnd = random.Random(seed)
+        if data and rnd.random() < 0.75:
+            index = data[0] if rnd.random() < 0.9 else rnd.randrange(256)
+            try:
+                message = classes[index % len(classes)].FromString(data[1:])
+                for _ in range(rnd.randint(1, 3)):
+                    mutate(message, rnd)
+                out = bytes([index]) + message.SerializeToString()
+            except Exception:  # a value this field refuses, an undecodable input: bytes instead
+                out = b""
+            if out and len(out) <= max_size:
+                return out
+        mutated: bytes = atheris.Mutate(data, max_size)
+        return mutated
+
+    return mutator
+
+
+def agent_rpc_mutator() -> Callable[[bytes, int, int], bytes]:
+    from cvm.v1 import agent_pb2
+
+    return proto_mutator(
+        agent_pb2.DESCRIPTOR.services_by_name["GuestAgent"], _interesting_strings("GuestAgent")
+    )
+
+
+def hostd_rpc_mutator() -> Callable[[bytes, int, int], bytes]:
+    from cvm.v1 import host_pb2
+
+    return proto_mutator(
+        host_pb2.DESCRIPTOR.services_by_name["HostDaemon"], _interesting_strings("HostDaemon")
+    )
+
+
 def _serialized_seeds(service_name: str, requests: dict[str, list[Any]]) -> list[bytes]:
     from cvm.v1 import agent_pb2, host_pb2
 
@@ -722,8 +870,22 @@ TARGETS = {
             pck_extension_target,
             pck_extension_seeds,
         ),
-        Target("agent_rpc", "GuestAgent RPCs in-process", agent_rpc_target, agent_rpc_seeds),
-        Target("hostd_rpc", "HostDaemon RPCs in-process", hostd_rpc_target, hostd_rpc_seeds),
+        Target(
+            "agent_rpc",
+            "GuestAgent RPCs in-process",
+            agent_rpc_target,
+            agent_rpc_seeds,
+            8192,
+            agent_rpc_mutator,
+        ),
+        Target(
+            "hostd_rpc",
+            "HostDaemon RPCs in-process",
+            hostd_rpc_target,
+            hostd_rpc_seeds,
+            8192,
+            hostd_rpc_mutator,
+        ),
     )
 }
 
@@ -821,7 +983,8 @@ def worker(name: str, inputs: int, out: Path, timeout: int) -> None:
         f"-artifact_prefix={out}/{name}-",
         str(corpus),
     ]
-    atheris.Setup(argv, recorder.wrap(check))
+    mutator = target.mutator() if target.mutator is not None else None
+    atheris.Setup(argv, recorder.wrap(check), custom_mutator=mutator)
     atheris.Fuzz()
 
 

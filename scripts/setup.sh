@@ -89,4 +89,10 @@ if ! .venv/bin/python -c 'import libvirt' 2>/dev/null && pkg-config --exists lib
     log "installing the libvirt extra into .venv"
     .venv/bin/python -m pip install -q --disable-pip-version-check -e "$repo[libvirt]"
 fi
+# benchmarks/fuzz.py's fuzzer, optional: only a prebuilt wheel (a source build needs clang and
+# libFuzzer); without one, fuzz.py says how to get it and everything else works.
+if ! .venv/bin/python -c 'import atheris' 2>/dev/null; then
+    .venv/bin/python -m pip install -q --disable-pip-version-check --only-binary=atheris -e "$repo[fuzz]" \
+        || log "no atheris wheel for this platform: benchmarks/fuzz.py will not run"
+fi
 log "ready: $(.venv/bin/cvmctl --version)"

@@ -179,16 +179,16 @@ def address_seeds() -> list[bytes]:
 def http_target() -> Check:
     import trio
 
-    from cvmcore.metrics_http import metrics_answer, serve_connection
+    from cvmcore.metrics_http import ConnectionSlots, metrics_answer, serve_connection
 
-    answer = metrics_answer(lambda: b"# fuzz\n")
+    answer = metrics_answer(lambda encoder: b"# fuzz\n")
     statuses = {b"200", b"400", b"404", b"405"}
 
     async def one(data: bytes) -> bytes:
         server_sock, client_sock = trio.socket.socketpair()
         server = trio.SocketStream(server_sock)
         client = trio.SocketStream(client_sock)
-        slots = trio.CapacityLimiter(1)
+        slots = ConnectionSlots()
         reply = b""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve_connection, answer, slots, server)
@@ -540,9 +540,6 @@ def agent_rpc_target() -> Check:
     async def no_commands(workload: Any, params: Any, on_command: Any = None) -> list[Any]:
         return []
 
-    def scratch_paths_only(workload: Any, params: Any) -> list[str]:
-        return [str(p) for p in workload.scratch_files(params)]
-
     async def no_server(self: Any, plan: Any, probe_host: str = "127.0.0.1") -> int:
         return 1
 
@@ -550,7 +547,6 @@ def agent_rpc_target() -> Check:
         return None
 
     execute.run_guest_work = no_commands
-    execute.remove_scratch_files = scratch_paths_only
     execute.ServerProcess.start = no_server  # type: ignore[method-assign]
     execute.ServerProcess.stop = no_stop  # type: ignore[method-assign]
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from cvmcore.metrics_http import (
     MAX_REQUEST_HEAD,
     METRICS_PATH,
+    ConnectionSlots,
     metrics_answer,
     parse_request_line,
     serve_connection,
@@ -30,7 +31,7 @@ async def exchange(data: bytes) -> bytes:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
-                serve_connection, metrics_answer(lambda: BODY), trio.CapacityLimiter(1), server
+                serve_connection, metrics_answer(lambda encoder: BODY), ConnectionSlots(), server
             )
             async with client:
                 try:

@@ -18,9 +18,11 @@ from cvmcore.defaults import HOSTD_ADDRESS
 from cvmcore.errors import CvmError, UsageError
 from cvmcore.serve import ServerOptions, serve_grpc
 from cvmcore.watchdog import feed_watchdog
+from host_daemon.debimage import complete_with_debian_image
 from host_daemon.devguest import complete_with_dev_guest, dev_guest_image
 from host_daemon.metrics.wiring import serve_host_metrics
 from host_daemon.server import HostDaemonService, daemon_handlers
+from host_daemon.spec import VMSpec
 from host_daemon.vms import VMManager
 
 log = structlog.get_logger("host_daemon")
@@ -39,6 +41,11 @@ examples:
   cvm-hostd                                            # {DEFAULT_LISTEN}
   cvm-hostd --state-dir ~/.local/state/cvm-hostd --listen unix:///tmp/hostd.sock
 """
+
+
+def complete_spec(spec: VMSpec) -> VMSpec:
+    """A spec's image made concrete: the Debian guest's files, else the dev guest's (see each)."""
+    return complete_with_dev_guest(complete_with_debian_image(spec))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = ServerOptions(listen=listen, max_receive_bytes=4 * 1024 * 1024)
 
     async def body() -> None:
-        manager = VMManager(state_dir, qemu_binary=args.qemu, dev_guest=complete_with_dev_guest)
+        manager = VMManager(state_dir, qemu_binary=args.qemu, dev_guest=complete_spec)
         service = HostDaemonService(state_dir=state_dir, manager=manager)
         async with trio.open_nursery() as nursery:
             await nursery.start(manager.run)

@@ -25,6 +25,7 @@ its :meth:`Workload.validate` of the host's text: argv lists only, never a shell
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -40,7 +41,9 @@ import trio
 from cvmcore.affinity import child_preexec, restore_in_child
 from cvmcore.errors import CvmError, DeadlineExceeded, RemoteError, UsageError
 from workloads.catalogue import get
+from workloads.inprocess import in_process_argv, parse_samples
 from workloads.model import MissingToolError, Sample, ServerPlan, Unavailable, Workload
+from workloads.sandbox import DIRECT, Sandbox, kill_argv, run_argv, stop_all_argv, stop_argv, unit_name
 
 SERVER_START_TIMEOUT = 15.0
 SERVER_STOP_TIMEOUT = 10.0
@@ -53,7 +56,11 @@ CommandCallback = Callable[[int, int, list[str]], None]
 
 
 async def run_command(
-    argv: list[str], timeout: float, what: str, complete: Callable[[str], bool] | None = None
+    argv: list[str],
+    timeout: float,
+    what: str,
+    complete: Callable[[str], bool] | None = None,
+    sandbox: Sandbox = DIRECT,
 ) -> str:
     """Run ``argv`` to completion within ``timeout`` seconds; its stdout.
 
@@ -66,11 +73,15 @@ async def run_command(
     :data:`COMPLETE_GRACE` seconds to exit by itself and is then stopped, and its stdout is
     the result whatever its exit status (memaslap can hang in its teardown after printing
     its summary).
+
+    With a ``systemd`` :class:`~workloads.sandbox.Sandbox` the command runs in a transient
+    workload unit; stopping it early also stops that unit (killing systemd-run alone would not).
     """
     stdout, stderr = bytearray(), bytearray()
     finished_early = False
+    unit = unit_name(what) if sandbox.systemd else None
     process = await trio.lowlevel.open_process(
-        argv,
+        run_argv(sandbox, unit, argv) if unit is not None else argv,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -104,9 +115,12 @@ async def run_command(
                         nursery.start_soon(stop_after_grace)
                 await process.wait()
     finally:
+        stopped = process.returncode is None or finished_early
         if process.returncode is None:
             process.kill()
         with trio.CancelScope(shield=True):
+            if unit is not None and stopped:
+                await stop_unit(unit, kill=True)
             await process.wait()
             await out_stream.aclose()
             await err_stream.aclose()
@@ -118,8 +132,27 @@ async def run_command(
     return stdout.decode(errors="replace")
 
 
+async def stop_unit(unit: str, *, kill: bool = False) -> None:
+    """Stop a workload unit (SIGKILL first with ``kill``); a unit already gone is fine."""
+    with trio.move_on_after(SERVER_STOP_TIMEOUT + 5):
+        for argv in [kill_argv(unit)] * kill + [stop_argv(unit)]:
+            await trio.run_process(argv, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def stop_leftover_units(sandbox: Sandbox) -> None:
+    """At the agent's start: stop the workload units a previous (crashed) agent left running."""
+    if sandbox.systemd:
+        with trio.move_on_after(SERVER_STOP_TIMEOUT + 5):
+            await trio.run_process(
+                stop_all_argv(), check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+
+
 async def run_guest_work(
-    workload: Workload, params: Mapping[str, Any], on_command: CommandCallback | None = None
+    workload: Workload,
+    params: Mapping[str, Any],
+    on_command: CommandCallback | None = None,
+    sandbox: Sandbox = DIRECT,
 ) -> list[Sample]:
     """One repetition of a guest workload, here: every case of ``params`` in turn; the samples.
 
@@ -133,14 +166,20 @@ async def run_guest_work(
     """
     samples: list[Sample] = []
     for case in workload.cases(params):
-        samples += await _run_case(workload, case, on_command)
+        samples += await _run_case(workload, case, on_command, sandbox)
     return samples
 
 
 async def _run_case(
-    workload: Workload, params: Mapping[str, Any], on_command: CommandCallback | None
+    workload: Workload, params: Mapping[str, Any], on_command: CommandCallback | None, sandbox: Sandbox
 ) -> list[Sample]:
     timeout = workload.timeout(params)
+    if workload.in_process and sandbox.systemd:
+        # Its own process in a workload unit: the agent's sandbox refuses what it does.
+        argv = in_process_argv(workload.name, params)
+        if on_command:
+            on_command(0, 1, argv)
+        return parse_samples(await run_command(argv, timeout, workload.name, sandbox=sandbox))
     if workload.in_process:
         if on_command:
             on_command(0, 1, [f"<in process: {workload.name}>"])
@@ -154,12 +193,12 @@ async def _run_case(
     for index, argv in enumerate(commands):
         if on_command:
             on_command(index, len(commands), argv)
-        outputs.append(await run_command(argv, timeout, workload.name))
+        outputs.append(await run_command(argv, timeout, workload.name, sandbox=sandbox))
     return workload.parse_guest(outputs, params)
 
 
 async def run_guest_request(
-    name: str, raw: Mapping[str, str], on_command: CommandCallback | None = None
+    name: str, raw: Mapping[str, str], on_command: CommandCallback | None = None, sandbox: Sandbox = DIRECT
 ) -> tuple[list[Sample], list[Unavailable]]:
     """The agent's side of one guest repetition: a workload *name* and *text* params in.
 
@@ -175,8 +214,14 @@ async def run_guest_request(
     params = workload.validate(raw)
     workload.require_tools("guest")
     try:
-        samples = await run_guest_work(workload, params, on_command)
+        samples = await run_guest_work(workload, params, on_command, sandbox)
     finally:
+        if sandbox.systemd and workload.scratch_files(params):
+            # Written from the workload unit, whose view of /scratch, /srv and /mnt is
+            # writable where the agent's is not (it shares only /tmp and /var/tmp).
+            rm = ["rm", "-f", "--", *workload.scratch_files(params)]
+            with trio.CancelScope(shield=True), contextlib.suppress(CvmError):
+                await run_command(rm, 30, name, sandbox=sandbox)
         remove_scratch_files(workload, params)  # synchronous: no cancellation can cut it short
     return samples, workload.unavailable(params)
 
@@ -291,9 +336,15 @@ async def stop_process(process: subprocess.Popen[bytes], timeout: float = SERVER
 
 
 class ServerProcess:
-    """One server from a :class:`ServerPlan`: :meth:`start`, then :meth:`stop` (idempotent)."""
+    """One server from a :class:`ServerPlan`: :meth:`start`, then :meth:`stop` (idempotent).
 
-    def __init__(self) -> None:
+    With a ``systemd`` sandbox the server runs in a workload unit and the process here is
+    ``systemd-run --wait``, which lives as long as the unit: its exit is the server's.
+    """
+
+    def __init__(self, sandbox: Sandbox = DIRECT) -> None:
+        self.sandbox = sandbox
+        self._unit: str | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -313,6 +364,9 @@ class ServerProcess:
             raise MissingToolError(f"{argv[0]} is not installed")
         stderr_path = directory / "server.stderr"
         stderr_fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        if self.sandbox.systemd:
+            self._unit = unit_name(Path(argv[0]).name)
+            argv = run_argv(self.sandbox, self._unit, argv)
         try:
             self._process = spawn_server(argv, stderr_fd)
         finally:
@@ -326,6 +380,9 @@ class ServerProcess:
         return plan.port
 
     async def stop(self) -> None:
+        if self._unit is not None:
+            await stop_unit(self._unit)  # systemd-run --wait then exits by itself
+            self._unit = None
         if self._process is not None:
             await stop_process(self._process)
             self._process = None

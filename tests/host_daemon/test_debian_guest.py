@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,17 @@ from tests.host_daemon.test_lifecycle import Daemon, _missing
 
 pytestmark = pytest.mark.slow
 
-daemon = test_lifecycle.daemon  # the fixture: a private cvm-hostd
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A private cvm-hostd that gives a systemd guest under TCG its time to boot."""
+    test_lifecycle.require_tools("qemu-system-x86_64", "vhost-device-vsock")
+    d = Daemon(tmp_path / "s", tmp_path / "h.sock", "--boot-timeout", str(START_WAIT))
+    d.start()
+    try:
+        yield d
+    finally:
+        d.shutdown(remove=True)
 
 BIN = Path(sys.executable).parent
 BUILD_TIMEOUT = 1800.0  # a first build here: ~5-10 min; a cached one: a second
@@ -67,6 +78,14 @@ if [ -e /var/lib/cvm-agent/idle-polling.json ]; then say "state kept"; else say 
 # Workload units are gone once their runs ended.
 say "workload-units $(systemctl list-units --all --plain --no-legend 'cvm-workload-*' | wc -l)"
 """
+
+
+# systemd-run-generator runs systemd.run= as a oneshot that multi-user.target waits for and
+# then powers off; the probe instead becomes a service of its own and the guest stays up.
+PROBE_CMDLINE = (
+    'systemd.run=\\"/usr/bin/systemd-run --unit=cvm-probe /bin/sh /dev/vdb\\" '
+    "systemd.run_success_action=none systemd.run_failure_action=none"
+)
 
 
 def probe_disk(path: Path) -> Path:
@@ -118,7 +137,7 @@ def test_debian_guest_under_its_unit(debian_image: dict[str, Any], daemon: Daemo
         'name = "deb"\nimage = "debian"\nvcpus = 2\nmemory = "1G"\n'
         '[network]\nmode = "user"\nforwards = [{ host_port = 18080, guest_port = 8080 }]\n'
         f'[[disk]]\npath = "{probe}"\nreadonly = true\n'
-        '[boot]\ncmdline = "systemd.run=\\"/bin/sh /dev/vdb\\""\n'
+        f'[boot]\ncmdline = "{PROBE_CMDLINE}"\n'
     )
     created = daemon.cvmctl("vm", "create", "-f", str(spec), "--json")
     assert created.returncode == 0, created.stderr

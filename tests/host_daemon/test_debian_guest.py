@@ -46,6 +46,7 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     finally:
         d.shutdown(remove=True)
 
+
 BIN = Path(sys.executable).parent
 BUILD_TIMEOUT = 1800.0  # a first build here: ~5-10 min; a cached one: a second
 START_WAIT = 600.0  # TCG boot of a systemd guest on a loaded 2-core machine
@@ -134,7 +135,7 @@ def test_debian_guest_under_its_unit(debian_image: dict[str, Any], daemon: Daemo
     probe = probe_disk(tmp_path / "probe.img")
     spec = tmp_path / "deb.toml"
     spec.write_text(
-        'name = "deb"\nimage = "debian"\nvcpus = 2\nmemory = "1G"\n'
+        'name = "deb"\nimage = "debian"\nvcpus = 1\nmemory = "1G"\n'
         '[network]\nmode = "user"\nforwards = [{ host_port = 18080, guest_port = 8080 }]\n'
         f'[[disk]]\npath = "{probe}"\nreadonly = true\n'
         f'[boot]\ncmdline = "{PROBE_CMDLINE}"\n'

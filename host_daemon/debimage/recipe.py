@@ -87,6 +87,7 @@ MASKED_UNITS = (
     "dpkg-db-backup.timer",
     "man-db.timer",
     "getty@tty1.service",  # no display: the console's serial getty stays
+    "modprobe@drm.service",  # no display
 )
 """What a headless virtio guest with a snapshot root never uses: masked, because under TCG
 every unit and module costs seconds of boot."""

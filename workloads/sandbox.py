@@ -128,8 +128,9 @@ def run_argv(sandbox: Sandbox, unit: str, argv: list[str]) -> list[str]:
 
 
 def stop_argv(unit: str) -> list[str]:
-    """Stop one workload unit (SIGTERM, then SIGKILL after its stop timeout)."""
-    return ["systemctl", "stop", "--no-block", unit]
+    """Stop one workload unit and wait until it is gone (SIGTERM, then SIGKILL after its stop
+    timeout): the next server may want the same port at once (iperf3, every repetition)."""
+    return ["systemctl", "stop", unit]
 
 
 def kill_argv(unit: str) -> list[str]:

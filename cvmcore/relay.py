@@ -426,13 +426,22 @@ async def grpc_target(
     with tempfile.TemporaryDirectory(prefix="cvmctl-relay-") as tmp:
         path = os.path.join(tmp, "relay.sock")
         listener = await open_unix_listener(path, mode=0o600)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(
-                lambda task_status: serve_relay(
-                    listener, dial, stats, connect_timeout=connect_timeout, task_status=task_status
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    lambda task_status: serve_relay(
+                        listener, dial, stats, connect_timeout=connect_timeout, task_status=task_status
+                    )
                 )
-            )
-            try:
-                yield f"unix:{path}"
-            finally:
-                nursery.cancel_scope.cancel()
+                try:
+                    yield f"unix:{path}"
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The caller's own error (a CvmError from its call, a deadline) came through the
+            # relay's nursery: give it back as itself, as the direct unix/tcp path does, so
+            # that `except CvmError` around a call means the same on every transport.
+            if len(group.exceptions) == 1:
+                inner = group.exceptions[0]
+                raise inner from inner.__cause__
+            raise

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from cvmcore import __version__
+from cvmcore.daemon import first_cvm_error
 from cvmcore.errors import CvmError, UsageError
 
 # Modules under cvmctl.cli that provide a command group, in --help order.
@@ -143,6 +144,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CvmError as exc:
         print_error(str(exc), exc.exit_code, type(exc).__name__, as_json=as_json)
         return exc.exit_code
+    except BaseExceptionGroup as group:
+        # A CvmError raised inside a nursery (a call through a vsock relay) arrives in a group:
+        # said in one line like any other, not as a traceback.
+        inner = first_cvm_error(group)
+        if inner is None:
+            raise
+        print_error(str(inner), inner.exit_code, type(inner).__name__, as_json=as_json)
+        return inner.exit_code
     except ModuleNotFoundError as exc:
         # A command that imports an extra's module only when it runs (matplotlib for figures).
         extra = EXTRAS.get((exc.name or "").partition(".")[0])

@@ -41,7 +41,7 @@ import trio
 from cvmcore.affinity import child_preexec, restore_in_child
 from cvmcore.errors import CvmError, DeadlineExceeded, RemoteError, UsageError
 from workloads.catalogue import get
-from workloads.inprocess import in_process_argv, parse_samples
+from workloads.inprocess import in_process_argv, parse_output
 from workloads.model import MissingToolError, Sample, ServerPlan, Unavailable, Workload
 from workloads.sandbox import DIRECT, Sandbox, kill_argv, run_argv, stop_all_argv, stop_argv, unit_name
 
@@ -153,6 +153,7 @@ async def run_guest_work(
     params: Mapping[str, Any],
     on_command: CommandCallback | None = None,
     sandbox: Sandbox = DIRECT,
+    notes: list[Unavailable] | None = None,
 ) -> list[Sample]:
     """One repetition of a guest workload, here: every case of ``params`` in turn; the samples.
 
@@ -166,12 +167,16 @@ async def run_guest_work(
     """
     samples: list[Sample] = []
     for case in workload.cases(params):
-        samples += await _run_case(workload, case, on_command, sandbox)
+        samples += await _run_case(workload, case, on_command, sandbox, notes)
     return samples
 
 
 async def _run_case(
-    workload: Workload, params: Mapping[str, Any], on_command: CommandCallback | None, sandbox: Sandbox
+    workload: Workload,
+    params: Mapping[str, Any],
+    on_command: CommandCallback | None,
+    sandbox: Sandbox,
+    notes: list[Unavailable] | None,
 ) -> list[Sample]:
     timeout = workload.timeout(params)
     if workload.in_process and sandbox.systemd:
@@ -179,7 +184,10 @@ async def _run_case(
         argv = in_process_argv(workload.name, params)
         if on_command:
             on_command(0, 1, argv)
-        return parse_samples(await run_command(argv, timeout, workload.name, sandbox=sandbox))
+        samples, unavailable = parse_output(await run_command(argv, timeout, workload.name, sandbox=sandbox))
+        if notes is not None:  # what the unit cannot measure, which is not what the agent cannot
+            notes += [n for n in unavailable if n not in notes]
+        return samples
     if workload.in_process:
         if on_command:
             on_command(0, 1, [f"<in process: {workload.name}>"])
@@ -214,7 +222,8 @@ async def run_guest_request(
     params = workload.validate(raw)
     workload.require_tools("guest")
     try:
-        samples = await run_guest_work(workload, params, on_command, sandbox)
+        notes: list[Unavailable] | None = [] if sandbox.systemd and workload.in_process else None
+        samples = await run_guest_work(workload, params, on_command, sandbox, notes)
     finally:
         if sandbox.systemd and workload.scratch_files(params):
             # Written from the workload unit, whose view of /scratch, /srv and /mnt is
@@ -223,7 +232,7 @@ async def run_guest_request(
             with trio.CancelScope(shield=True), contextlib.suppress(CvmError):
                 await run_command(rm, 30, name, sandbox=sandbox)
         remove_scratch_files(workload, params)  # synchronous: no cancellation can cut it short
-    return samples, workload.unavailable(params)
+    return samples, notes if notes is not None else workload.unavailable(params)
 
 
 async def start_server_request(

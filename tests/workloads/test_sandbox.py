@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from workloads.inprocess import in_process_argv, parse_samples, render_samples
-from workloads.model import Sample
+from workloads.inprocess import in_process_argv, parse_output, render_output
+from workloads.model import Sample, Unavailable
 from workloads.sandbox import (
     DIRECT,
     WORKLOAD_PROPERTIES,
@@ -65,6 +65,7 @@ def test_the_workload_sandbox_fits_the_benchmarks() -> None:
 
 def test_in_process_samples_round_trip() -> None:
     samples = [Sample("cpuid", 1.5, "ns", "lower", {"leaf": "0"}), Sample("rdtsc", 2.0, "ns", "lower")]
-    assert parse_samples(render_samples(samples)) == samples
+    notes = [Unavailable("pio_0x40", "/dev/port is not readable")]
+    assert parse_output(render_output(samples, notes)) == (samples, notes)
     argv = in_process_argv("vmexit", {"iterations": 10})
     assert argv[1:4] == ["-m", "workloads.inprocess", "vmexit"]

@@ -26,6 +26,7 @@ the mirror's state. Two builds from the same key on the same day give the same p
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import importlib.metadata
 import json
 import os
@@ -264,13 +265,39 @@ def build_debian_image(
             *((f"src:{f.relative_to(source).as_posix()}", f.read_bytes()) for f in files),
         ]
     )
-    directory = cache / key
-    if not force:
-        image = _load(directory, key, True, time.monotonic() - started)
-        if image is not None:
-            _point_current(cache, key)
-            return image
+    if not force and (image := _cached(cache, key, started)) is not None:
+        return image
 
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".build.lock", "a+b") as lock:
+        # One build at a time per cache (two would share <key>.tmp); a build that waited
+        # finds the image the other one made.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force and (image := _cached(cache, key, started)) is not None:
+            return image
+        return _build(recipe, source, cache, key, units, man_pages, script, pins, started, progress)
+
+
+def _cached(cache: Path, key: str, started: float) -> DebianImage | None:
+    image = _load(cache / key, key, True, time.monotonic() - started)
+    if image is not None:
+        _point_current(cache, key)
+    return image
+
+
+def _build(
+    recipe: Recipe,
+    source: Path,
+    cache: Path,
+    key: str,
+    units: Mapping[str, bytes],
+    man_pages: Mapping[str, bytes],
+    script: str,
+    pins: list[str],
+    started: float,
+    progress: TextIO | None,
+) -> DebianImage:
+    directory = cache / key
     say = _Progress(progress if progress is not None else sys.stderr)
     work = cache / f"{key}.tmp"
     if work.exists():

@@ -185,3 +185,20 @@ async def test_hybrid_vsock_survives_a_backend_that_is_gone(tmp_path: Path) -> N
             await stream.send_eof()
             assert await read_all(stream) == b"backbye"
         nursery.cancel_scope.cancel()
+
+
+async def test_an_error_in_the_body_of_a_relayed_target_is_itself(tmp_path: Path) -> None:
+    """A CvmError raised while a relay serves the target comes out as itself, not as an
+    exception group from the relay's nursery (the daemon's readiness loop catches CvmError)."""
+    from cvmcore.address import parse_address
+    from cvmcore.errors import DeadlineExceeded
+    from cvmcore.relay import grpc_target
+
+    backend, hybrid = str(tmp_path / "backend.sock"), str(tmp_path / "vm.vsock")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(echo_server, backend)
+        await nursery.start(serve_hybrid_vsock, hybrid, {1024: dialer_for(UnixAddress(backend))})
+        with trio.fail_after(5), pytest.raises(DeadlineExceeded, match="no answer"):
+            async with grpc_target(parse_address(f"hvsock://{hybrid}:1024")):
+                raise DeadlineExceeded("no answer to Check within 2 s")
+        nursery.cancel_scope.cancel()

@@ -43,6 +43,7 @@ BIN = Path(sys.executable).parent
 PHASES = ("daemon", "spawn", "firmware", "kernel", "userspace")
 DEVICE_GOAL_SECONDS = 1.0
 DEBIAN_GOAL_SECONDS = 60.0
+START_WAIT = 900  # a systemd guest under TCG on a loaded host
 
 
 def cvmctl(env: dict[str, str], *args: str, timeout: float = 300) -> dict[str, object]:
@@ -115,6 +116,8 @@ def main() -> int:
                 f"unix://{sock}",
                 "--log-level",
                 "warning",
+                "--boot-timeout",
+                str(START_WAIT),
             ],
             stderr=subprocess.DEVNULL,
         )
@@ -127,7 +130,8 @@ def main() -> int:
                 cvmctl(env, "vm", "create", "-f", str(spec))
             for boot in range(1, args.boots + 1):
                 for name in configs:
-                    vm = cvmctl(env, "vm", "start", vm_names[name], "--wait-timeout", "300", timeout=330)
+                    wait = ("--wait-timeout", str(START_WAIT))
+                    vm = cvmctl(env, "vm", "start", vm_names[name], *wait, timeout=START_WAIT + 30)
                     booted = {str(p["name"]): float(p["seconds"]) for p in vm["boot_phases"]}  # type: ignore[attr-defined]
                     for phase, seconds in booted.items():
                         phases[name].setdefault(phase, []).append(seconds)

@@ -16,10 +16,11 @@ agent's own private ``/tmp`` and ``/var/tmp`` (systemd.unit(5), JoinsNamespaceOf
 server directory the agent writes (nginx's config and page) and fio's scratch file are the
 same files on both sides, and nothing of either lands in the guest's real ``/tmp``.
 
-:func:`detect` picks the mode: ``systemd`` when the caller is itself a systemd service
-(``$INVOCATION_ID`` is set, systemd.exec(5)) on a system booted with systemd
-(``/run/systemd/system`` exists, sd_booted(3)) and ``systemd-run`` is installed; otherwise
-``direct``, the plain fork and exec of the dev guest, the CLI's local runs and the tests.
+:func:`detect` picks the mode: ``systemd`` when the caller is itself ``cvm-agent.service``
+(``$INVOCATION_ID`` is set, systemd.exec(5), and its cgroup is that unit's) on a system
+booted with systemd (``/run/systemd/system`` exists, sd_booted(3)) and ``systemd-run`` is
+installed; otherwise ``direct``, the plain fork and exec of the dev guest, the CLI's local
+runs and the tests (also when they run inside some other service, e.g. a CI job).
 
 The agent stops every leftover ``cvm-workload-*`` unit when it starts (:func:`stop_all_argv`):
 a workload unit outlives an agent killed with SIGKILL (the parent-death signal reaches only
@@ -93,10 +94,35 @@ class Sandbox:
 DIRECT = Sandbox("direct")
 
 
-def detect(environ: Mapping[str, str] | None = None, booted: Path = Path("/run/systemd/system")) -> Sandbox:
-    """``systemd`` when running as a systemd service on a systemd system, else ``direct``."""
+def own_unit(cgroup_file: Path = Path("/proc/self/cgroup")) -> str | None:
+    """The systemd unit this process runs in, from its cgroup v2 path (``0::/system.slice/X``)."""
+    try:
+        text = cgroup_file.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            return line.rsplit("/", 1)[-1] or None
+    return None
+
+
+def detect(
+    environ: Mapping[str, str] | None = None,
+    booted: Path = Path("/run/systemd/system"),
+    cgroup_file: Path = Path("/proc/self/cgroup"),
+) -> Sandbox:
+    """``systemd`` when running as cvm-agent.service on a systemd system, else ``direct``.
+
+    The unit itself matters, not only "some service": workload units join its namespaces, and
+    a test or a CI job that runs inside another service must keep the direct spawn.
+    """
     env = os.environ if environ is None else environ
-    if env.get("INVOCATION_ID") and booted.is_dir() and shutil.which("systemd-run") is not None:
+    if (
+        env.get("INVOCATION_ID")
+        and booted.is_dir()
+        and own_unit(cgroup_file) == AGENT_UNIT
+        and shutil.which("systemd-run") is not None
+    ):
         return Sandbox("systemd")
     return DIRECT
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,20 +15,26 @@ from workloads.sandbox import (
     Sandbox,
     choose,
     detect,
+    own_unit,
     run_argv,
     stop_all_argv,
     unit_name,
 )
 
 
-def test_detect_needs_a_service_on_a_systemd_system(tmp_path: Path) -> None:
-    booted = tmp_path / "system"
-    assert detect({}, booted) == DIRECT
-    assert detect({"INVOCATION_ID": "abc"}, booted) == DIRECT  # not booted with systemd
+def test_detect_needs_the_agent_unit_on_a_systemd_system(tmp_path: Path) -> None:
+    booted, cgroup = tmp_path / "system", tmp_path / "cgroup"
+    service = {"INVOCATION_ID": "abc"}
+    cgroup.write_text("0::/system.slice/cvm-agent.service\n")
+    assert detect(service, booted, cgroup) == DIRECT  # not booted with systemd
     booted.mkdir()
-    assert detect({}, booted) == DIRECT  # not a service
-    expected = "systemd" if __import__("shutil").which("systemd-run") else "direct"
-    assert detect({"INVOCATION_ID": "abc"}, booted).mode == expected
+    assert detect({}, booted, cgroup) == DIRECT  # not a service
+    expected = "systemd" if shutil.which("systemd-run") else "direct"
+    assert detect(service, booted, cgroup).mode == expected
+    cgroup.write_text("0::/system.slice/ci-runner.service\n")  # a test inside another service
+    assert detect(service, booted, cgroup) == DIRECT
+    assert own_unit(cgroup) == "ci-runner.service"
+    assert own_unit(tmp_path / "missing") is None
 
 
 def test_choose() -> None:

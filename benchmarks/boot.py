@@ -4,14 +4,19 @@ Starts a private cvm-hostd and boots the dev guest under whatever ``accel = "aut
 here (TCG on these machines) in each configuration, N times each (default 3), alternating
 between them so that a machine's load drifts over all alike, one VM at a time:
 
-    plain      the dev guest (1 vCPU, --memory, user networking, the agent over vsock)
+    plain      the dev guest (1 vCPU, --memory, no NIC, the agent over vsock)
     +disk      the same with the scratch disk every built-in target has ([scratch], --scratch):
                the daemon creates and reserves its file (in the "daemon" phase), QEMU opens
                it with O_DIRECT and an iothread, the guest probes a virtio-blk device
+    +nic       the same with the NIC a built-in target has as root ([network] mode = "tap"):
+               the daemon makes the VM's network namespace and tap (in the "daemon" phase),
+               QEMU runs in it and opens the tap, the guest probes virtio-net and sets eth0 up
+               (root only: skipped otherwise)
+    +passt     the NIC a built-in target has without root: the daemon starts passt and waits
+               for its socket, QEMU dials it (skipped where passt is not installed)
     debian     the Debian guest (`cvmctl image build debian`: systemd, the agent started by
-               cvm-agent.service) with the same vCPUs and memory; only when that image is built
-               (or with --only debian). Its boot has no dev-guest markers, so the kernel and
-               userspace phases are one: firmware end -> the agent answering
+               cvm-agent.service) with the same vCPUs and memory, when that image is built (or
+               with --only debian); its kernel phase ends at systemd's first kernel-log line
 
 It prints the median of each phase per configuration, side by side, with the difference:
 
@@ -24,7 +29,7 @@ It prints the median of each phase per configuration, side by side, with the dif
 then the total, boot to agent-ready (goal under TCG here: <= 20 s), and what each device adds
 to it (the median of the differences between boots run back to back; goal under TCG: <= 1 s).
 
-    .venv/bin/python benchmarks/boot.py [--boots 3] [--memory 1G] [--scratch 2G] [--only plain]
+    .venv/bin/python benchmarks/boot.py [--boots 3] [--memory 1G] [--scratch 2G] [--only plain ...]
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -62,13 +68,19 @@ def cvmctl(env: dict[str, str], *args: str, timeout: float = 300) -> dict[str, o
 
 
 def configurations(memory: str, scratch: str) -> dict[str, str]:
-    """Configuration name -> the VM spec booted for it (the VM's name is set per configuration)."""
+    """Configuration name -> the VM spec booted for it (the VM's name is set per configuration),
+    those this host can boot."""
     plain = f'vcpus = 1\nmemory = "{memory}"\n'
-    return {
+    configs = {
         "plain": plain,
         "+disk": plain + f'\n[scratch]\nsize = "{scratch}"\n',
         "debian": 'image = "debian"\n' + plain,
     }
+    if os.geteuid() == 0:
+        configs["+nic"] = plain + '\n[network]\nmode = "tap"\n'
+    if shutil.which("passt"):
+        configs["+passt"] = plain + '\n[network]\nmode = "passt"\n'
+    return configs
 
 
 def debian_image_built() -> bool:

@@ -35,6 +35,9 @@ HOSTD_ENV: Final = "CVM_HOSTD"
 AGENT_ENV: Final = "CVM_AGENT"
 #: Overrides the results store's directory.
 DATA_DIR_ENV: Final = "CVMCTL_DATA_DIR"
+#: The network of the VMs cvmctl creates for built-in targets: tap, passt or user; unset,
+#: the best this host allows (tap as root, else passt where installed, else user).
+NETWORK_ENV: Final = "CVMCTL_NETWORK"
 
 #: The name under which cvmctl keeps its files in each XDG directory.
 APP: Final = "cvmctl"

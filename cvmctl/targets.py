@@ -80,13 +80,17 @@ class BuiltinTarget:
             stem = f"cvmctl-{self.base}"
         return "-".join([stem, *self.modifiers])
 
-    def spec_toml(self, forwards: Mapping[int, int] | None, firmware: Path | None = None) -> str:
+    def spec_toml(
+        self, forwards: Mapping[int, int] | None, firmware: Path | None = None, *, passt: bool = False
+    ) -> str:
         """The VM spec: the dev guest, this target's TEE or baseline, its modifiers.
 
-        ``forwards`` maps guest ports to loopback host ports for QEMU's user-mode network;
-        None gives the study's network path instead, a multi-queue tap in a namespace the
-        daemon owns (it needs root). ``firmware`` is the image both arms of a confidential
-        comparison boot (required when :attr:`flavour` is a TEE).
+        ``forwards`` maps guest ports to loopback host ports for a rootless network: passt
+        (``passt``; each port forwarded for TCP and UDP, as iperf3's UDP test needs both) or
+        else QEMU's user-mode network (TCP only). None gives the study's network path instead,
+        a multi-queue tap in a namespace the daemon owns (it needs root). ``firmware`` is the
+        image both arms of a confidential comparison boot (required when :attr:`flavour` is a
+        TEE).
         """
         if self.flavour != "none" and firmware is None:
             raise UsageError(f"target {self.name}: a {self.flavour} guest needs a firmware image")
@@ -106,10 +110,14 @@ class BuiltinTarget:
         if forwards is None:
             lines += ["", "[network]", 'mode = "tap"']
         else:
+            protos = ("tcp", "udp") if passt else ("tcp",)
             rules = ", ".join(
-                f"{{ host_port = {host}, guest_port = {guest} }}" for guest, host in sorted(forwards.items())
+                f'{{ host_port = {host}, guest_port = {guest}, proto = "{proto}" }}'
+                for guest, host in sorted(forwards.items())
+                for proto in protos
             )
-            lines += ["", "[network]", 'mode = "user"', f"forwards = [{rules}]"]
+            mode = "passt" if passt else "user"
+            lines += ["", "[network]", f'mode = "{mode}"', f"forwards = [{rules}]"]
         knobs = []
         if "swiotlb" in self.modifiers:
             knobs.append(f"swiotlb_force = {SWIOTLB_SLABS}")

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
 import grpc
 import trio
@@ -106,17 +107,24 @@ def forwards_of(spec_toml: str) -> dict[int, int]:
 GUEST_SCRATCH_DIR: str = defaults.GUEST_SCRATCH_DIR
 
 #: Network modes through which this target reaches a guest's servers, and what each carries.
-#: The hook for the network path: a tap or passt mode adds its entry here (with ``udp`` and
-#: ``icmp``) once :meth:`VMTarget.start_server` and :meth:`VMTarget.guest_address` reach the
-#: guest through it.
 NETWORK_OFFERS: Final[dict[str, dict[str, str]]] = {
     "user": {TCP: "QEMU user networking: loopback forwards to the guest's ports"},
+    "passt": {
+        TCP: "passt: loopback forwards to the guest's ports",
+        UDP: "passt: loopback forwards to the guest's ports (UDP ones too)",
+    },
     "tap": {
         TCP: "a virtio-net tap in the VM's network namespace: clients run there",
         UDP: "a virtio-net tap in the VM's network namespace: clients run there",
         ICMP: "a virtio-net tap in the VM's network namespace: clients run there",
     },
 }
+
+#: Why a host cannot ping a guest through a rootless network back end.
+_NO_ICMP_TO_GUEST = (
+    "passes no ICMP echo from the host to the guest (it answers only the guest's own echo "
+    "requests); ping needs the tap path, which cvm-hostd builds when it runs as root"
+)
 
 
 def network_capabilities(mode: str, name: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -127,20 +135,18 @@ def network_capabilities(mode: str, name: str) -> tuple[dict[str, str], dict[str
             UDP: (
                 f"target {name} has QEMU user-mode networking (SLIRP): the host reaches the guest only "
                 "through loopback port forwards, TCP ones here, and SLIRP's UDP forwarding is unfit for "
-                "a throughput test; it needs a tap or passt network (not built yet)"
+                'a throughput test; it needs the tap path (root) or passt ([network] mode = "passt")'
             ),
-            ICMP: (
-                f"target {name} has QEMU user-mode networking (SLIRP), which passes no ICMP echo "
-                "from the host to the guest; it needs a tap or passt network (not built yet)"
-            ),
+            ICMP: f"target {name} has QEMU user-mode networking (SLIRP), which {_NO_ICMP_TO_GUEST}",
         }
+    elif mode == "passt":
+        why = {ICMP: f"target {name} has a passt network, which {_NO_ICMP_TO_GUEST}"}
     elif mode == "none":
         why = dict.fromkeys((TCP, UDP, ICMP), f'target {name} has no network ([network] mode = "none")')
     else:
         why = dict.fromkeys(
             (TCP, UDP, ICMP),
-            f"cvmctl cannot yet run a host client toward a guest on a {mode!r} network (target {name}); "
-            "only user-mode forwards",
+            f"cvmctl cannot run a host client toward a guest on a {mode!r} network (target {name})",
         )
     return offered, {cap: reason for cap, reason in why.items() if cap not in offered}
 
@@ -174,15 +180,53 @@ def builtin_capabilities(builtin: BuiltinTarget) -> Capabilities:
     """What a built-in target offers: its spec is known without a daemon."""
     from host_daemon.spec import parse_spec
 
-    forwards = None if tap_network_available() else {port: 1 + i for i, port in enumerate(SERVER_PORTS)}
+    network = builtin_network()
+    forwards = None if network == "tap" else {port: 1 + i for i, port in enumerate(SERVER_PORTS)}
     firmware = Path("/firmware.fd") if builtin.flavour != "none" else None
-    return spec_capabilities(parse_spec(builtin.spec_toml(forwards, firmware)), builtin.name)
+    toml = builtin.spec_toml(forwards, firmware, passt=network == "passt")
+    return spec_capabilities(parse_spec(toml), builtin.name)
 
 
-def tap_network_available() -> bool:
-    """Whether a built-in VM gets the study's network path (a tap in a namespace the daemon
-    makes, host_daemon.netns) or QEMU's user-mode one."""
-    return can_make_tap()
+def _unforwarded(workload: Workload, port: int, spec: VMSpec, vm: str) -> str | None:
+    """Why ``workload``'s server on guest ``port`` is out of the host's reach through the
+    loopback forwards of a user or passt network, or None. A UDP client (iperf3 -u) talks
+    to the server's TCP control port and sends its datagrams to the same port number, so it
+    needs both forwards from one host port."""
+    forwards = spec.network.forwards
+    tcp = {f.guest_port: f.host_port for f in forwards if f.proto == "tcp"}
+    if port not in tcp:
+        return (
+            f"{workload.name}'s server listens on guest port {port}, which VM {vm} does not "
+            f"forward: add {{ host_port = N, guest_port = {port} }} to its network.forwards"
+        )
+    udp = {f.guest_port: f.host_port for f in forwards if f.proto == "udp"}
+    if UDP in workload.needs and udp.get(port) != tcp[port]:
+        return (
+            f"{workload.name} sends UDP to guest port {port}, which VM {vm} does not forward from host "
+            f'port {tcp[port]}: add {{ host_port = {tcp[port]}, guest_port = {port}, proto = "udp" }} '
+            "to its network.forwards"
+        )
+    return None
+
+
+BuiltinNetwork = Literal["tap", "passt", "user"]
+
+
+def builtin_network() -> BuiltinNetwork:
+    """The network a built-in VM gets when cvmctl creates it: ``$CVMCTL_NETWORK`` if set;
+    else the study's path (a tap in a namespace the daemon makes, host_daemon.netns) where
+    this process may make one; else passt, rootless with UDP, where it is installed; else
+    QEMU's user-mode network. A VM that exists keeps the network it was created with (the
+    path each run took is recorded with it)."""
+    chosen = os.environ.get(defaults.NETWORK_ENV, "")
+    for network in get_args(BuiltinNetwork):
+        if chosen == network:
+            return network  # type: ignore[no-any-return]
+    if chosen:
+        raise UsageError(f"${defaults.NETWORK_ENV}={chosen!r}: expected tap, passt or user")
+    if can_make_tap():
+        return "tap"
+    return "passt" if shutil.which("passt") else "user"
 
 
 class VMTarget:
@@ -259,11 +303,12 @@ class VMTarget:
             if not self._dev:
                 raise UsageError(f"no VM named {self.vm!r} (cvmctl vm ls lists them)")
             assert self._builtin is not None
-            forwards = None if tap_network_available() else {guest: free_port() for guest in SERVER_PORTS}
-            network = "a tap in its own network namespace" if forwards is None else f"forwards {forwards}"
-            self._say(f"creating {self.vm} for target {self.name} ({network})")
+            network = builtin_network()
+            forwards = None if network == "tap" else {guest: free_port() for guest in SERVER_PORTS}
+            said = f"{network}, forwards {forwards}" if forwards else "a tap in its own network namespace"
+            self._say(f"creating {self.vm} for target {self.name} ({said})")
             spec = host_pb2.CreateVMRequest(
-                spec_toml=self._builtin.spec_toml(forwards, self._firmware),
+                spec_toml=self._builtin.spec_toml(forwards, self._firmware, passt=network == "passt"),
                 source=f"cvmctl target {self.name}",
             )
             vm = await self._hostd_client.call(stub.CreateVM, spec)
@@ -315,12 +360,8 @@ class VMTarget:
         spec = parse_spec(vm.spec_toml)
         reason = refusal(workload, spec_capabilities(spec, self.name))
         plan = workload.guest_server(params) if workload.kind == "client-server" else None
-        forwarded = {f.guest_port for f in spec.network.forwards if f.proto == "tcp"}
-        if reason is None and plan is not None and spec.network.mode == "user" and plan.port not in forwarded:
-            reason = (
-                f"{workload.name}'s server listens on guest port {plan.port}, which VM {vm.name} does not "
-                f"forward: add {{ host_port = N, guest_port = {plan.port} }} to its network.forwards"
-            )
+        if reason is None and plan is not None and spec.network.mode in ("user", "passt"):
+            reason = _unforwarded(workload, plan.port, spec, vm.name)
         if reason is not None:
             raise WorkloadRefused(reason)
 

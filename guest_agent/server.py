@@ -35,6 +35,11 @@ from workloads.sandbox import DIRECT, Sandbox
 
 log = structlog.get_logger("guest_agent")
 
+#: How long a new workload server waits for the previous one to stop: longer than
+#: workloads.execute.stop_process takes at most (SIGTERM, then SIGKILL, each given
+#: SERVER_STOP_TIMEOUT), not imported here because the agent loads workloads on first use.
+SERVER_STOP_WAIT = 25.0
+
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["GuestAgent"].full_name
 
 
@@ -91,6 +96,7 @@ class GuestAgentService:
         self._idle_lock = trio.Lock()
         self._attestation_lock = trio.Lock()
         self._workload_server_busy = False
+        self._workload_server_stopping: trio.Event | None = None  # set once the stop is done
         self.attestation_stats = AttestationStats()
         if metrics is not None:
             metrics.register(AttestationCollector(self.attestation_stats))
@@ -168,6 +174,13 @@ class GuestAgentService:
 
         name, raw = request.workload[:64], dict(request.params)
         if request.role == agent_pb2.WORKLOAD_ROLE_SERVER:
+            # The host ends one server's stream and asks for the next at once (a run's next
+            # repetition or workload, often on the same port): wait for the previous server
+            # to be gone, so that the new one is the one listening when it is reported ready.
+            stopping = self._workload_server_stopping
+            if self._workload_server_busy and stopping is not None:
+                with trio.move_on_after(SERVER_STOP_WAIT):
+                    await stopping.wait()
             if self._workload_server_busy:
                 raise RpcAbort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED, "a workload server already runs in this guest"
@@ -180,9 +193,12 @@ class GuestAgentService:
                 yield agent_pb2.WorkloadEvent(server_ready=agent_pb2.WorkloadServerReady(port=port))
                 await trio.sleep_forever()  # until the host cancels the stream
             finally:
-                self._workload_server_busy = False
+                stopped = self._workload_server_stopping = trio.Event()
                 with trio.CancelScope(shield=True):
                     await server.stop()
+                self._workload_server_busy = False
+                self._workload_server_stopping = None
+                stopped.set()
                 log.info("workload_server_stopped", workload=name)
         elif request.role == agent_pb2.WORKLOAD_ROLE_RUN:
             yield agent_pb2.WorkloadEvent(progress=agent_pb2.WorkloadProgress(message=f"running {name}"))

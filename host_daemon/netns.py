@@ -75,7 +75,7 @@ TUN: Final = Path("/dev/net/tun")
 IP_SECONDS: Final = 10.0
 MAX_TAP_QUEUES: Final = 256  # MAX_TAP_QUEUES in drivers/net/tun.c
 
-NetPath = Literal["tap+vhost", "tap", "user", "none"]
+NetPath = Literal["tap+vhost", "tap", "passt", "user", "none"]
 
 
 @dataclass(frozen=True)
@@ -138,9 +138,11 @@ def exec_prefix(namespace: str, ip: str = "ip") -> list[str]:
 
 
 def net_path(mode: str, vhost: bool) -> NetPath:
-    """The network path's name, as recorded with runs: tap+vhost, tap, user or none."""
+    """The network path's name, as recorded with runs: tap+vhost, tap, passt, user or none."""
     if mode == "tap":
         return "tap+vhost" if vhost else "tap"
+    if mode == "passt":
+        return "passt"
     return "user" if mode == "user" else "none"
 
 
@@ -168,6 +170,8 @@ def network_from_argv(argv: Sequence[str]) -> GuestNetwork:
     props = dict(part.partition("=")[::2] for part in netdev.split(",")[1:])
     if netdev.startswith("user"):
         return GuestNetwork("user", queues=1)
+    if netdev.startswith("stream"):  # QEMU dials a passt (host_daemon.passt)
+        return GuestNetwork("passt", queues=1)
     if not netdev.startswith("tap"):
         return GuestNetwork("none")
     vhost = props.get("vhost") == "on"

@@ -111,6 +111,7 @@ class Runtime:
     numactl: str = "numactl"  # the program that binds QEMU to [pinning] numa_node
     scratch: ScratchDrive | None = None  # required when the spec has a [scratch] disk
     vhost_net: bool = False  # the host has /dev/vhost-net: [network] vhost = true turns it on
+    passt_socket: Path | None = None  # mode = "passt": the socket of the passt the daemon started
 
 
 def opt_value(value: str | Path) -> str:
@@ -470,8 +471,18 @@ def _network(spec: VMSpec, runtime: Runtime) -> Iterator[str]:
     # and control: the study's 8-queue NIC used vectors=18).
     # The tap is the one the daemon made in the VM's network namespace (host_daemon.netns),
     # where QEMU runs; vhost=on only where the daemon found /dev/vhost-net (Runtime.vhost_net).
+    # -netdev stream,id=,server=off,addr.type=unix,addr.path= (qemu-options.hx, QEMU >= 7.2):
+    # QEMU connects to the socket of the passt the daemon started (host_daemon.passt), which
+    # forwards the spec's ports itself, so no forward appears here.
     net = spec.network
     if net.mode == "none":
+        return
+    if net.mode == "passt":
+        if runtime.passt_socket is None:
+            raise ArgvError('network.mode: "passt" needs the socket of a passt the daemon started')
+        path = opt_value(runtime.passt_socket)
+        yield from ("-netdev", f"stream,id=net0,server=off,addr.type=unix,addr.path={path}")
+        yield from ("-device", _virtio(spec, "virtio-net-pci,netdev=net0"))
         return
     if net.mode == "user":
         props = ["user", "id=net0"]

@@ -54,8 +54,10 @@ and a fuller one reads::
                                # the guest finds it by its virtio-blk serial "cvm-scratch"
 
     [network]
-    mode = "user"              # none | user | tap
+    mode = "user"              # none | user | passt | tap
     forwards = [{ host_port = 2222, guest_port = 22 }]   # host address defaults to 127.0.0.1
+    # mode = "passt": rootless like "user", but a passt process (host_daemon.passt) as the
+    # back end, which forwards UDP too ({ ..., proto = "udp" }); the guest is at 10.0.2.15
     # mode = "tap": the study's NIC, virtio-net on a multi-queue tap in a network namespace
     # the daemon creates for the VM (host_daemon.netns); the guest is at 10.213.0.2 there
     # vhost = true             # vhost-net where /dev/vhost-net exists (false: never)
@@ -120,7 +122,7 @@ Cache = Literal["none", "writeback", "writethrough", "directsync", "unsafe"]
 ScratchAio = Literal["auto", "threads", "native", "io_uring"]
 ScratchCache = Literal["auto", "none", "writeback", "writethrough", "directsync", "unsafe"]
 ScratchFormat = Literal["raw"]
-NetMode = Literal["none", "user", "tap"]
+NetMode = Literal["none", "user", "passt", "tap"]
 Proto = Literal["tcp", "udp"]
 Channel = Literal["auto", "vhost-vsock", "vhost-user-vsock", "virtio-serial", "none"]
 Image = str
@@ -234,7 +236,7 @@ class ScratchDisk:
 
 @dataclass(frozen=True)
 class HostForward:
-    """A user-networking port forward from a loopback host address into the guest."""
+    """A port forward from a loopback host address into the guest (modes user and passt)."""
 
     host_port: int
     guest_port: int
@@ -741,8 +743,8 @@ def _read_network(t: _Table) -> Network:
     )
     vhost = t.boolean("vhost", True)
     queues = t.integer("queues", None, 1, 256)
-    if forwards and mode != "user":
-        t.problem("forwards", "<list>", 'host forwards need mode = "user"')
+    if forwards and mode not in ("user", "passt"):
+        t.problem("forwards", "<list>", 'host forwards need mode = "user" or "passt"')
     if mode != "tap":
         for key in ("ifname", "vhost", "queues"):
             if t.has(key):

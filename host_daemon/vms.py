@@ -47,7 +47,7 @@ import trio
 from cvmcore.address import parse_address
 from cvmcore.client import connect
 from cvmcore.errors import CvmError, UsageError
-from host_daemon import netns, pinning
+from host_daemon import netns, passt, pinning
 from host_daemon import process as proc
 from host_daemon.accel import decide_channel, probe_channel, resolve_accel
 from host_daemon.boottiming import BootClock, console_marks, tail_lines
@@ -276,6 +276,7 @@ class VMManager:
                     seconds=round(made.seconds, 4),
                 )
             tap = None
+            helpers: list[proc.Spawned] = []  # back ends QEMU connects to; they die with it
             try:
                 if spec.network.mode == "tap":  # HostNotReady before QEMU
                     tap = netns.plan(name, self.state_dir, spec.network.ifname)
@@ -294,6 +295,9 @@ class VMManager:
                     )
                 else:
                     vhost_net = False
+                if spec.network.mode == "passt":  # HostNotReady before QEMU without passt
+                    helpers.append(await passt.start(run_dir, spec.network.forwards))
+                    log.info("passt_started", vm=name, pid=helpers[-1].pid, forwards=spec.network.forwards)
                 runtime = Runtime(
                     accel=accel.accel,
                     qmp_socket=run_dir / "qmp.sock",
@@ -310,11 +314,11 @@ class VMManager:
                     numactl=grant.numactl,
                     scratch=scratch,
                     vhost_net=vhost_net,
+                    passt_socket=run_dir / passt.SOCKET if spec.network.mode == "passt" else None,
                 )
                 argv = build_qemu_argv(spec, runtime)
                 if tap is not None:  # QEMU opens the tap in the VM's namespace (host_daemon.netns)
                     argv = [*netns.exec_prefix(tap.namespace, netns.ip_binary()), *argv]
-                helpers: list[proc.Spawned] = []
                 if channel == "vhost-user-vsock":
                     helpers.append(await start_vhost_device_vsock(run_dir))
                 cid = spec.agent.cid or runtime.guest_cid
@@ -324,11 +328,11 @@ class VMManager:
                 try:
                     qemu = proc.spawn(argv, run_dir / "qemu.log")
                 except OSError as exc:
-                    for helper in helpers:
-                        proc.send_signal(helper, signal.SIGKILL)
-                        helper.close()
                     raise UsageError(f"cannot start QEMU ({argv[0]}): {exc.strerror}") from exc
             except BaseException:
+                for helper in helpers:  # no QEMU will connect to them
+                    proc.send_signal(helper, signal.SIGKILL)
+                    helper.close()
                 if scratch is not None:
                     remove_scratch(run_dir)  # no QEMU will use it
                 if tap is not None:

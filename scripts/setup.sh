@@ -23,6 +23,7 @@ APT_PACKAGES=(
     ovmf               # /usr/share/ovmf/OVMF.fd: the firmware both arms of a CVM comparison boot
     numactl            # [pinning] numa_node starts QEMU under numactl
     iproute2           # ip netns / ip tuntap: the tap network path's namespace
+    passt              # the rootless network path with UDP ([network] mode = "passt")
 )
 
 apt_updated=0

@@ -260,21 +260,44 @@ def remove_scratch_files(workload: Workload, params: Mapping[str, Any]) -> list[
     return removed
 
 
-async def wait_for_port(host: str, port: int, process: subprocess.Popen[bytes], timeout: float) -> None:
-    """Until ``host:port`` accepts a TCP connection; fail early if ``process`` exits."""
+#: The TCP state "LISTEN" in /proc/net/tcp and tcp6 (include/net/tcp_states.h: TCP_LISTEN = 10).
+_TCP_LISTEN = "0A"
+
+
+def listening_ports(proc_root: Path = Path("/proc")) -> set[int]:
+    """Local ports with a TCP socket in LISTEN state in this network namespace (proc_net_tcp:
+    ``local_address`` is ``HEXADDR:HEXPORT``, ``st`` the state in hex)."""
+    ports: set[int] = set()
+    for name in ("tcp", "tcp6"):
+        try:
+            lines = (proc_root / "net" / name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == _TCP_LISTEN:
+                ports.add(int(fields[1].rpartition(":")[2], 16))
+    return ports
+
+
+async def wait_for_port(
+    host: str, port: int, process: subprocess.Popen[bytes], timeout: float, proc_root: Path = Path("/proc")
+) -> None:
+    """Until something listens on TCP ``port``; fail early if ``process`` exits.
+
+    Read from /proc/net/tcp{,6}, not by connecting: iperf3's server takes any connection as
+    its one client of the moment, and a probe that connects and hangs up leaves it resetting
+    the real client's control connection ("unable to receive control message: Connection
+    reset by peer"). ``host`` is only named in the error.
+    """
     with trio.move_on_after(timeout):
         while True:
             if process.poll() is not None:
                 raise RemoteError(
                     f"the server exited with {process.returncode} before listening on port {port}"
                 )
-            try:
-                with trio.move_on_after(1.0):
-                    stream = await trio.open_tcp_stream(host, port)
-                    await stream.aclose()
-                    return
-            except OSError:
-                pass
+            if port in await trio.to_thread.run_sync(listening_ports, proc_root):
+                return
             await trio.sleep(0.05)
     raise DeadlineExceeded(f"the server did not listen on {host}:{port} within {timeout:g} s")
 

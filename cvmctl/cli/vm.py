@@ -20,6 +20,7 @@ from cvmcore.defaults import HOSTD_ADDRESS, HOSTD_ENV
 from cvmcore.errors import ConnectError, DeadlineExceeded, UsageError
 from cvmcore.tee import tee_name
 from cvmctl.cli.output import print_table
+from cvmctl.vm_target import console_tail
 
 STATE_NAMES = {
     host_pb2.VM_STATE_DEFINED: "defined",
@@ -238,7 +239,7 @@ def run_start(args: argparse.Namespace) -> int:
             if time.monotonic() > deadline:
                 raise DeadlineExceeded(
                     f"VM {args.name} still starting after {args.wait_timeout:g} s: {vm.state_reason} "
-                    f"(console: {vm.console_path})"
+                    f"(console: {vm.console_path}){console_tail(vm)}"
                 )
             await trio.sleep(0.2)
             vm = await client.call(stub.GetVM, host_pb2.VMRef(name=args.name))

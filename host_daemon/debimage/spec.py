@@ -16,7 +16,7 @@ from pathlib import Path
 
 from host_daemon.debimage.build import DebianImage, current_image, load_image
 from host_daemon.debimage.recipe import guest_cmdline
-from host_daemon.devguest.spec import TAP_NET_GUEST_IP, USER_NET_GUEST_IP
+from host_daemon.devguest.spec import guest_ip
 from host_daemon.spec import Disk, VMSpec
 
 
@@ -33,7 +33,7 @@ def complete_with_debian_image(spec: VMSpec) -> VMSpec:
     if not wants_debian_image(spec):
         return spec
     image = debian_image_for(spec)
-    ip = {"user": USER_NET_GUEST_IP, "tap": TAP_NET_GUEST_IP}.get(spec.network.mode)
+    ip = guest_ip(spec.network.mode)
     console = "hvc0" if spec.console_device == "virtio" else "ttyS0"
     cmdline = guest_cmdline(console=console, ip=ip)
     if spec.boot.cmdline:

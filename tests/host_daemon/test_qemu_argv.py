@@ -64,6 +64,7 @@ def golden_runtime(spec: VMSpec) -> Runtime:
         qgs=GOLDEN_QGS,
         scratch=scratch,
         vhost_net=True,
+        passt_socket=vm_dir / "passt.sock" if spec.network.mode == "passt" else None,
     )
 
 
@@ -82,9 +83,11 @@ GOLDEN_CASES = {
     "scratch-devguest",
     "sev-snp-scratch",
     "tap-devguest",
+    "passt-devguest",
 }
 """The cases issue 11 asks for: normal, both CVMs and their baselines, and each ablation; and
-issue 15's scratch disk on a normal VM and on a CVM, and its tap network path."""
+issue 15's scratch disk on a normal VM and on a CVM, its tap network path and its rootless
+passt one."""
 
 
 def test_every_case_has_both_files() -> None:

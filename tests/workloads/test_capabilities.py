@@ -27,8 +27,8 @@ from workloads.runner import LocalTarget, RunRequest, params_for
 
 @pytest.fixture
 def user_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Built-in targets on QEMU's user-mode network (a daemon without root makes no tap)."""
-    monkeypatch.setattr(vm_target, "tap_network_available", lambda: False)
+    """Built-in targets on QEMU's user-mode network (no root for a tap, no passt installed)."""
+    monkeypatch.setattr(vm_target, "builtin_network", lambda: "user")
 
 
 #: The answer for the default target on the user-mode network (issue 15).
@@ -156,9 +156,38 @@ def test_list_says_where_each_workload_runs(capsys: pytest.CaptureFixture[str]) 
 
 def test_the_dev_guest_on_the_tap_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """As root, built-in targets get a tap in a namespace: ping and UDP run there too."""
-    monkeypatch.setattr(vm_target, "tap_network_available", lambda: True)
+    monkeypatch.setattr(vm_target, "builtin_network", lambda: "tap")
     caps = builtin_capabilities(BuiltinTarget("vm"))
     assert all(
         refusal(w, caps) is None for name, w in CATALOGUE.items() if name not in ("boot", "attestation")
     )
     assert 'mode = "tap"' in BuiltinTarget("vm").spec_toml(None)
+
+
+def test_the_dev_guest_on_passt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without root but with passt, built-in targets get passt: UDP runs (each server port is
+    forwarded for TCP and UDP from one host port), ping is refused up front with the reason."""
+    monkeypatch.setattr(vm_target, "builtin_network", lambda: "passt")
+    caps = builtin_capabilities(BuiltinTarget("vm"))
+    refused = {
+        name: reason
+        for name, w in CATALOGUE.items()
+        if name not in ("boot", "attestation") and (reason := refusal(w, caps)) is not None
+    }
+    assert list(refused) == ["ping"]
+    assert "passt" in refused["ping"] and "no ICMP echo from the host to the guest" in refused["ping"]
+    toml = BuiltinTarget("vm").spec_toml({7175: 40001}, passt=True)
+    assert 'mode = "passt"' in toml
+    assert '{ host_port = 40001, guest_port = 7175, proto = "udp" }' in toml
+
+
+def test_a_passt_vm_without_the_udp_forward_is_refused_iperf_udp() -> None:
+    """iperf3 -u sends its datagrams to the control port's number: a passt VM that forwards
+    only TCP is refused before the run, with the forward to add."""
+    from host_daemon.spec import parse_spec
+
+    tcp_only = 'mode = "passt"\nforwards = [{ host_port = 40000, guest_port = 7175 }]'
+    vm = parse_spec(spec(tcp_only))
+    reason = vm_target._unforwarded(get("iperf-udp"), 7175, vm, "t")
+    assert reason is not None and 'proto = "udp"' in reason
+    assert vm_target._unforwarded(get("iperf-tcp"), 7175, vm, "t") is None

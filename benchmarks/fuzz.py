@@ -537,7 +537,9 @@ def agent_rpc_target() -> Check:
     shutil.copytree(FIXTURES / "sysroots" / "snp-guest", root, symlinks=True)
 
     # The edges that would act on this machine: a workload's commands, its server process.
-    async def no_commands(workload: Any, params: Any, on_command: Any = None) -> list[Any]:
+    async def no_commands(
+        workload: Any, params: Any, on_command: Any = None, sandbox: Any = None, notes: Any = None
+    ) -> list[Any]:
         return []
 
     async def no_server(self: Any, plan: Any, probe_host: str = "127.0.0.1") -> int:

@@ -169,8 +169,8 @@ def spec_capabilities(spec: VMSpec, name: str) -> Capabilities:
             "(tmpfs: no O_DIRECT, at most half the guest's memory); it needs a scratch disk "
             "(a [scratch] table in its spec)"
         )
-    elif spec.disks:
-        offered[SCRATCH_DISK] = "/var/tmp"  # the guest's own root disk
+    elif spec.disks or spec.image not in ("", "dev"):
+        offered[SCRATCH_DISK] = "/var/tmp"  # the guest's own root disk (an image's is one)
     else:
         lacking[SCRATCH_DISK] = f"target {name} has no disk"
     return Capabilities(offered, lacking)

@@ -28,6 +28,7 @@ from guest_agent.idle_polling import IdlePollingController, Recovery, RecoveryOu
 from guest_agent.observability import MeteredRelayStats, rpc_observer
 from guest_agent.server import GuestAgentService, agent_handlers
 from guest_agent.tee import detect_tee, read_boot_messages
+from workloads.sandbox import choose as choose_sandbox
 
 log = structlog.get_logger("guest_agent")
 
@@ -122,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="RPCs served at once; more are refused with RESOURCE_EXHAUSTED (default: 64)",
     )
+    parser.add_argument(
+        "--workload-sandbox",
+        choices=("auto", "direct", "systemd"),
+        default="auto",
+        help="where benchmark servers and guest commands run: systemd = each in a transient "
+        "cvm-workload-*.service with a sandbox that fits a benchmark (network open, the capabilities "
+        "and devices the tools need), direct = as the agent's own children; auto (default) = systemd "
+        "when the agent is itself a systemd service, else direct",
+    )
     add_logging_arguments(parser)
     return parser
 
@@ -182,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         undecodable=stats.undecodable,
     )
     idle_polling = IdlePollingController(args.root, args.state_dir)
+    sandbox = choose_sandbox(args.workload_sandbox)
 
     async def body() -> None:
         if inherited is not None:
@@ -198,6 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     async def serve() -> None:
         recovery = await trio.to_thread.run_sync(lambda: idle_polling.recover(keep=args.keep_idle_polling))
         report_recovery(recovery, stats, args.state_dir)
+        if sandbox.systemd:
+            from workloads.execute import stop_leftover_units  # only agents under systemd pay for it
+
+            await stop_leftover_units(sandbox)
+        log.info("workload_sandbox", mode=sandbox.mode)
         boot_messages = await trio.to_thread.run_sync(read_boot_messages, args.root)
         verdict = detect_tee(args.root, boot_messages)
         registry, refresher = build_registry(
@@ -212,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             detect_tee=lambda: verdict,
             idle_polling=idle_polling,
             metrics=registry,
+            workload_sandbox=sandbox,
         )
         async with trio.open_nursery() as nursery:
             # Serve at once; the first snapshot lands moments later (scrapes before it see no

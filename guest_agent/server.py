@@ -31,6 +31,7 @@ from guest_agent.idle_polling import IdlePollingController
 from guest_agent.idle_rpc import mode_from_proto, status_to_proto
 from guest_agent.system import hostname, read_system_facts, uptime_seconds
 from guest_agent.tee import TeeVerdict
+from workloads.sandbox import DIRECT, Sandbox
 
 log = structlog.get_logger("guest_agent")
 
@@ -83,8 +84,10 @@ class GuestAgentService:
         idle_polling: IdlePollingController | None = None,
         attestation_fetch: Callable[..., Evidence] = fetch_evidence,
         metrics: CollectorRegistry | None = None,
+        workload_sandbox: Sandbox = DIRECT,
     ) -> None:
         self._root = root
+        self._sandbox = workload_sandbox
         self._metrics = metrics
         self._fetch_evidence = attestation_fetch
         self.info = GuestInfo(root, detect_tee)
@@ -184,7 +187,7 @@ class GuestAgentService:
                     grpc.StatusCode.RESOURCE_EXHAUSTED, "a workload server already runs in this guest"
                 )
             self._workload_server_busy = True
-            server = ServerProcess()
+            server = ServerProcess(self._sandbox)
             try:
                 port = await start_server_request(name, raw, server)
                 log.info("workload_server_ready", workload=name, port=port, peer=call.peer)
@@ -206,7 +209,7 @@ class GuestAgentService:
             self._workload_run_busy = True
             try:
                 yield agent_pb2.WorkloadEvent(progress=agent_pb2.WorkloadProgress(message=f"running {name}"))
-                samples, missing = await run_guest_request(name, raw)
+                samples, missing = await run_guest_request(name, raw, sandbox=self._sandbox)
             finally:
                 self._workload_run_busy = False
             for sample in samples:

@@ -7,7 +7,10 @@ in front and the agent at the end:
     spawn      exec of QEMU -> QMP ready (greeting and capabilities: devices created)
     firmware   QMP greeting -> the kernel's first console line ("Linux version")
     kernel     -> the init's first marker (``cvm-boot: init-start``, see
-                  :mod:`host_daemon.devguest.init`)
+                  :mod:`host_daemon.devguest.init`), or in a systemd guest (the Debian
+                  image) systemd's first kernel-log line from the real root
+                  (``[  2.345678] systemd[1]: systemd 252... running in system mode``,
+                  the bracket being the kernel's printk time: the guest's uptime)
     userspace  -> the agent answering the gRPC health check over its channel
 
 Each phase is the difference of two marks on the monotonic clock. A mark that never came
@@ -53,6 +56,7 @@ PHASE_MARKS: Final = {
 }
 KERNEL_FIRST_LINE: Final = re.compile(r"Linux version \d")
 INIT_MARKER: Final = f"{MARKER_PREFIX} {BOOT_PHASES[0]}"
+SYSTEMD_START: Final = re.compile(r"\[\s*(\d+\.\d+)\]\s+systemd\[1\]: systemd \d+\S* running in system mode")
 CONSOLE_TAIL_LINES: Final = 20
 CONSOLE_POLL_SECONDS: Final = 0.01
 
@@ -151,6 +155,10 @@ async def console_marks(console: Path) -> AsyncIterator[tuple[str, float | None]
             if INIT_MARKER in line:
                 marker = parse_boot_marker(line[line.index(INIT_MARKER) :])
                 yield "init", marker.uptime if marker is not None else None
+                return
+            started = SYSTEMD_START.search(line)
+            if started is not None:
+                yield "init", float(started.group(1))
                 return
         await trio.sleep(CONSOLE_POLL_SECONDS)
 

@@ -21,10 +21,12 @@ from cvmcore.grpc_bridge import UndecodableRequests
 from cvmcore.instance import lock_state_dir
 from cvmcore.serve import ServerOptions, serve_grpc
 from cvmcore.watchdog import feed_watchdog
+from host_daemon.debimage import complete_with_debian_image
 from host_daemon.devguest import complete_with_dev_guest, dev_guest_image
 from host_daemon.metrics.wiring import serve_host_metrics
 from host_daemon.server import HostDaemonService, daemon_handlers
-from host_daemon.vms import VMManager
+from host_daemon.spec import VMSpec
+from host_daemon.vms import DEFAULT_BOOT_SECONDS, VMManager
 
 log = structlog.get_logger("host_daemon")
 
@@ -42,6 +44,11 @@ examples:
   cvm-hostd                                            # {DEFAULT_LISTEN}
   cvm-hostd --state-dir ~/.local/state/cvm-hostd --listen unix:///tmp/hostd.sock
 """
+
+
+def complete_spec(spec: VMSpec) -> VMSpec:
+    """A spec's image made concrete: the Debian guest's files, else the dev guest's (see each)."""
+    return complete_with_dev_guest(complete_with_debian_image(spec))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--qemu", default="qemu-system-x86_64", metavar="BINARY", help="the QEMU binary (default: from PATH)"
     )
+    parser.add_argument(
+        "--boot-timeout",
+        type=float,
+        default=DEFAULT_BOOT_SECONDS,
+        metavar="SECONDS",
+        help=f"how long a VM may take from QEMU's start to its agent answering before it is reported "
+        f"not ready (default: {DEFAULT_BOOT_SECONDS:g}; a systemd guest under TCG on a loaded host "
+        "needs more)",
+    )
     add_logging_arguments(parser)
     return parser
 
@@ -99,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         listen: list[Address] = [parse_address(a, listening=True) for a in (args.listen or [DEFAULT_LISTEN])]
         state_dir: Path = args.state_dir.expanduser().resolve()
+        if not 1 <= args.boot_timeout <= 86400:
+            raise UsageError(f"--boot-timeout {args.boot_timeout:g}: expected 1 to 86400 seconds")
         try:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
             for address in listen:
@@ -122,7 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = ServerOptions(listen=listen, max_receive_bytes=4 * 1024 * 1024, undecodable=undecodable)
 
     async def body() -> None:
-        manager = VMManager(state_dir, qemu_binary=args.qemu, dev_guest=complete_with_dev_guest)
+        manager = VMManager(
+            state_dir, qemu_binary=args.qemu, dev_guest=complete_spec, boot_seconds=args.boot_timeout
+        )
         service = HostDaemonService(state_dir=state_dir, manager=manager)
         async with trio.open_nursery() as nursery:
             await nursery.start(manager.run)

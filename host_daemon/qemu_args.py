@@ -417,6 +417,8 @@ def _disks(spec: VMSpec) -> Iterator[str]:
         ]
         if disk.readonly:
             drive.append("readonly=on")
+        if disk.snapshot:
+            drive.append("snapshot=on")
         device = f"virtio-blk-pci,drive=disk{i}"
         if disk.iothread:
             yield from ("-object", f"iothread,id=iothread{i}")

@@ -12,7 +12,10 @@ The smallest spec is one line::
 and a fuller one reads::
 
     name = "snp-8c"
-    image = ""                 # "dev": the built-in dev guest's kernel, initramfs and 9p root
+    image = ""                 # "dev": the built-in dev guest's kernel, initramfs and 9p root;
+                               # "debian": the Debian guest `cvmctl image build debian` made
+                               # (systemd, the agent from /opt/cvmctl); or the path of such an
+                               # image's directory (root.img, vmlinuz, initrd.img, manifest.json)
     tee = "sev-snp"            # none | sev-snp | tdx
     baseline_for = "none"      # with tee = "none": mirror the machine flags of "sev-snp" or "tdx"
     accel = "auto"             # auto | kvm | tcg
@@ -40,6 +43,7 @@ and a fuller one reads::
     iothread = true
     aio = "native"             # threads | native | io_uring
     cache = "none"             # none | writeback | writethrough | directsync | unsafe
+    snapshot = false           # true: writes go to a temporary overlay, the image stays as it is
 
     [scratch]                  # a benchmark disk the daemon creates for each boot and deletes after
     size = "2G"                # K/M/G/T, whole MiB (a raw file in the VM's run directory)
@@ -121,7 +125,10 @@ ScratchFormat = Literal["raw"]
 NetMode = Literal["none", "user", "passt", "tap"]
 Proto = Literal["tcp", "udp"]
 Channel = Literal["auto", "vhost-vsock", "vhost-user-vsock", "virtio-serial", "none"]
-Image = Literal["", "dev"]
+Image = str
+"""``""`` (nothing: the dev guest unless the spec boots something), ``"dev"``, ``"debian"``, or the
+absolute path of a built image directory (:data:`IMAGE_NAMES` are the names)."""
+IMAGE_NAMES = ("", "dev", "debian")
 Console = Literal["auto", "serial", "virtio"]
 ResolvedConsole = Literal["serial", "virtio"]
 QgsChoice = Literal["auto", "none"]
@@ -208,6 +215,9 @@ class Disk:
     iothread: bool = False
     aio: Aio = "threads"
     cache: Cache = "writeback"
+    # QEMU's -drive snapshot=on: the guest's writes go to a temporary overlay that QEMU drops
+    # when it exits, so a shared image (a cached guest root) is never changed by a VM.
+    snapshot: bool = False
 
 
 @dataclass(frozen=True)
@@ -605,7 +615,19 @@ def _read_spec(t: _Table) -> VMSpec:
     )
     if not t.has("name"):
         t.problem("name", None, "a name is required (1..63 of a-z 0-9 - _)")
-    image = t.choice("image", "", get_args(Image))
+    raw_image = t.data.get("image")
+    if isinstance(raw_image, str) and raw_image not in IMAGE_NAMES:
+        # Not a name: the path of an image directory, relative to the spec file like every path
+        # ("./debian" for a directory that has a name's spelling).
+        image_dir = t.path("image")
+        image = str(image_dir) if image_dir is not None else ""
+    else:
+        image = t.custom(
+            "image",
+            "",
+            lambda v: v if v in IMAGE_NAMES else None,
+            'expected "dev", "debian" or an image directory',
+        )
     tee = t.choice("tee", "none", get_args(Tee))
     baseline_for = t.choice("baseline_for", "none", get_args(Tee))
     accel = t.choice("accel", "auto", get_args(Accel))
@@ -707,6 +729,7 @@ def _read_disk(t: _Table) -> Disk | None:
         iothread=t.boolean("iothread", False),
         aio=t.choice("aio", "threads", get_args(Aio)),
         cache=t.choice("cache", "writeback", get_args(Cache)),
+        snapshot=t.boolean("snapshot", False),
     )
     if disk.aio == "native" and disk.cache not in ("none", "directsync"):
         # QEMU refuses aio=native without O_DIRECT (qemu-options.hx, -drive aio=).

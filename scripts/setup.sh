@@ -63,6 +63,8 @@ if [[ ${CVM_SKIP_SYSTEM:-0} != 1 ]]; then
                 bash "scripts/$script" >&2
             fi
         done
+        # mmdebstrap for `cvmctl image build debian` (the Debian guest)
+        bash scripts/install-image-tools.sh >&2
     fi
 fi
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from cvmcore.errors import UsageError
 from cvmctl.cli.main import build_parser, main
 
 #: Commands that print no data (a script, not a result).
@@ -102,3 +103,27 @@ def test_environment_errors_are_one_line_too(tmp_path: Path, capsys: pytest.Capt
 def test_options_that_need_another_are_not_dropped(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_json(["attest", "verify", "x.bin", "--kds-url", "http://kds", "--json"], capsys)
     assert code == 2 and "--kds-url applies only with --kds" in out["error"]["message"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "said"),
+    [
+        (BaseExceptionGroup("nursery", [KeyboardInterrupt()]), 130, "cvmctl: interrupted"),
+        (ExceptionGroup("relay", [ValueError("x"), UsageError("bad input")]), 2, "bad input"),
+    ],
+)
+def test_an_exception_group_from_a_nursery_is_one_line(
+    raised: BaseException, code: int, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """trio hands Ctrl-C and a CvmError raised in a nursery over in a group: both are said in
+    one line with their exit code (both need the one ``except BaseExceptionGroup``)."""
+
+    def handler(args: argparse.Namespace) -> int:
+        raise raised
+
+    parser = build_parser()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(parser, "parse_args", lambda words: argparse.Namespace(func=handler))
+        mp.setattr("cvmctl.cli.main.build_parser", lambda: parser)
+        assert main(["anything"]) == code
+    assert said in capsys.readouterr().err

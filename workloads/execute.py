@@ -20,6 +20,11 @@ way:
   afterwards: the agent writes and deletes only files it created itself, so no name a host
   sends can make it overwrite or unlink a guest's file (issue 13: ``fio filename=/tmp/victim``
   did both);
+- with a ``systemd`` :class:`~workloads.sandbox.Sandbox` (the agent as cvm-agent.service)
+  every command and server runs in a transient workload unit instead, an in-process workload
+  as ``python -m workloads.inprocess`` there (its thread would meet the agent's own sandbox),
+  and a scratch directory the agent cannot write is made and removed in a unit too
+  (:func:`scratch_dir_where_it_runs`);
 - :func:`run_command` is the one place a process is run and waited for;
 - :func:`run_guest_request` and :func:`start_server_request` are the agent's entry points:
   a workload name and text parameters from the host in, validated here.
@@ -39,8 +44,8 @@ import signal
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,7 +55,9 @@ from cvmcore.affinity import child_preexec, restore_in_child
 from cvmcore.errors import CvmError, DeadlineExceeded, RemoteError, UsageError
 from cvmcore.instance import PrivateDirectory
 from workloads.catalogue import get
+from workloads.inprocess import in_process_argv, parse_output
 from workloads.model import MissingToolError, Sample, ServerPlan, StopFlag, Unavailable, Workload
+from workloads.sandbox import DIRECT, Sandbox, kill_argv, run_argv, stop_all_argv, stop_argv, unit_name
 
 T = TypeVar("T")
 
@@ -65,7 +72,11 @@ CommandCallback = Callable[[int, int, list[str]], None]
 
 
 async def run_command(
-    argv: list[str], timeout: float, what: str, complete: Callable[[str], bool] | None = None
+    argv: list[str],
+    timeout: float,
+    what: str,
+    complete: Callable[[str], bool] | None = None,
+    sandbox: Sandbox = DIRECT,
 ) -> str:
     """Run ``argv`` to completion within ``timeout`` seconds; its stdout.
 
@@ -78,11 +89,15 @@ async def run_command(
     :data:`COMPLETE_GRACE` seconds to exit by itself and is then stopped, and its stdout is
     the result whatever its exit status (memaslap can hang in its teardown after printing
     its summary).
+
+    With a ``systemd`` :class:`~workloads.sandbox.Sandbox` the command runs in a transient
+    workload unit; stopping it early also stops that unit (killing systemd-run alone would not).
     """
     stdout, stderr = bytearray(), bytearray()
     finished_early = False
+    unit = unit_name(what) if sandbox.systemd else None
     process = await trio.lowlevel.open_process(
-        argv,
+        run_argv(sandbox, unit, argv) if unit is not None else argv,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -116,9 +131,12 @@ async def run_command(
                         nursery.start_soon(stop_after_grace)
                 await process.wait()
     finally:
+        stopped = process.returncode is None or finished_early
         if process.returncode is None:
             process.kill()
         with trio.CancelScope(shield=True):
+            if unit is not None and stopped:
+                await stop_unit(unit, kill=True)
             await process.wait()
             await out_stream.aclose()
             await err_stream.aclose()
@@ -128,6 +146,22 @@ async def run_command(
         tail = stderr.decode(errors="replace").strip()[-STDERR_TAIL:]
         raise RemoteError(f"{what}: {argv[0]} exited with {process.returncode}: {tail or '(no stderr)'}")
     return stdout.decode(errors="replace")
+
+
+async def stop_unit(unit: str, *, kill: bool = False) -> None:
+    """Stop a workload unit (SIGKILL first with ``kill``); a unit already gone is fine."""
+    with trio.move_on_after(SERVER_STOP_TIMEOUT + 5):
+        for argv in [kill_argv(unit)] * kill + [stop_argv(unit)]:
+            await trio.run_process(argv, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def stop_leftover_units(sandbox: Sandbox) -> None:
+    """At the agent's start: stop the workload units a previous (crashed) agent left running."""
+    if sandbox.systemd:
+        with trio.move_on_after(SERVER_STOP_TIMEOUT + 5):
+            await trio.run_process(
+                stop_all_argv(), check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
 
 
 #: In-process workloads run one at a time, on threads of their own limiter: however many
@@ -182,7 +216,11 @@ async def run_stoppable(fn: Callable[[StopFlag], T]) -> T:
 
 
 async def run_guest_work(
-    workload: Workload, params: Mapping[str, Any], on_command: CommandCallback | None = None
+    workload: Workload,
+    params: Mapping[str, Any],
+    on_command: CommandCallback | None = None,
+    sandbox: Sandbox = DIRECT,
+    notes: list[Unavailable] | None = None,
 ) -> list[Sample]:
     """One repetition of a guest workload, here: every case of ``params`` in turn; the samples.
 
@@ -191,19 +229,32 @@ async def run_guest_work(
     of one case is that case.
 
     The workload's scratch files go into a private directory made for this call and removed
-    afterwards, also when the run fails or is cancelled (:func:`own_scratch_dir`).
+    afterwards, also when the run fails or is cancelled (:func:`scratch_dir_where_it_runs`).
     """
     samples: list[Sample] = []
-    with own_scratch_dir(workload, params) as private:
+    async with scratch_dir_where_it_runs(workload, params, sandbox) as private:
         for case in workload.cases(private):
-            samples += await _run_case(workload, case, on_command)
+            samples += await _run_case(workload, case, on_command, sandbox, notes)
     return samples
 
 
 async def _run_case(
-    workload: Workload, params: Mapping[str, Any], on_command: CommandCallback | None
+    workload: Workload,
+    params: Mapping[str, Any],
+    on_command: CommandCallback | None,
+    sandbox: Sandbox,
+    notes: list[Unavailable] | None,
 ) -> list[Sample]:
     timeout = workload.timeout(params)
+    if workload.in_process and sandbox.systemd:
+        # Its own process in a workload unit: the agent's sandbox refuses what it does.
+        argv = in_process_argv(workload.name, params)
+        if on_command:
+            on_command(0, 1, argv)
+        samples, unavailable = parse_output(await run_command(argv, timeout, workload.name, sandbox=sandbox))
+        if notes is not None:  # what the unit cannot measure, which is not what the agent cannot
+            notes += [n for n in unavailable if n not in notes]
+        return samples
     if workload.in_process:
         if on_command:
             on_command(0, 1, [f"<in process: {workload.name}>"])
@@ -217,7 +268,7 @@ async def _run_case(
     for index, argv in enumerate(commands):
         if on_command:
             on_command(index, len(commands), argv)
-        outputs.append(await run_command(argv, timeout, workload.name))
+        outputs.append(await run_command(argv, timeout, workload.name, sandbox=sandbox))
     return workload.parse_guest(outputs, params)
 
 
@@ -256,8 +307,60 @@ def own_scratch_dir(workload: Workload, params: Mapping[str, Any]) -> Iterator[d
         shutil.rmtree(private, ignore_errors=True)
 
 
+#: How long making or removing a scratch directory in a workload unit may take.
+SCRATCH_COMMAND_TIMEOUT = 60.0
+
+
+@asynccontextmanager
+async def scratch_dir_where_it_runs(
+    workload: Workload, params: Mapping[str, Any], sandbox: Sandbox = DIRECT
+) -> AsyncIterator[dict[str, Any]]:
+    """:func:`own_scratch_dir`, made by whoever can write where the workload writes.
+
+    That is the agent itself, except under a ``systemd`` sandbox in a directory the agent's
+    unit has read-only (its ``ProtectSystem=strict``: /mnt, /srv, /scratch) while the workload
+    unit may write it (``ProtectSystem=full``). There the private directory is made
+    (``mktemp -d``, mode 0700) and removed (``rm -rf``, shielded from cancellation) by commands
+    in a workload unit; /tmp and /var/tmp are the agent's own private ones, which the workload
+    unit shares (:mod:`workloads.sandbox`), so the agent makes those itself.
+    """
+    name = workload.scratch_dir_param
+    if (
+        name is None
+        or not sandbox.systemd
+        or not os.path.isdir(params[name])  # own_scratch_dir says what is wrong with it
+        or os.access(params[name], os.W_OK)
+    ):
+        with own_scratch_dir(workload, params) as mine:
+            yield mine
+        return
+    parent = str(params[name])
+    workload.check_scratch_dir(os.path.realpath(parent))
+    template = f"cvmctl-{workload.name}-XXXXXXXXXX"
+    try:
+        made = await run_command(
+            ["mktemp", "-d", "-p", parent, "--", template],
+            SCRATCH_COMMAND_TIMEOUT,
+            workload.name,
+            sandbox=sandbox,
+        )
+    except RemoteError as exc:
+        raise CvmError(f"parameter {name}: cannot make a scratch directory in {parent!r}: {exc}") from None
+    private = made.strip()
+    if os.path.dirname(private) != os.path.normpath(parent) or not os.path.basename(private).startswith(
+        template.rstrip("X")
+    ):
+        raise CvmError(f"parameter {name}: mktemp in {parent!r} answered {private!r}")
+    try:
+        yield {**params, name: private}
+    finally:
+        remove = ["rm", "-rf", "--one-file-system", "--", private]
+        with trio.CancelScope(shield=True), suppress(CvmError):
+            await run_command(remove, SCRATCH_COMMAND_TIMEOUT, workload.name, sandbox=sandbox)
+
+
 async def run_guest_request(
-    name: str, raw: Mapping[str, str], on_command: CommandCallback | None = None
+    name: str, raw: Mapping[str, str], on_command: CommandCallback | None = None, sandbox: Sandbox = DIRECT
 ) -> tuple[list[Sample], list[Unavailable]]:
     """The agent's side of one guest repetition: a workload *name* and *text* params in.
 
@@ -271,8 +374,9 @@ async def run_guest_request(
         raise UsageError(f"{name} has no guest-only work (it is {workload.kind})")
     params = workload.validate(raw)
     workload.require_tools("guest")
-    samples = await run_guest_work(workload, params, on_command)
-    return samples, workload.unavailable(params)
+    notes: list[Unavailable] | None = [] if sandbox.systemd and workload.in_process else None
+    samples = await run_guest_work(workload, params, on_command, sandbox, notes)
+    return samples, notes if notes is not None else workload.unavailable(params)
 
 
 async def start_server_request(
@@ -396,9 +500,15 @@ async def stop_process(process: subprocess.Popen[bytes], timeout: float = SERVER
 
 
 class ServerProcess:
-    """One server from a :class:`ServerPlan`: :meth:`start`, then :meth:`stop` (idempotent)."""
+    """One server from a :class:`ServerPlan`: :meth:`start`, then :meth:`stop` (idempotent).
 
-    def __init__(self) -> None:
+    With a ``systemd`` sandbox the server runs in a workload unit and the process here is
+    ``systemd-run --wait``, which lives as long as the unit: its exit is the server's.
+    """
+
+    def __init__(self, sandbox: Sandbox = DIRECT) -> None:
+        self.sandbox = sandbox
+        self._unit: str | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._dir: PrivateDirectory | None = None
 
@@ -419,6 +529,9 @@ class ServerProcess:
             raise MissingToolError(f"{argv[0]} is not installed")
         stderr_path = directory / "server.stderr"
         stderr_fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        if self.sandbox.systemd:
+            self._unit = unit_name(Path(argv[0]).name)
+            argv = run_argv(self.sandbox, self._unit, argv)
         try:
             self._process = spawn_server(argv, stderr_fd)
         finally:
@@ -432,6 +545,9 @@ class ServerProcess:
         return plan.port
 
     async def stop(self) -> None:
+        if self._unit is not None:
+            await stop_unit(self._unit)  # systemd-run --wait then exits by itself
+            self._unit = None
         if self._process is not None:
             await stop_process(self._process)
             self._process = None

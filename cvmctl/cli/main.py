@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from cvmcore import __version__
+from cvmcore.daemon import first_cvm_error
 from cvmcore.errors import CvmError, UsageError
 
 # Modules under cvmctl.cli that provide a command group, in --help order.
@@ -144,6 +145,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CvmError as exc:
         print_error(str(exc), exc.exit_code, type(exc).__name__, as_json=as_json)
         return exc.exit_code
+    except BaseExceptionGroup as group:
+        # trio hands a Ctrl-C that lands inside a nursery over in an exception group; a
+        # CvmError raised inside one (a call through a vsock relay) arrives in a group too:
+        # either is said in one line like any other, not as a traceback. (One clause for
+        # both: a second `except BaseExceptionGroup` below this one would never be reached.)
+        if group.subgroup(KeyboardInterrupt) is not None:
+            print("cvmctl: interrupted", file=sys.stderr)
+            return 130
+        inner = first_cvm_error(group)
+        if inner is None:
+            raise
+        print_error(str(inner), inner.exit_code, type(inner).__name__, as_json=as_json)
+        return inner.exit_code
     except ModuleNotFoundError as exc:
         # A command that imports an extra's module only when it runs (matplotlib for figures).
         extra = EXTRAS.get((exc.name or "").partition(".")[0])
@@ -153,12 +167,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_error(f"{message}: pip install 'cvmctl[{extra}]'", 2, "UsageError", as_json=as_json)
         return UsageError.exit_code
     except KeyboardInterrupt:
-        print("cvmctl: interrupted", file=sys.stderr)
-        return 130
-    except BaseExceptionGroup as group:
-        # trio hands a Ctrl-C that lands inside a nursery over in an exception group.
-        if group.subgroup(KeyboardInterrupt) is None:
-            raise
         print("cvmctl: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:

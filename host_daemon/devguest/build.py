@@ -35,8 +35,13 @@ class DevGuestImage:
     build_seconds: float
 
     def to_json(self) -> dict[str, object]:
-        d = dataclasses.asdict(self)
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+        return record_json(self)
+
+
+def record_json(record: object) -> dict[str, object]:
+    """A dataclass instance as JSON-ready fields (paths as strings): the images' manifests."""
+    d = dataclasses.asdict(record)  # type: ignore[call-overload]
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
 
 
 def default_cache_dir() -> Path:
@@ -58,7 +63,7 @@ def initramfs_entries(busybox: bytes, init: str, modules: Mapping[str, bytes]) -
     return with_parent_dirs(entries)
 
 
-def _cache_key(parts: Iterable[tuple[str, bytes]]) -> str:
+def cache_key(parts: Iterable[tuple[str, bytes]]) -> str:
     h = hashlib.sha256()
     for label, data in parts:
         h.update(label.encode() + b"\0" + hashlib.sha256(data).digest())
@@ -92,7 +97,7 @@ def build_dev_guest(
     busybox_bytes = busybox_path.read_bytes()
     vmlinuz = kernel.vmlinuz.read_bytes()
     module_files = {m.path: tree.elf(m.name) for m in plan}
-    key = _cache_key(
+    key = cache_key(
         [
             ("format", str(FORMAT_VERSION).encode()),
             ("init", init.encode()),

@@ -26,6 +26,16 @@ TAP_NET_GUEST_IP = f"{GUEST_ADDRESS}/{PREFIX_LEN},{HOST_ADDRESS}"
 """The guest's eth0 on the tap path: the guest end of the /30 in the VM's network namespace
 (:mod:`host_daemon.netns`), the tap's address as its gateway."""
 
+
+def guest_ip(mode: str) -> str | None:
+    """The static ``ADDR/LEN,GATEWAY`` a guest is given on network ``mode`` (None: no NIC).
+
+    passt is told the same configuration as user networking's (host_daemon.passt).
+    """
+    ips = {"user": USER_NET_GUEST_IP, "passt": USER_NET_GUEST_IP, "tap": TAP_NET_GUEST_IP}
+    return ips.get(mode)
+
+
 # build_dev_guest hashes every input (~0.1 s for a 12 MB kernel) to find its cached image;
 # a start should not pay that each time. Remember the image per the inputs' stat().
 _memo: dict[tuple[object, ...], DevGuestImage] = {}
@@ -73,9 +83,7 @@ def complete_with_dev_guest(spec: VMSpec) -> VMSpec:
     # path it is the guest end of the namespace's /30. The virtio-net driver enables every
     # queue pair up to the number of online CPUs by itself (virtnet_probe), so the guest needs
     # no `ethtool -L eth0 combined N`.
-    # passt is told the same configuration as user networking's (host_daemon.passt).
-    ips = {"user": USER_NET_GUEST_IP, "passt": USER_NET_GUEST_IP, "tap": TAP_NET_GUEST_IP}
-    ip = ips.get(spec.network.mode)
+    ip = guest_ip(spec.network.mode)
     # The console the VM has: hvc0 on a virtio console (CVM flavours), else the 8250's ttyS0.
     console = "hvc0" if spec.console_device == "virtio" else "ttyS0"
     cmdline = dev_guest_cmdline(str(agent_executable()), port=AGENT_VSOCK_PORT, ip=ip, console=console)

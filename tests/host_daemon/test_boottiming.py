@@ -71,6 +71,18 @@ async def test_an_init_marker_without_a_kernel_line(tmp_path: Path) -> None:
     assert marks == [("init", 1.5)]
 
 
+async def test_systemd_start_is_the_init_mark_of_a_systemd_guest(tmp_path: Path) -> None:
+    console = tmp_path / "console.log"
+    console.write_text(
+        "[    0.000000] Linux version 6.12.95+deb12-amd64 (debian-kernel@lists.debian.org)\r\n"
+        "Loading, please wait...\r\n"
+        "[    4.120301] systemd[1]: systemd 252.39-1~deb12u2 running in system mode (+PAM +AUDIT)\r\n"
+    )
+    with trio.fail_after(5):
+        marks = [m async for m in console_marks(console)]
+    assert marks == [("kernel", None), ("init", 4.120301)]
+
+
 def test_tail_lines(tmp_path: Path) -> None:
     log = tmp_path / "c.log"
     log.write_bytes(b"a\r\n\nb\n\xff c\n")

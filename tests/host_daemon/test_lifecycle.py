@@ -51,8 +51,9 @@ def require_tools(*tools: str) -> None:
 
 
 class Daemon:
-    def __init__(self, state_dir: Path, socket: Path) -> None:
+    def __init__(self, state_dir: Path, socket: Path, *extra_args: str) -> None:
         self.state_dir, self.socket = state_dir, socket
+        self.extra_args = extra_args
         self.process: subprocess.Popen[str] | None = None
         self.env = {**os.environ, "CVM_HOSTD": f"unix://{socket}"}
 
@@ -67,6 +68,7 @@ class Daemon:
                 f"unix://{self.socket}",
                 "--log-format",
                 "json",
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=(self.state_dir.parent / "hostd.log").open("a"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -180,3 +181,44 @@ def test_the_scratch_directory_is_private_and_removed(tmp_path: Path) -> None:
         (made / "cvmctl-fio.scratch").write_text("x")
     assert not made.exists()
     assert next(iter(own_scratch_dir(get("vmexit"), {"a": 1}).__enter__().items())) == ("a", 1)
+
+
+async def test_a_scratch_directory_the_agent_cannot_write_is_made_where_the_workload_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under systemd the agent's /mnt, /srv and /scratch are read-only (ProtectSystem=strict)
+    while the workload unit's are not: there mktemp and rm run as workload-unit commands.
+    Here a directory the agent "cannot write" stands in, and the unit runs the command as is."""
+    from workloads import execute
+    from workloads.sandbox import Sandbox
+
+    ran: list[list[str]] = []
+
+    def in_unit(sandbox: Sandbox, unit: str, argv: list[str]) -> list[str]:
+        ran.append(argv)
+        return argv
+
+    async def no_unit(unit: str, *, kill: bool = False) -> None:
+        return None
+
+    monkeypatch.setattr(execute, "run_argv", in_unit)
+    monkeypatch.setattr(execute, "stop_unit", no_unit)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(tmp_path) and access(path, mode))
+    fio = get("fio")
+    params = {**fio.validate({"directory": "/tmp"}), "directory": str(tmp_path)}
+    async with execute.scratch_dir_where_it_runs(fio, params, Sandbox("systemd")) as private:
+        made = Path(private["directory"])
+        assert made.parent == tmp_path and made.stat().st_mode & 0o777 == 0o700
+        (made / "cvmctl-fio.scratch").write_text("x")
+    assert not made.exists()
+    assert [argv[0] for argv in ran] == ["mktemp", "rm"]
+    # Direct (the dev guest, the CLI) and a directory the agent can write: made by the agent.
+    async with execute.scratch_dir_where_it_runs(fio, params) as private:
+        assert Path(private["directory"]).parent == tmp_path
+    assert len(ran) == 2
+    with pytest.raises(UsageError, match=r"cannot make a scratch directory .*No such file"):
+        async with execute.scratch_dir_where_it_runs(
+            fio, {**params, "directory": str(tmp_path / "none")}, Sandbox("systemd")
+        ):
+            pass

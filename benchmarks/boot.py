@@ -37,13 +37,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from host_daemon import passt
 
 BIN = Path(sys.executable).parent
 PHASES = ("daemon", "spawn", "firmware", "kernel", "userspace")
@@ -78,7 +79,7 @@ def configurations(memory: str, scratch: str) -> dict[str, str]:
     }
     if os.geteuid() == 0:
         configs["+nic"] = plain + '\n[network]\nmode = "tap"\n'
-    if shutil.which("passt"):
+    if passt.available():
         configs["+passt"] = plain + '\n[network]\nmode = "passt"\n'
     return configs
 

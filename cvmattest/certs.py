@@ -60,19 +60,34 @@ class CertificateError(UsageError):
     """A certificate that cannot be read (not PEM, not DER, or refused by the library)."""
 
 
+#: What cryptography raises for a malformed certificate, at load or (it parses lazily) when
+#: a field is first read: ValueError for ASN.1 errors, InvalidVersion for a version field
+#: that is not v1-v3, DuplicateExtension for an extension listed twice, TypeError for a
+#: name attribute of the wrong string type (all found by benchmarks/fuzz.py).
+_MALFORMED = (ValueError, TypeError, x509.InvalidVersion, x509.DuplicateExtension)
+
+
 def load_certificate(data: bytes, source: str = "certificate") -> x509.Certificate:
-    """Load one certificate from DER or PEM; AMD's serial-0 warning is expected and silenced."""
+    """Load one certificate from DER or PEM; AMD's serial-0 warning is expected and silenced.
+
+    The fields every caller reads (subject, issuer, extensions) are parsed here, so that a
+    malformed certificate is a :class:`CertificateError` at load and never an undocumented
+    exception later, wherever it is first read.
+    """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SERIAL_WARNING, category=CryptographyDeprecationWarning)
         try:
             if data.lstrip().startswith(b"-----BEGIN"):
-                return x509.load_pem_x509_certificate(data)
-            return x509.load_der_x509_certificate(data)
-        except ValueError as exc:
+                cert = x509.load_pem_x509_certificate(data)
+            else:
+                cert = x509.load_der_x509_certificate(data)
+            cert.subject, cert.issuer, cert.extensions  # noqa: B018 (parsed now, not on first use)
+        except _MALFORMED as exc:
             hint = " (AMD certificates have serial number 0, which this cryptography may refuse)"
             raise CertificateError(
                 f"{source}: not a certificate: {exc}{hint if 'serial' in str(exc) else ''}"
             ) from exc
+    return cert
 
 
 def load_certificates(data: bytes, source: str = "certificate file") -> list[x509.Certificate]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -48,6 +47,7 @@ from cvmcore.defaults import state_dir
 from cvmcore.errors import ConnectError, CvmError, DeadlineExceeded, UsageError
 from cvmcore.tee import tee_name
 from cvmctl.targets import BuiltinTarget
+from host_daemon import passt
 from host_daemon.netns import GuestNetwork, can_make_tap, network_from_argv
 from workloads import catalogue
 from workloads.capabilities import ICMP, SCRATCH_DISK, TCP, UDP, VM, Capabilities, WorkloadRefused, refusal
@@ -226,7 +226,7 @@ def builtin_network() -> BuiltinNetwork:
         raise UsageError(f"${defaults.NETWORK_ENV}={chosen!r}: expected tap, passt or user")
     if can_make_tap():
         return "tap"
-    return "passt" if shutil.which("passt") else "user"
+    return "passt" if passt.available() else "user"
 
 
 class VMTarget:

@@ -98,6 +98,11 @@ def passt_argv(
     return argv
 
 
+def available() -> bool:
+    """Whether passt is installed (the rootless path with UDP can be built here)."""
+    return shutil.which("passt") is not None
+
+
 def passt_binary() -> str:
     """The passt executable, or :class:`HostNotReady` (before QEMU) saying how to get it."""
     found = shutil.which("passt")
@@ -106,17 +111,11 @@ def passt_binary() -> str:
     return found
 
 
-def stale_files(run_dir: Path) -> list[Path]:
-    """What a previous boot's passt may have left in ``run_dir``; removed before a start."""
-    return [run_dir / SOCKET]
-
-
 async def start(run_dir: Path, forwards: Iterable[HostForward]) -> proc.Spawned:
     """Start passt for the VM in ``run_dir`` and wait until its socket exists (QEMU connects
     to it at start and fails if it is not there)."""
     argv = passt_argv(run_dir, forwards, (os.geteuid(), os.getegid()), passt_binary())
-    for stale in stale_files(run_dir):
-        stale.unlink(missing_ok=True)
+    (run_dir / SOCKET).unlink(missing_ok=True)  # a previous boot's
     try:
         helper = proc.spawn(argv, run_dir / LOG)
     except OSError as exc:

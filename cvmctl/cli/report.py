@@ -31,7 +31,7 @@ from workloads.store import Store, iter_ids
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser(
         "report",
-        help="draw figures (PNG and SVG) from stored runs",
+        help="draw figures (PNG, SVG) or one HTML page (--html) from runs or a campaign",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

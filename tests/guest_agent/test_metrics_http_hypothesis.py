@@ -56,7 +56,11 @@ def status_of(reply: bytes) -> int:
 @given(st.binary(max_size=2 * MAX_REQUEST_HEAD))
 def test_request_line_of_any_bytes(head: bytes) -> None:
     parsed = parse_request_line(head)
-    assert parsed is None or all(isinstance(part, str) for part in parsed)
+    assert parsed is None or (
+        isinstance(parsed.method, str)
+        and isinstance(parsed.path, str)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in parsed.headers.items())
+    )
 
 
 @SETTINGS

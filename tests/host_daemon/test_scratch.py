@@ -216,10 +216,12 @@ async def test_the_daemon_makes_it_at_start_and_removes_it_when_qemu_ends(tmp_pa
         assert disk.stat().st_size == 64 * MIB
         assert f"file={disk},if=none,id=scratch,format=raw" in " ".join(record.qemu_argv)
         assert any(f"serial={SCRATCH_SERIAL}" in a for a in record.qemu_argv)
+        seen = tmp_path / "seen"
         with trio.fail_after(10):
-            while not (tmp_path / "seen").exists():  # noqa: ASYNC110 (a file from another process)
+            # The fake QEMU's shell creates the file, then writes the line: wait for the line.
+            while not (seen.exists() and seen.read_text().endswith("\n")):  # noqa: ASYNC110
                 await trio.sleep(0.02)
-        assert (tmp_path / "seen").read_text() == f"{disk}\n"  # there before QEMU ran
+        assert seen.read_text() == f"{disk}\n"  # there before QEMU ran
 
         await manager.kill("s")
         assert manager.get("s").state is VMState.STOPPED

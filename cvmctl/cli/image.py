@@ -38,7 +38,7 @@ CACHE_HELP = "$XDG_CACHE_HOME/cvmctl/dev-guest"
 EXAMPLES = """\
 examples:
   cvmctl image build
-  cvmctl image build debian          # Debian 12 + systemd + the agent's unit (root; ~10 min once)
+  cvmctl image build debian          # Debian 12 + systemd + the agent's unit (root; minutes once)
   cvmctl image build --json --agent /opt/cvmctl/bin/cvm-agent
   cvmctl image clean
 
@@ -60,9 +60,11 @@ def default_agent() -> str:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser(
         "image",
-        help="build the built-in dev guest (kernel + initramfs)",
-        description="Build and cache the dev guest: Debian's backports kernel, busybox-static and an "
-        "/init that boots the host's root over 9p and runs the agent.",
+        help="build the guest images (dev: kernel + initramfs; debian: a systemd disk image)",
+        description="Build and cache the guest images. dev: Debian's backports kernel, busybox-static "
+        "and an /init that boots the host's root over 9p and runs the agent. debian: a Debian 12 "
+        "system under systemd with cvmctl installed from this checkout's wheel and the agent "
+        "started by cvm-agent.service (docs/debian-guest.md).",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

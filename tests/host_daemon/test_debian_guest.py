@@ -48,7 +48,7 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
 
 
 BIN = Path(sys.executable).parent
-BUILD_TIMEOUT = 1800.0  # a first build here: ~5-10 min; a cached one: a second
+BUILD_TIMEOUT = 1800.0  # a first build here: 1-6 min; a cached one: seconds
 START_WAIT = 600.0  # TCG boot of a systemd guest on a loaded 2-core machine
 PROBE_WAIT = 600.0
 

@@ -10,8 +10,8 @@ a line starting with ``.`` or ``'`` gets a ``\\&`` in front, ``-`` in option nam
 ``\\-``). Nothing here reads the clock: the date in ``.TH`` is the caller's, so the same
 parser gives the same bytes.
 
-``cvmctl image build debian`` installs the pages in the guest; ``python -m cvmctl.manpages DIR``
-writes them anywhere (e.g. for a host package).
+``cvmctl image build debian`` installs the pages in the guest; ``python -m cvmctl.manpages
+MAN_DIR`` writes them into any man tree (``/usr/local/share/man`` on a host).
 """
 
 from __future__ import annotations
@@ -153,26 +153,32 @@ def render(program: str, section: int, summary: str, parser: argparse.ArgumentPa
     return "\n".join(out) + "\n"
 
 
-def write_pages(directory: Path) -> list[Path]:
-    """Write ``<program>.<section>`` for each of :data:`PAGES` into ``directory``; the files."""
-    directory.mkdir(parents=True, exist_ok=True)
+def write_pages(man_dir: Path) -> list[Path]:
+    """Write each of :data:`PAGES` as ``man_dir/man<section>/<program>.<section>`` (a man tree,
+    as man-db's search path has them: ``/usr/local/share/man`` is on its default path); the files.
+    """
     written = []
     for program, section, summary in PAGES:
-        path = directory / f"{program}.{section}"
+        path = man_dir / f"man{section}" / f"{program}.{section}"
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(render(program, section, summary, parser_for(program)))
         written.append(path)
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = argv if argv is not None else sys.argv[1:]
-    if len(args) != 1 or args[0].startswith("-"):
-        print(
-            "usage: python -m cvmctl.manpages DIR  (writes cvmctl.1, cvm-agent.8, cvm-hostd.8)",
-            file=sys.stderr,
-        )
-        return 2
-    for path in write_pages(Path(args[0])):
+    parser = argparse.ArgumentParser(
+        prog="python -m cvmctl.manpages",
+        description="Write the man pages cvmctl(1), cvm-agent(8) and cvm-hostd(8), generated from "
+        "the programs' own parsers, into a man tree: MAN_DIR/man1 and MAN_DIR/man8. The units' "
+        "Documentation= lines name them; the Debian guest image has them already.",
+        epilog="example (a host running cvm-hostd.service):\n"
+        "  sudo .venv/bin/python -m cvmctl.manpages /usr/local/share/man && man cvm-hostd",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("man_dir", metavar="MAN_DIR", type=Path, help="the root of a man tree")
+    args = parser.parse_args(argv)
+    for path in write_pages(args.man_dir):
         print(path)
     return 0
 

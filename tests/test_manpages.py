@@ -39,7 +39,7 @@ def test_escape() -> None:
 def test_man_renders_the_agent_page(tmp_path: Path) -> None:
     assert main([str(tmp_path)]) == 0
     out = subprocess.run(
-        ["man", "-l", "-P", "cat", str(tmp_path / "cvm-agent.8")],
+        ["man", "-M", str(tmp_path), "-P", "cat", "cvm-agent"],  # by name, as Documentation= has it
         capture_output=True,
         text=True,
         timeout=60,

@@ -31,6 +31,7 @@ import pytest
 
 from tests.host_daemon import test_lifecycle
 from tests.host_daemon.test_lifecycle import Daemon, _missing
+from workloads.runner import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +70,17 @@ systemd-analyze blame 2>&1 | head -n 8 | each blame
 man_ok=missing
 man -P cat cvm-agent 2>/dev/null | grep -q 'cvm-agent - the cvmctl guest agent' && man_ok=ok
 say "man $man_ok"
+# Idle polling's files as the agent's sandbox has them (its mount namespace, where /sys is
+# read-only): each is written with the value it holds, a no-op for the kernel.
+pid=$(systemctl show -P MainPID cvm-agent.service)
+for f in /sys/devices/system/cpu/cpuidle/current_governor \
+         /sys/module/haltpoll/parameters/guest_halt_poll_ns; do
+    if [ ! -e "$f" ]; then say "writable $f absent"
+    elif err=$(nsenter -t "$pid" -m sh -c "v=\$(cat $f) && echo \$v > $f" 2>&1); then say "writable $f yes"
+    else say "writable $f no: $err (outside: $(sh -c "v=\$(cat $f) && echo \$v > $f" 2>&1 && echo ok)," \
+        "mount: $(findmnt -N "$pid" -n -o TARGET,OPTIONS -T "$f"))"; fi
+done
+say "sys-options $(findmnt -N "$pid" -n -o OPTIONS -T /sys/kernel | cut -d, -f1)"
 # After the host's second idle-polling apply (with haltpoll, the agent's state file holds
 # the originals): kill the agent hard.
 applied() { journalctl -b -u cvm-agent.service -o cat | grep -c idle_polling_applied; }
@@ -143,7 +155,8 @@ def test_debian_guest_under_its_unit(debian_image: dict[str, Any], daemon: Daemo
     spec = tmp_path / "deb.toml"
     spec.write_text(
         'name = "deb"\nimage = "debian"\nvcpus = 1\nmemory = "1G"\n'
-        '[network]\nmode = "user"\nforwards = [{ host_port = 18080, guest_port = 8080 }]\n'
+        # A port free now, not a fixed one: another checkout's tests may run beside these.
+        f'[network]\nmode = "user"\nforwards = [{{ host_port = {free_port()}, guest_port = 8080 }}]\n'
         f'[[disk]]\npath = "{probe}"\nreadonly = true\n'
         f'[boot]\ncmdline = "{PROBE_CMDLINE}"\n'
     )
@@ -160,6 +173,13 @@ def test_debian_guest_under_its_unit(debian_image: dict[str, Any], daemon: Daemo
     assert wait_probe(daemon, "deb", "multi-user") == "multi-user active"
     assert wait_probe(daemon, "deb", "agent ") == "agent active type=notify"
     assert wait_probe(daemon, "deb", "man ") == "man ok"
+    # Idle polling's sysfs files are writable inside the agent's sandbox, /sys around them is not.
+    for path in (
+        "/sys/devices/system/cpu/cpuidle/current_governor",
+        "/sys/module/haltpoll/parameters/guest_halt_poll_ns",
+    ):
+        assert wait_probe(daemon, "deb", f"writable {path}") == f"writable {path} yes"
+    assert wait_probe(daemon, "deb", "sys-options") == "sys-options ro"
     security = wait_probe(daemon, "deb", "security")
     score = float(re.search(r"(\d+\.\d+)", security).group(1))  # type: ignore[union-attr]
     print(f"\nsystemd-analyze security cvm-agent.service: {security}")

@@ -65,7 +65,13 @@ from host_daemon.qmp import EventListener, QMPClient, QMPError, connect_qmp
 from host_daemon.scratch import create_scratch, remove_scratch, remove_stale_scratch
 from host_daemon.spec import SpecError, VMSpec, parse_spec
 from host_daemon.store import VMRecord, VMState, VMStore, now
-from host_daemon.vsock_backend import BACKEND_SOCKET, free_cid, stale_sockets, start_vhost_device_vsock
+from host_daemon.vsock_backend import (
+    BACKEND_SOCKET,
+    free_cid,
+    stale_sockets,
+    start_vhost_device_vsock,
+    wait_vhost_started,
+)
 from host_daemon.vsock_backend import agent_address as vsock_agent_address
 
 log = structlog.get_logger("host_daemon.vms")
@@ -102,6 +108,19 @@ class LiveVM:
     netns: str = ""  # the network namespace the daemon made for the tap path: deleted on exit
     exited: trio.Event = field(default_factory=trio.Event)
     boot_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+@dataclass
+class AgentDials:
+    """How the boot's dials to the agent went: what a boot that never became ready reports."""
+
+    attempts: int = 0
+    last_error: str = ""
+
+    def describe(self) -> str:
+        if not self.last_error:
+            return f"the agent was dialled {self.attempts} time(s)"
+        return f"{self.attempts} dial(s) to the agent failed, the last with: {self.last_error}"
 
 
 def _daemon_host_facts(qemu_binary: str) -> HostFacts:
@@ -396,6 +415,7 @@ class VMManager:
         self, live: LiveVM, requested_at: float, spawned_at: float, console: Path, agent_address: str
     ) -> None:
         clock = BootClock(requested_at, spawned_at)
+        dials = AgentDials()
 
         def record_phase(name: str) -> None:
             clock.phase(name)
@@ -431,7 +451,9 @@ class VMManager:
                             record_phase("kernel")
                             break
                     if agent_address:
-                        await self._wait_for_agent(agent_address)
+                        if agent_address.startswith("hvsock://") and live.qmp is not None:
+                            await wait_vhost_started(live.qmp)
+                        await self._wait_for_agent(agent_address, dials)
                         clock.mark("agent")
                         record_phase("userspace")
                         reason = "the agent answers health"
@@ -444,7 +466,9 @@ class VMManager:
                     self._save(
                         record.with_state(
                             VMState.STARTING,
-                            f"not ready after {self.boot_seconds:g} s: see {console} "
+                            f"not ready after {self.boot_seconds:g} s"
+                            + (f" ({dials.describe()})" if dials.attempts else "")
+                            + f": see {console} "
                             '(under KVM on a nested host, try accel = "tcg")',
                         )
                     )
@@ -498,7 +522,9 @@ class VMManager:
             if record.agent_address:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(watch_console)
-                    await self._wait_for_agent(record.agent_address)
+                    if record.agent_address.startswith("hvsock://") and live.qmp is not None:
+                        await wait_vhost_started(live.qmp)
+                    await self._wait_for_agent(record.agent_address, AgentDials())
                     clock.mark("agent")
                     nursery.cancel_scope.cancel()
                 clock.phase("userspace")
@@ -605,19 +631,24 @@ class VMManager:
         if record.state is VMState.STARTING:
             self._save(record.with_state(VMState.RUNNING, reason))
 
-    async def _wait_for_agent(self, agent_address: str) -> None:
+    async def _wait_for_agent(self, agent_address: str, dials: AgentDials) -> None:
         """Until the agent answers health. Attempts back off from 50 ms to 0.5 s: a VMM's
         vsock backend sees every refused attempt, and a guest importing Python over 9p under
-        TCG takes seconds to listen."""
+        TCG takes seconds to listen. ``dials`` keeps the count and the last failure, for the
+        reason of a boot that times out (a guest still booting refuses or resets each dial;
+        a vsock backend that stopped serving leaves each one unanswered)."""
         address = parse_address(agent_address)
         pause = 0.05
         while True:
+            dials.attempts += 1
             try:
                 async with connect(address, timeout=2) as client:
-                    if await client.health() == "SERVING":
+                    status = await client.health()
+                    if status == "SERVING":
                         return
-            except CvmError:
-                pass
+                    dials.last_error = f"health says {status}"
+            except CvmError as exc:
+                dials.last_error = str(exc)[:300]
             await trio.sleep(pause)
             pause = min(pause * 1.5, 0.5)
 

@@ -11,6 +11,19 @@ Two ways to give a guest a vsock device (see :mod:`host_daemon.accel` for which 
     guest's ports on a unix socket with Firecracker's hybrid-vsock handshake
     (``CONNECT PORT``), dialled as ``hvsock:///run_dir/vm.vsock:PORT``. Each VM has its own
     backend, so the guest CID (3) need not be unique.
+
+Dialling a vhost-user-vsock backend too early
+---------------------------------------------
+``vhost-device-vsock`` 0.3.0 (the Debian package) handles each host connection as an event of
+its one worker thread. An event that comes after QEMU has handed it the guest's memory but
+before the guest's driver has its queues ready makes the worker fail on the not-ready queue;
+the thread ends, silently, and from then on no host connection is accepted: the agent answers
+inside the guest while every dial from the host hangs (reproduced here by dialling in a tight
+loop during boots: one boot in six; at the daemon's own pace, about one boot in eighty).
+Later upstream versions check the queue's readiness first. The daemon therefore dials only
+after QEMU reports the device's vhost back end started (:func:`wait_vhost_started`: QMP
+``x-query-virtio-status``, member ``vhost-started``, QEMU >= 7.2), which happens when the
+guest's driver sets DRIVER_OK, after its queues are set up.
 """
 
 from __future__ import annotations
@@ -26,8 +39,12 @@ from cvmcore.defaults import AGENT_VSOCK_PORT
 from cvmcore.errors import CvmError, UsageError
 from host_daemon import process as proc
 from host_daemon.boottiming import tail_lines
+from host_daemon.qmp import CommandNotFound, QMPClient
 
 FIRST_GUEST_CID: Final = 3
+#: After QEMU reports the vhost device started, before the first dial: the backend may still be
+#: reading the last vhost-user messages QEMU sent without waiting for a reply.
+VHOST_START_SETTLE_SECONDS: Final = 0.25
 BACKEND_SOCKET: Final = "vhost-user.sock"
 HYBRID_SOCKET: Final = "vm.vsock"
 SOCKET_WAIT_SECONDS: Final = 10.0
@@ -82,3 +99,24 @@ async def start_vhost_device_vsock(run_dir: Path) -> proc.Spawned:
         detail = " ".join(tail_lines(run_dir / "vhost-device-vsock.log", 3))
         raise CvmError(f"vhost-device-vsock did not create its socket: {detail}")
     return helper
+
+
+async def wait_vhost_started(qmp: QMPClient, poll: float = 0.05) -> bool:
+    """Until QEMU reports the vsock device's vhost back end started (see the module doc).
+
+    False, at once, where this QEMU cannot say (no ``x-query-virtio``, an unstable command,
+    or no vsock device): the caller then dials as before. The caller's deadline bounds the wait.
+    """
+    try:
+        devices = await qmp.execute("x-query-virtio")
+    except CommandNotFound:
+        return False
+    paths = [d.get("path", "") for d in devices if "vsock" in str(d.get("name", ""))]
+    if not paths:
+        return False
+    while True:
+        status = await qmp.execute("x-query-virtio-status", {"path": paths[0]})
+        if status.get("vhost-started"):
+            await trio.sleep(VHOST_START_SETTLE_SECONDS)
+            return True
+        await trio.sleep(poll)

@@ -54,7 +54,7 @@ from host_daemon.devguest.build import cache_key, record_json
 
 #: The installable packages of the checkout; the wheel is built from these and pyproject.toml.
 SOURCE_PACKAGES = ("cvm", "cvmcore", "cvmattest", "workloads", "guest_agent", "host_daemon", "cvmctl")
-UNIT_FILES = ("cvm-agent.service",)
+UNIT_FILES = ("cvm-agent.service", "cvm-scratch.service")
 CURRENT = "current"
 GUEST_PYTHON = "3.11"  # Debian 12's python3
 # Debian 12's glibc is 2.36: a wheel for any older manylinux fits. pip does not widen a

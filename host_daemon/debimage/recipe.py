@@ -40,8 +40,10 @@ BASE_PACKAGES = (
     "python3",
     "python3-venv",  # /opt/cvmctl is a venv, as the unit's comment tells users to make it
     "man-db",  # `man cvm-agent`: the unit's Documentation=
+    "e2fsprogs",  # mkfs.ext4 for the scratch disk (cvm-scratch.service)
 )
-"""The system: init, the kernel's module loader and initramfs, Python for the agent, man."""
+"""The system: init, the kernel's module loader and initramfs, Python for the agent, man, and
+the file system tools for the scratch disk."""
 
 WORKLOAD_PACKAGES = (
     "nginx",
@@ -120,7 +122,12 @@ BLACKLISTED_MODULES = (
 """Drivers udev would load for QEMU's q35 board (SATA, SMBus, watchdog, VGA, input) that a guest
 reached over virtio never uses (modprobe.d(5) ``blacklist``: no loading by alias)."""
 
-SERVICES_ON = ("cvm-agent.service", "systemd-networkd.service", "systemd-network-generator.service")
+SERVICES_ON = (
+    "cvm-agent.service",
+    "cvm-scratch.service",  # wanted by the scratch disk's device: runs only in a VM that has one
+    "systemd-networkd.service",
+    "systemd-network-generator.service",
+)
 
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
 """What the initrd needs to mount the root (their dependencies come along: initramfs-tools'

@@ -81,6 +81,7 @@ for f in /sys/devices/system/cpu/cpuidle/current_governor \
         "mount: $(findmnt -N "$pid" -n -o TARGET,OPTIONS -T "$f"))"; fi
 done
 say "sys-options $(findmnt -N "$pid" -n -o OPTIONS -T /sys/kernel | cut -d, -f1)"
+say "scratch $(systemctl is-active cvm-scratch.service) $(findmnt -n -o FSTYPE,SOURCE /scratch)"
 # After the host's second idle-polling apply (with haltpoll, the agent's state file holds
 # the originals): kill the agent hard.
 applied() { journalctl -b -u cvm-agent.service -o cat | grep -c idle_polling_applied; }
@@ -158,6 +159,7 @@ def test_debian_guest_under_its_unit(debian_image: dict[str, Any], daemon: Daemo
         # A port free now, not a fixed one: another checkout's tests may run beside these.
         f'[network]\nmode = "user"\nforwards = [{{ host_port = {free_port()}, guest_port = 8080 }}]\n'
         f'[[disk]]\npath = "{probe}"\nreadonly = true\n'
+        '[scratch]\nsize = "1G"\n'
         f'[boot]\ncmdline = "{PROBE_CMDLINE}"\n'
     )
     created = daemon.cvmctl("vm", "create", "-f", str(spec), "--json")
@@ -217,6 +219,24 @@ def test_debian_guest_under_its_unit(debian_image: dict[str, Any], daemon: Daemo
         "bench", "nginx", "--target", "vm:deb", "--duration", "3", "--repeat", "2", timeout=600
     )
     assert nginx.returncode == 0, nginx.stderr + nginx.stdout
+    # The scratch disk: cvm-scratch.service made an ext4 on it at /scratch, where fio runs.
+    assert wait_probe(daemon, "deb", "scratch").split()[:4] == ["scratch", "active", "ext4", "/dev/vdc"]
+    fio = daemon.cvmctl(
+        "bench",
+        "fio",
+        "--target",
+        "vm:deb",
+        "--duration",
+        "1",
+        "--repeat",
+        "1",
+        "--warmup",
+        "0",
+        "--param",
+        "size_mb=16",
+        timeout=600,
+    )
+    assert fio.returncode == 0, fio.stderr + fio.stdout
     vmexit = daemon.cvmctl("bench", "vmexit", "--target", "vm:deb", "--repeat", "1", timeout=600)
     assert vmexit.returncode == 0, vmexit.stderr + vmexit.stdout
     assert "cpuid" in vmexit.stdout

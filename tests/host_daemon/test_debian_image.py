@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cvmcore.defaults import GUEST_SCRATCH_DIR, SCRATCH_SERIAL
 from host_daemon.debimage import (
     ImageBuildError,
     Recipe,
@@ -16,8 +17,8 @@ from host_daemon.debimage import (
     load_image,
     mmdebstrap_argv,
 )
-from host_daemon.debimage.build import current_image, source_files, source_tree
-from host_daemon.debimage.recipe import KERNEL_PACKAGE, LEFT_OUT_OF_IMAGE, WORKLOAD_PACKAGES
+from host_daemon.debimage.build import UNIT_FILES, current_image, source_files, source_tree
+from host_daemon.debimage.recipe import KERNEL_PACKAGE, LEFT_OUT_OF_IMAGE, SERVICES_ON, WORKLOAD_PACKAGES
 from host_daemon.devguest.build import cache_key
 from host_daemon.qemu_args import Runtime, build_qemu_argv
 from host_daemon.spec import SpecError, parse_spec
@@ -139,3 +140,18 @@ def test_missing_images_are_clear_errors(tmp_path: Path) -> None:
         current_image(tmp_path)
     with pytest.raises(ImageBuildError, match="not a built Debian guest image"):
         load_image(tmp_path)
+
+
+def test_the_scratch_unit_mounts_the_disk_the_daemon_attaches() -> None:
+    """systemd/cvm-scratch.service names the daemon's serial and the guest directory the
+    workloads are told (cvmcore.defaults), and is wanted by that disk's device unit."""
+    text = (REPO_ROOT / "systemd" / "cvm-scratch.service").read_text()
+    by_id = f"/dev/disk/by-id/virtio-{SCRATCH_SERIAL}"
+    # systemd.unit(5) path escaping: "/" -> "-", "-" -> "\x2d", the leading "/" dropped
+    device = by_id.strip("/").replace("-", "\\x2d").replace("/", "-") + ".device"
+    assert f"mkfs.ext4 -q -F -E lazy_itable_init=1,lazy_journal_init=1 {by_id}" in text
+    assert f"mount -t ext4 {by_id} {GUEST_SCRATCH_DIR}" in text
+    for key in ("BindsTo", "After", "WantedBy"):
+        assert f"{key}={device}" in text
+    assert "cvm-scratch.service" in UNIT_FILES and "cvm-scratch.service" in SERVICES_ON
+    assert "e2fsprogs" in Recipe().packages

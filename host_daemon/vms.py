@@ -116,8 +116,14 @@ class AgentDials:
 
     attempts: int = 0
     last_error: str = ""
+    waiting: str = ""  # what the boot waits for before its first dial, while it waits
 
     def describe(self) -> str:
+        """ "" when the boot never came to its dials (a timeout before the kernel ran init)."""
+        if self.waiting:
+            return self.waiting
+        if not self.attempts:
+            return ""
         if not self.last_error:
             return f"the agent was dialled {self.attempts} time(s)"
         return f"{self.attempts} dial(s) to the agent failed, the last with: {self.last_error}"
@@ -452,7 +458,11 @@ class VMManager:
                             break
                     if agent_address:
                         if agent_address.startswith("hvsock://") and live.qmp is not None:
+                            dials.waiting = (
+                                "the guest's vsock device never started: is its virtio-vsock driver loaded?"
+                            )
                             await wait_vhost_started(live.qmp)
+                            dials.waiting = ""
                         await self._wait_for_agent(agent_address, dials)
                         clock.mark("agent")
                         record_phase("userspace")
@@ -467,7 +477,7 @@ class VMManager:
                         record.with_state(
                             VMState.STARTING,
                             f"not ready after {self.boot_seconds:g} s"
-                            + (f" ({dials.describe()})" if dials.attempts else "")
+                            + (f" ({why})" if (why := dials.describe()) else "")
                             + f": see {console} "
                             '(under KVM on a nested host, try accel = "tcg")',
                         )

@@ -39,12 +39,13 @@ from cvmcore.defaults import AGENT_VSOCK_PORT
 from cvmcore.errors import CvmError, UsageError
 from host_daemon import process as proc
 from host_daemon.boottiming import tail_lines
-from host_daemon.qmp import CommandNotFound, QMPClient
+from host_daemon.qmp import QMPClient, QMPError
 
 FIRST_GUEST_CID: Final = 3
 #: After QEMU reports the vhost device started, before the first dial: the backend may still be
 #: reading the last vhost-user messages QEMU sent without waiting for a reply.
 VHOST_START_SETTLE_SECONDS: Final = 0.25
+QMP_DEADLINE_SECONDS: Final = 5.0
 BACKEND_SOCKET: Final = "vhost-user.sock"
 HYBRID_SOCKET: Final = "vm.vsock"
 SOCKET_WAIT_SECONDS: Final = 10.0
@@ -104,19 +105,25 @@ async def start_vhost_device_vsock(run_dir: Path) -> proc.Spawned:
 async def wait_vhost_started(qmp: QMPClient, poll: float = 0.05) -> bool:
     """Until QEMU reports the vsock device's vhost back end started (see the module doc).
 
-    False, at once, where this QEMU cannot say (no ``x-query-virtio``, an unstable command,
-    or no vsock device): the caller then dials as before. The caller's deadline bounds the wait.
+    False, at once, where this QEMU cannot say (no ``x-query-virtio``, an unstable command, no
+    vsock device, no ``vhost-started`` member) or QMP fails meanwhile (QEMU exiting, a reply
+    late on a loaded host): the caller then dials as before, and the exit task tells the rest.
+    The caller's deadline bounds the wait.
     """
     try:
-        devices = await qmp.execute("x-query-virtio")
-    except CommandNotFound:
+        devices = await qmp.execute("x-query-virtio", deadline=QMP_DEADLINE_SECONDS)
+        paths = [d.get("path", "") for d in devices if "vsock" in str(d.get("name", ""))]
+        if not paths:
+            return False
+        while True:
+            status = await qmp.execute(
+                "x-query-virtio-status", {"path": paths[0]}, deadline=QMP_DEADLINE_SECONDS
+            )
+            if "vhost-started" not in status:
+                return False
+            if status["vhost-started"]:
+                await trio.sleep(VHOST_START_SETTLE_SECONDS)
+                return True
+            await trio.sleep(poll)
+    except (QMPError, AttributeError, TypeError):  # AttributeError, TypeError: an unexpected reply shape
         return False
-    paths = [d.get("path", "") for d in devices if "vsock" in str(d.get("name", ""))]
-    if not paths:
-        return False
-    while True:
-        status = await qmp.execute("x-query-virtio-status", {"path": paths[0]})
-        if status.get("vhost-started"):
-            await trio.sleep(VHOST_START_SETTLE_SECONDS)
-            return True
-        await trio.sleep(poll)

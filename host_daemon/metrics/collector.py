@@ -381,6 +381,11 @@ class HostCollector(Collector):
         with state.agent_scope:
             while True:
                 started = trio.current_time()
+                if state.view.state == "starting":
+                    # The boot task dials the agent once the guest's vsock device has started; a
+                    # dial before that can wedge vhost-device-vsock (host_daemon.vsock_backend).
+                    await trio.sleep_until(started + self.guest_interval)
+                    continue
                 try:
                     async with self._agent_session(state.view.agent_address, self.agent_timeout) as fetch:
                         while True:

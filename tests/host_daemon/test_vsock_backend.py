@@ -42,6 +42,25 @@ async def test_waits_until_the_vhost_back_end_started(tmp_path: Path) -> None:
     assert asked[1]["arguments"] == {"path": DEVICES[1]["path"]}
 
 
+async def test_qmp_trouble_means_dialling_as_before(tmp_path: Path) -> None:
+    """A reply without the member, or a QMP error other than a missing command: not waited for."""
+
+    async def script(peer: Peer) -> None:
+        await peer.handshake()
+        await peer.reply(DEVICES)
+        await peer.reply({"name": "vhost-vsock", "started": True})  # no vhost-started
+        await peer.reply(DEVICES)
+        cmd = await peer.recv()
+        await peer.send({"error": {"class": "GenericError", "desc": "Path not found"}, "id": cmd["id"]})
+        await peer.reply([{"name": "vhost-vsock"}, "not a mapping"])
+        await trio.sleep_forever()
+
+    async with fake_qmp(tmp_path, script) as path, open_qmp(path, deadline=5) as qmp:
+        with trio.fail_after(5):
+            for _ in range(3):
+                assert await wait_vhost_started(qmp) is False
+
+
 async def test_a_qemu_that_cannot_say_is_not_waited_for(tmp_path: Path) -> None:
     async def script(peer: Peer) -> None:
         await peer.handshake()
@@ -65,6 +84,11 @@ async def test_a_qemu_that_cannot_say_is_not_waited_for(tmp_path: Path) -> None:
 
 
 def test_a_boot_that_times_out_says_how_its_dials_went() -> None:
+    assert AgentDials().describe() == ""  # it never came to dial: the reason adds nothing
+    assert (
+        "vsock device never started"
+        in AgentDials(waiting="the guest's vsock device never started").describe()
+    )
     dials = AgentDials()
     dials.attempts, dials.last_error = 87, "hvsock:///run/vm.vsock:1024: no answer within 2 s"
     assert dials.describe() == (

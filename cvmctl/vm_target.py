@@ -156,13 +156,13 @@ def spec_capabilities(spec: VMSpec, name: str) -> Capabilities:
     offered, lacking = network_capabilities(spec.network.mode, name)
     offered[VM] = "the host daemon and the VM's agent"
     scratch = spec.scratch
-    if scratch is not None and spec.image:
+    if scratch is not None and spec.image in ("dev", "debian"):
         # The dev guest's /init and the Debian image's cvm-scratch.service mount it.
         offered[SCRATCH_DISK] = GUEST_SCRATCH_DIR
     elif scratch is not None:
         lacking[SCRATCH_DISK] = (
-            f"target {name} has a scratch disk, but only cvmctl's guest images are known to mount it"
-            f' (at {GUEST_SCRATCH_DIR}; image = "dev" or "debian", or install systemd/cvm-scratch.service)'
+            f'target {name} has a scratch disk, but only the images "dev" and "debian" are known to '
+            f"mount it (at {GUEST_SCRATCH_DIR}, by the dev guest's /init and systemd/cvm-scratch.service)"
         )
     elif spec.image == "dev":
         lacking[SCRATCH_DISK] = (

@@ -81,7 +81,8 @@ for f in /sys/devices/system/cpu/cpuidle/current_governor \
         "mount: $(findmnt -N "$pid" -n -o TARGET,OPTIONS -T "$f"))"; fi
 done
 say "sys-options $(findmnt -N "$pid" -n -o OPTIONS -T /sys/kernel | cut -d, -f1)"
-say "scratch $(systemctl is-active cvm-scratch.service) $(findmnt -n -o FSTYPE,SOURCE /scratch)"
+say "scratch $(systemctl is-active cvm-scratch.service) $(findmnt -n -o FSTYPE,SOURCE /scratch)" \
+    "$(readlink -f /dev/disk/by-id/virtio-cvm-scratch)"
 # After the host's second idle-polling apply (with haltpoll, the agent's state file holds
 # the originals): kill the agent hard.
 applied() { journalctl -b -u cvm-agent.service -o cat | grep -c idle_polling_applied; }
@@ -175,7 +176,7 @@ def test_debian_guest_under_its_unit(debian_image: dict[str, Any], daemon: Daemo
     assert wait_probe(daemon, "deb", "multi-user") == "multi-user active"
     assert wait_probe(daemon, "deb", "agent ") == "agent active type=notify"
     assert wait_probe(daemon, "deb", "man ") == "man ok"
-    # Idle polling's sysfs files are writable inside the agent's sandbox, /sys around them is not.
+    # Idle polling's sysfs files are writable in the agent's mount namespace, /sys around them is not.
     for path in (
         "/sys/devices/system/cpu/cpuidle/current_governor",
         "/sys/module/haltpoll/parameters/guest_halt_poll_ns",
@@ -220,7 +221,8 @@ def test_debian_guest_under_its_unit(debian_image: dict[str, Any], daemon: Daemo
     )
     assert nginx.returncode == 0, nginx.stderr + nginx.stdout
     # The scratch disk: cvm-scratch.service made an ext4 on it at /scratch, where fio runs.
-    assert wait_probe(daemon, "deb", "scratch").split()[:4] == ["scratch", "active", "ext4", "/dev/vdc"]
+    scratch = wait_probe(daemon, "deb", "scratch").split()
+    assert scratch[:3] == ["scratch", "active", "ext4"] and scratch[3] == scratch[4], scratch
     fio = daemon.cvmctl(
         "bench",
         "fio",

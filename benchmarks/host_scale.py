@@ -60,6 +60,7 @@ from host_daemon.metrics.state import VMView
 from host_daemon.qmp import open_qmp
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the test bed lives with the tests (the fake QMP fleet, the agent's argv)
 SNP_TREE = REPO / "tests" / "fixtures" / "sysroots" / "snp-guest"
 BIN = Path(sys.executable).parent
 QEMU_ARGS = ("-S", "-nodefaults", "-display", "none", "-accel", "tcg", "-m", "64", "-smp", "2")
@@ -110,18 +111,11 @@ def start_fleet(directory: Path, count: int) -> tuple[subprocess.Popen[str], int
 
 
 def start_agent(directory: Path, index: int) -> tuple[subprocess.Popen[bytes], Path]:
+    from tests.spine.agent_fixtures import agent_argv
+
     sock = directory / f"agent{index}.sock"
     process = subprocess.Popen(
-        [
-            str(BIN / "cvm-agent"),
-            "--listen",
-            f"unix://{sock}",
-            "--root",
-            str(SNP_TREE),
-            "--state-dir",
-            str(directory / f"agent{index}"),
-            "--no-mount-debugfs",
-        ],
+        agent_argv(sock, directory / f"agent{index}", "--root", str(SNP_TREE)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -293,8 +287,6 @@ async def run_libvirt(args: argparse.Namespace, directory: Path) -> dict[str, An
     import libvirt  # the optional extra
 
     from host_daemon.metrics.libvirt import LibvirtFollower
-
-    sys.path.insert(0, str(REPO))  # the test bed lives with the tests (as the fake QMP fleet does)
     from tests.host_metrics.libvirt_env import domain_files, domain_xml, libvirt_daemon
 
     count = args.libvirt

@@ -271,20 +271,18 @@ class Soak:
             # The daemon looks for <run dir>/qmp.sock; the fake serves vm0.qmp there.
             (run_dir / "qmp.sock").symlink_to(run_dir / "vm0.qmp")
             sock = self.workdir / f"agent-{name}.sock"
+            from tests.spine.agent_fixtures import agent_argv
+
             agent = self.spawn(
                 f"agent-{name}",
-                [
-                    str(BIN / "cvm-agent"),
-                    "--listen",
-                    f"unix://{sock}",
+                agent_argv(
+                    sock,
+                    self.workdir / f"agent-state-{name}",
                     "--root",
                     str(SNP_TREE),
-                    "--state-dir",
-                    str(self.workdir / f"agent-state-{name}"),
-                    "--no-mount-debugfs",
                     "--log-format",
                     "json",
-                ],
+                ),
             )
             wait_until(lambda p=run_dir / "vm0.qmp": p.exists(), 60, f"the fake QMP of {name}")
             wait_until(lambda p=sock: p.exists(), 120, f"the agent of {name}")

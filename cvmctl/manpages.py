@@ -153,15 +153,23 @@ def render(program: str, section: int, summary: str, parser: argparse.ArgumentPa
     return "\n".join(out) + "\n"
 
 
+def pages() -> dict[str, str]:
+    """Every page of :data:`PAGES`, rendered: ``<program>.<section>`` -> roff."""
+    return {
+        f"{program}.{section}": render(program, section, summary, parser_for(program))
+        for program, section, summary in PAGES
+    }
+
+
 def write_pages(man_dir: Path) -> list[Path]:
-    """Write each of :data:`PAGES` as ``man_dir/man<section>/<program>.<section>`` (a man tree,
-    as man-db's search path has them: ``/usr/local/share/man`` is on its default path); the files.
+    """Write :func:`pages` as ``man_dir/man<section>/<program>.<section>`` (a man tree, as
+    man-db's search path has them: ``/usr/local/share/man`` is on its default path); the files.
     """
     written = []
-    for program, section, summary in PAGES:
-        path = man_dir / f"man{section}" / f"{program}.{section}"
+    for name, text in pages().items():
+        path = man_dir / f"man{name.rsplit('.', 1)[1]}" / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render(program, section, summary, parser_for(program)))
+        path.write_text(text)
         written.append(path)
     return written
 

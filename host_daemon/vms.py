@@ -44,7 +44,7 @@ from typing import Final
 import structlog
 import trio
 
-from cvmcore.address import parse_address
+from cvmcore.address import HybridVsockAddress, parse_address
 from cvmcore.client import connect
 from cvmcore.errors import CvmError, UsageError
 from host_daemon import netns, passt, pinning
@@ -457,13 +457,7 @@ class VMManager:
                             record_phase("kernel")
                             break
                     if agent_address:
-                        if agent_address.startswith("hvsock://") and live.qmp is not None:
-                            dials.waiting = (
-                                "the guest's vsock device never started: is its virtio-vsock driver loaded?"
-                            )
-                            await wait_vhost_started(live.qmp)
-                            dials.waiting = ""
-                        await self._wait_for_agent(agent_address, dials)
+                        await self._wait_for_agent(live, agent_address, dials)
                         clock.mark("agent")
                         record_phase("userspace")
                         reason = "the agent answers health"
@@ -532,9 +526,7 @@ class VMManager:
             if record.agent_address:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(watch_console)
-                    if record.agent_address.startswith("hvsock://") and live.qmp is not None:
-                        await wait_vhost_started(live.qmp)
-                    await self._wait_for_agent(record.agent_address, AgentDials())
+                    await self._wait_for_agent(live, record.agent_address, AgentDials())
                     clock.mark("agent")
                     nursery.cancel_scope.cancel()
                 clock.phase("userspace")
@@ -641,13 +633,19 @@ class VMManager:
         if record.state is VMState.STARTING:
             self._save(record.with_state(VMState.RUNNING, reason))
 
-    async def _wait_for_agent(self, agent_address: str, dials: AgentDials) -> None:
-        """Until the agent answers health. Attempts back off from 50 ms to 0.5 s: a VMM's
-        vsock backend sees every refused attempt, and a guest importing Python over 9p under
-        TCG takes seconds to listen. ``dials`` keeps the count and the last failure, for the
-        reason of a boot that times out (a guest still booting refuses or resets each dial;
-        a vsock backend that stopped serving leaves each one unanswered)."""
+    async def _wait_for_agent(self, live: LiveVM, agent_address: str, dials: AgentDials) -> None:
+        """Until the agent answers health. On the hybrid vsock path the first dial waits for
+        the guest's vsock device to start (:func:`~host_daemon.vsock_backend.wait_vhost_started`).
+        Attempts back off from 50 ms to 0.5 s: a VMM's vsock backend sees every refused
+        attempt, and a guest importing Python over 9p under TCG takes seconds to listen.
+        ``dials`` keeps the count and the last failure, for the reason of a boot that times
+        out (a guest still booting refuses or resets each dial; a vsock backend that stopped
+        serving leaves each one unanswered)."""
         address = parse_address(agent_address)
+        if isinstance(address, HybridVsockAddress) and live.qmp is not None:
+            dials.waiting = "the guest's vsock device never started: is its virtio-vsock driver loaded?"
+            await wait_vhost_started(live.qmp)
+            dials.waiting = ""
         pause = 0.05
         while True:
             dials.attempts += 1

@@ -22,9 +22,9 @@ from pathlib import Path
 from cvmcore.defaults import AGENT_VSOCK_PORT
 from cvmcore.errors import UsageError
 from cvmctl.cli.output import print_table
-from cvmctl.manpages import PAGES, parser_for, render
+from cvmctl.manpages import pages
 from host_daemon.debimage import Recipe, build_debian_image
-from host_daemon.debimage import default_cache_dir as debian_cache_dir
+from host_daemon.debimage import current_key as current_debian_key
 from host_daemon.debimage import remove_cached_images as remove_debian_images
 from host_daemon.devguest import (
     build_dev_guest,
@@ -97,7 +97,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--cache-dir",
         type=Path,
         metavar="DIR",
-        help="where images go (default: $XDG_CACHE_HOME/cvmctl/dev-guest)",
+        help="where images go (default: $XDG_CACHE_HOME/cvmctl/dev-guest or debian-guest)",
     )
     build.add_argument(
         "--agent",
@@ -126,7 +126,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--cache-dir",
         type=Path,
         metavar="DIR",
-        help="where images are (default: $XDG_CACHE_HOME/cvmctl/dev-guest)",
+        help="where images are (default: $XDG_CACHE_HOME/cvmctl/dev-guest or debian-guest)",
     )
     clean.add_argument("--json", action="store_true", help='print {"kept": KEY, "removed": [DIR, ...]}')
     clean.set_defaults(func=run_clean)
@@ -164,12 +164,12 @@ def run_build_debian(args: argparse.Namespace) -> int:
     if used:
         raise UsageError(f"{', '.join(used)}: only for the dev guest, not `image build debian`")
     recipe = Recipe(mirror=args.mirror) if args.mirror else Recipe()
-    pages = {
-        f"{program}.{section}": render(program, section, summary, parser_for(program)).encode()
-        for program, section, summary in PAGES
-    }
     image = build_debian_image(
-        man_pages=pages, recipe=recipe, source=args.source, cache=args.cache_dir, force=args.force
+        man_pages={name: text.encode() for name, text in pages().items()},
+        recipe=recipe,
+        source=args.source,
+        cache=args.cache_dir,
+        force=args.force,
     )
     if args.json:
         print(json.dumps(image.to_json(), indent=2, sort_keys=True))
@@ -189,21 +189,15 @@ def run_build_debian(args: argparse.Namespace) -> int:
 
 
 def run_clean(args: argparse.Namespace) -> int:
+    keep: str | None
     if args.image == "debian":
-        cache = args.cache_dir or debian_cache_dir()
-        link = cache / "current"
-        keep = link.resolve().name if link.exists() else None
-        removed = remove_debian_images(cache, keep=keep)
-        if args.json:
-            print(json.dumps({"kept": keep, "removed": [str(p) for p in removed]}, indent=2))
-        else:
-            for path in removed:
-                print(f"removed {path}")
-        return 0
-    image = build_dev_guest(cache_dir=args.cache_dir)
-    removed = remove_cached_images(args.cache_dir, keep=image.key)
+        keep = current_debian_key(args.cache_dir)
+        removed = remove_debian_images(args.cache_dir, keep=keep)
+    else:
+        keep = build_dev_guest(cache_dir=args.cache_dir).key
+        removed = remove_cached_images(args.cache_dir, keep=keep)
     if args.json:
-        print(json.dumps({"kept": image.key, "removed": [str(p) for p in removed]}, indent=2))
+        print(json.dumps({"kept": keep, "removed": [str(p) for p in removed]}, indent=2))
         return 0
     for path in removed:
         print(f"removed {path}")

@@ -217,11 +217,17 @@ def _load(directory: Path, key: str, cached: bool, seconds: float) -> DebianImag
     return image
 
 
+def current_key(cache: Path | None = None) -> str | None:
+    """The key ``current`` points at (the last image built), None before the first build."""
+    link = (cache if cache is not None else default_cache_dir()) / CURRENT
+    return link.resolve().name if link.exists() else None
+
+
 def current_image(cache: Path | None = None) -> DebianImage:
     """The image ``current`` points at (the last one built); for the daemon, which has no checkout."""
     cache = cache if cache is not None else default_cache_dir()
-    link = cache / CURRENT
-    image = _load(link.resolve(), link.resolve().name, True, 0.0) if link.exists() else None
+    key = current_key(cache)
+    image = _load(cache / key, key, True, 0.0) if key is not None else None
     if image is None:
         raise ImageBuildError(f"no Debian guest image in {cache}: run `cvmctl image build debian` first")
     return image

@@ -27,21 +27,26 @@ async def running_agent(socket_path: Path, root: Path = Path("/")) -> AsyncItera
         nursery.cancel_scope.cancel()
 
 
+def agent_argv(sock: Path, state_dir: Path, *extra: str) -> list[str]:
+    """The installed ``cvm-agent`` on a unix socket, with a private state dir and without
+    mounting debugfs on this machine; ``extra`` arguments follow (``--root``, ...)."""
+    return [
+        str(Path(sys.executable).parent / "cvm-agent"),
+        "--listen",
+        f"unix://{sock}",
+        "--state-dir",
+        str(state_dir),
+        "--no-mount-debugfs",
+        *extra,
+    ]
+
+
 def spawn_agent(
     sock: Path, state_dir: Path, *extra: str, env: dict[str, str] | None = None
 ) -> subprocess.Popen[str]:
-    """The installed ``cvm-agent`` on a unix socket, with a private state dir and without
-    mounting debugfs on this machine; ``extra`` arguments follow (``--root``, ...)."""
+    """:func:`agent_argv` started, its stderr piped to the test."""
     return subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "cvm-agent"),
-            "--listen",
-            f"unix://{sock}",
-            "--state-dir",
-            str(state_dir),
-            "--no-mount-debugfs",
-            *extra,
-        ],
+        agent_argv(sock, state_dir, *extra),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

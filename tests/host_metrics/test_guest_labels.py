@@ -74,6 +74,6 @@ async def test_forged_labels_do_not_survive_a_real_prometheus(tmp_path: Path) ->
     assert info["exported_host"] == "other-host" and info["exported_job"] == "cvm-hostd"
     # nothing anywhere claims the other host, the victim VM, or a guest series under the daemon's job
     assert not [s for s in series if s.get("host") == "other-host" or s.get("vm") == "victim"]
-    assert not [s for s in series if s["job"] == "cvm-hostd" and s["__name__"].startswith("cvm_guest_")]
+    assert not [s for s in series if s.get("job") == "cvm-hostd" and s["__name__"].startswith("cvm_guest_")]
     ups = {(s["job"], s.get("vm", "")) for s in series if s["__name__"] == "up"}
     assert ups == {("cvm-hostd", ""), ("cvm-guests", "vm0")}

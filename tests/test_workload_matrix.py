@@ -40,6 +40,7 @@ from cvmctl.vm_target import builtin_capabilities
 from tests.host_daemon.test_lifecycle import Daemon
 from workloads.capabilities import Capabilities, local_capabilities, refusal
 from workloads.catalogue import CATALOGUE
+from workloads.runner import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -141,6 +142,9 @@ def bench(
     args += ["--repeat", "1", "--warmup", "0", "--json", "--quiet"]
     for name, value in TINY[workload].items():
         args += ["--param", f"{name}={value}"]
+    if target == "local" and "port" in CATALOGUE[workload].defaults():
+        # On this host the default port (8080, 7175, 11211) may be another program's.
+        args += ["--param", f"port={free_port()}"]
     started = time.monotonic()
     try:
         result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout, check=False)

@@ -48,30 +48,35 @@ async def daemon(tmp_path: Path) -> AsyncIterator[tuple[RpcClient, host_pb2_grpc
 async def test_create_list_watch_destroy(daemon: tuple[RpcClient, host_pb2_grpc.HostDaemonStub]) -> None:
     client, stub = daemon
     events: list[tuple[str, str, int]] = []
+    subscribed = trio.Event()
     destroyed = trio.Event()
+    # A VM that exists before the watch: its snapshot event says the watcher is subscribed
+    # (waiting a fixed time instead lost the first change on a loaded machine).
+    await client.call(stub.CreateVM, host_pb2.CreateVMRequest(spec_toml='name = "s"\n', source="s.toml"))
 
     async def watch(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         async for event in client.stream(stub.WatchVMs, host_pb2.WatchVMsRequest(), timeout=30):
             events.append((event.event, event.vm.name, event.vm.state))
+            subscribed.set()
             if event.event == "destroyed":
                 destroyed.set()
 
     async with trio.open_nursery() as nursery:
         await nursery.start(watch)
-        await trio.sleep(0.3)  # the watcher's snapshot (empty) first
+        with trio.fail_after(10):
+            await subscribed.wait()
         vm = await client.call(
             stub.CreateVM, host_pb2.CreateVMRequest(spec_toml='name = "a"\n', source="a.toml")
         )
         assert (vm.name, vm.state) == ("a", host_pb2.VM_STATE_DEFINED)
         listing = await client.call(stub.ListVMs, host_pb2.ListVMsRequest())
-        assert [v.name for v in listing.vms] == ["a"]
+        assert sorted(v.name for v in listing.vms) == ["a", "s"]
         await client.call(stub.DestroyVM, host_pb2.VMRef(name="a"))
         with trio.fail_after(5):
             await destroyed.wait()
         nursery.cancel_scope.cancel()
-    assert events[0][:2] == ("created", "a")
-    assert events[-1][:2] == ("destroyed", "a")
+    assert [event[:2] for event in events] == [("snapshot", "s"), ("created", "a"), ("destroyed", "a")]
 
 
 async def test_errors_name_what_is_wrong(daemon: tuple[RpcClient, host_pb2_grpc.HostDaemonStub]) -> None:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,11 @@ class Daemon:
             text=True,
         )
         wait_for_socket(self.socket, self.process)
+
+    def log(self) -> list[dict[str, Any]]:
+        """The daemon's JSON log lines so far (every daemon started on this state directory)."""
+        lines = (self.state_dir.parent / "hostd.log").read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
 
     def kill9(self) -> None:
         assert self.process is not None
@@ -182,10 +188,17 @@ def test_dev_guest_lifecycle(daemon: Daemon, tmp_path: Path) -> None:
     qemu_pid = daemon.vm("dev")["qemu_pid"]
     time.sleep(3)
     os.kill(qemu_pid, signal.SIGKILL)
-    killed_at = time.monotonic()
+    killed_at = time.time()
     while daemon.vm("dev")["state"] != "crashed":
-        assert time.monotonic() - killed_at < 1.0, daemon.vm("dev")
+        assert time.time() - killed_at < 20, daemon.vm("dev")
         time.sleep(0.05)
+    # "within 1 s" by the daemon's own clock (its log), not by how fast `cvmctl vm show` runs
+    [noticed] = [
+        datetime.fromisoformat(entry["timestamp"]).timestamp()
+        for entry in daemon.log()
+        if entry["event"] == "vm_state" and entry.get("vm") == "dev" and entry.get("state") == "crashed"
+    ]
+    assert noticed - killed_at < 1.0, noticed - killed_at
     crashed = daemon.vm("dev")
     assert crashed["exit_status"] == -signal.SIGKILL
     assert "killed by signal 9" in crashed["state_reason"]

@@ -424,12 +424,16 @@ def test_vcpu_pinned_under_tcg_and_again_after_the_daemon_is_killed(short_dir: P
             )
             time.sleep(0.1)
         print(f"re-pinned {time.monotonic() - restarted:.2f} s after the daemon was started again")
-        log = [
-            json.loads(line)
-            for line in (short_dir / "hostd.log").read_text().splitlines()
-            if line.startswith("{")
-        ]
-        assert [entry["event"] for entry in log].count("vcpus_pinned") == 2  # at boot, and by the new daemon
+
+        def pinned_logged() -> int:
+            lines = (short_dir / "hostd.log").read_text().splitlines()
+            return [json.loads(line)["event"] for line in lines if line.startswith("{")].count("vcpus_pinned")
+
+        # The affinity is set before the daemon records the pins and logs them: wait for the log.
+        while pinned_logged() < 2:
+            assert time.monotonic() - restarted < 20, pinned_logged()
+            time.sleep(0.1)
+        assert pinned_logged() == 2  # at boot, and by the new daemon
         again = daemon.vm("pin")
         assert again["state"] == "running" and again["qemu_pid"] == qemu_pid
         assert again["vcpu_pins"] == vm["vcpu_pins"]

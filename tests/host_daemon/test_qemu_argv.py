@@ -397,7 +397,7 @@ def _qemu_knowing(qom_type: str, since: str) -> str:
     return QEMU
 
 
-async def qemu_status_after_init(argv: list[str], qmp_socket: Path, deadline: float = 20.0) -> str:
+async def qemu_status_after_init(argv: list[str], qmp_socket: Path, deadline: float = 60.0) -> str:
     """Start QEMU with -S and return its QMP run status.
 
     QEMU may greet from its monitor thread while still creating devices, but it runs commands
@@ -413,8 +413,9 @@ async def qemu_status_after_init(argv: list[str], qmp_socket: Path, deadline: fl
             try:
                 while process.returncode is None:
                     try:
-                        async with open_qmp(qmp_socket, deadline=2) as qmp:
-                            status = await qmp.execute("query-status", deadline=2)
+                        # QEMU answers only once its devices are made: seconds on a loaded machine
+                        async with open_qmp(qmp_socket, deadline=10) as qmp:
+                            status = await qmp.execute("query-status", deadline=10)
                             return str(status["status"])
                     except (QMPConnectError, Disconnected):  # not listening yet, or gone
                         await trio.sleep(0.01)
@@ -584,11 +585,11 @@ async def test_scratch_disk_starts_under_tcg(tmp_path: Path) -> None:
             partial(trio.run_process, [*argv, "-S"], check=False, stderr=subprocess.DEVNULL)
         )
         try:
-            with trio.fail_after(20):
+            with trio.fail_after(60):
                 while True:
                     try:
-                        async with open_qmp(runtime.qmp_socket, deadline=2) as qmp:
-                            await qmp.execute("query-status", deadline=5)  # all devices made
+                        async with open_qmp(runtime.qmp_socket, deadline=10) as qmp:
+                            await qmp.execute("query-status", deadline=10)  # all devices made
                             blocks = await qmp.execute("query-block", deadline=5)
                             serial = await qmp.execute(
                                 "qom-get",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,7 +19,7 @@ import pytest
 import trio
 
 from host_daemon import process as proc
-from host_daemon.boottiming import PHASES, RESTARTED_MID_BOOT
+from host_daemon.boottiming import PHASES, RESTARTED_MID_BOOT, console_has_init_marker
 from host_daemon.store import VMRecord, VMState, VMStore, now
 from host_daemon.vms import VMManager
 from tests.host_metrics.fake_qmp import FakeQemu, serve_fake_qmp
@@ -122,16 +123,31 @@ async def wait_running(manager: VMManager) -> VMRecord:
     raise AssertionError("the watch ended")
 
 
-async def test_a_boot_cut_by_a_daemon_restart_is_timed_to_its_end(tmp_path: Path) -> None:
+async def test_a_boot_cut_by_a_daemon_restart_is_timed_to_its_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The init marker comes after the new daemon looks: every phase has its figure."""
+    looked = threading.Event()
+
+    def spy(console: Path) -> bool:
+        found = console_has_init_marker(console)
+        looked.set()
+        return found
+
+    monkeypatch.setattr("host_daemon.vms.console_has_init_marker", spy)
     async with (
         starting_vm(tmp_path, "Linux version 6.12\n") as (state_dir, console, agent_sock),
         manager_running(state_dir) as manager,
     ):
-        await trio.sleep(0.5)  # reattached, watching the console
+        # The new daemon has reattached and looked at the console (a fixed wait lost this race
+        # on a loaded machine): a marker written now came while it watched.
+        with trio.fail_after(30):
+            await trio.to_thread.run_sync(looked.wait, abandon_on_cancel=True)
         with console.open("a") as handle:
             handle.write("cvm-boot: init-start 5.00\n")
-        await trio.sleep(0.3)
+        with trio.fail_after(30):  # the daemon's console poll has timed it
+            while "init" not in manager.get("v").boot_marks:  # noqa: ASYNC110 (a record, no event)
+                await trio.sleep(0.05)
         async with running_agent(agent_sock):
             record = await wait_running(manager)
     assert set(record.boot_phases) == set(PHASES), record

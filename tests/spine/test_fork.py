@@ -21,6 +21,7 @@ import pytest
 from cvm.v1 import agent_pb2, agent_pb2_grpc
 from tests.spine.agent_fixtures import agent_process
 from workloads.catalogue import get
+from workloads.runner import free_port
 
 
 def test_every_program_disables_grpc_fork_handlers_before_importing_grpc() -> None:
@@ -39,7 +40,7 @@ def test_agent_starts_a_benchmark_server_without_grpc_fork_handlers(tmp_path: Pa
         nginx = get("nginx")
         request = agent_pb2.RunWorkloadRequest(
             workload="nginx",
-            params=nginx.format_params(nginx.defaults()),
+            params=nginx.format_params({**nginx.defaults(), "port": free_port()}),
             role=agent_pb2.WORKLOAD_ROLE_SERVER,
         )
         with grpc.insecure_channel(f"unix:{sock}") as channel:

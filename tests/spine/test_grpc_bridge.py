@@ -30,6 +30,7 @@ class Behaviour:
     """Async handlers whose outcome depends on the request bytes."""
 
     def __init__(self) -> None:
+        self.started = trio.Event()  # a handler that waits forever has begun waiting
         self.cancelled = trio.Event()
         self.observed: list[tuple[str, str]] = []
 
@@ -41,6 +42,7 @@ class Behaviour:
         if request == b"crash":
             raise RuntimeError("secret internals")
         if request == b"hang":
+            self.started.set()
             try:
                 await trio.sleep_forever()
             finally:
@@ -59,6 +61,7 @@ class Behaviour:
         for n in range(int(request)):
             yield str(n).encode()
         if int(request) == 0:
+            self.started.set()
             try:
                 await trio.sleep_forever()
             finally:
@@ -156,8 +159,9 @@ async def test_stream_cancelled_by_client_stops_the_producer(
     address, behaviour = bridge_server
     async with connect(address, timeout=5) as client:
         method = client.channel.unary_stream("/test.Bridge/Stream", identity, identity)
-        call: Any = method(b"0", timeout=5)
-        await trio.sleep(0.3)
+        call: Any = method(b"0", timeout=30)
+        with trio.fail_after(10):
+            await behaviour.started.wait()
         call.cancel()
         with trio.fail_after(3):
             await behaviour.cancelled.wait()
@@ -171,8 +175,9 @@ async def test_calls_beyond_the_concurrency_bound_are_refused(tmp_path: Path) ->
         await nursery.start(serve_grpc, handlers(behaviour), options)
         async with connect(address, timeout=5) as client:
             method: Any = unary(client.channel)
-            hanging = method.future(b"hang", timeout=5)
-            await trio.sleep(0.3)
+            hanging = method.future(b"hang", timeout=30)
+            with trio.fail_after(10):
+                await behaviour.started.wait()
             with pytest.raises(RemoteError, match="RESOURCE_EXHAUSTED"):
                 await client.call(unary(client.channel), b"second")
             hanging.cancel()
@@ -198,11 +203,13 @@ async def test_shutdown_with_a_call_in_flight(tmp_path: Path) -> None:
         method: Any = unary(client.channel)
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_grpc, handlers(behaviour), options)
-            hanging = method.future(b"hang", timeout=10, wait_for_ready=True)
-            await trio.sleep(0.3)
+            hanging = method.future(b"hang", timeout=30, wait_for_ready=True)
+            with trio.fail_after(10):
+                await behaviour.started.wait()
             stopping = trio.current_time()
             nursery.cancel_scope.cancel()
-        assert trio.current_time() - stopping < 0.5 + 1.0 + 0.5  # grace, the bound's second, slack
+        # grace, the bound's second, slack for a loaded machine; far below the call's 30 s
+        assert trio.current_time() - stopping < 0.5 + 1.0 + 3.0
         assert behaviour.cancelled.is_set()
         with pytest.raises(grpc.RpcError) as info:
             await trio.to_thread.run_sync(lambda: hanging.result(timeout=5))

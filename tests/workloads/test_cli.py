@@ -154,6 +154,7 @@ def test_bench_nginx_end_to_end(data_dir: Path, tmp_path: Path) -> None:
     require("nginx", "wrk")
     env = {**os.environ, "CVMCTL_DATA_DIR": str(data_dir)}
     argv = [*CLI_PREFIX, "bench", "nginx", "--target", "local", "--duration", "2", "--repeat", "2"]
+    argv += ["--param", f"port={free_port()}"]  # 8080 may be another program's
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env, check=False)
     assert done.returncode == 0, done.stderr
     assert "run 1: nginx on local, completed" in done.stdout

@@ -10,6 +10,7 @@ idles. libvirt 11.3 comes from bookworm-backports (scripts/install-libvirt.sh): 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gzip
 import os
 import shutil
@@ -28,6 +29,7 @@ from host_daemon.devguest import ImageError
 from host_daemon.devguest.cpio import CpioEntry, newc_archive, with_parent_dirs
 from host_daemon.devguest.inputs import find_busybox, find_guest_kernel
 
+LOCK_FILE = Path(tempfile.gettempdir()) / "cvmctl-tests-libvirt.lock"
 TOOLS = ("libvirtd", "virtlogd", "unshare", "qemu-system-x86_64")
 
 
@@ -87,7 +89,25 @@ def _socket_answers(path: Path) -> bool:
 
 @contextlib.contextmanager
 def libvirt_daemon(base: Path) -> Iterator[str]:
-    """virtlogd (unless one answers already) and a private libvirtd; yields the URI."""
+    """virtlogd (unless one answers already) and a private libvirtd; yields the URI.
+
+    One at a time on the machine (a lock file): libvirtd's QEMU driver still shares
+    ``/run/libvirt/qemu`` with any other libvirtd, and the virtlogd one run started is stopped
+    when that run ends, so two test runs side by side would trip over each other.
+    """
+    with _one_at_a_time(), _libvirt_daemon(base) as uri:
+        yield uri
+
+
+@contextlib.contextmanager
+def _one_at_a_time() -> Iterator[None]:
+    with LOCK_FILE.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+@contextlib.contextmanager
+def _libvirt_daemon(base: Path) -> Iterator[str]:
     started: list[int] = []
     base.mkdir(parents=True, exist_ok=True)
     try:

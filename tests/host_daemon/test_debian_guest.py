@@ -62,7 +62,8 @@ until systemctl is-active -q cvm-agent.service; do sleep 1; done
 until [ "$(systemctl is-system-running 2>/dev/null)" != starting ]; do sleep 1; done
 # The boot's first job queue may have drained before multi-user.target's job ended: wait for
 # the target itself (bounded, so a failed target is reported rather than waited on).
-n=0; until systemctl is-active -q multi-user.target || [ $n -ge 300 ]; do sleep 1; n=$((n+1)); done
+n=0; until systemctl is-active -q multi-user.target || [ $n -ge 300 ] \
+    || [ -z "$(systemctl list-jobs --no-legend multi-user.target)" ]; do sleep 1; n=$((n+1)); done
 say "multi-user $(systemctl is-active multi-user.target)"
 say "agent $(systemctl is-active cvm-agent.service) type=$(systemctl show -P Type cvm-agent.service)"
 say "agent-pid $(systemctl show -P MainPID cvm-agent.service)"

@@ -187,8 +187,8 @@ def test_dev_guest_lifecycle(daemon: Daemon, tmp_path: Path) -> None:
     assert daemon.cvmctl("vm", "start", "dev", "--no-wait").returncode == 0
     qemu_pid = daemon.vm("dev")["qemu_pid"]
     time.sleep(3)
+    killed_at = time.time()  # before the kill: a test descheduled in between makes it look slower
     os.kill(qemu_pid, signal.SIGKILL)
-    killed_at = time.time()
     while daemon.vm("dev")["state"] != "crashed":
         assert time.time() - killed_at < 20, daemon.vm("dev")
         time.sleep(0.05)

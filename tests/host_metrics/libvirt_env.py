@@ -100,10 +100,22 @@ def libvirt_daemon(base: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _one_at_a_time() -> Iterator[None]:
-    with LOCK_FILE.open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+def _one_at_a_time(wait: float = 1200.0) -> Iterator[None]:
+    # O_RDONLY: root may not open for writing a file another user made in sticky /tmp.
+    fd = os.open(LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"another test run has held {LOCK_FILE} for {wait:g} s")
+                time.sleep(0.5)
         yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @contextlib.contextmanager

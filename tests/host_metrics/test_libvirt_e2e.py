@@ -31,7 +31,6 @@ import pytest
 
 from tests.host_metrics.conftest import (
     PROMETHEUS,
-    api,
     prometheus_config,
     running_prometheus,
     settle,
@@ -68,6 +67,10 @@ def scrape(port: int) -> str:
 
 def metric_names(result: list[Any]) -> set[str]:
     return {series["metric"]["__name__"] for series in result}
+
+
+def states_of(result: list[Any]) -> list[str]:
+    return [series["metric"]["state"] for series in result]
 
 
 def test_hostd_follows_a_libvirt_domain_into_prometheus(tmp_path: Path) -> None:
@@ -107,7 +110,9 @@ def test_hostd_follows_a_libvirt_domain_into_prometheus(tmp_path: Path) -> None:
                 assert wait_for(base, f'cvm_vm_block_read_bytes_total{{vm="{name}"}}', 30)
                 query = f'count by (__name__) ({{vm="{name}", __name__=~"cvm_vm_.+"}})'
                 names = metric_names(settle(base, query, lambda r: metric_names(r) >= EXPECTED, 30))
-                running = api(base, "/api/v1/query", query=f'cvm_vm_state{{vm="{name}"}} == 1')
+                running = settle(
+                    base, f'cvm_vm_state{{vm="{name}"}} == 1', lambda r: states_of(r) == ["running"], 30
+                )
                 success = settle(
                     base,
                     f'cvm_vm_collector_success{{vm="{name}"}}',
@@ -160,7 +165,7 @@ def test_hostd_follows_a_libvirt_domain_into_prometheus(tmp_path: Path) -> None:
     assert labels["qemu_version"].startswith("10.")
     assert names >= EXPECTED, EXPECTED - names
     assert "cvm_vm_kvm_exits_total" not in names
-    assert [s["metric"]["state"] for s in running["data"]["result"]] == ["running"]
+    assert states_of(running) == ["running"]
     assert {s["metric"]["collector"]: s["value"][1] for s in success} == {
         "procfs": "1",
         "libvirt": "1",

@@ -62,7 +62,6 @@ from host_daemon.qmp import open_qmp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the test bed lives with the tests (the fake QMP fleet, the agent's argv)
 SNP_TREE = REPO / "tests" / "fixtures" / "sysroots" / "snp-guest"
-BIN = Path(sys.executable).parent
 QEMU_ARGS = ("-S", "-nodefaults", "-display", "none", "-accel", "tcg", "-m", "64", "-smp", "2")
 PHASES = {"spawn": 0.1, "firmware": 1.2, "kernel": 2.3, "userspace": 3.4}
 

@@ -258,6 +258,7 @@ class Soak:
     def start_fakes(self) -> None:
         from host_daemon.process import process_start_ticks
         from host_daemon.store import VMRecord, VMState, VMStore
+        from tests.spine.agent_fixtures import agent_argv
 
         (self.state_dir / "vms").mkdir(parents=True, exist_ok=True)
         store = VMStore(self.state_dir / "hostd.db") if self.fake_vms else None
@@ -271,8 +272,6 @@ class Soak:
             # The daemon looks for <run dir>/qmp.sock; the fake serves vm0.qmp there.
             (run_dir / "qmp.sock").symlink_to(run_dir / "vm0.qmp")
             sock = self.workdir / f"agent-{name}.sock"
-            from tests.spine.agent_fixtures import agent_argv
-
             agent = self.spawn(
                 f"agent-{name}",
                 agent_argv(

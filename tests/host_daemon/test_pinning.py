@@ -426,8 +426,7 @@ def test_vcpu_pinned_under_tcg_and_again_after_the_daemon_is_killed(short_dir: P
         print(f"re-pinned {time.monotonic() - restarted:.2f} s after the daemon was started again")
 
         def pinned_logged() -> int:
-            lines = (short_dir / "hostd.log").read_text().splitlines()
-            return [json.loads(line)["event"] for line in lines if line.startswith("{")].count("vcpus_pinned")
+            return [entry["event"] for entry in daemon.log()].count("vcpus_pinned")
 
         # The affinity is set before the daemon records the pins and logs them: wait for the log.
         while pinned_logged() < 2:

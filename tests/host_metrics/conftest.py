@@ -130,6 +130,11 @@ def prometheus_config(exporter_port: int) -> str:
     )
 
 
+def metric_names(result: list[Any]) -> set[str]:
+    """The ``__name__`` of each series in a query's result."""
+    return {series["metric"]["__name__"] for series in result}
+
+
 def wait_for(base: str, query: str, seconds: float) -> list[Any]:
     """The query's first non-empty result within ``seconds`` (empty if none came)."""
     return settle(base, query, bool, seconds)

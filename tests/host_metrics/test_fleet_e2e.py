@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -20,6 +19,7 @@ from host_daemon.metrics.wiring import serve_host_metrics
 from host_daemon.vms import VMManager
 from tests.host_metrics.conftest import (
     PROMETHEUS,
+    metric_names,
     prometheus_config,
     running_prometheus,
     settle,
@@ -39,10 +39,6 @@ EXPECTED = {
     "cvm_agent_up",
 }
 BOOT_SECONDS = 240.0  # TCG boot plus the agent importing grpc over 9p, on a loaded 2-core machine
-
-
-def names_of(result: list[Any]) -> set[str]:
-    return {series["metric"]["__name__"] for series in result}
 
 
 def _missing(what: str) -> None:
@@ -70,12 +66,12 @@ async def test_prometheus_finds_a_dev_guest_through_the_daemon(tmp_path: Path) -
                 assert guest and host, process.stderr
                 query = 'count by (__name__) ({vm="dev", __name__=~"cvm_vm_.+|cvm_agent_up"})'
                 names = await trio.to_thread.run_sync(
-                    settle, base, query, lambda result: names_of(result) >= EXPECTED, 30
+                    settle, base, query, lambda result: metric_names(result) >= EXPECTED, 30
                 )
         finally:
             await manager.kill("dev")
             nursery.cancel_scope.cancel()
-    found = names_of(names)
+    found = metric_names(names)
     assert found >= EXPECTED, EXPECTED - found
     assert "cvm_vm_kvm_exits_total" not in found
     [info] = guest

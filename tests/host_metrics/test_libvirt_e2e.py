@@ -31,6 +31,7 @@ import pytest
 
 from tests.host_metrics.conftest import (
     PROMETHEUS,
+    metric_names,
     prometheus_config,
     running_prometheus,
     settle,
@@ -63,10 +64,6 @@ EXPECTED = {
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         return str(response.read().decode())
-
-
-def metric_names(result: list[Any]) -> set[str]:
-    return {series["metric"]["__name__"] for series in result}
 
 
 def states_of(result: list[Any]) -> list[str]:
